@@ -1,0 +1,35 @@
+"""Run every benchmark and write docs/benchmarks.md: ``python -m benchmarks`` (``make bench``)."""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+
+from benchmarks import bench_recovery
+from benchmarks._harness import commit, machine, say
+
+SECTIONS = [bench_recovery]
+OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def main() -> None:
+    parts = []
+    for module in SECTIONS:
+        say(f"running {module.__name__}")
+        parts.append(module.run())
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = f"""# Benchmarks
+
+Produced by `make bench` (`.venv/bin/python -m benchmarks`), which rewrites this file.
+Every table compares its contestants side by side in one run on one machine; compare ratios,
+not absolute numbers, across machines.
+
+- Machine: {machine()}
+- Run: {when}, commit {commit()}
+"""
+    OUTPUT.write_text(header + "\n" + "\n".join(parts))
+    say(f"wrote {OUTPUT}")
+
+
+if __name__ == "__main__":
+    main()

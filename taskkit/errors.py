@@ -1,0 +1,120 @@
+"""Every error taskkit raises, under one root.
+
+::
+
+    TaskkitError                        root: ``except TaskkitError`` catches all of taskkit's own
+    ├── PermanentError                  "never retry this": retry, batches and tasks give up at once
+    ├── RetryLater                      "retry after N seconds": carries ``retry_after``
+    ├── TimeoutExceeded                 also a built-in ``TimeoutError``
+    ├── CircuitBreakerError             a breaker rejected the call; carries ``retry_after``
+    │   └── CircuitStorageUnavailable   shared breaker state unreachable, breaker set to reject
+    └── ConfigurationError              also a ``ValueError``: an option that cannot be right
+
+    TaskkitWarning                      root of taskkit's warnings (a setting that is suspicious)
+
+Errors carry context as attributes (the breaker's ``name``, the seconds left), so a log line
+or a metrics hook can use them without parsing messages.
+
+Example::
+
+    from taskkit.errors import PermanentError
+
+    def charge(card: str) -> None:
+        if not card.isdigit():
+            # a retry cannot fix bad input: fail now
+            raise PermanentError(f"card number {card!r} is not numeric")
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CircuitBreakerError",
+    "CircuitStorageUnavailable",
+    "ConfigurationError",
+    "PermanentError",
+    "RetryLater",
+    "TaskkitError",
+    "TaskkitWarning",
+    "TimeoutExceeded",
+]
+
+
+class TaskkitError(Exception):
+    """Root of every error taskkit raises itself."""
+
+
+class TaskkitWarning(UserWarning):
+    """Root of taskkit's warnings: a setting that works but is probably not what was meant."""
+
+
+class PermanentError(TaskkitError):
+    """An error that retrying cannot fix. ``retry``, ``batch_with_retry`` and tasks never retry it.
+
+    Raise it directly, or wrap the real cause so it stays in the traceback::
+
+        try:
+            payload = parse(body)
+        except json.JSONDecodeError as exc:
+            raise PermanentError("request body is not JSON") from exc
+    """
+
+
+class RetryLater(TaskkitError):
+    """Ask for another attempt no sooner than ``retry_after`` seconds from now.
+
+    ``retry`` honours the ``retry_after`` attribute of *any* exception (an HTTP client's 429
+    error, say); this class is the explicit way to raise one yourself::
+
+        raise RetryLater("rate limited", retry_after=2.5)
+    """
+
+    def __init__(self, message: str = "retry later", *, retry_after: float) -> None:
+        if retry_after < 0:
+            raise ConfigurationError(f"retry_after must be >= 0 seconds, got {retry_after!r}")
+        super().__init__(message)
+        #: Seconds to wait before the next attempt.
+        self.retry_after = float(retry_after)
+
+
+class TimeoutExceeded(TaskkitError, TimeoutError):
+    """A call guarded by ``timeout`` ran longer than its limit.
+
+    It is also a built-in ``TimeoutError``, so ``except TimeoutError`` catches it.
+    """
+
+    def __init__(self, seconds: float, what: str = "call") -> None:
+        super().__init__(f"{what} timed out after {seconds:g}s")
+        #: The limit that was exceeded, in seconds.
+        self.seconds = seconds
+
+
+class CircuitBreakerError(TaskkitError):
+    """A circuit breaker rejected a call without running it.
+
+    The message starts with ``Circuit breaker is OPEN`` (or ``HALF_OPEN`` when the probe slots are
+    taken) and names the breaker and the seconds left. ``retry_after`` is the time until the
+    breaker will let a probe through, so ``retry`` and ``batch_with_retry`` wait that long
+    instead of hammering an open breaker.
+    """
+
+    def __init__(self, name: str, state: str, retry_after: float, detail: str = "") -> None:
+        message = f"Circuit breaker is {state.upper()}: {name!r} rejects calls"
+        if retry_after > 0:
+            message += f" for another {retry_after:.2f}s"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+        #: The breaker's name.
+        self.name = name
+        #: The state that rejected the call: ``"open"`` or ``"half_open"``.
+        self.state = state
+        #: Seconds until the breaker lets a probe call through (0 when unknown).
+        self.retry_after = max(0.0, retry_after)
+
+
+class CircuitStorageUnavailable(CircuitBreakerError):
+    """Shared breaker state (Redis) is unreachable and the breaker is set to reject calls."""
+
+
+class ConfigurationError(TaskkitError, ValueError):
+    """An option that cannot be right (a negative delay, zero attempts, an unknown name)."""

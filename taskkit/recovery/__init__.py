@@ -1,0 +1,68 @@
+"""Recovery primitives for any Python code: no Celery, no database.
+
+============================  =========================================================
+``retry``                     call again after a failure, on a schedule (sync and async)
+``delays``, ``RetryStrategy``  the wait schedule as a pure function
+``timeout``                   stop a call after N seconds
+``CircuitBreaker``            fail fast while a dependency is down; probe it back
+``RedisCircuitStorage``       one breaker state for a fleet of processes
+``RetryBudget``               cap retries to a share of calls (``RedisRetryBudget``: fleet)
+``fallback``, ``safe_execute``  turn a failure into a value
+``batch_with_retry``          per-item retry over many items
+``TransactionManager``        commit on success, roll back on error
+``events``                    subscribe to retries, give-ups and breaker changes
+============================  =========================================================
+
+Importing this package imports neither Celery nor SQLAlchemy (nor Redis, until a Redis-backed
+primitive is created).
+
+Example::
+
+    from taskkit.recovery import CircuitBreaker, retry, timeout
+
+    breaker = CircuitBreaker(failure_threshold=5, recovery_timeout=60, name="ml-api")
+
+    @timeout(seconds=30)
+    @retry(max_attempts=3, delay=1.0, backoff=2.0)
+    @breaker
+    def predict(features: list[float]) -> dict: ...
+"""
+
+from taskkit.errors import CircuitBreakerError, PermanentError, RetryLater, TimeoutExceeded
+from taskkit.recovery import events
+from taskkit.recovery._batch import BatchResult, batch_with_retry
+from taskkit.recovery._budget import Budget, RetryBudget
+from taskkit.recovery._circuit import CircuitBreaker, CircuitState, CircuitStorage
+from taskkit.recovery._fallback import fallback, safe_execute
+from taskkit.recovery._redis_budget import RedisRetryBudget
+from taskkit.recovery._redis_circuit import RedisCircuitStorage
+from taskkit.recovery._retry import RetryCallState, Retrying, retry
+from taskkit.recovery._schedule import RetryStrategy, delays
+from taskkit.recovery._timeout import timeout
+from taskkit.recovery._transaction import TransactionManager
+
+__all__ = [
+    "BatchResult",
+    "Budget",
+    "CircuitBreaker",
+    "CircuitBreakerError",
+    "CircuitState",
+    "CircuitStorage",
+    "PermanentError",
+    "RedisCircuitStorage",
+    "RedisRetryBudget",
+    "RetryBudget",
+    "RetryCallState",
+    "RetryLater",
+    "RetryStrategy",
+    "Retrying",
+    "TimeoutExceeded",
+    "TransactionManager",
+    "batch_with_retry",
+    "delays",
+    "events",
+    "fallback",
+    "retry",
+    "safe_execute",
+    "timeout",
+]
