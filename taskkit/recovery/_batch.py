@@ -13,6 +13,7 @@ from taskkit.errors import ConfigurationError
 from taskkit.recovery import events
 from taskkit.recovery._budget import Budget
 from taskkit.recovery._circuit import CircuitBreaker
+from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._retry import ExceptionTypes, Retrying
 from taskkit.recovery._schedule import RetryStrategy, seconds
 from taskkit.recovery._testing import TEST_MODE
@@ -191,6 +192,8 @@ class _BatchRun(Generic[T, R]):
     ) -> None:
         """After a failed attempt: queue the item's next attempt, or fail it for good."""
         policy = self.policy
+        if is_control_flow(error):
+            raise error  # a framework's signal (Celery's Retry...) ends the batch as it is
         if isinstance(error, policy.give_up_on) or attempt >= self.max_attempts:
             self._fail(index, attempt, error)
             return

@@ -14,6 +14,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from taskkit.errors import CircuitBreakerError, ConfigurationError
 from taskkit.recovery import events
+from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._wrapping import exception_tuple, keep_identity
 
 __all__ = [
@@ -291,7 +292,9 @@ class CircuitBreaker:
       ``expected_exception``) open it; optionally also a failure rate: once ``minimum_calls``
       calls ran in the last ``window`` seconds and at least ``failure_rate_threshold`` of them
       failed. A call slower than ``slow_call_duration`` counts as a failure (its result is
-      still returned). Exceptions outside ``expected_exception`` pass through uncounted.
+      still returned). Exceptions outside ``expected_exception`` pass through uncounted, and
+      so does a framework's control flow (Celery's ``Retry``, ``Ignore``, ``Reject``, time
+      limits).
     - Open: calls are rejected at once with ``CircuitBreakerError`` ("Circuit breaker is
       OPEN", the name and the seconds left; its ``retry_after`` is those seconds). After
       ``recovery_timeout`` seconds ``state`` reads ``HALF_OPEN``.
@@ -450,8 +453,9 @@ class CircuitBreaker:
                 return guarded(fn, args, kwargs)
             try:
                 result = fn(*args, **kwargs)
-            except expected:
-                local.on_failure(NORMAL)
+            except expected as exc:
+                if not is_control_flow(exc):
+                    local.on_failure(NORMAL)
                 raise
             if local.failures:
                 local.on_success(NORMAL)
@@ -466,8 +470,9 @@ class CircuitBreaker:
             return self._guarded(fn, args, kwargs)
         try:
             result = fn(*args, **kwargs)
-        except self.expected_exception:
-            local.on_failure(NORMAL)
+        except self.expected_exception as exc:
+            if not is_control_flow(exc):
+                local.on_failure(NORMAL)
             raise
         if local.failures:
             local.on_success(NORMAL)
@@ -482,8 +487,11 @@ class CircuitBreaker:
         started = self._clock() if self.slow_call_duration is not None else 0.0
         try:
             result = await fn(*args, **kwargs)
-        except self.expected_exception:
-            backend.on_failure(admission)
+        except self.expected_exception as exc:
+            if is_control_flow(exc):
+                backend.on_ignored(admission)
+            else:
+                backend.on_failure(admission)
             raise
         except BaseException:
             backend.on_ignored(admission)
@@ -497,8 +505,11 @@ class CircuitBreaker:
         started = self._clock() if self.slow_call_duration is not None else 0.0
         try:
             result = fn(*args, **kwargs)
-        except self.expected_exception:
-            backend.on_failure(admission)
+        except self.expected_exception as exc:
+            if is_control_flow(exc):
+                backend.on_ignored(admission)
+            else:
+                backend.on_failure(admission)
             raise
         except BaseException:
             backend.on_ignored(admission)

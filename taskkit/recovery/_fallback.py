@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from taskkit.errors import ConfigurationError
+from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._wrapping import exception_tuple, keep_identity, qualified_name
 
 __all__ = ["fallback", "safe_execute"]
@@ -55,6 +56,8 @@ def fallback(
                 try:
                     return await coro_fn(*args, **kwargs)
                 except caught as exc:
+                    if is_control_flow(exc):
+                        raise
                     _log_fallback(name, exc)
                     value = alternative.produce(args, kwargs)
                     if inspect.isawaitable(value):
@@ -71,6 +74,8 @@ def fallback(
             try:
                 return fn(*args, **kwargs)
             except caught as exc:
+                if is_control_flow(exc):
+                    raise
                 _log_fallback(name, exc)
                 return alternative.produce(args, kwargs)
 
@@ -148,6 +153,8 @@ def safe_execute(
     try:
         return func(*args, **kwargs)
     except caught as exc:
+        if is_control_flow(exc):
+            raise
         _log_swallowed(func, exc)
         return default
 
@@ -162,6 +169,8 @@ async def _safe_execute_async(
     try:
         return await func(*args, **kwargs)
     except caught as exc:
+        if is_control_flow(exc):
+            raise
         _log_swallowed(func, exc)
         return default
 

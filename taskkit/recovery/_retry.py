@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, TypeVar, cast, overload
 from taskkit.errors import ConfigurationError, PermanentError, TaskkitWarning
 from taskkit.recovery import events
 from taskkit.recovery._budget import Budget
+from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._schedule import (
     RetryStrategy,
     next_wait,
@@ -294,6 +295,8 @@ class Retrying:
         """Seconds to wait before the next attempt, or None to give up (and say why)."""
         attempt = state.attempt
         max_attempts = TEST_MODE.cap(self.max_attempts)
+        if error is not None and is_control_flow(error):
+            return None  # a framework's signal (Celery's Retry...), not a failure: pass it on
         if error is not None and isinstance(error, self.give_up_on):
             self._give_up(fn, attempt, error, f"{type(error).__name__} is never retried")
             return None
@@ -414,7 +417,9 @@ def retry(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     - ``jitter=False``: ``True`` is full jitter (``uniform(0, wait)``); a float is the share of
       the wait that is randomised.
     - ``exceptions=(Exception,)``: what is retried. ``give_up_on=()`` and
-      ``taskkit.errors.PermanentError`` are never retried, even when they match.
+      ``taskkit.errors.PermanentError`` are never retried, even when they match; nor is a
+      framework's control flow: Celery's ``Retry`` (raised by ``self.retry()`` after it has
+      queued the retry: re-running would queue another), ``Ignore``, ``Reject`` and time limits.
     - ``retry_on_result=None``: a predicate; a result it accepts is retried like an error. When
       attempts run out the last result is returned, since there is no exception to raise.
     - ``deadline=None``: seconds from the start of the first attempt; no retry is started
