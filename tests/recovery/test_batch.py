@@ -50,7 +50,7 @@ def test_max_retries_counts_retries_after_the_first_attempt_as_in_celery(clock):
 def test_waits_overlap_instead_of_adding_up(clock):
     # 100 items fail twice each. Retried in place, that would be 100 x (1 s + 2 s) of sleep;
     # scheduled, the batch waits one schedule in all.
-    process = Items({i: 2 for i in range(0, 1000, 10)})
+    process = Items(dict.fromkeys(range(0, 1000, 10), 2))
     successful, failed = batch_with_retry(
         range(1000), process, batch_size=100, delay=1.0, backoff=2.0, sleep=clock.sleep, clock=clock
     )
@@ -115,7 +115,7 @@ def test_progress_is_reported_per_batch_and_ends_at_the_total(clock):
 
 def test_a_budget_limits_retries_across_the_batch(clock):
     budget = RetryBudget(ratio=0.0, min_per_second=0.0, max_tokens=3, clock=clock)
-    process = Items({i: -1 for i in range(10)})
+    process = Items(dict.fromkeys(range(10), -1))
     _, failed = batch_with_retry(
         range(10), process, max_retries=5, budget=budget, sleep=clock.sleep, clock=clock
     )
@@ -160,7 +160,7 @@ def test_any_iterable_is_accepted_and_empty_input_is_fine():
 def test_ten_thousand_items_with_always_and_once_failing_ones(clock):
     always = set(range(0, 10_000, 100))  # 1%
     once = set(range(7, 10_000, 20))  # 5%
-    process = Items({**{i: 1 for i in once}, **{i: -1 for i in always}})
+    process = Items({**dict.fromkeys(once, 1), **dict.fromkeys(always, -1)})
     successful, failed = batch_with_retry(
         range(10_000), process, batch_size=500, sleep=clock.sleep, clock=clock
     )

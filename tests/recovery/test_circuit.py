@@ -13,7 +13,9 @@ from taskkit.errors import CircuitBreakerError, ConfigurationError
 from taskkit.recovery import CircuitBreaker, CircuitState, events, retry
 
 
-def failing(exc: BaseException = ConnectionError("down")):
+def failing(exc: BaseException | None = None):
+    exc = exc or ConnectionError("down")
+
     def call():
         raise exc
 

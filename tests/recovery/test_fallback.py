@@ -44,7 +44,7 @@ def test_a_callable_that_takes_no_arguments_is_called_with_none():
 
 def test_a_method_can_fall_back_to_a_plain_function():
     class Repo:
-        @fallback(lambda: [])
+        @fallback(list)
         def rows(self, table: str) -> list:
             raise TimeoutError
 
