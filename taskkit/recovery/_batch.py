@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
-from taskkit.errors import ConfigurationError
 from taskkit.recovery import events
 from taskkit.recovery._budget import Budget
 from taskkit.recovery._circuit import CircuitBreaker
@@ -17,7 +16,7 @@ from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._retry import ExceptionTypes, Retrying
 from taskkit.recovery._schedule import RetryStrategy, seconds
 from taskkit.recovery._testing import TEST_MODE
-from taskkit.recovery._wrapping import qualified_name
+from taskkit.recovery._wrapping import check_int, qualified_name
 
 __all__ = ["BatchResult", "batch_with_retry"]
 
@@ -93,10 +92,8 @@ def batch_with_retry(
         for item_id, error in failed:
             logger.error("item %s failed: %s", item_id, error)
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ConfigurationError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("max_retries", max_retries, 0)
     policy = Retrying(
         max_attempts=max_retries + 1,
         delay=delay,

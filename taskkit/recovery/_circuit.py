@@ -15,7 +15,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast
 from taskkit.errors import CircuitBreakerError, ConfigurationError
 from taskkit.recovery import events
 from taskkit.recovery._control import is_control_flow
-from taskkit.recovery._wrapping import exception_tuple, keep_identity
+from taskkit.recovery._wrapping import check_int, check_seconds, exception_tuple, keep_identity
 
 __all__ = [
     "Admission",
@@ -349,16 +349,16 @@ class CircuitBreaker:
         storage: CircuitStorage | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        _check_int("failure_threshold", failure_threshold, 1)
-        _check_int("success_threshold", success_threshold, 1)
-        _check_int("half_open_max_calls", half_open_max_calls, 1)
-        _check_int("minimum_calls", minimum_calls, 1)
-        _check_seconds("recovery_timeout", recovery_timeout)
-        _check_seconds("window", window)
+        check_int("failure_threshold", failure_threshold, 1)
+        check_int("success_threshold", success_threshold, 1)
+        check_int("half_open_max_calls", half_open_max_calls, 1)
+        check_int("minimum_calls", minimum_calls, 1)
+        check_seconds("recovery_timeout", recovery_timeout)
+        check_seconds("window", window)
         if slow_call_duration is not None:
-            _check_seconds("slow_call_duration", slow_call_duration)
+            check_seconds("slow_call_duration", slow_call_duration)
         if probe_timeout is not None:
-            _check_seconds("probe_timeout", probe_timeout)
+            check_seconds("probe_timeout", probe_timeout)
         if failure_rate_threshold is not None and not 0 < failure_rate_threshold <= 1:
             raise ConfigurationError(
                 f"failure_rate_threshold must be a share in (0, 1], got {failure_rate_threshold!r}"
@@ -487,14 +487,8 @@ class CircuitBreaker:
         started = self._clock() if self.slow_call_duration is not None else 0.0
         try:
             result = await fn(*args, **kwargs)
-        except self.expected_exception as exc:
-            if is_control_flow(exc):
-                backend.on_ignored(admission)
-            else:
-                backend.on_failure(admission)
-            raise
-        except BaseException:
-            backend.on_ignored(admission)
+        except BaseException as exc:
+            self._record_error(admission, exc)
             raise
         self._settle(admission, started)
         return result
@@ -505,17 +499,17 @@ class CircuitBreaker:
         started = self._clock() if self.slow_call_duration is not None else 0.0
         try:
             result = fn(*args, **kwargs)
-        except self.expected_exception as exc:
-            if is_control_flow(exc):
-                backend.on_ignored(admission)
-            else:
-                backend.on_failure(admission)
-            raise
-        except BaseException:
-            backend.on_ignored(admission)
+        except BaseException as exc:
+            self._record_error(admission, exc)
             raise
         self._settle(admission, started)
         return result
+
+    def _record_error(self, admission: Admission, error: BaseException) -> None:
+        if isinstance(error, self.expected_exception) and not is_control_flow(error):
+            self._backend.on_failure(admission)
+        else:
+            self._backend.on_ignored(admission)
 
     def _settle(self, admission: Admission, started: float) -> None:
         slow = self.slow_call_duration
@@ -541,13 +535,3 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(name={self.name!r}, state={self.state.name})"
-
-
-def _check_int(option: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{option} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_seconds(option: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{option} must be a number of seconds > 0, got {value!r}")

@@ -19,6 +19,7 @@ from taskkit.recovery._budget import Budget
 from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._schedule import (
     RetryStrategy,
+    delays,
     next_wait,
     parse_strategy,
     seconds,
@@ -155,12 +156,15 @@ class Retrying:
 
     def delays(self, rng: random.Random | None = None) -> list[float]:
         """The waits this policy would use if every attempt failed (a pure preview)."""
-        waits: list[float] = []
-        previous: float | None = None
-        for n in range(1, self.max_attempts):
-            previous = self.wait_before(n, previous, rng)
-            waits.append(previous)
-        return waits
+        return delays(
+            self.strategy,
+            max_attempts=self.max_attempts,
+            delay=self.delay,
+            backoff=self.backoff,
+            max_delay=self.max_delay,
+            jitter=self._jitter,
+            rng=rng or self._rng,
+        )
 
     def __repr__(self) -> str:
         return (

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import TypeGuard
 
 from taskkit.errors import ConfigurationError, TaskkitWarning
+from taskkit.recovery._wrapping import check_int
 
 __all__ = ["RetryStrategy", "delays", "next_wait"]
 
@@ -169,8 +170,7 @@ def validate_schedule(
 ) -> tuple[float, float]:
     """Check schedule options; return ``(cap, jitter share)``. Raise on the impossible, warn
     on the suspicious, naming the option."""
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise ConfigurationError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
+    check_int("max_attempts", max_attempts, 1)
     if not _is_number(delay) or delay < 0 or math.isnan(delay):
         raise ConfigurationError(f"delay must be a number of seconds >= 0, got {delay!r}")
     if not _is_number(backoff) or backoff <= 0 or math.isnan(backoff):

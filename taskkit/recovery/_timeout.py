@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 import signal
 import threading
 from collections.abc import Callable, Coroutine
@@ -12,8 +11,8 @@ from time import monotonic as _monotonic
 from types import FrameType
 from typing import Any, ParamSpec, TypeVar, cast
 
-from taskkit.errors import ConfigurationError, TimeoutExceeded
-from taskkit.recovery._wrapping import keep_identity, qualified_name
+from taskkit.errors import TimeoutExceeded
+from taskkit.recovery._wrapping import check_seconds, keep_identity, qualified_name
 
 __all__ = ["timeout"]
 
@@ -53,13 +52,7 @@ def timeout(seconds: float) -> Callable[[Callable[P, R]], Callable[P, R]]:
             with open(path, "rb") as f:
                 return f.read()
     """
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or math.isnan(seconds)
-        or seconds <= 0
-    ):
-        raise ConfigurationError(f"timeout seconds must be a number > 0, got {seconds!r}")
+    check_seconds("timeout(seconds=...)", seconds)
     limit = float(seconds)
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from taskkit.errors import ConfigurationError
 
-__all__ = ["exception_tuple", "keep_identity", "qualified_name"]
+__all__ = ["check_int", "check_seconds", "exception_tuple", "keep_identity", "qualified_name"]
 
 
 def keep_identity(wrapper: Callable[..., Any], fn: Callable[..., Any], **attributes: Any) -> Any:
@@ -41,3 +41,15 @@ def exception_tuple(option: str, value: object) -> tuple[type[BaseException], ..
             f"{option} must be an exception class or a tuple of them, got {value!r}"
         )
     return cast(tuple[type[BaseException], ...], items)
+
+
+def check_int(option: str, value: object, minimum: int) -> None:
+    """Raise a ``ConfigurationError`` naming ``option`` unless ``value`` is an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{option} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_seconds(option: str, value: object) -> None:
+    """Raise a ``ConfigurationError`` naming ``option`` unless ``value`` is a number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{option} must be a number of seconds > 0, got {value!r}")

@@ -180,3 +180,11 @@ def test_ten_thousand_items_with_always_and_once_failing_ones(clock):
 def test_bad_options_are_rejected(options, message):
     with pytest.raises(ConfigurationError, match=message):
         batch_with_retry([1], lambda x: x, **options)
+
+
+def test_suspicious_settings_warn_at_the_callers_line():
+    from taskkit.errors import TaskkitWarning
+
+    with pytest.warns(TaskkitWarning, match="max_delay=0.1 is below delay=1") as record:
+        batch_with_retry([1], lambda x: x, delay=1, max_delay=0.1)
+    assert record[0].filename == __file__

@@ -357,3 +357,12 @@ def test_test_mode_turns_waits_off_and_caps_attempts():
 def test_the_fixture_turns_waits_off(taskkit_no_waits):
     flaky = Flaky(OSError(), OSError())
     assert retry(max_attempts=3, delay=3600)(flaky)() == "ok"
+
+
+def test_suspicious_settings_warn_at_the_line_that_wrote_them():
+    with pytest.warns(TaskkitWarning, match="backoff=0.5 is below 1") as record:
+        retry(backoff=0.5)
+    assert record[0].filename == __file__
+    with pytest.warns(TaskkitWarning, match="swallow Ctrl-C") as record:
+        retry(exceptions=BaseException)
+    assert record[0].filename == __file__

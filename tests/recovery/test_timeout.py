@@ -204,5 +204,7 @@ def test_wrapper_keeps_the_signature():
 
 @pytest.mark.parametrize("seconds", [0, -1, float("nan"), "5", True])
 def test_bad_seconds_are_rejected(seconds):
-    with pytest.raises(ConfigurationError, match="timeout seconds must be a number > 0"):
+    with pytest.raises(
+        ConfigurationError, match=r"timeout\(seconds=...\) must be a number of seconds > 0"
+    ):
         timeout(seconds)
