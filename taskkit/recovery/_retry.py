@@ -19,9 +19,9 @@ from taskkit.recovery._budget import Budget
 from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._schedule import (
     RetryStrategy,
-    delays,
     next_wait,
     parse_strategy,
+    schedule,
     seconds,
     validate_schedule,
 )
@@ -36,6 +36,9 @@ R = TypeVar("R")
 logger = logging.getLogger("taskkit.recovery")
 
 ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
+
+#: How many waits of a deterministic schedule are computed in advance.
+_PRECOMPUTED = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,12 @@ class Retrying:
         self._sleep = sleep
         self._clock = clock
         self._rng = rng
+        # The clock is read after a failure only when something needs the time.
+        self._timed = deadline is not None or on_retry is not None
+        # A schedule without randomness is computed once, not per retry.
+        self._exact: list[float] | None = None
+        if self.strategy is not RetryStrategy.DECORRELATED and not self._jitter:
+            self._exact = self._waits(min(self.max_attempts - 1, _PRECOMPUTED), None)
 
     # -- public -----------------------------------------------------------------------------
 
@@ -156,14 +165,11 @@ class Retrying:
 
     def delays(self, rng: random.Random | None = None) -> list[float]:
         """The waits this policy would use if every attempt failed (a pure preview)."""
-        return delays(
-            self.strategy,
-            max_attempts=self.max_attempts,
-            delay=self.delay,
-            backoff=self.backoff,
-            max_delay=self.max_delay,
-            jitter=self._jitter,
-            rng=rng or self._rng,
+        return self._waits(self.max_attempts - 1, rng or self._rng)
+
+    def _waits(self, count: int, rng: random.Random | None) -> list[float]:
+        return schedule(
+            self.strategy, count, self.delay, self.backoff, self.max_delay, self._jitter, rng
         )
 
     def __repr__(self) -> str:
@@ -244,7 +250,7 @@ class Retrying:
         result: Any,
         start: float | None,
     ) -> R:
-        state = _Attempts(start, self._clock())
+        state = _Attempts(start, self._clock() if self._timed else 0.0)
         sleep = self._sleep or time.sleep
         while True:
             wait = self._plan(fn, state, error, result)
@@ -272,7 +278,7 @@ class Retrying:
         result: Any,
         start: float | None,
     ) -> R:
-        state = _Attempts(start, self._clock())
+        state = _Attempts(start, self._clock() if self._timed else 0.0)
         sleep = self._sleep or asyncio.sleep
         while True:
             wait = self._plan(fn, state, error, result)
@@ -298,7 +304,7 @@ class Retrying:
     ) -> float | None:
         """Seconds to wait before the next attempt, or None to give up (and say why)."""
         attempt = state.attempt
-        max_attempts = TEST_MODE.cap(self.max_attempts)
+        max_attempts = TEST_MODE.cap(self.max_attempts) if TEST_MODE.active else self.max_attempts
         if error is not None and is_control_flow(error):
             return None  # a framework's signal (Celery's Retry...), not a failure: pass it on
         if error is not None and isinstance(error, self.give_up_on):
@@ -308,7 +314,9 @@ class Retrying:
             self._give_up(fn, attempt, error, "no attempts left")
             return None
         wait = self.wait_before(attempt, state.previous_wait)
-        asked = seconds(getattr(error, "retry_after", None)) if error is not None else None
+        asked = getattr(error, "retry_after", None)
+        if asked is not None:
+            asked = seconds(asked)
         if asked is not None:
             if asked > self.max_delay:
                 self._give_up(
@@ -321,7 +329,7 @@ class Retrying:
             wait = max(wait, asked)
         if TEST_MODE.active:
             wait = 0.0
-        now = self._clock()
+        now = self._clock() if self._timed else 0.0
         if self.deadline is not None and now + wait - state.start > self.deadline:
             self._give_up(fn, attempt, error, f"the {self.deadline:g}s deadline would pass")
             return None
@@ -355,6 +363,9 @@ class Retrying:
         self, retry_number: int, previous: float | None = None, rng: random.Random | None = None
     ) -> float:
         """The wait before retry ``retry_number`` (from 1); ``previous`` is the last wait."""
+        exact = self._exact
+        if exact is not None and retry_number <= len(exact):
+            return exact[retry_number - 1]
         return next_wait(
             self.strategy,
             retry_number,

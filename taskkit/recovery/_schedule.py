@@ -131,16 +131,29 @@ def delays(
     cap, share = validate_schedule(
         max_attempts=max_attempts, delay=delay, backoff=backoff, max_delay=max_delay, jitter=jitter
     )
+    return schedule(chosen, max_attempts - 1, delay, backoff, cap, share, rng)
+
+
+def schedule(
+    strategy: RetryStrategy,
+    count: int,
+    delay: float,
+    backoff: float,
+    cap: float,
+    jitter: float,
+    rng: random.Random | None = None,
+) -> list[float]:
+    """The first ``count`` waits, from options that are already validated."""
     waits: list[float] = []
     previous: float | None = None
-    for n in range(1, max_attempts):
+    for n in range(1, count + 1):
         previous = next_wait(
-            chosen,
+            strategy,
             n,
             delay=delay,
             backoff=backoff,
             max_delay=cap,
-            jitter=share,
+            jitter=jitter,
             previous=previous,
             rng=rng,
         )
