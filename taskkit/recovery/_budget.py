@@ -65,6 +65,10 @@ class RetryBudget:
     def record_call(self) -> None:
         self._calls += 1
 
+    def record_calls(self, count: int) -> None:
+        """Count ``count`` calls at once."""
+        self._calls += count
+
     def try_spend(self) -> bool:
         with self._lock:
             self._refill()

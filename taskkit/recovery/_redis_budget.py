@@ -115,8 +115,7 @@ class RedisRetryBudget:
                 self.link.succeeded()
                 self._last_seen = float(text(tokens))
                 return int(spent) == 1
-        for _ in range(calls):
-            self.local.record_call()
+        self.local.record_calls(calls)
         spent_locally = self.local.try_spend() if spend else False
         self._last_seen = self.local.available
         return spent_locally
