@@ -304,7 +304,7 @@ class Retrying:
     ) -> float | None:
         """Seconds to wait before the next attempt, or None to give up (and say why)."""
         attempt = state.attempt
-        max_attempts = TEST_MODE.cap(self.max_attempts) if TEST_MODE.active else self.max_attempts
+        max_attempts = TEST_MODE.cap(self.max_attempts)
         if error is not None and is_control_flow(error):
             return None  # a framework's signal (Celery's Retry...), not a failure: pass it on
         if error is not None and isinstance(error, self.give_up_on):
@@ -314,9 +314,7 @@ class Retrying:
             self._give_up(fn, attempt, error, "no attempts left")
             return None
         wait = self.wait_before(attempt, state.previous_wait)
-        asked = getattr(error, "retry_after", None)
-        if asked is not None:
-            asked = seconds(asked)
+        asked = seconds(getattr(error, "retry_after", None))
         if asked is not None:
             if asked > self.max_delay:
                 self._give_up(
