@@ -216,6 +216,8 @@ def validate_schedule(
 
 def seconds(value: object) -> float | None:
     """A ``retry_after`` value in seconds: a number or a ``timedelta``; None when unusable."""
+    if value is None:  # the common case: the exception asked for nothing
+        return None
     if isinstance(value, timedelta):
         return max(0.0, value.total_seconds())
     if _is_number(value) and not math.isnan(value):
