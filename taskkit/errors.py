@@ -8,7 +8,10 @@
     ├── TimeoutExceeded                 also a built-in ``TimeoutError``
     ├── CircuitBreakerError             a breaker rejected the call; carries ``retry_after``
     │   └── CircuitStorageUnavailable   shared breaker state unreachable, breaker set to reject
-    └── ConfigurationError              also a ``ValueError``: an option that cannot be right
+    ├── ConfigurationError              also a ``ValueError``: an option that cannot be right
+    ├── DatabaseUnavailable             also a ``ConnectionError``: the database did not answer;
+    │                                   names the host, never the password
+    └── ConcurrentUpdateError           ``atomic_update`` lost the compare-and-swap every time
 
     TaskkitWarning                      root of taskkit's warnings (a setting that is suspicious)
 
@@ -30,7 +33,9 @@ from __future__ import annotations
 __all__ = [
     "CircuitBreakerError",
     "CircuitStorageUnavailable",
+    "ConcurrentUpdateError",
     "ConfigurationError",
+    "DatabaseUnavailable",
     "PermanentError",
     "RetryLater",
     "TaskkitError",
@@ -118,3 +123,38 @@ class CircuitStorageUnavailable(CircuitBreakerError):
 
 class ConfigurationError(TaskkitError, ValueError):
     """An option that cannot be right (a negative delay, zero attempts, an unknown name)."""
+
+
+class DatabaseUnavailable(TaskkitError, ConnectionError):
+    """The database could not be reached, after ``ensure_connection``'s own retries.
+
+    A ``ConnectionError`` too, so retry policies and task ladders that retry connection errors
+    treat an outage as transient. The message and ``database`` name the host, port and database,
+    never the password; the driver's error is the ``__cause__``.
+    """
+
+    def __init__(self, database: str, attempts: int, reason: str) -> None:
+        super().__init__(
+            f"database {database} is unavailable after {attempts} attempt(s): {reason}"
+        )
+        #: ``host:port/name`` (or the SQLite file), without credentials.
+        self.database = database
+        #: Connection attempts made before giving up.
+        self.attempts = attempts
+
+
+class ConcurrentUpdateError(TaskkitError):
+    """``atomic_update`` found the row changed by someone else on every one of its attempts.
+
+    Nothing was written by the failed call. Carries ``model``, ``record_id`` and ``attempts``.
+    """
+
+    def __init__(self, model: str, record_id: object, attempts: int) -> None:
+        super().__init__(
+            f"{model} id={record_id!r} was changed concurrently on each of {attempts} "
+            f"attempt(s) of atomic_update; nothing was written (raise max_retries, or use an SQL "
+            f"expression such as {model}.counter + 1, which cannot conflict)"
+        )
+        self.model = model
+        self.record_id = record_id
+        self.attempts = attempts

@@ -1,8 +1,14 @@
-"""Shared fixtures: real services, fake time.
+"""Shared fixtures: real services, fake time, databases.
 
-Tests that need Redis take the ``redis_url`` fixture. When Redis is unreachable they fail, with
-the command that starts it; a laptop without Redis can set ``TASKKIT_REQUIRE_SERVICES=0`` to
-skip them instead. CI never sets it.
+Tests that need Redis take the ``redis_url`` fixture, tests that need PostgreSQL take
+``postgres_url``. When the service is unreachable they fail, with the command that starts it; a
+laptop without them can set ``TASKKIT_REQUIRE_SERVICES=0`` to skip them instead. CI never sets
+it.
+
+Database tests take ``db_url`` (or ``engine``, ``db``): it is parametrized over the embedded
+SQLite default and PostgreSQL, migrated to head once per test run; PostgreSQL runs use a schema
+of their own (``taskkit_test_<pid>_<random>``, dropped at the end), so runs never collide.
+Tables are emptied after each test.
 """
 
 from __future__ import annotations
@@ -18,8 +24,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 REDIS_URL = os.environ.get("TASKKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_URL = os.environ.get(
+    "TASKKIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 
 def _service_missing(what: str, how: str) -> None:
@@ -147,3 +160,159 @@ def private_redis(tmp_path: pathlib.Path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _taskkit_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """Embedded defaults (SQLite file, ...) go to a temporary directory, never the checkout."""
+    from taskkit.config import reset_settings
+
+    home = tmp_path_factory.mktemp("taskkit-home")
+    previous = {k: os.environ.get(k) for k in ("TASKKIT_HOME", "TASKKIT_DATABASE_URL")}
+    os.environ["TASKKIT_HOME"] = str(home)
+    os.environ.pop("TASKKIT_DATABASE_URL", None)
+    reset_settings()
+    yield home
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    reset_settings()
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` with every connection's search_path set to ``schema`` (psycopg ``options``)."""
+    updated = make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
+    return updated.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The PostgreSQL server's URL, checked to answer; no schema of its own (see pg_schema)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+    except sqlalchemy.exc.OperationalError:
+        _service_missing(f"PostgreSQL at {POSTGRES_URL}", PG_START)
+    finally:
+        engine.dispose()
+    return POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+def pg_schema_url(postgres_url: str) -> Iterator[str]:
+    """A URL whose connections live in a schema of this test run, migrated to head."""
+    import sqlalchemy
+
+    schema = f"taskkit_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(postgres_url)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = with_search_path(postgres_url, schema)
+    try:
+        _migrate(url)
+        yield url
+    finally:
+        from taskkit.db.session import dispose_engines
+
+        dispose_engines()
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        admin.dispose()
+
+
+def _migrate(url: str) -> None:
+    from taskkit.db.migrate import upgrade
+    from taskkit.db.session import create_engine_for
+
+    engine = create_engine_for(url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An embedded SQLite database file of this test run, migrated to head."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'taskkit.db'}"
+    _migrate(url)
+    return url
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each database test runs on the embedded SQLite default and on PostgreSQL."""
+    return str(
+        request.getfixturevalue(f"{'pg_schema' if request.param == 'postgresql' else 'sqlite'}_url")
+    )
+
+
+TABLES = ("predictions", "datasets", "training_progress", "model_runs")
+
+
+def empty_tables(engine: Engine) -> None:
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        else:
+            for table in TABLES:
+                connection.execute(text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """taskkit's engine for ``db_url``; the tables are emptied after the test."""
+    from taskkit.db.session import get_engine
+
+    engine = get_engine(db_url)
+    yield engine
+    empty_tables(engine)
+
+
+@pytest.fixture
+def db(engine: Engine, db_url: str) -> Iterator[Session]:
+    """A session from taskkit's session factory for ``db_url``."""
+    from taskkit.db.session import get_sessionmaker
+
+    session = get_sessionmaker(db_url)()
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def default_database(db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Make ``db_url`` the process's default database (``TASKKIT_DATABASE_URL``)."""
+    from taskkit.config import reset_settings
+
+    monkeypatch.setenv("TASKKIT_DATABASE_URL", db_url)
+    reset_settings()
+    yield db_url
+    monkeypatch.delenv("TASKKIT_DATABASE_URL")
+    reset_settings()
+
+
+@pytest.fixture
+def pg_engine(pg_schema_url: str) -> Iterator[Engine]:
+    """taskkit's engine for this run's PostgreSQL schema, for PostgreSQL-only behaviour."""
+    from taskkit.db.session import get_engine
+
+    engine = get_engine(pg_schema_url)
+    yield engine
+    empty_tables(engine)
+
+
+@pytest.fixture
+def pg_db(pg_engine: Engine, pg_schema_url: str) -> Iterator[Session]:
+    from taskkit.db.session import get_sessionmaker
+
+    session = get_sessionmaker(pg_schema_url)()
+    yield session
+    session.close()

@@ -13,7 +13,9 @@ import taskkit.errors
 from taskkit.errors import (
     CircuitBreakerError,
     CircuitStorageUnavailable,
+    ConcurrentUpdateError,
     ConfigurationError,
+    DatabaseUnavailable,
     PermanentError,
     RetryLater,
     TaskkitError,
@@ -26,6 +28,12 @@ PUBLIC_MODULES = [
     "taskkit.recovery",
     "taskkit.recovery.events",
     "taskkit.testing",
+    "taskkit.config",
+    "taskkit.db",
+    "taskkit.db.models",
+    "taskkit.db.session",
+    "taskkit.db.migrate",
+    "taskkit.cli",
 ]
 
 
@@ -65,8 +73,11 @@ def test_every_error_is_a_taskkit_error_and_keeps_its_builtin_meaning():
         TimeoutExceeded,
         CircuitBreakerError,
         ConfigurationError,
+        DatabaseUnavailable,
+        ConcurrentUpdateError,
     ):
         assert issubclass(cls, TaskkitError)
+    assert issubclass(DatabaseUnavailable, ConnectionError)
     assert issubclass(TimeoutExceeded, TimeoutError)
     assert issubclass(ConfigurationError, ValueError)
     assert issubclass(CircuitStorageUnavailable, CircuitBreakerError)
@@ -80,3 +91,12 @@ def test_the_error_tree_in_the_docstring_names_every_error():
 def test_retry_later_rejects_a_negative_wait():
     with pytest.raises(ConfigurationError, match="retry_after must be >= 0"):
         RetryLater(retry_after=-1)
+
+
+def test_every_public_db_function_has_a_docstring_with_an_example():
+    import taskkit.db
+
+    for name in taskkit.db.__all__:
+        value = getattr(taskkit.db, name)
+        if inspect.isfunction(value):
+            assert value.__doc__ and "Example::" in value.__doc__, name

@@ -91,6 +91,7 @@ class Retrying:
         exceptions: ExceptionTypes = (Exception,),
         strategy: RetryStrategy | str = RetryStrategy.EXPONENTIAL,
         give_up_on: ExceptionTypes = (),
+        retry_if: Callable[[BaseException], bool] | None = None,
         retry_on_result: Callable[[Any], bool] | None = None,
         deadline: float | None = None,
         on_retry: Callable[[RetryCallState], object] | None = None,
@@ -120,7 +121,11 @@ class Retrying:
             raise ConfigurationError(
                 f"budget must have record_call() and try_spend(), got {budget!r}"
             )
-        for name, hook in (("retry_on_result", retry_on_result), ("on_retry", on_retry)):
+        for name, hook in (
+            ("retry_if", retry_if),
+            ("retry_on_result", retry_on_result),
+            ("on_retry", on_retry),
+        ):
             if hook is not None and not callable(hook):
                 raise ConfigurationError(f"{name} must be callable, got {hook!r}")
         if any(not issubclass(e, Exception) for e in self.exceptions):
@@ -134,6 +139,7 @@ class Retrying:
         self.delay = float(delay)
         self.backoff = float(backoff)
         self.deadline = deadline
+        self.retry_if = retry_if
         self.retry_on_result = retry_on_result
         self.on_retry = on_retry
         self.budget = budget
@@ -310,6 +316,9 @@ class Retrying:
         if error is not None and isinstance(error, self.give_up_on):
             self._give_up(fn, attempt, error, f"{type(error).__name__} is never retried")
             return None
+        if error is not None and self.retry_if is not None and not self.retry_if(error):
+            self._give_up(fn, attempt, error, f"retry_if rejected {type(error).__name__}")
+            return None
         if attempt >= max_attempts:
             self._give_up(fn, attempt, error, "no attempts left")
             return None
@@ -405,6 +414,7 @@ def retry(
     exceptions: ExceptionTypes = (Exception,),
     strategy: RetryStrategy | str = RetryStrategy.EXPONENTIAL,
     give_up_on: ExceptionTypes = (),
+    retry_if: Callable[[BaseException], bool] | None = None,
     retry_on_result: Callable[[Any], bool] | None = None,
     deadline: float | None = None,
     on_retry: Callable[[RetryCallState], object] | None = None,
@@ -433,6 +443,8 @@ def retry(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
       ``taskkit.errors.PermanentError`` are never retried, even when they match; nor is a
       framework's control flow: Celery's ``Retry`` (raised by ``self.retry()`` after it has
       queued the retry: re-running would queue another), ``Ignore``, ``Reject`` and time limits.
+    - ``retry_if=None``: a predicate on a matching exception; one it rejects is raised at once
+      (``taskkit.db.db_retry`` uses it to retry only transient database errors).
     - ``retry_on_result=None``: a predicate; a result it accepts is retried like an error. When
       attempts run out the last result is returned, since there is no exception to raise.
     - ``deadline=None``: seconds from the start of the first attempt; no retry is started

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
+from sqlalchemy.orm import Session
+
+from taskkit.db import atomic_update, db_retry, ensure_connection, safe_bulk_insert, with_savepoint
+from taskkit.db.models import ModelRun, Prediction
 from taskkit.recovery import (
     BatchResult,
     CircuitBreaker,
@@ -59,3 +63,25 @@ first: str = ok[0]
 item, error = failed[0]
 number: int = item
 waits: list[float] = delays(max_attempts=4)
+
+
+
+@ensure_connection
+@db_retry(max_attempts=3, delay=0.5)
+def create_run(db: Session, name: str) -> int:
+    return 1
+
+
+@db_retry
+@with_savepoint
+async def rename(db: Session, run_id: int) -> None: ...
+
+
+run_id: int = create_run(Session(), "baseline")
+create_run(Session(), 3)  # type: ignore[arg-type]
+create_run("not a session", "x")  # type: ignore[arg-type]
+asyncio.run(rename(Session(), 1))
+updated: bool = atomic_update(Session(), ModelRun, 1, {"usage_count": ModelRun.usage_count + 1})
+saved, not_saved = safe_bulk_insert(Session(), Prediction, [{"model_run_id": 1}])
+bad_record, reason = not_saved[0]
+why: str = reason

@@ -1,5 +1,4 @@
-"""Copied from the seed (usage-examples.md, "ML Pipeline Operations"); only import lines changed. Of "Model Training with Error Handling" only
-train_model_with_retry is here: its database half needs taskkit.db (issue 3)."""
+"""Copied from the seed (usage-examples.md, "ML Pipeline Operations"); only import lines changed."""
 
 from taskkit.recovery import retry, safe_execute
 import pandas as pd
@@ -69,6 +68,7 @@ def engineer_features(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 from taskkit.recovery import retry, TransactionManager
+from taskkit.db import db_retry
 from sklearn.ensemble import RandomForestClassifier
 import pandas as pd
 
@@ -78,3 +78,56 @@ def train_model_with_retry(X_train, y_train, params: dict):
     model = RandomForestClassifier(**params)
     model.fit(X_train, y_train)
     return model
+
+def train_and_save_model(
+    db,
+    model_run_id: int,
+    X_train,
+    y_train,
+    params: dict
+):
+    """Train and save model with full error recovery."""
+    try:
+        # Train model
+        model = train_model_with_retry(X_train, y_train, params)
+
+        # Calculate metrics
+        from sklearn.metrics import accuracy_score
+        train_pred = model.predict(X_train)
+        accuracy = accuracy_score(y_train, train_pred)
+
+        # Save to database with retry
+        save_model_results(db, model_run_id, model, accuracy)
+
+        return model, accuracy
+
+    except Exception as e:
+        # Update status to failed with retry
+        update_model_status(db, model_run_id, "failed", str(e))
+        raise
+
+@db_retry(max_attempts=3)
+def save_model_results(db, model_run_id: int, model, accuracy: float):
+    """Save model results with retry."""
+    import pickle
+
+    with TransactionManager(db):
+        from taskkit.db.models import ModelRun
+        model_run = db.query(ModelRun).filter_by(id=model_run_id).first()
+
+        if model_run:
+            model_run.model_object = pickle.dumps(model)
+            model_run.accuracy = accuracy
+            model_run.status = "completed"
+
+@db_retry(max_attempts=3)
+def update_model_status(db, model_run_id: int, status: str, error_msg: str = None):
+    """Update model status with retry."""
+    with TransactionManager(db):
+        from taskkit.db.models import ModelRun
+        model_run = db.query(ModelRun).filter_by(id=model_run_id).first()
+
+        if model_run:
+            model_run.status = status
+            if error_msg:
+                model_run.error_message = error_msg

@@ -1,0 +1,59 @@
+"""The data layer: models, sessions, migrations, and recovery helpers for database code.
+
+============================  =========================================================
+``db_retry``                  retry transient database errors, rolling the session back
+``ensure_connection``         check the connection first; ``DatabaseUnavailable`` if down
+``atomic_update``             change a row without losing a concurrent update
+``safe_bulk_insert``          insert many rows; isolate the bad ones by bisection
+``with_savepoint``            run a function in a nested transaction
+``is_transient``              which database errors a new attempt can fix
+``get_engine``, ``get_db``,   engines and sessions from ``taskkit.config.Settings``
+``session_scope``
+``upgrade``                   migrate a database to this version's schema
+============================  =========================================================
+
+The models are in ``taskkit.db.models`` (``ModelRun``, ``TrainingProgress``, ``Prediction``,
+``Dataset``). ``TransactionManager`` from ``taskkit.recovery`` works with these sessions.
+
+Example::
+
+    from sqlalchemy.orm import Session
+    from taskkit.db import db_retry, ensure_connection
+    from taskkit.db.models import ModelRun
+    from taskkit.recovery import TransactionManager
+
+    @ensure_connection
+    @db_retry(max_attempts=3, delay=0.5)
+    def start(db: Session, name: str) -> int:
+        with TransactionManager(db):
+            run = ModelRun(name=name, model_type="sgd", config={}, status="queued")
+            db.add(run)
+            db.flush()
+            return run.id
+"""
+
+from taskkit.db._atomic import atomic_update
+from taskkit.db._bulk import BulkInsertResult, safe_bulk_insert
+from taskkit.db._classify import describe_database, is_transient
+from taskkit.db._recovery import db_retry, ensure_connection, with_savepoint
+from taskkit.db.migrate import upgrade
+from taskkit.db.session import get_db, get_engine, get_sessionmaker, session_scope
+from taskkit.errors import ConcurrentUpdateError, DatabaseUnavailable
+
+__all__ = [
+    "BulkInsertResult",
+    "ConcurrentUpdateError",
+    "DatabaseUnavailable",
+    "atomic_update",
+    "db_retry",
+    "describe_database",
+    "ensure_connection",
+    "get_db",
+    "get_engine",
+    "get_sessionmaker",
+    "is_transient",
+    "safe_bulk_insert",
+    "session_scope",
+    "upgrade",
+    "with_savepoint",
+]

@@ -1,0 +1,174 @@
+"""taskkit's tables, as SQLAlchemy 2.0 typed mappings.
+
+=====================  ===================  ==================================================
+model                  table                one row per
+=====================  ===================  ==================================================
+``ModelRun``           ``model_runs``       training run: config, status, final model, score
+``TrainingProgress``   ``training_progress``  run (unique): epoch, percentage, metrics
+``Prediction``         ``predictions``      prediction made by a run's model
+``Dataset``            ``datasets``         named dataset, optionally tied to a run
+=====================  ===================  ==================================================
+
+Decisions:
+
+- ``ModelRun``, ``TrainingProgress`` and ``Dataset`` carry a ``version`` column that SQLAlchemy
+  uses for optimistic locking (``version_id_col``): an ORM update of a row that someone else
+  changed since it was loaded raises ``StaleDataError`` (which ``db_retry`` retries) instead of
+  silently overwriting; ``atomic_update`` compares and swaps on the same column.
+  ``Prediction`` rows are written once, so they have none.
+- Timestamps are timezone-aware UTC (``UTCDateTime``); a naive ``datetime.utcnow()`` is
+  accepted and taken as UTC.
+- ``ModelRun.model_state`` is JSON and ``ModelRun.model_object`` raw bytes: taskkit never
+  unpickles anything from the database. Both are deferred, so listing runs does not load
+  models, and an API returning a ``ModelRun`` does not try to encode a binary blob.
+- ``Prediction.item_key`` is unique per run when given, so a batch that is retried after a
+  crash cannot store the same item's prediction twice.
+
+Example::
+
+    from taskkit.db.models import ModelRun
+    from taskkit.db.session import session_scope
+
+    with session_scope() as db:
+        db.add(ModelRun(name="baseline", model_type="sgd", config={"epochs": 5}))
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
+
+from taskkit.db._types import Json, UTCDateTime, utcnow
+
+__all__ = ["Base", "Dataset", "ModelRun", "Prediction", "TrainingProgress"]
+
+#: Constraint names that Alembic can rely on, on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# An auto-incrementing 64-bit key; SQLite only auto-increments INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    """Declarative base of taskkit's models; ``Base.metadata`` is what migrations track."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: Json}  # noqa: RUF012
+
+    def __repr__(self) -> str:
+        key = getattr(self, "id", None)
+        return f"<{type(self).__name__} id={key!r}>"
+
+
+class ModelRun(Base):
+    """One training run: what was asked (``config``), where it is (``status``), what it made."""
+
+    __tablename__ = "model_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    model_type: Mapped[str] = mapped_column(String(100))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: created, queued, running, retrying, completed, failed (free text: the seed uses others).
+    status: Mapped[str] = mapped_column(String(32), default="created")
+    #: The Celery task id of the latest attempt, when a task runs it.
+    task_id: Mapped[str | None] = mapped_column(String(255))
+    usage_count: Mapped[int] = mapped_column(Integer, default=0)
+    final_score: Mapped[float | None] = mapped_column(Float)
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    model_state: Mapped[dict[str, Any] | None] = deferred(mapped_column(Json))
+    model_object: Mapped[bytes | None] = deferred(mapped_column(LargeBinary))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+    __table_args__ = (Index(None, "status", "created_at"),)
+
+
+class TrainingProgress(Base):
+    """Where a run is: one row per run, updated as epochs complete."""
+
+    __tablename__ = "training_progress"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_run_id: Mapped[int] = mapped_column(
+        ForeignKey("model_runs.id", ondelete="CASCADE"), unique=True
+    )
+    status: Mapped[str] = mapped_column(String(32), default="initialized")
+    current_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    total_epochs: Mapped[int | None] = mapped_column(Integer)
+    progress_percentage: Mapped[float] = mapped_column(Float, default=0.0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+
+
+class Prediction(Base):
+    """One prediction made by a run's model: input, output, confidence."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    model_run_id: Mapped[int] = mapped_column(
+        ForeignKey("model_runs.id", ondelete="CASCADE"), index=True
+    )
+    #: The caller's key for the input row (a batch item key); unique per run when given.
+    item_key: Mapped[str | None] = mapped_column(String(255))
+    input_data: Mapped[Any] = mapped_column(Json)
+    prediction: Mapped[Any] = mapped_column(Json)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("model_run_id", "item_key"),)
+
+
+class Dataset(Base):
+    """A named dataset: where it is, its shape, and the run that uses it (if any)."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    model_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_runs.id", ondelete="SET NULL"), index=True
+    )
+    #: A path or URL.
+    source: Mapped[str | None] = mapped_column(String(1024))
+    format: Mapped[str | None] = mapped_column(String(32))
+    num_rows: Mapped[int | None] = mapped_column(Integer)
+    num_features: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
