@@ -28,6 +28,11 @@ def test_the_readme_has_an_example_per_primitive():
         "batch_with_retry(",
         "TransactionManager(",
         "no_waits(",
+        "@db_retry",
+        "@ensure_connection",
+        "atomic_update(",
+        "safe_bulk_insert(",
+        "upgrade(",
     ):
         assert name in text, f"README has no example of {name}"
 
