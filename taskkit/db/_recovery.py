@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from sqlalchemy import Engine
@@ -37,6 +38,29 @@ def find_session(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Session | Non
         if isinstance(value, Session):
             return value
     return None
+
+
+Around = Callable[[tuple[Any, ...], dict[str, Any]], AbstractContextManager[object]]
+
+
+def _wrap_in(fn: Callable[..., Any], around: Around, decorator: str) -> Any:
+    """``fn`` (sync or ``async def``) called inside ``around(args, kwargs)``, identity kept."""
+    if not callable(fn):
+        raise ConfigurationError(f"{decorator} decorates a callable, got {fn!r}")
+    if inspect.iscoroutinefunction(fn):
+        coroutine_fn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
+
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            with around(args, kwargs):
+                return await coroutine_fn(*args, **kwargs)
+
+        return keep_identity(async_wrapper, fn)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with around(args, kwargs):
+            return fn(*args, **kwargs)
+
+    return keep_identity(wrapper, fn)
 
 
 def _rollback(session: Session | None, error: BaseException) -> None:
@@ -126,32 +150,17 @@ def db_retry(
         _stacklevel=3,
     )
 
+    @contextmanager
+    def rollback_on_transient(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:
+            if retry_if(error):
+                _rollback(find_session(args, kwargs), error)
+            raise
+
     def decorate(fn: Callable[..., Any]) -> Any:
-        if not callable(fn):
-            raise ConfigurationError(f"db_retry decorates a callable, got {fn!r}")
-        if inspect.iscoroutinefunction(fn):
-            coroutine_fn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
-
-            async def async_attempt(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return await coroutine_fn(*args, **kwargs)
-                except Exception as error:
-                    if retry_if(error):
-                        _rollback(find_session(args, kwargs), error)
-                    raise
-
-            attempt: Callable[..., Any] = keep_identity(async_attempt, fn)
-        else:
-
-            def sync_attempt(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as error:
-                    if retry_if(error):
-                        _rollback(find_session(args, kwargs), error)
-                    raise
-
-            attempt = keep_identity(sync_attempt, fn)
+        attempt = _wrap_in(fn, rollback_on_transient, "db_retry")
         return keep_identity(policy(attempt), fn, db_retry=policy)
 
     if fn is not None:
@@ -247,23 +256,13 @@ def ensure_connection(
                 describe_database(url), getattr(error, "taskkit_attempts", max_attempts), reason
             ) from error
 
+    @contextmanager
+    def checked(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+        check(args, kwargs)
+        yield
+
     def decorate(fn: Callable[..., Any]) -> Any:
-        if not callable(fn):
-            raise ConfigurationError(f"ensure_connection decorates a callable, got {fn!r}")
-        if inspect.iscoroutinefunction(fn):
-            coroutine_fn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
-
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                check(args, kwargs)
-                return await coroutine_fn(*args, **kwargs)
-
-            return keep_identity(async_wrapper, fn)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            check(args, kwargs)
-            return fn(*args, **kwargs)
-
-        return keep_identity(wrapper, fn)
+        return _wrap_in(fn, checked, "ensure_connection")
 
     if fn is not None:
         return decorate(fn)
@@ -307,29 +306,14 @@ def with_savepoint(fn: Callable[P, R]) -> Callable[P, R]:
             db.flush()          # a duplicate name fails here: only this part is undone
             return dataset
     """
-    if not callable(fn):
-        raise ConfigurationError(f"with_savepoint decorates a callable, got {fn!r}")
     name = qualified_name(fn)
 
-    def session_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Session:
+    def savepoint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AbstractContextManager[object]:
         session = find_session(args, kwargs)
         if session is None:
             raise ConfigurationError(
                 f"with_savepoint: {name} was called without a SQLAlchemy Session argument"
             )
-        return session
+        return session.begin_nested()
 
-    if inspect.iscoroutinefunction(fn):
-        coroutine_fn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
-
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            with session_of(args, kwargs).begin_nested():
-                return await coroutine_fn(*args, **kwargs)
-
-        return cast(Callable[P, R], keep_identity(async_wrapper, fn))
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with session_of(args, kwargs).begin_nested():
-            return fn(*args, **kwargs)
-
-    return cast(Callable[P, R], keep_identity(wrapper, fn))
+    return cast(Callable[P, R], _wrap_in(fn, savepoint, "with_savepoint"))
