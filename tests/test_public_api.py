@@ -99,4 +99,4 @@ def test_every_public_db_function_has_a_docstring_with_an_example():
     for name in taskkit.db.__all__:
         value = getattr(taskkit.db, name)
         if inspect.isfunction(value):
-            assert value.__doc__ and "Example::" in value.__doc__, name
+            assert "Example::" in (value.__doc__ or ""), name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -17,6 +19,24 @@ __all__ = ["BulkInsertResult", "safe_bulk_insert"]
 
 # What a bad record makes the database raise: a constraint or a value it cannot take.
 _RECORD_ERRORS = (IntegrityError, DataError)
+
+
+_INSERTING = contextvars.ContextVar("taskkit_safe_bulk_insert", default=False)
+
+
+class _ExpectedPipelineAbort(logging.Filter):
+    """Drop psycopg's warning that a failed batch aborted its pipeline, inside our own calls.
+
+    psycopg sends a batch as a pipeline; when one row violates a constraint it logs "error
+    ignored terminating <Pipeline>: pipeline aborted" besides raising the real error, which
+    safe_bulk_insert handles. Outside safe_bulk_insert the warning passes untouched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_INSERTING.get() and str(record.msg).startswith("error ignored terminating"))
+
+
+logging.getLogger("psycopg").addFilter(_ExpectedPipelineAbort())
 
 
 class BulkInsertResult(NamedTuple):
@@ -38,8 +58,9 @@ def safe_bulk_insert(
 ) -> BulkInsertResult:
     """Insert ``records`` in batches; isolate bad records by bisection, insert all the others.
 
-    ``records`` are dicts of column values (fast: one multi-row ``INSERT`` per batch, with the
-    model's Python-side defaults applied) or model instances (added and flushed per batch).
+    ``records`` are dicts of column values (fast: one bulk ``INSERT`` execution per batch,
+    pipelined by psycopg on PostgreSQL, with the model's Python-side defaults applied) or model
+    instances (added and flushed per batch).
 
     Each batch runs in a savepoint. When one fails, only that savepoint is rolled back and the
     batch is split in halves, each tried again the same way, so a batch of 100 with one bad
@@ -94,6 +115,24 @@ def safe_bulk_insert(
         else:
             result.successful.extend(batch)
 
+    token = _INSERTING.set(True)
+    try:
+        _insert_all(records, columns, model_class, batch_size, insert_batch, result)
+    finally:
+        _INSERTING.reset(token)
+    if commit:
+        db.commit()
+    return result
+
+
+def _insert_all(
+    records: Iterable[Any],
+    columns: frozenset[str],
+    model_class: type[Any],
+    batch_size: int,
+    insert_batch: Any,
+    result: BulkInsertResult,
+) -> None:
     batch: list[Any] = []
     kind: type | None = None
     for record in records:
@@ -119,6 +158,3 @@ def safe_bulk_insert(
         batch.append(record)
     if batch:
         insert_batch(batch)
-    if commit:
-        db.commit()
-    return result

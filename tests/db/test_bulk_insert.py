@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import OperationalError
@@ -82,6 +84,20 @@ def test_ten_thousand_records_with_ten_bad_ones(db: Session, db_url: str, engine
     assert sorted(keys) == sorted(r["item_key"] for r in successful)
     # Bisection, not row by row: 100 batches, plus about 2*log2(100) per bad record.
     assert counter.inserts <= 100 + 10 * 16
+
+
+def test_psycopgs_pipeline_abort_warning_is_not_logged_for_handled_failures(pg_db: Session, caplog):
+    run = ModelRun(name="scorer", model_type="sgd", config={})
+    pg_db.add(run)
+    pg_db.commit()
+    records = rows(run.id, 300)
+    records[150]["prediction"] = None
+    with caplog.at_level(logging.WARNING):
+        _, failed = safe_bulk_insert(pg_db, Prediction, records)
+    assert [r for r, _ in failed] == [records[150]]
+    assert not [r for r in caplog.records if r.name.startswith("psycopg")]
+    logging.getLogger("psycopg").warning("error ignored terminating %r: %s", "p", "e")
+    assert [r.name for r in caplog.records] == ["psycopg"]  # outside our calls it passes
 
 
 def test_instances_are_inserted_and_bad_ones_isolated(db: Session, db_url: str, run_id: int):

@@ -65,7 +65,6 @@ number: int = item
 waits: list[float] = delays(max_attempts=4)
 
 
-
 @ensure_connection
 @db_retry(max_attempts=3, delay=0.5)
 def create_run(db: Session, name: str) -> int:
