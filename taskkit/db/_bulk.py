@@ -76,6 +76,11 @@ def safe_bulk_insert(
     With ``commit=True`` (the default: the seed's caller never commits) the session is
     committed at the end; with ``commit=False`` the inserted rows stay in your transaction.
 
+    Speed: each batch costs a savepoint and its release, two round trips; on 100,000 rows with
+    10 bad ones the default ``batch_size=100`` runs at about 0.6x a plain unprotected insert,
+    and ``batch_size=1000`` at about 0.8x (``docs/benchmarks.md``). Bad rows cost little
+    either way: bisection isolates each one in about ``2 * log2(batch_size)`` small inserts.
+
     Example::
 
         successful, failed = safe_bulk_insert(db, Prediction, rows, batch_size=500)
