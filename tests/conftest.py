@@ -18,6 +18,7 @@ import pathlib
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -316,3 +317,66 @@ def pg_db(pg_engine: Engine, pg_schema_url: str) -> Iterator[Session]:
     session = get_sessionmaker(pg_schema_url)()
     yield session
     session.close()
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (initdb in a temporary directory, a free port),
+    that the test may stop, crash and restart; the shared server is never touched."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        binaries = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        found = shutil.which("initdb")
+        initdb = pathlib.Path(found) if found else (binaries[-1] if binaries else None)
+        if initdb is None:
+            pytest.fail("PostgreSQL's initdb is not installed; the outage tests need it", False)
+        self.bin = initdb.parent
+        self.root = root
+        self.data = root / "data"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        root.chmod(0o777)
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bin / tool), *args]
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "start",
+        )
+
+    def crash(self) -> None:
+        """Stop at once, as a crash would: no checkpoint, clients cut off mid-transaction."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    # Not under pytest's tmp_path: its parents are private to root, and the server runs as
+    # the postgres user when the tests run as root.
+    root = pathlib.Path(tempfile.mkdtemp(prefix="taskkit-pg-"))
+    try:
+        server = PrivatePostgres(root)
+        server.start()
+        yield server
+        if server.running():
+            server.crash()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
