@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import String, event, func, select, text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from taskkit.db import safe_bulk_insert
 from taskkit.db.models import ModelRun, Prediction
@@ -172,3 +172,28 @@ def test_a_lost_connection_is_not_a_bad_record_and_nothing_is_committed(
     pg_db.rollback()
     with get_sessionmaker(pg_schema_url)() as fresh:
         assert fresh.scalar(select(func.count()).select_from(Prediction)) == 0
+
+
+class _Other(DeclarativeBase):
+    pass
+
+
+class Renamed(_Other):
+    """A model whose attribute names differ from its column names."""
+
+    __tablename__ = "taskkit_test_renamed"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str] = mapped_column("label_text", String(20), unique=True)
+
+
+def test_attribute_names_that_differ_from_column_names(db: Session, engine):
+    _Other.metadata.create_all(engine)
+    try:
+        records = [{"label": "a"}, {"label": "b"}, {"label": "a"}]
+        successful, failed = safe_bulk_insert(db, Renamed, records)
+        assert successful == records[:2]
+        assert [r for r, _ in failed] == [records[2]]
+        assert sorted(db.scalars(select(Renamed.label))) == ["a", "b"]
+    finally:
+        db.rollback()
+        _Other.metadata.drop_all(engine)
