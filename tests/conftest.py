@@ -13,6 +13,7 @@ Tables are emptied after each test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -207,26 +208,32 @@ def postgres_url() -> str:
     return POSTGRES_URL
 
 
-@pytest.fixture(scope="session")
-def pg_schema_url(postgres_url: str) -> Iterator[str]:
-    """A URL whose connections live in a schema of this test run, migrated to head."""
+@contextlib.contextmanager
+def pg_schema(admin_url: str, prefix: str = "taskkit_test") -> Iterator[str]:
+    """A URL into a new, empty PostgreSQL schema, dropped (with what is in it) afterwards."""
     import sqlalchemy
 
-    schema = f"taskkit_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(postgres_url)
+    schema = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(admin_url)
     with admin.begin() as connection:
         connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    url = with_search_path(postgres_url, schema)
     try:
-        _migrate(url)
-        yield url
+        yield with_search_path(admin_url, schema)
     finally:
         from taskkit.db.session import dispose_engines
 
-        dispose_engines()
+        dispose_engines()  # no pooled connection may keep the schema busy
         with admin.begin() as connection:
             connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_schema_url(postgres_url: str) -> Iterator[str]:
+    """A URL whose connections live in a schema of this test run, migrated to head."""
+    with pg_schema(postgres_url) as url:
+        _migrate(url)
+        yield url
 
 
 def _migrate(url: str) -> None:
@@ -268,24 +275,32 @@ def empty_tables(engine: Engine) -> None:
                 connection.execute(text(f"DELETE FROM {table}"))
 
 
+def _emptied_after(url: str) -> Iterator[Engine]:
+    from taskkit.db.session import get_engine
+
+    engine = get_engine(url)
+    yield engine
+    empty_tables(engine)
+
+
+def _session_for(url: str) -> Iterator[Session]:
+    from taskkit.db.session import get_sessionmaker
+
+    session = get_sessionmaker(url)()
+    yield session
+    session.close()
+
+
 @pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
     """taskkit's engine for ``db_url``; the tables are emptied after the test."""
-    from taskkit.db.session import get_engine
-
-    engine = get_engine(db_url)
-    yield engine
-    empty_tables(engine)
+    yield from _emptied_after(db_url)
 
 
 @pytest.fixture
 def db(engine: Engine, db_url: str) -> Iterator[Session]:
     """A session from taskkit's session factory for ``db_url``."""
-    from taskkit.db.session import get_sessionmaker
-
-    session = get_sessionmaker(db_url)()
-    yield session
-    session.close()
+    yield from _session_for(db_url)
 
 
 @pytest.fixture
@@ -303,20 +318,12 @@ def default_database(db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatc
 @pytest.fixture
 def pg_engine(pg_schema_url: str) -> Iterator[Engine]:
     """taskkit's engine for this run's PostgreSQL schema, for PostgreSQL-only behaviour."""
-    from taskkit.db.session import get_engine
-
-    engine = get_engine(pg_schema_url)
-    yield engine
-    empty_tables(engine)
+    yield from _emptied_after(pg_schema_url)
 
 
 @pytest.fixture
 def pg_db(pg_engine: Engine, pg_schema_url: str) -> Iterator[Session]:
-    from taskkit.db.session import get_sessionmaker
-
-    session = get_sessionmaker(pg_schema_url)()
-    yield session
-    session.close()
+    yield from _session_for(pg_schema_url)
 
 
 class PrivatePostgres:

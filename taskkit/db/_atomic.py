@@ -161,7 +161,7 @@ def _attempt(
             if nested is not None:
                 nested.rollback()
                 nested = None
-            elif commit:
+            else:
                 db.rollback()  # a fresh snapshot for the next read
             return None
         return _finish(db, nested, commit, False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from taskkit.cli import app
 from taskkit.db.migrate import current_revision, head_revision, upgrade
 from taskkit.db.models import Base
 from taskkit.db.session import create_engine_for
-from tests.conftest import with_search_path
+from tests.conftest import pg_schema
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -28,17 +27,8 @@ def empty_database(request, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.db'}"
         return
-    admin_url = request.getfixturevalue("postgres_url")
-    schema = f"taskkit_mig_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(admin_url)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield with_search_path(admin_url, schema)
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with pg_schema(request.getfixturevalue("postgres_url"), "taskkit_mig") as url:
+        yield url
 
 
 def differences(url: str) -> list:
