@@ -4,7 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck bench clean
+.PHONY: install test lint typecheck bench worker clean
+
+# make worker CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info
+CONCURRENCY ?= 2
+QUEUES ?= celery
+LOGLEVEL ?= info
 
 install: $(STAMP)
 
@@ -22,6 +27,9 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+worker: $(STAMP)
+	$(BIN)/celery -A workers.app worker --concurrency=$(CONCURRENCY) --queues=$(QUEUES) --loglevel=$(LOGLEVEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

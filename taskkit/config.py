@@ -14,6 +14,18 @@ variable                    meaning                                          def
 ``TASKKIT_DB_MAX_OVERFLOW``  extra connections under load (not SQLite)        ``10``
 ``TASKKIT_DB_POOL_RECYCLE``  seconds before a pooled connection is replaced    ``1800``
 ``TASKKIT_SQLITE_BUSY_TIMEOUT``  seconds SQLite waits for a lock               ``30``
+``TASKKIT_BROKER_URL``      Celery broker; ``redis://host:6379/0`` in        SQLite file
+                            production (``amqp://`` works too)               ``$HOME/broker.db``
+``TASKKIT_RESULT_BACKEND``  Celery result backend                            the Redis broker, or
+                                                                             ``$HOME/results.db``
+``TASKKIT_VISIBILITY_TIMEOUT``  seconds before Redis hands an unacknowledged  ``30``
+                            task to another worker (see ``taskkit.tasks``)
+``TASKKIT_EXTEND_VISIBILITY``  workers keep their running tasks' messages      ``true``
+                            invisible while they live
+``TASKKIT_LEASE_URL``       where task leases live: ``redis://...`` or         the Redis broker, or
+                            ``file:///dir`` (one host only)                  ``$HOME/leases``
+``TASKKIT_LEASE_TTL``       seconds a lease outlives its last heartbeat       ``15``
+``TASKKIT_PROGRESS_INTERVAL``  least seconds between two progress writes     ``1``
 ==========================  ===============================================  ====================
 
 Decisions: the embedded default lives under the working directory (like ``.git``), never in a
@@ -57,7 +69,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
     )
 
-    #: Directory of the embedded defaults (SQLite database; later: broker files, checkpoints).
+    #: Directory of the embedded defaults: SQLite database, broker and results; lease files.
     home: Path = Path(".taskkit")
     #: SQLAlchemy database URL; empty means the embedded SQLite file under ``home``.
     database_url: str = ""
@@ -71,6 +83,22 @@ class Settings(BaseSettings):
     db_pool_recycle: int = Field(1800, ge=-1)
     #: Seconds SQLite waits on a locked database before "database is locked".
     sqlite_busy_timeout: float = Field(30.0, ge=0)
+    #: Celery broker URL; empty means the embedded SQLite broker under ``home``.
+    broker_url: str = ""
+    #: Celery result backend; empty means the Redis broker itself, or a SQLite file.
+    result_backend: str = ""
+    #: Seconds after which the Redis transport redelivers an unacknowledged message. Short, so a
+    #: dead worker's tasks are taken over quickly; live workers extend it (next setting).
+    visibility_timeout: float = Field(30.0, ge=5)
+    #: Workers refresh the delivery time of every message they hold, so a running or waiting
+    #: task is never redelivered while its worker lives.
+    extend_visibility: bool = True
+    #: Where task leases live; empty means the Redis broker, or lock files under ``home``.
+    lease_url: str = ""
+    #: Seconds a task lease survives without a heartbeat (heartbeats come every third of it).
+    lease_ttl: float = Field(15.0, ge=1)
+    #: Least seconds between two progress writes of one task (first and last always written).
+    progress_interval: float = Field(1.0, ge=0)
 
     @field_validator("home")
     @classmethod
@@ -92,12 +120,43 @@ class Settings(BaseSettings):
                 ) from exc
         return value
 
+    @field_validator("broker_url", "result_backend", "lease_url")
+    @classmethod
+    def _url_with_scheme(cls, value: str) -> str:
+        value = value.strip()
+        if value and "://" not in value:
+            # Celery would read a bare word as a transport alias and fail much later.
+            raise ValueError("not a URL (expected scheme://..., for example redis://host:6379/0)")
+        return value
+
     @model_validator(mode="after")
-    def _embedded_database(self) -> Settings:
+    def _embedded_defaults(self) -> Settings:
+        # frozen: fields are set through __dict__ once, while the instance is being built
         if not self.database_url:
-            # frozen: set through __dict__ once, while the instance is being built
             self.__dict__["database_url"] = f"sqlite:///{self.home / 'taskkit.db'}"
+        if not self.broker_url:
+            self.__dict__["broker_url"] = f"sqla+sqlite:///{self.home / 'broker.db'}"
+        if not self.result_backend:
+            self.__dict__["result_backend"] = (
+                self.broker_url
+                if self.broker_uses_redis
+                else f"db+sqlite:///{self.home / 'results.db'}"
+            )
+        if not self.lease_url:
+            self.__dict__["lease_url"] = (
+                self.broker_url if self.broker_uses_redis else (self.home / "leases").as_uri()
+            )
         return self
+
+    @property
+    def broker_uses_redis(self) -> bool:
+        """Whether the broker is Redis (``redis://``, ``rediss://``, ``sentinel://``)."""
+        return self.broker_url.split("://", 1)[0] in {"redis", "rediss", "sentinel", "redis+socket"}
+
+    @property
+    def embedded_broker(self) -> bool:
+        """Whether the broker is the embedded SQLite file (nothing else running)."""
+        return self.broker_url.startswith("sqla+sqlite://")
 
 
 def load_settings(**overrides: object) -> Settings:

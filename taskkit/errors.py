@@ -4,6 +4,7 @@
 
     TaskkitError                        root: ``except TaskkitError`` catches all of taskkit's own
     ├── PermanentError                  "never retry this": retry, batches and tasks give up at once
+    │   └── LeaseHeld                   another live task holds this task's lease (same run)
     ├── RetryLater                      "retry after N seconds": carries ``retry_after``
     ├── TimeoutExceeded                 also a built-in ``TimeoutError``
     ├── CircuitBreakerError             a breaker rejected the call; carries ``retry_after``
@@ -11,7 +12,8 @@
     ├── ConfigurationError              also a ``ValueError``: an option that cannot be right
     ├── DatabaseUnavailable             also a ``ConnectionError``: the database did not answer;
     │                                   names the host, never the password
-    └── ConcurrentUpdateError           ``atomic_update`` lost the compare-and-swap every time
+    ├── ConcurrentUpdateError           ``atomic_update`` lost the compare-and-swap every time
+    └── LeaseLost                       a task's exclusive lease was taken over: stop writing
 
     TaskkitWarning                      root of taskkit's warnings (a setting that is suspicious)
 
@@ -36,6 +38,8 @@ __all__ = [
     "ConcurrentUpdateError",
     "ConfigurationError",
     "DatabaseUnavailable",
+    "LeaseHeld",
+    "LeaseLost",
     "PermanentError",
     "RetryLater",
     "TaskkitError",
@@ -158,3 +162,30 @@ class ConcurrentUpdateError(TaskkitError):
         self.model = model
         self.record_id = record_id
         self.attempts = attempts
+
+
+class LeaseHeld(PermanentError):
+    """Another live task holds the exclusive lease this task needs (the same run, say).
+
+    Permanent for this message: the run is already being worked on, so running it twice would
+    be wrong and retrying would only wait for the other one. Carries ``key`` and ``holder``.
+    """
+
+    def __init__(self, key: str, holder: str) -> None:
+        super().__init__(f"lease {key!r} is held by a live task ({holder}); not running it twice")
+        self.key = key
+        self.holder = holder
+
+
+class LeaseLost(TaskkitError):
+    """This task's exclusive lease expired or was taken over by another worker.
+
+    Raised at the task's next progress report (or ``lease.check()``), so a task that lost its
+    lease stops before it writes over the new owner's work. ``token`` is the fencing token it
+    held; the new owner's is larger.
+    """
+
+    def __init__(self, key: str, token: int) -> None:
+        super().__init__(f"lease {key!r} (fencing token {token}) was lost to another worker")
+        self.key = key
+        self.token = token

@@ -1,0 +1,60 @@
+"""Celery tasks with taskkit's reliability built in.
+
+===========================  ====================================================================
+``create_app``               a Celery app with reliable defaults, from ``taskkit.config``
+``ResilientTask``            task base: in-process retry, re-queue with backoff, permanent
+                             errors, worker-loss redelivery, lease, progress, failure records
+``ProgressReport``           what ``self.progress(...)`` reports
+``Lease``, ``LeaseOwner``    an exclusive lease with heartbeat and fencing token
+``RedisLeaseStore``,         where leases live: Redis for a fleet, lock files on one host
+``FileLeaseStore``
+``TaskFailure``              what is recorded when a task fails for good
+===========================  ====================================================================
+
+Redelivery, visibility timeout and takeover: with Redis as the broker, a worker that dies
+(SIGKILL, OOM, a lost machine) leaves its tasks unacknowledged; Redis gives them to another
+worker once they are ``TASKKIT_VISIBILITY_TIMEOUT`` (30 s) old, and the other worker's restore
+sweep runs every 5 s, so a dead worker's task runs again within about 35 s. Live workers
+re-stamp the messages they hold every 10 s, so a long task, or a retry waiting for its
+countdown, is never handed out while its worker lives. A pool process that dies is noticed by
+its worker at once and the task is sent again (``retry_on_worker_lost``).
+
+Example::
+
+    from taskkit.tasks import ResilientTask, create_app
+
+    app = create_app("jobs")
+
+    @app.task(base=ResilientTask, bind=True, lease_key="run_id")
+    def train(self, run_id: str, epochs: int) -> str:
+        for epoch in range(epochs):
+            ...
+            self.progress(epoch + 1, epochs, f"epoch {epoch + 1}")
+        return run_id
+"""
+
+from taskkit.tasks._app import create_app, reliable_defaults
+from taskkit.tasks.base import (
+    DEFAULT_PERMANENT_ERRORS,
+    DEFAULT_TRANSIENT_ERRORS,
+    ResilientTask,
+    TaskFailure,
+)
+from taskkit.tasks.lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
+from taskkit.tasks.progress import PROGRESS, ProgressReport
+
+__all__ = [
+    "DEFAULT_PERMANENT_ERRORS",
+    "DEFAULT_TRANSIENT_ERRORS",
+    "PROGRESS",
+    "FileLeaseStore",
+    "Lease",
+    "LeaseOwner",
+    "LeaseStore",
+    "ProgressReport",
+    "RedisLeaseStore",
+    "ResilientTask",
+    "TaskFailure",
+    "create_app",
+    "reliable_defaults",
+]

@@ -1,0 +1,146 @@
+"""The Redis visibility timeout, made safe: live workers keep their messages invisible.
+
+The Redis transport moves a delivered-but-unacknowledged message back to its queue once it is
+``visibility_timeout`` seconds old, whether its worker is dead or just busy (a long task, or a
+retry waiting for its countdown). Celery's default (one hour) makes a dead worker's tasks wait
+an hour; a short one runs long tasks several times.
+
+taskkit uses a short timeout (``TASKKIT_VISIBILITY_TIMEOUT``, 30 s) *and* a keeper thread in
+every worker that re-stamps the delivery time of each message the worker holds, every third
+of the timeout. A live worker's messages therefore never come back; a dead worker's come back
+within the timeout plus one restore sweep (5 s), on any surviving worker.
+
+Without the keeper (``TASKKIT_EXTEND_VISIBILITY=false``, or a transport it does not know),
+``check_visibility`` clamps the outer retry waits under the timeout and warns about time limits
+that exceed it, at app creation and again when a worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from taskkit.errors import TaskkitWarning
+
+__all__ = ["VisibilityKeeper", "check_visibility", "uses_visibility_timeout"]
+
+logger = logging.getLogger("taskkit.tasks")
+
+#: Share of the visibility timeout a countdown may use when nothing extends it.
+SAFE_SHARE = 0.9
+
+
+def uses_visibility_timeout(app: Celery) -> bool:
+    """Whether the broker redelivers by age (Redis, SQS) rather than on connection loss."""
+    scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+", 1)[0]
+    return scheme in {"redis", "rediss", "sentinel", "sqs"}
+
+
+def visibility_timeout(app: Celery) -> float:
+    options = app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", 3600))
+
+
+def check_visibility(app: Celery) -> list[str]:
+    """Make countdowns and time limits fit under the visibility timeout; return the warnings.
+
+    With the keeper running, only its own interval must fit. Without it, the outer retry cap
+    (``taskkit_outer_max_delay``) is clamped to 90% of the timeout, and a time limit longer than
+    the timeout is reported, since such a task would be delivered again while it runs.
+    """
+    if not uses_visibility_timeout(app):
+        return []
+    conf = app.conf
+    timeout = visibility_timeout(app)
+    problems: list[str] = []
+    if conf.get("taskkit_extend_visibility", False):
+        return problems
+    safe = timeout * SAFE_SHARE
+    cap = conf.get("taskkit_outer_max_delay")
+    if cap is not None and cap > safe:
+        problems.append(
+            f"taskkit_outer_max_delay={cap:g}s is longer than the broker's visibility_timeout "
+            f"({timeout:g}s): a waiting retry would be delivered twice; clamped to {safe:g}s"
+        )
+        conf.taskkit_outer_max_delay = safe
+    for setting in ("task_time_limit", "task_soft_time_limit"):
+        limit = conf.get(setting)
+        if limit and limit > timeout:
+            problems.append(
+                f"{setting}={limit:g}s is longer than the broker's visibility_timeout "
+                f"({timeout:g}s) and visibility is not extended: a task running that long is "
+                "delivered again while it runs; set TASKKIT_EXTEND_VISIBILITY=true or give "
+                "such tasks a lease_key"
+            )
+    for problem in problems:
+        warnings.warn(problem, TaskkitWarning, stacklevel=3)
+    return problems
+
+
+class VisibilityKeeper(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: re-stamp the delivery time of every message this worker holds.
+
+    Runs on its own thread, so it keeps going while a ``solo`` pool runs a task on the main
+    thread. It only updates entries that still exist (``ZADD XX``): an acknowledged message is
+    never brought back.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def include_if(self, parent: Any) -> bool:
+        app = parent.app
+        return bool(app.conf.get("taskkit_extend_visibility")) and uses_visibility_timeout(app)
+
+    def start(self, parent: Any) -> None:
+        interval = visibility_timeout(parent.app) / 3
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, args=(parent, interval), name="taskkit-visibility", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
+
+    shutdown = stop
+
+    def _run(self, consumer: Any, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                extend_held_messages(consumer)
+            except Exception:  # a broker blip: the next round comes well before the timeout
+                logger.warning("taskkit: could not extend message visibility", exc_info=True)
+
+
+def extend_held_messages(consumer: Any) -> int:
+    """Stamp every message the consumer holds as delivered now; return how many were stamped."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    channel = getattr(task_consumer, "channel", None)
+    qos = getattr(channel, "qos", None)
+    delivered = getattr(qos, "_delivered", None)
+    if channel is None or not delivered:
+        return 0
+    for _ in range(3):
+        try:
+            tags = list(delivered)  # the consumer thread may change it while we copy
+            break
+        except RuntimeError:
+            continue
+    else:
+        return 0
+    if not tags:
+        return 0
+    now = time.time()
+    with channel.conn_or_acquire() as client:
+        client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now), xx=True)
+    return len(tags)

@@ -1,0 +1,520 @@
+"""``ResilientTask``: a Celery task with taskkit's retry ladder, lease, progress and records.
+
+The ladder, for an exception raised by the task body:
+
+=================  =============================================================================
+control flow       ``self.retry(...)``, ``Ignore``, ``Reject``, time limits: passed to Celery as is
+permanent          ``PermanentError``, ``ValueError``, ``TypeError``, ``permanent_errors``, and
+                   SQL integrity/data/programming errors: the task fails at once, no retry
+transient          connection errors, timeouts, transient database errors (``taskkit.db``),
+                   Redis connection errors, ``transient_errors``: retried in process
+                   (``inner_max_attempts``, short exponential waits), then as below
+anything else      (and transient errors once the inner ladder is spent) re-queued with
+                   ``self.retry``: exponential backoff from ``outer_delay``, full jitter, capped
+                   at ``outer_max_delay``, up to ``max_retries``; an error's ``retry_after`` is
+                   honoured. ``retry_unknown_errors=False`` fails unknown errors at once instead.
+=================  =============================================================================
+
+A terminal failure is logged at ERROR with task name, id, arguments, error, traceback and
+attempts, stored in the result backend (with ``result_extended``), and passed to
+``record_failure`` (a hook: the dead-letter queue plugs in there).
+
+Worker loss: ``acks_late`` with Celery's ``retry_on_worker_lost``: a copy of a task whose worker
+process died is sent again after ``default_retry_delay`` seconds and counts as a retry, so a
+task that kills its worker every time stops after ``max_retries``. A message redelivered by the
+broker (``redelivered``) is checked first: a task that already succeeded is not run again, and
+one redelivered more than ``max_retries`` times fails instead of looping.
+
+Lease (``lease_key``): before the body runs, the task takes an exclusive lease on a stable key
+(an argument such as a run id, namespaced by the task name) with a heartbeat and a fencing token
+(``self.lease``). A second copy of the same task id while the owner lives is dropped (a watcher
+copy is re-sent after ``lease_ttl`` so nothing is lost if the owner dies later); another task
+for the same key fails with ``LeaseHeld``; a dead owner's lease is taken over at once.
+
+Hooks you override (``on_failure``, ``on_retry``, ``on_success``, ``after_return``,
+``on_progress``, ``record_failure``) are isolated: what they raise is logged, never fails the task.
+
+Example::
+
+    from taskkit.tasks import ResilientTask, create_app
+
+    app = create_app("jobs")
+
+    @app.task(base=ResilientTask, bind=True, max_retries=5, permanent_errors=(KeyError,))
+    def ingest(self, path: str) -> int:
+        rows = load(path)                  # a ConnectionError here is retried in process
+        for i, row in enumerate(rows):
+            save(row)
+            self.progress(i + 1, len(rows), "saving")
+        return len(rows)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from celery import Task, signals
+from celery.exceptions import Ignore
+from celery.states import SUCCESS
+
+from taskkit.errors import LeaseHeld, LeaseLost, PermanentError
+from taskkit.recovery import Retrying, RetryStrategy
+from taskkit.recovery._control import is_control_flow
+from taskkit.recovery._schedule import next_wait
+from taskkit.recovery.events import call_hook
+from taskkit.tasks import _options
+from taskkit.tasks._visibility import SAFE_SHARE, uses_visibility_timeout, visibility_timeout
+from taskkit.tasks.lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
+from taskkit.tasks.progress import (
+    PROGRESS,
+    ProgressReport,
+    Throttle,
+    progress_writer,
+    write_training_progress,
+)
+
+__all__ = ["DEFAULT_PERMANENT_ERRORS", "DEFAULT_TRANSIENT_ERRORS", "ResilientTask", "TaskFailure"]
+
+logger = logging.getLogger("taskkit.tasks")
+
+
+def _transient_defaults() -> tuple[type[BaseException], ...]:
+    import redis.exceptions
+
+    return (
+        ConnectionError,
+        TimeoutError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.BusyLoadingError,
+    )
+
+
+def _permanent_defaults() -> tuple[type[BaseException], ...]:
+    from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
+
+    return (PermanentError, ValueError, TypeError, IntegrityError, DataError, ProgrammingError)
+
+
+#: Retried in process, then re-queued (plus what ``transient_errors`` adds).
+DEFAULT_TRANSIENT_ERRORS = _transient_defaults()
+#: Never retried (plus what ``permanent_errors`` adds).
+DEFAULT_PERMANENT_ERRORS = _permanent_defaults()
+
+#: Hooks a subclass may override; each override is wrapped so its errors are only logged.
+ISOLATED_HOOKS = ("on_failure", "on_retry", "on_success", "after_return", "on_progress")
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """What is recorded when a task fails for good."""
+
+    task_name: str
+    task_id: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    error_type: str
+    error: str
+    traceback: str
+    #: Deliveries of the task (Celery retries + 1).
+    attempts: int
+    failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class _Run:
+    """One execution of a task body in this thread: its lease, progress throttle, attempts."""
+
+    lease: Lease | None
+    throttle: Throttle
+    run_id: Any = None
+    inner_attempts: int = 1
+    progress_keys: list[Any] = field(default_factory=list)
+
+
+_runs = threading.local()
+
+
+def _run_stack() -> list[_Run]:
+    stack: list[_Run] | None = getattr(_runs, "stack", None)
+    if stack is None:
+        stack = _runs.stack = []
+    return stack
+
+
+def _isolated(hook: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(*args, **kwargs)
+        except Exception:
+            logger.exception("taskkit: hook %s raised; ignored", hook.__qualname__)
+            return None
+
+    guarded.__taskkit_isolated__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+class ResilientTask(Task):  # type: ignore[misc]
+    """A Celery task base with taskkit's retry ladder; see the module docs for the whole policy."""
+
+    # Celery's own options, with taskkit's defaults.
+    acks_late = True
+    reject_on_worker_lost = True
+    retry_on_worker_lost = True
+    track_started = True
+    max_retries = 3
+    #: Seconds before the copy of a task whose worker process died runs again.
+    default_retry_delay = 2
+
+    #: Attempts in process for transient errors, the first included (app: ``taskkit_...``).
+    inner_max_attempts: int | None = None
+    #: First in-process wait, in seconds; doubles (``inner_backoff``) up to ``inner_max_delay``.
+    inner_delay: float | None = None
+    #: Growth factor of the in-process waits.
+    inner_backoff: float | None = None
+    #: Longest in-process wait, in seconds.
+    inner_max_delay: float | None = None
+    #: Base of the re-queue backoff, in seconds (full jitter: a wait is uniform in [0, base*2^n]).
+    outer_delay: float | None = None
+    #: Growth factor of the re-queue backoff.
+    outer_backoff: float | None = None
+    #: Longest re-queue wait, in seconds.
+    outer_max_delay: float | None = None
+    #: Re-queue errors that are neither transient nor permanent (``False``: fail them at once).
+    retry_unknown_errors: bool | None = None
+    #: More exception classes to treat as transient.
+    transient_errors: tuple[type[BaseException], ...] | None = None
+    #: More exception classes that must never be retried.
+    permanent_errors: tuple[type[BaseException], ...] | None = None
+    #: Exclusive lease key: an argument name (its value, prefixed by the task name) or a
+    #: callable ``(args, kwargs) -> str``. None: no lease.
+    lease_key: str | Callable[[tuple[Any, ...], dict[str, Any]], str] | None = None
+    #: Seconds a lease outlives its last heartbeat.
+    lease_ttl: float | None = None
+    #: Least seconds between progress writes.
+    progress_interval: float | None = None
+    #: Argument holding a ``ModelRun`` id: progress is then written to ``TrainingProgress``.
+    progress_run_arg: str | None = None
+    #: Seconds the end of a task waits for its last progress row to be written.
+    progress_flush_timeout: float | None = None
+    #: Send ``task-progress`` events.
+    progress_events: bool | None = None
+    #: The in-process wait function (tests inject a recorder); None: ``time.sleep``.
+    sleep: Callable[[float], object] | None = None
+
+    _inner: ClassVar[Retrying]
+    _transient: ClassVar[tuple[type[BaseException], ...]]
+    _permanent: ClassVar[tuple[type[BaseException], ...]]
+    _argument_index: ClassVar[dict[str, int]]
+    _lease_stores: ClassVar[dict[tuple[int, str], LeaseStore]] = {}
+    _events_broken: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("_decorated"):
+            # Built by @app.task(...): every keyword became a class attribute; refuse typos.
+            _options.reject_unknown(
+                cls.__dict__.get("name", cls.__name__),
+                cls.__dict__,
+                lambda name: any(name in vars(base) for base in cls.__mro__[1:]),
+            )
+        for hook in ISOLATED_HOOKS:
+            own = cls.__dict__.get(hook)
+            if own is not None and not getattr(own, "__taskkit_isolated__", False):
+                setattr(cls, hook, _isolated(own))
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Resolve options (class, then ``taskkit_*`` app config, then defaults) and build the
+        in-process retry policy."""
+        super().on_bound(app)
+        name = cls.name or cls.__name__
+        for option in _options.DEFAULTS:
+            setattr(cls, option, _options.resolve(name, option, getattr(cls, option), app.conf))
+        cls._transient = DEFAULT_TRANSIENT_ERRORS + tuple(cls.transient_errors or ())
+        cls._permanent = DEFAULT_PERMANENT_ERRORS + tuple(cls.permanent_errors or ())
+        cls._inner = Retrying(
+            max_attempts=cls.inner_max_attempts,
+            delay=cls.inner_delay,
+            backoff=cls.inner_backoff,
+            max_delay=cls.inner_max_delay,
+            jitter=0.5,
+            retry_if=cls.is_transient,
+            give_up_on=cls._permanent,
+            on_retry=_count_inner_attempt,
+            sleep=cls.sleep,
+        )
+        cls._argument_index = {p: i for i, p in enumerate(_run_parameters(cls))}
+
+    # -- classification -----------------------------------------------------------------------
+
+    @classmethod
+    def is_permanent(cls, error: BaseException) -> bool:
+        """Whether ``error`` must fail the task at once."""
+        return isinstance(error, cls._permanent)
+
+    @classmethod
+    def is_transient(cls, error: BaseException) -> bool:
+        """Whether ``error`` is worth an in-process retry."""
+        if isinstance(error, cls._permanent):
+            return False
+        if isinstance(error, cls._transient):
+            return True
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(error, SQLAlchemyError):
+            from taskkit.db import is_transient
+
+            return is_transient(error)
+        return False
+
+    # -- the ladder ---------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        in_worker = not request.called_directly and not request.is_eager
+        if in_worker and (
+            request.get("redelivered") or (request.delivery_info or {}).get("redelivered")
+        ):
+            self._screen_redelivery(request)
+        lease = self._take_lease(request, args, kwargs) if in_worker and self.lease_key else None
+        run = _Run(lease, Throttle(self.progress_interval), self._argument(args, kwargs,
+                                                                           self.progress_run_arg))
+        stack = _run_stack()
+        stack.append(run)
+        if lease is not None:
+            lease.start_heartbeat()
+        try:
+            return self._inner.call(super().__call__, *args, **kwargs)
+        except LeaseLost:
+            logger.warning("taskkit: %s[%s] lost its lease; stopping", self.name, request.id)
+            raise Ignore() from None
+        except Exception as exc:
+            if is_control_flow(exc) or self.is_permanent(exc):
+                raise
+            if not (self.retry_unknown_errors or self.is_transient(exc)):
+                raise
+            raise self.retry(exc=exc, countdown=self.outer_countdown(request.retries, exc)) from None
+        finally:
+            stack.pop()
+            if lease is not None:
+                lease.release()
+            if run.progress_keys:
+                progress_writer().flush(self.progress_flush_timeout)
+
+    def outer_countdown(self, retries: int, error: BaseException | None = None) -> float:
+        """Seconds before re-queue number ``retries + 1``: full jitter, capped, and never less
+        than the error's own ``retry_after``."""
+        wait = next_wait(
+            RetryStrategy.EXPONENTIAL,
+            retries + 1,
+            delay=self.outer_delay,
+            backoff=self.outer_backoff,
+            max_delay=self.outer_max_delay,
+            jitter=1.0,
+            previous=None,
+        )
+        retry_after = getattr(error, "retry_after", None)
+        if isinstance(retry_after, int | float) and retry_after > wait:
+            wait = float(retry_after)
+        return round(wait, 3)
+
+    def retry(self, *args: Any, countdown: float | None = None, **kwargs: Any) -> Any:
+        """Celery's ``retry``; the countdown is clamped under the visibility timeout when the
+        workers do not extend it (see ``taskkit.tasks._visibility``)."""
+        if countdown is not None and not self.app.conf.get("taskkit_extend_visibility", False):
+            if uses_visibility_timeout(self.app):
+                safe = visibility_timeout(self.app) * SAFE_SHARE
+                if countdown > safe:
+                    logger.warning(
+                        "taskkit: %s retry countdown %.0fs clamped to %.0fs (visibility timeout)",
+                        self.name, countdown, safe,
+                    )
+                    countdown = safe
+        return super().retry(*args, countdown=countdown, **kwargs)
+
+    # -- redelivery and lease -----------------------------------------------------------------
+
+    def _screen_redelivery(self, request: Any) -> None:
+        """A message the broker delivered again: skip it if the task already succeeded."""
+        try:
+            state = self.backend.get_state(request.id)
+        except Exception:
+            logger.warning("taskkit: could not read the state of %s", request.id, exc_info=True)
+            return
+        if state == SUCCESS:
+            logger.warning(
+                "taskkit: %s[%s] was delivered again after it succeeded; not running it twice",
+                self.name, request.id,
+            )
+            raise Ignore()
+
+    def _argument(self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None) -> Any:
+        if name is None:
+            return None
+        if name in kwargs:
+            return kwargs[name]
+        index = self._argument_index.get(name)
+        if index is not None and index < len(args):
+            return args[index]
+        raise _options.ConfigurationError(
+            f"task {self.name}: argument {name!r} (named by lease_key or progress_run_arg) "
+            "was not passed"
+        )
+
+    def lease_name(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The lease key of one call: ``<task name>:<argument value>``, or the callable's."""
+        if callable(self.lease_key):
+            return str(self.lease_key(args, kwargs))
+        return f"{self.name}:{self._argument(args, kwargs, self.lease_key)}"
+
+    def lease_store(self) -> LeaseStore:
+        url = self.app.conf.get("taskkit_lease_url") or self.app.conf.broker_url
+        key = (id(self.app), url)
+        store = self._lease_stores.get(key)
+        if store is None:
+            store = self._lease_stores[key] = lease_store_from_url(url)
+        return store
+
+    def _take_lease(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Lease:
+        key = self.lease_name(args, kwargs)
+        store = self.lease_store()
+        owner = LeaseOwner.here(request.id)
+        lease = store.acquire(key, owner, self.lease_ttl)
+        if lease is not None:
+            return lease
+        holder = store.holder(key)
+        if holder is None:  # released between the two calls
+            lease = store.acquire(key, owner, self.lease_ttl)
+            if lease is not None:
+                return lease
+            holder = store.holder(key)
+        if holder is not None and holder.task_id != request.id:
+            raise LeaseHeld(key, holder.describe())
+        # A copy of this very task while its owner still runs it. Drop this copy, and send a
+        # watcher after a lease period: if the owner dies it takes over, if it succeeded the
+        # redelivery check drops it.
+        logger.warning(
+            "taskkit: %s[%s] is already running (%s); dropping this copy",
+            self.name, request.id, holder.describe() if holder else "unknown",
+        )
+        self.signature_from_request(
+            request, countdown=self.lease_ttl, retries=request.retries
+        ).apply_async(headers={"redelivered": True})
+        raise Ignore()
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease of the running call (None without ``lease_key``)."""
+        stack = _run_stack()
+        return stack[-1].lease if stack else None
+
+    # -- progress -----------------------------------------------------------------------------
+
+    def progress(
+        self, current: float, total: float | None = None, message: str | None = None,
+        **metrics: Any,
+    ) -> ProgressReport:
+        """Report progress: Celery ``PROGRESS`` state, a ``task-progress`` event and, with
+        ``progress_run_arg``, the run's ``TrainingProgress`` row. Throttled; never raises,
+        except ``LeaseLost`` when another worker took this task's lease over."""
+        report = ProgressReport(current, total, message, metrics)
+        stack = _run_stack()
+        run = stack[-1] if stack else None
+        if run is not None and run.lease is not None:
+            run.lease.check()
+        if run is not None and not run.throttle.admit(report):
+            return report
+        request = self.request
+        if request.id is not None and not request.called_directly:
+            try:
+                self.update_state(state=PROGRESS, meta=report.meta())
+            except Exception:
+                logger.warning("taskkit: could not store progress of %s", request.id, exc_info=True)
+            if self.progress_events and not ResilientTask._events_broken:
+                self._send_progress_event(report)
+        if run is not None and run.run_id is not None:
+            key = ("training", run.run_id)
+            progress_writer().submit(
+                key, functools.partial(write_training_progress, run.run_id, report,
+                                       database_url=self.app.conf.get("taskkit_database_url"))
+            )
+            if key not in run.progress_keys:
+                run.progress_keys.append(key)
+        self.on_progress(report)
+        return report
+
+    def _send_progress_event(self, report: ProgressReport) -> None:
+        try:
+            self.send_event("task-progress", retry=False, **report.meta())
+        except Exception as exc:  # a transport without fanout (the embedded broker)
+            ResilientTask._events_broken = True
+            logger.info("taskkit: task-progress events are off in this process: %s", exc)
+
+    # -- hooks (no-ops; overrides are isolated) -----------------------------------------------
+
+    def on_progress(self, report: ProgressReport) -> None:
+        """Called after each progress report that passed the throttle."""
+
+    def record_failure(self, failure: TaskFailure) -> None:
+        """Called once per terminal failure, after it is logged."""
+
+
+def _run_parameters(cls: type) -> list[str]:
+    """Names of the arguments a caller passes to the task, in order (``self`` left out)."""
+    raw = next((k.__dict__["run"] for k in cls.__mro__ if "run" in k.__dict__), None)
+    if raw is None:
+        return []
+    bound = not isinstance(raw, staticmethod)
+    function = raw.__func__ if isinstance(raw, staticmethod) else raw
+    try:
+        names = list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return []
+    return names[1:] if bound and names else names
+
+
+def _count_inner_attempt(state: Any) -> None:
+    stack = _run_stack()
+    if stack:
+        stack[-1].inner_attempts = state.attempt + 1
+
+
+@signals.task_failure.connect(weak=False)
+def _record_terminal_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    einfo: Any = None,
+    **_: Any,
+) -> None:
+    if not isinstance(sender, ResilientTask):
+        return
+    failure = TaskFailure(
+        task_name=sender.name,
+        task_id=str(task_id),
+        args=tuple(args or ()),
+        kwargs=dict(kwargs or {}),
+        error_type=type(exception).__name__,
+        error=str(exception),
+        traceback=str(getattr(einfo, "traceback", "") or ""),
+        attempts=int(getattr(sender.request, "retries", 0) or 0) + 1,
+    )
+    logger.error(
+        "taskkit: task %s[%s] failed for good after %d attempt(s): %s: %s; args=%r kwargs=%r",
+        failure.task_name, failure.task_id, failure.attempts, failure.error_type, failure.error,
+        failure.args, failure.kwargs,
+        extra={"taskkit_failure": failure},
+    )
+    call_hook(sender.record_failure, failure)
+

@@ -1,0 +1,131 @@
+"""The Celery app and tasks the task tests run, in process and in worker subprocesses.
+
+A real Redis broker; a queue, a key prefix and counters of this test run's own (shared with
+worker subprocesses through ``TASKKIT_TEST_RUN``), so runs never see each other's messages. The
+tasks count what they do in Redis: the tests trust those counts, not logs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from taskkit.config import Settings
+from taskkit.tasks import ResilientTask, create_app
+from tests.conftest import REDIS_URL
+
+RUN = os.environ.setdefault("TASKKIT_TEST_RUN", uuid.uuid4().hex[:10])
+PREFIX = f"tk-{RUN}"
+QUEUE = f"{PREFIX}-q"
+VISIBILITY = float(os.environ.get("TASKKIT_TEST_VISIBILITY", "30"))
+
+settings = Settings(
+    broker_url=REDIS_URL,
+    visibility_timeout=VISIBILITY,
+    lease_ttl=float(os.environ.get("TASKKIT_TEST_LEASE_TTL", "6")),
+    progress_interval=0.0,
+)
+app = create_app(
+    "tktest",
+    settings=settings,
+    task_default_queue=QUEUE,
+    broker_transport_options={"global_keyprefix": f"{PREFIX}:"},
+    result_expires=3600,
+    taskkit_outer_delay=0.05,
+    taskkit_outer_max_delay=0.2,
+    taskkit_inner_delay=0.01,
+    taskkit_inner_max_delay=0.02,
+    worker_send_task_events=True,
+)
+
+counter = redis.Redis.from_url(REDIS_URL)
+
+
+def key(*parts: object) -> str:
+    return ":".join([PREFIX, *map(str, parts)])
+
+
+def bump(name: str) -> int:
+    return int(counter.incr(key("runs", name)))
+
+
+def runs(name: str) -> int:
+    return int(counter.get(key("runs", name)) or 0)
+
+
+def retries_seen(name: str) -> list[int]:
+    return [int(r) for r in counter.lrange(key("retries", name), 0, -1)]
+
+
+def _note(task: Any, name: str) -> int:
+    counter.rpush(key("retries", name), task.request.retries)
+    return bump(name)
+
+
+ERRORS = {"ConnectionError": ConnectionError, "ValueError": ValueError, "KeyError": KeyError}
+
+
+@app.task(base=ResilientTask, bind=True, max_retries=3)
+def flaky(self: ResilientTask, name: str, failures: int, error: str = "ConnectionError") -> int:
+    """Fail the first ``failures`` runs with ``error``, then return the number of runs."""
+    n = _note(self, name)
+    if n <= failures:
+        raise ERRORS[error](f"run {n} of {name} fails")
+    return n
+
+
+@app.task(base=ResilientTask, bind=True, max_retries=3)
+def seed_style(self: ResilientTask, name: str) -> str:
+    """The seed's explicit ``raise self.retry(exc=..., countdown=...)``."""
+    n = _note(self, name)
+    try:
+        if n == 1:
+            raise RuntimeError("first run fails")
+        return "ok"
+    except RuntimeError as exc:
+        raise self.retry(exc=exc, countdown=0.1) from None
+
+
+@app.task(base=ResilientTask, bind=True, lease_key="name", max_retries=5)
+def long_job(self: ResilientTask, name: str, seconds: float) -> int:
+    """Run for ``seconds`` with progress; count starts and completions in Redis."""
+    n = bump(name)
+    counter.rpush(key("pids", name), os.getpid())
+    counter.set(key("token", name, n), self.lease.token if self.lease else -1)
+    started = time.monotonic()
+    steps = max(1, int(seconds / 0.25))
+    for step in range(steps):
+        time.sleep(seconds / steps)
+        self.progress(step + 1, steps, "working")
+    counter.incr(key("done", name))
+    counter.set(key("elapsed", name), time.monotonic() - started)
+    return n
+
+
+@app.task(base=ResilientTask, bind=True, max_retries=2)
+def kills_its_process(self: ResilientTask, name: str, kills: int) -> int:
+    """SIGKILL the process running it on its first ``kills`` runs (a poison task when high)."""
+    n = _note(self, name)
+    if n <= kills:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return n
+
+
+@app.task(base=ResilientTask, bind=True)
+def quick(self: ResilientTask, name: str) -> int:
+    return bump(name)
+
+
+@app.task(bind=True)
+def plain(self: Any) -> None:
+    """A plain Celery task (the benchmark's baseline)."""
+
+
+@app.task(base=ResilientTask, bind=True)
+def resilient(self: ResilientTask) -> None:
+    """The same trivial body as ``plain``, as a ResilientTask."""

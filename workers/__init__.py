@@ -1,0 +1,1 @@
+"""The deployment layer: the Celery app ``make worker`` runs, and example tasks."""
