@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import redis
+from celery import signals
 
 from taskkit.config import Settings
 from taskkit.tasks import ResilientTask, create_app
@@ -65,6 +66,16 @@ def retries_seen(name: str) -> list[int]:
 def _note(task: Any, name: str) -> int:
     counter.rpush(key("retries", name), task.request.retries)
     return bump(name)
+
+
+@signals.task_prerun.connect(weak=False)
+def _count_delivery(task_id: str | None = None, **_: Any) -> None:
+    """Every time a worker starts a task (before any taskkit check), count it per task id."""
+    counter.incr(key("deliveries", task_id))
+
+
+def deliveries(task_id: str) -> int:
+    return int(counter.get(key("deliveries", task_id)) or 0)
 
 
 ERRORS = {"ConnectionError": ConnectionError, "ValueError": ValueError, "KeyError": KeyError}
