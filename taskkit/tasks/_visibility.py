@@ -26,6 +26,7 @@ from typing import Any
 from celery import Celery, bootsteps
 
 from taskkit.errors import TaskkitWarning
+from taskkit.tasks._options import DEFAULTS
 
 __all__ = ["VisibilityKeeper", "check_visibility", "uses_visibility_timeout"]
 
@@ -51,7 +52,9 @@ def check_visibility(app: Celery) -> list[str]:
 
     With the keeper running, only its own interval must fit. Without it, the outer retry cap
     (``taskkit_outer_max_delay``) is clamped to 90% of the timeout, and a time limit longer than
-    the timeout is reported, since such a task would be delivered again while it runs.
+    the timeout is reported, since such a task would be delivered again while it runs. A task's
+    own ``outer_max_delay``, and any explicit ``self.retry(countdown=...)``, are clamped when
+    the retry is sent (``ResilientTask.retry``).
     """
     if not uses_visibility_timeout(app):
         return []
@@ -61,8 +64,8 @@ def check_visibility(app: Celery) -> list[str]:
     if conf.get("taskkit_extend_visibility", False):
         return problems
     safe = timeout * SAFE_SHARE
-    cap = conf.get("taskkit_outer_max_delay")
-    if cap is not None and cap > safe:
+    cap = conf.get("taskkit_outer_max_delay") or DEFAULTS["outer_max_delay"]
+    if cap > safe:
         problems.append(
             f"taskkit_outer_max_delay={cap:g}s is longer than the broker's visibility_timeout "
             f"({timeout:g}s): a waiting retry would be delivered twice; clamped to {safe:g}s"

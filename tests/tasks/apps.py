@@ -127,6 +127,25 @@ def kills_its_process(self: ResilientTask, name: str, kills: int) -> int:
     return n
 
 
+@app.task(
+    base=ResilientTask, bind=True, progress_run_arg="model_run_id", progress_flush_timeout=1.0
+)
+def epochs(self: ResilientTask, model_run_id: int, n: int, pause: float = 0.0) -> int:
+    """An epoch loop that reports progress with a metric after each epoch."""
+    for i in range(n):
+        time.sleep(pause)
+        self.progress(i + 1, n, f"epoch {i + 1}", loss=round(1 / (i + 1), 4))
+    return n
+
+
+@app.task(base=ResilientTask, bind=True)
+def count_progress(self: ResilientTask, n: int) -> int:
+    """Report progress ``n`` times (no database)."""
+    for i in range(n):
+        self.progress(i + 1, n)
+    return n
+
+
 @app.task(base=ResilientTask, bind=True)
 def quick(self: ResilientTask, name: str) -> int:
     return bump(name)
