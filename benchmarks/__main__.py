@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime
 import pathlib
 
-from benchmarks import bench_db, bench_recovery
+from benchmarks import bench_db, bench_recovery, bench_tasks
 from benchmarks._harness import commit, machine, say
 
-SECTIONS = [bench_recovery, bench_db]
+SECTIONS = [bench_recovery, bench_db, bench_tasks]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 

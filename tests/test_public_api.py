@@ -16,6 +16,8 @@ from taskkit.errors import (
     ConcurrentUpdateError,
     ConfigurationError,
     DatabaseUnavailable,
+    LeaseHeld,
+    LeaseLost,
     PermanentError,
     RetryLater,
     TaskkitError,
@@ -34,6 +36,10 @@ PUBLIC_MODULES = [
     "taskkit.db.session",
     "taskkit.db.migrate",
     "taskkit.cli",
+    "taskkit.tasks",
+    "taskkit.tasks.base",
+    "taskkit.tasks.lease",
+    "taskkit.tasks.progress",
 ]
 
 
@@ -75,8 +81,11 @@ def test_every_error_is_a_taskkit_error_and_keeps_its_builtin_meaning():
         ConfigurationError,
         DatabaseUnavailable,
         ConcurrentUpdateError,
+        LeaseHeld,
+        LeaseLost,
     ):
         assert issubclass(cls, TaskkitError)
+    assert issubclass(LeaseHeld, PermanentError)  # the ladder fails it at once
     assert issubclass(DatabaseUnavailable, ConnectionError)
     assert issubclass(TimeoutExceeded, TimeoutError)
     assert issubclass(ConfigurationError, ValueError)
@@ -93,10 +102,10 @@ def test_retry_later_rejects_a_negative_wait():
         RetryLater(retry_after=-1)
 
 
-def test_every_public_db_function_has_a_docstring_with_an_example():
-    import taskkit.db
-
-    for name in taskkit.db.__all__:
-        value = getattr(taskkit.db, name)
-        if inspect.isfunction(value):
+@pytest.mark.parametrize("package", ["taskkit.db", "taskkit.tasks"])
+def test_every_public_function_has_a_docstring_with_an_example(package):
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        value = getattr(module, name)
+        if inspect.isfunction(value) or name == "ResilientTask":
             assert "Example::" in (value.__doc__ or ""), name

@@ -33,6 +33,8 @@ def test_the_readme_has_an_example_per_primitive():
         "atomic_update(",
         "safe_bulk_insert(",
         "upgrade(",
+        "ResilientTask",
+        "create_app(",
     ):
         assert name in text, f"README has no example of {name}"
 

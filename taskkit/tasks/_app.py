@@ -19,7 +19,15 @@ RESTORE_INTERVAL = 5
 
 
 def reliable_defaults(settings: Settings) -> dict[str, Any]:
-    """The Celery settings ``create_app`` starts from (before your overrides)."""
+    """The Celery settings ``create_app`` starts from (before your overrides).
+
+    Example::
+
+        from taskkit.config import Settings
+
+        conf = reliable_defaults(Settings(broker_url="redis://127.0.0.1:6379/0"))
+        assert conf["task_acks_late"] and conf["worker_prefetch_multiplier"] == 1
+    """
     conf: dict[str, Any] = {
         # JSON only: a pickled message from anyone who can reach the broker runs code.
         "task_serializer": "json",
@@ -90,8 +98,10 @@ def create_app(
         include=list(include),
     )
     conf = reliable_defaults(settings)
-    transport = {**conf.pop("broker_transport_options", {}),
-                 **config.pop("broker_transport_options", {})}
+    transport = {
+        **conf.pop("broker_transport_options", {}),
+        **config.pop("broker_transport_options", {}),
+    }
     conf.update(config)
     if transport and uses_visibility_timeout(app):
         conf["broker_transport_options"] = transport
@@ -107,4 +117,3 @@ def _check_at_worker_start(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None and app.conf.get("taskkit_lease_url") is not None:
         check_visibility(app)
-

@@ -85,7 +85,7 @@ def check_visibility(app: Celery) -> list[str]:
     return problems
 
 
-class VisibilityKeeper(bootsteps.StartStopStep):  # type: ignore[misc]
+class VisibilityKeeper(bootsteps.StartStopStep):
     """Consumer step: re-stamp the delivery time of every message this worker holds.
 
     Runs on its own thread, so it keeps going while a ``solo`` pool runs a task on the main

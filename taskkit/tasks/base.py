@@ -58,18 +58,22 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+import redis.exceptions
 from celery import Task, signals
 from celery.exceptions import Ignore
 from celery.states import SUCCESS
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 
-from taskkit.errors import LeaseHeld, LeaseLost, PermanentError
+from taskkit.db import is_transient
+from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, PermanentError
 from taskkit.recovery import Retrying, RetryStrategy
 from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._schedule import next_wait
 from taskkit.recovery.events import call_hook
 from taskkit.tasks import _options
+from taskkit.tasks._options import DEFAULTS as D
 from taskkit.tasks._visibility import SAFE_SHARE, uses_visibility_timeout, visibility_timeout
 from taskkit.tasks.lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
 from taskkit.tasks.progress import (
@@ -86,8 +90,6 @@ logger = logging.getLogger("taskkit.tasks")
 
 
 def _transient_defaults() -> tuple[type[BaseException], ...]:
-    import redis.exceptions
-
     return (
         ConnectionError,
         TimeoutError,
@@ -98,8 +100,6 @@ def _transient_defaults() -> tuple[type[BaseException], ...]:
 
 
 def _permanent_defaults() -> tuple[type[BaseException], ...]:
-    from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
-
     return (PermanentError, ValueError, TypeError, IntegrityError, DataError, ProgrammingError)
 
 
@@ -162,8 +162,15 @@ def _isolated(hook: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
-class ResilientTask(Task):  # type: ignore[misc]
-    """A Celery task base with taskkit's retry ladder; see the module docs for the whole policy."""
+class ResilientTask(Task[Any, Any]):
+    """A Celery task base with taskkit's retry ladder; see the module docs for the whole policy.
+
+    Example::
+
+        @app.task(base=ResilientTask, bind=True, inner_max_attempts=5, max_retries=10,
+                  transient_errors=(requests.HTTPError,), lease_key="run_id")
+        def score(self, run_id: int) -> float: ...
+    """
 
     # Celery's own options, with taskkit's defaults.
     acks_late = True
@@ -174,41 +181,44 @@ class ResilientTask(Task):  # type: ignore[misc]
     #: Seconds before the copy of a task whose worker process died runs again.
     default_retry_delay = 2
 
-    #: Attempts in process for transient errors, the first included (app: ``taskkit_...``).
-    inner_max_attempts: int | None = None
-    #: First in-process wait, in seconds; doubles (``inner_backoff``) up to ``inner_max_delay``.
-    inner_delay: float | None = None
+    # taskkit's options. A value set on a task (decorator keyword or subclass attribute) wins;
+    # otherwise the app's ``taskkit_<option>`` setting; otherwise the default shown here.
+
+    #: Attempts in process for transient errors, the first included.
+    inner_max_attempts: int = D["inner_max_attempts"]
+    #: First in-process wait, in seconds; grows by ``inner_backoff`` up to ``inner_max_delay``.
+    inner_delay: float = D["inner_delay"]
     #: Growth factor of the in-process waits.
-    inner_backoff: float | None = None
+    inner_backoff: float = D["inner_backoff"]
     #: Longest in-process wait, in seconds.
-    inner_max_delay: float | None = None
+    inner_max_delay: float = D["inner_max_delay"]
     #: Base of the re-queue backoff, in seconds (full jitter: a wait is uniform in [0, base*2^n]).
-    outer_delay: float | None = None
+    outer_delay: float = D["outer_delay"]
     #: Growth factor of the re-queue backoff.
-    outer_backoff: float | None = None
+    outer_backoff: float = D["outer_backoff"]
     #: Longest re-queue wait, in seconds.
-    outer_max_delay: float | None = None
+    outer_max_delay: float = D["outer_max_delay"]
     #: Re-queue errors that are neither transient nor permanent (``False``: fail them at once).
-    retry_unknown_errors: bool | None = None
+    retry_unknown_errors: bool = D["retry_unknown_errors"]
     #: More exception classes to treat as transient.
-    transient_errors: tuple[type[BaseException], ...] | None = None
+    transient_errors: tuple[type[BaseException], ...] = D["transient_errors"]
     #: More exception classes that must never be retried.
-    permanent_errors: tuple[type[BaseException], ...] | None = None
+    permanent_errors: tuple[type[BaseException], ...] = D["permanent_errors"]
     #: Exclusive lease key: an argument name (its value, prefixed by the task name) or a
     #: callable ``(args, kwargs) -> str``. None: no lease.
-    lease_key: str | Callable[[tuple[Any, ...], dict[str, Any]], str] | None = None
-    #: Seconds a lease outlives its last heartbeat.
-    lease_ttl: float | None = None
-    #: Least seconds between progress writes.
-    progress_interval: float | None = None
+    lease_key: str | Callable[[tuple[Any, ...], dict[str, Any]], str] | None = D["lease_key"]
+    #: Seconds a lease outlives its last heartbeat (``TASKKIT_LEASE_TTL`` through the app).
+    lease_ttl: float = D["lease_ttl"]
+    #: Least seconds between progress writes (``TASKKIT_PROGRESS_INTERVAL`` through the app).
+    progress_interval: float = D["progress_interval"]
     #: Argument holding a ``ModelRun`` id: progress is then written to ``TrainingProgress``.
-    progress_run_arg: str | None = None
+    progress_run_arg: str | None = D["progress_run_arg"]
     #: Seconds the end of a task waits for its last progress row to be written.
-    progress_flush_timeout: float | None = None
+    progress_flush_timeout: float = D["progress_flush_timeout"]
     #: Send ``task-progress`` events.
-    progress_events: bool | None = None
+    progress_events: bool = D["progress_events"]
     #: The in-process wait function (tests inject a recorder); None: ``time.sleep``.
-    sleep: Callable[[float], object] | None = None
+    sleep: Callable[[float], object] | None = D["sleep"]
 
     _inner: ClassVar[Retrying]
     _transient: ClassVar[tuple[type[BaseException], ...]]
@@ -236,9 +246,17 @@ class ResilientTask(Task):  # type: ignore[misc]
         """Resolve options (class, then ``taskkit_*`` app config, then defaults) and build the
         in-process retry policy."""
         super().on_bound(app)
-        name = cls.name or cls.__name__
+        name = str(cls.name or cls.__name__)
         for option in _options.DEFAULTS:
-            setattr(cls, option, _options.resolve(name, option, getattr(cls, option), app.conf))
+            explicit = next(
+                (
+                    k.__dict__[option]
+                    for k in cls.__mro__
+                    if k is not ResilientTask and option in k.__dict__
+                ),
+                None,
+            )
+            setattr(cls, option, _options.resolve(name, option, explicit, app.conf))
         cls._transient = DEFAULT_TRANSIENT_ERRORS + tuple(cls.transient_errors or ())
         cls._permanent = DEFAULT_PERMANENT_ERRORS + tuple(cls.permanent_errors or ())
         cls._inner = Retrying(
@@ -268,13 +286,7 @@ class ResilientTask(Task):  # type: ignore[misc]
             return False
         if isinstance(error, cls._transient):
             return True
-        from sqlalchemy.exc import SQLAlchemyError
-
-        if isinstance(error, SQLAlchemyError):
-            from taskkit.db import is_transient
-
-            return is_transient(error)
-        return False
+        return isinstance(error, SQLAlchemyError) and is_transient(error)
 
     # -- the ladder ---------------------------------------------------------------------------
 
@@ -286,8 +298,11 @@ class ResilientTask(Task):  # type: ignore[misc]
         ):
             self._screen_redelivery(request)
         lease = self._take_lease(request, args, kwargs) if in_worker and self.lease_key else None
-        run = _Run(lease, Throttle(self.progress_interval), self._argument(args, kwargs,
-                                                                           self.progress_run_arg))
+        run = _Run(
+            lease,
+            Throttle(self.progress_interval),
+            self._argument(args, kwargs, self.progress_run_arg),
+        )
         stack = _run_stack()
         stack.append(run)
         if lease is not None:
@@ -302,7 +317,9 @@ class ResilientTask(Task):  # type: ignore[misc]
                 raise
             if not (self.retry_unknown_errors or self.is_transient(exc)):
                 raise
-            raise self.retry(exc=exc, countdown=self.outer_countdown(request.retries, exc)) from None
+            raise self.retry(
+                exc=exc, countdown=self.outer_countdown(request.retries, exc)
+            ) from None
         finally:
             stack.pop()
             if lease is not None:
@@ -327,19 +344,35 @@ class ResilientTask(Task):  # type: ignore[misc]
             wait = float(retry_after)
         return round(wait, 3)
 
-    def retry(self, *args: Any, countdown: float | None = None, **kwargs: Any) -> Any:
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Exception | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
         """Celery's ``retry``; the countdown is clamped under the visibility timeout when the
         workers do not extend it (see ``taskkit.tasks._visibility``)."""
-        if countdown is not None and not self.app.conf.get("taskkit_extend_visibility", False):
-            if uses_visibility_timeout(self.app):
-                safe = visibility_timeout(self.app) * SAFE_SHARE
-                if countdown > safe:
-                    logger.warning(
-                        "taskkit: %s retry countdown %.0fs clamped to %.0fs (visibility timeout)",
-                        self.name, countdown, safe,
-                    )
-                    countdown = safe
-        return super().retry(*args, countdown=countdown, **kwargs)
+        conf = self.app.conf
+        if (
+            countdown is not None
+            and not conf.get("taskkit_extend_visibility", False)
+            and uses_visibility_timeout(self.app)
+            and countdown > visibility_timeout(self.app) * SAFE_SHARE
+        ):
+            safe = visibility_timeout(self.app) * SAFE_SHARE
+            logger.warning(
+                "taskkit: %s retry countdown %.0fs clamped to %.0fs (visibility timeout)",
+                self.name,
+                countdown,
+                safe,
+            )
+            countdown = safe
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     # -- redelivery and lease -----------------------------------------------------------------
 
@@ -353,7 +386,8 @@ class ResilientTask(Task):  # type: ignore[misc]
         if state == SUCCESS:
             logger.warning(
                 "taskkit: %s[%s] was delivered again after it succeeded; not running it twice",
-                self.name, request.id,
+                self.name,
+                request.id,
             )
             raise Ignore()
 
@@ -365,7 +399,7 @@ class ResilientTask(Task):  # type: ignore[misc]
         index = self._argument_index.get(name)
         if index is not None and index < len(args):
             return args[index]
-        raise _options.ConfigurationError(
+        raise ConfigurationError(
             f"task {self.name}: argument {name!r} (named by lease_key or progress_run_arg) "
             "was not passed"
         )
@@ -404,11 +438,13 @@ class ResilientTask(Task):  # type: ignore[misc]
         # redelivery check drops it.
         logger.warning(
             "taskkit: %s[%s] is already running (%s); dropping this copy",
-            self.name, request.id, holder.describe() if holder else "unknown",
+            self.name,
+            request.id,
+            holder.describe() if holder else "unknown",
         )
         self.signature_from_request(
             request, countdown=self.lease_ttl, retries=request.retries
-        ).apply_async(headers={"redelivered": True})
+        ).apply_async(headers=cast(dict[str, str], {"redelivered": True}))
         raise Ignore()
 
     @property
@@ -420,7 +456,10 @@ class ResilientTask(Task):  # type: ignore[misc]
     # -- progress -----------------------------------------------------------------------------
 
     def progress(
-        self, current: float, total: float | None = None, message: str | None = None,
+        self,
+        current: float,
+        total: float | None = None,
+        message: str | None = None,
         **metrics: Any,
     ) -> ProgressReport:
         """Report progress: Celery ``PROGRESS`` state, a ``task-progress`` event and, with
@@ -444,8 +483,13 @@ class ResilientTask(Task):  # type: ignore[misc]
         if run is not None and run.run_id is not None:
             key = ("training", run.run_id)
             progress_writer().submit(
-                key, functools.partial(write_training_progress, run.run_id, report,
-                                       database_url=self.app.conf.get("taskkit_database_url"))
+                key,
+                functools.partial(
+                    write_training_progress,
+                    run.run_id,
+                    report,
+                    database_url=self.app.conf.get("taskkit_database_url"),
+                ),
             )
             if key not in run.progress_keys:
                 run.progress_keys.append(key)
@@ -512,9 +556,13 @@ def _record_terminal_failure(
     )
     logger.error(
         "taskkit: task %s[%s] failed for good after %d attempt(s): %s: %s; args=%r kwargs=%r",
-        failure.task_name, failure.task_id, failure.attempts, failure.error_type, failure.error,
-        failure.args, failure.kwargs,
+        failure.task_name,
+        failure.task_id,
+        failure.attempts,
+        failure.error_type,
+        failure.error,
+        failure.args,
+        failure.kwargs,
         extra={"taskkit_failure": failure},
     )
     call_hook(sender.record_failure, failure)
-

@@ -41,13 +41,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from taskkit.errors import ConfigurationError, LeaseLost
+import redis
 
-if TYPE_CHECKING:
-    import redis
+from taskkit.errors import ConfigurationError, LeaseLost
 
 __all__ = [
     "FileLeaseStore",
@@ -222,8 +221,6 @@ class RedisLeaseStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> RedisLeaseStore:
-        import redis
-
         return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)  # type: ignore[arg-type]
 
     def _keys(self, key: str) -> list[str]:
@@ -237,7 +234,9 @@ class RedisLeaseStore:
             _, holder = _parse_value(value)
             if not holder.is_provably_dead():
                 return None
-            logger.warning("taskkit: lease %r: owner %s is dead; taking over", key, holder.describe())
+            logger.warning(
+                "taskkit: lease %r: owner %s is dead; taking over", key, holder.describe()
+            )
             token, value = self._acquire(keys=keys, args=[body, int(ttl * 1000), value])
             if not token:  # someone else took it over first
                 return None
@@ -253,7 +252,7 @@ class RedisLeaseStore:
 
     def holder(self, key: str) -> LeaseOwner | None:
         value = self.client.get(self._keys(key)[0])
-        return None if value is None else _parse_value(value)[1]  # type: ignore[arg-type]
+        return None if value is None else _parse_value(value)[1]
 
 
 class FileLeaseStore:

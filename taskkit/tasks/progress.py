@@ -32,7 +32,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PROGRESS", "ProgressReport", "ProgressWriter", "progress_writer"]
+from sqlalchemy import select
+
+from taskkit.db.models import TrainingProgress
+from taskkit.db.session import session_scope
+
+__all__ = [
+    "PROGRESS",
+    "ProgressReport",
+    "ProgressWriter",
+    "Throttle",
+    "progress_writer",
+    "write_training_progress",
+]
 
 logger = logging.getLogger("taskkit.tasks")
 
@@ -186,11 +198,6 @@ def write_training_progress(
     model_run_id: int, report: ProgressReport, *, database_url: str | None = None
 ) -> None:
     """Upsert the run's ``TrainingProgress`` row from ``report`` (one short transaction)."""
-    from sqlalchemy import select
-
-    from taskkit.db.models import TrainingProgress
-    from taskkit.db.session import session_scope
-
     with session_scope(database_url) as session:
         row = session.scalars(
             select(TrainingProgress).filter_by(model_run_id=model_run_id)

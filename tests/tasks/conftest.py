@@ -14,7 +14,11 @@ def worker(redis_url: str) -> Iterator[object]:
     from tests.tasks import apps
 
     with start_worker(
-        apps.app, pool="solo", concurrency=1, perform_ping_check=False, loglevel="WARNING",
+        apps.app,
+        pool="solo",
+        concurrency=1,
+        perform_ping_check=False,
+        loglevel="WARNING",
         shutdown_timeout=30,
     ) as running:
         yield running

@@ -18,14 +18,19 @@ REDIS = "redis://127.0.0.1:6379/15"
 def test_reliable_defaults_on_redis():
     app = create_app("d", settings=Settings(broker_url=REDIS))
     conf = app.conf
-    assert conf.task_serializer == "json" and conf.accept_content == ["json"]
-    assert conf.task_acks_late and conf.task_reject_on_worker_lost
-    assert conf.worker_prefetch_multiplier == 1 and conf.task_track_started
-    assert conf.broker_connection_retry_on_startup and conf.result_extended
+    assert conf.task_serializer == "json"
+    assert conf.accept_content == ["json"]
+    assert conf.task_acks_late
+    assert conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_track_started
+    assert conf.broker_connection_retry_on_startup
+    assert conf.result_extended
     assert conf.result_backend == REDIS
     options = conf.broker_transport_options
     assert options["visibility_timeout"] == 30.0
-    assert options["unacked_restore_interval"] == 5 and options["unacked_restore_throttle"] == 1
+    assert options["unacked_restore_interval"] == 5
+    assert options["unacked_restore_throttle"] == 1
     assert VisibilityKeeper in app.steps["consumer"]
 
 
@@ -41,7 +46,8 @@ def test_embedded_default_uses_files_under_home(tmp_path):
 def test_countdowns_are_clamped_under_the_timeout_when_nothing_extends_it():
     with pytest.warns(TaskkitWarning) as record:
         app = create_app(
-            "c", settings=Settings(broker_url=REDIS, extend_visibility=False),
+            "c",
+            settings=Settings(broker_url=REDIS, extend_visibility=False),
             task_time_limit=3600,
         )
     messages = [str(w.message) for w in record]
@@ -51,8 +57,11 @@ def test_countdowns_are_clamped_under_the_timeout_when_nothing_extends_it():
 
 
 def test_a_time_limit_longer_than_the_timeout_is_reported_when_nothing_extends_it():
-    app = create_app("t", settings=Settings(broker_url=REDIS, extend_visibility=False),
-                     taskkit_outer_max_delay=10.0)
+    app = create_app(
+        "t",
+        settings=Settings(broker_url=REDIS, extend_visibility=False),
+        taskkit_outer_max_delay=10.0,
+    )
     app.conf.task_time_limit = 3600
     with pytest.warns(TaskkitWarning, match="task_time_limit=3600s is longer"):
         problems = check_visibility(app)
@@ -76,9 +85,7 @@ def test_bad_broker_settings_name_the_variable(monkeypatch):
         load_settings()
 
 
-def test_embedded_default_runs_a_task_end_to_end_through_a_worker_subprocess(
-    tmp_path, monkeypatch
-):
+def test_embedded_default_runs_a_task_end_to_end_through_a_worker_subprocess(tmp_path, monkeypatch):
     """No TASKKIT_BROKER_URL: ``make worker``'s app on SQLite files, nothing else running."""
     home = tmp_path / "home"
     monkeypatch.setenv("TASKKIT_HOME", str(home))
@@ -88,8 +95,7 @@ def test_embedded_default_runs_a_task_end_to_end_through_a_worker_subprocess(
     assert settings.embedded_broker
 
     app = create_app("workers", settings=settings)
-    worker = WorkerProcess("embedded", tmp_path, app="workers.app", pool="prefork",
-                           concurrency=1)
+    worker = WorkerProcess("embedded", tmp_path, app="workers.app", pool="prefork", concurrency=1)
     try:
         worker.wait_ready()
         added = app.send_task("workers.tasks.add", args=(2, 3))
@@ -97,7 +103,8 @@ def test_embedded_default_runs_a_task_end_to_end_through_a_worker_subprocess(
         counted = app.send_task("workers.tasks.count_to", args=(3, 0.05))
         assert counted.get(timeout=60) == 3
         assert counted.state == "SUCCESS"
-        assert (home / "broker.db").exists() and (home / "results.db").exists()
+        assert (home / "broker.db").exists()
+        assert (home / "results.db").exists()
     finally:
         worker.stop()
         print(worker.log()[-3000:])

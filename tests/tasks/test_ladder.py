@@ -48,9 +48,7 @@ def test_the_seeds_explicit_self_retry_still_works(worker):
     assert apps.retries_seen("seed") == [0, 1]
 
 
-def test_terminal_failures_are_recorded_with_name_args_error_traceback_and_attempts(
-    worker, caplog
-):
+def test_terminal_failures_are_recorded_with_name_args_error_traceback_and_attempts(worker, caplog):
     recorded: list[TaskFailure] = []
     original = apps.flaky.record_failure
     apps.flaky.__class__.record_failure = lambda self, failure: recorded.append(failure)
@@ -72,7 +70,8 @@ def test_terminal_failures_are_recorded_with_name_args_error_traceback_and_attem
     assert any("failed for good after 4 attempt(s)" in r.getMessage() for r in caplog.records)
     # and the result backend keeps it, with the arguments (result_extended)
     assert result.args == ["recorded", 100, "KeyError"]
-    assert result.traceback and "KeyError" in result.traceback
+    assert result.traceback
+    assert "KeyError" in result.traceback
 
 
 # -- ladder logic, run eagerly with an injected sleep ------------------------------------------
@@ -87,8 +86,15 @@ def test_inner_waits_follow_the_configured_schedule_without_sleeping():
     app = make_app()
     calls = {"n": 0}
 
-    @app.task(base=ResilientTask, bind=True, shared=False, inner_max_attempts=4, inner_delay=1.0,
-              inner_max_delay=3.0, sleep=waits.append)
+    @app.task(
+        base=ResilientTask,
+        bind=True,
+        shared=False,
+        inner_max_attempts=4,
+        inner_delay=1.0,
+        inner_max_delay=3.0,
+        sleep=waits.append,
+    )
     def fetch(self):
         calls["n"] += 1
         if calls["n"] < 4:
@@ -138,20 +144,31 @@ def test_permanent_and_transient_classification():
     class Flaky(Exception):
         pass
 
-    @app.task(base=ResilientTask, bind=True, shared=False, permanent_errors=(Quota,), transient_errors=Flaky)
+    @app.task(
+        base=ResilientTask,
+        bind=True,
+        shared=False,
+        permanent_errors=(Quota,),
+        transient_errors=Flaky,
+    )
     def job(self):
         return None
 
     assert job.is_permanent(PermanentError("x"))
-    assert job.is_permanent(ValueError("x")) and job.is_permanent(TypeError("x"))
+    assert job.is_permanent(ValueError("x"))
+    assert job.is_permanent(TypeError("x"))
     assert job.is_permanent(Quota())
-    assert job.is_transient(Flaky()) and not job.is_permanent(Flaky())
-    assert job.is_transient(ConnectionResetError()) and job.is_transient(TimeoutError())
+    assert job.is_transient(Flaky())
+    assert not job.is_permanent(Flaky())
+    assert job.is_transient(ConnectionResetError())
+    assert job.is_transient(TimeoutError())
     import redis.exceptions
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     assert job.is_transient(redis.exceptions.ConnectionError("down"))
-    assert job.is_transient(OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly")))
+    assert job.is_transient(
+        OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+    )
     assert not job.is_transient(IntegrityError("INSERT", {}, Exception("duplicate key")))
     assert job.is_permanent(IntegrityError("INSERT", {}, Exception("duplicate key")))
 
@@ -222,7 +239,8 @@ def test_a_subclass_works_like_the_decorator():
 
     task = app.register_task(Ingest())
     assert task.apply(args=("a",)).get() == "A"
-    assert task.inner_max_attempts == 2 and task.is_permanent(KeyError())
+    assert task.inner_max_attempts == 2
+    assert task.is_permanent(KeyError())
 
 
 def test_a_hook_that_raises_never_fails_the_task(caplog):

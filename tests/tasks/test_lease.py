@@ -45,7 +45,8 @@ def test_one_owner_at_a_time_and_tokens_only_grow(store):
     assert store.holder("run-1") == LeaseOwner.here("t1")
     first.release()
     second = store.acquire("run-1", LeaseOwner.here("t2"), ttl=10)
-    assert second is not None and second.token > first.token
+    assert second is not None
+    assert second.token > first.token
     second.release()
     assert store.holder("run-1") is None
 
@@ -71,10 +72,12 @@ def test_a_live_owner_in_another_process_keeps_the_lease(store, tmp_path):
         [sys.executable, "-c", script, arg, prefix], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert owner.stdout is not None and owner.stdout.readline().strip() == "held"
+        assert owner.stdout is not None
+        assert owner.stdout.readline().strip() == "held"
         assert store.acquire("run-2", LeaseOwner.here("intruder"), ttl=10) is None
         holder = store.holder("run-2")
-        assert holder is not None and holder.pid == owner.pid
+        assert holder is not None
+        assert holder.pid == owner.pid
         owner.kill()
         owner.wait()
         # The owner is provably dead (same host, process gone): taken over at once.
@@ -90,10 +93,12 @@ def test_a_dead_owner_recorded_in_redis_is_replaced_with_a_larger_token(redis_st
     held = redis_store.acquire("run-3", ghost, ttl=60)
     assert held is not None
     taken = redis_store.acquire("run-3", LeaseOwner.here("t-new"), ttl=60)
-    assert taken is not None and taken.token > held.token
+    assert taken is not None
+    assert taken.token > held.token
     assert redis_store.holder("run-3").task_id == "t-new"
     # The ghost's heartbeat now finds the lease gone: it is lost, and check() says so.
-    assert held.renew() is False and held.lost
+    assert held.renew() is False
+    assert held.lost
     with pytest.raises(LeaseLost, match="run-3"):
         held.check()
     held.release()  # must not delete the new owner's lease

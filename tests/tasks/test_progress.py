@@ -32,7 +32,8 @@ def progress_row(url: str, run_id: int) -> TrainingProgress | None:
 
 
 @pytest.fixture
-def database(db_url):
+def database(db_url, engine):
+    """``db_url`` as the test app's progress database; its tables are emptied afterwards."""
     previous = apps.app.conf.get("taskkit_database_url")
     apps.app.conf.taskkit_database_url = db_url
     yield db_url
@@ -53,12 +54,14 @@ def test_progress_state_meta_and_training_progress_row(worker, database):
     assert metas, "no PROGRESS state was seen"
     meta = metas[-1]
     assert set(meta) == {"current", "total", "percent", "description", "metrics"}
-    assert meta["total"] == 5 and meta["percent"] == meta["current"] * 20
+    assert meta["total"] == 5
+    assert meta["percent"] == meta["current"] * 20
     assert meta["description"] == f"epoch {meta['current']}"
     row = progress_row(database, run_id)
     assert row is not None
     assert (row.current_epoch, row.total_epochs, row.progress_percentage) == (5, 5, 100.0)
-    assert row.metrics == {"loss": 0.2} and row.status == "completed"
+    assert row.metrics == {"loss": 0.2}
+    assert row.status == "completed"
     assert row.message == "epoch 5"
 
 
@@ -68,6 +71,7 @@ def test_task_progress_events_reach_a_monitor(worker):
 
     def monitor() -> None:
         with apps.app.connection() as connection:
+
             def on_progress(event: dict) -> None:
                 events.append(event)
                 receiver.should_stop = len(events) >= 3
@@ -105,7 +109,9 @@ def test_a_database_outage_delays_the_progress_row_but_never_fails_the_task(
         private_postgres.start()
         waited = wait_for(lambda: progress_row(url, run_id) is not None, 60, "the delayed row")
         row = progress_row(url, run_id)
-        assert row is not None and row.current_epoch == 3 and row.status == "completed"
+        assert row is not None
+        assert row.current_epoch == 3
+        assert row.status == "completed"
         print(f"progress row written {waited:.1f}s after the database came back")
     finally:
         apps.app.conf.taskkit_database_url = previous
@@ -154,4 +160,5 @@ def test_writer_keeps_only_the_newest_write_per_key_and_retries_failures():
     assert writer.flush(10)
     # The first write was already taken when the rest arrived; only the newest of the rest
     # is kept; failures were retried until the newest landed.
-    assert written[-1] == 4 and len(written) <= 2
+    assert written[-1] == 4
+    assert len(written) <= 2

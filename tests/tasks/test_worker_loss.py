@@ -58,9 +58,11 @@ def test_sigkill_of_the_pool_process_runs_the_task_again_to_completion(workers, 
     os.kill(victim, signal.SIGKILL)
 
     assert result.get(timeout=60) == 2
-    assert apps.runs("pool-kill") == 2 and done("pool-kill") == 1
+    assert apps.runs("pool-kill") == 2
+    assert done("pool-kill") == 1
     first, second = pids("pool-kill")
-    assert first == victim and second != victim
+    assert first == victim
+    assert second != victim
     # The dead process's lease was taken over at once, with a larger fencing token.
     assert token("pool-kill", 2) > token("pool-kill", 1) > 0
 
@@ -77,9 +79,7 @@ def test_a_task_that_kills_its_process_every_time_stops_after_max_retries(worker
 
 
 @pytest.mark.parametrize("extend", ["true", "false"], ids=["keeper", "lease-only"])
-def test_a_task_three_times_longer_than_the_visibility_timeout_runs_once(
-    workers, tmp_path, extend
-):
+def test_a_task_three_times_longer_than_the_visibility_timeout_runs_once(workers, tmp_path, extend):
     """With the keeper, the message is never redelivered; without it, Redis redelivers it
     every 5 s and the lease drops each copy. Either way the body runs once."""
     env = {"TASKKIT_TEST_VISIBILITY": "5", "TASKKIT_EXTEND_VISIBILITY": extend}
@@ -89,7 +89,8 @@ def test_a_task_three_times_longer_than_the_visibility_timeout_runs_once(
     result = apps.long_job.delay(name, 15.0)
     assert result.get(timeout=90) == 1
     time.sleep(6)  # one more visibility timeout: a stray copy would start now
-    assert apps.runs(name) == 1 and done(name) == 1
+    assert apps.runs(name) == 1
+    assert done(name) == 1
     if extend == "true":
         assert apps.deliveries(result.id) == 1
     else:
@@ -116,7 +117,8 @@ def test_a_killed_workers_task_is_taken_over_by_another_within_60_seconds(worker
 
     assert result.get(timeout=60) == 2
     time.sleep(2)
-    assert done("takeover") == 1 and apps.runs("takeover") == 2
+    assert done("takeover") == 1
+    assert apps.runs("takeover") == 2
     assert time.monotonic() - killed_at < 90
 
 
@@ -147,15 +149,18 @@ def test_a_redelivered_copy_of_a_task_that_succeeded_does_not_run_again(workers,
     assert result.get(timeout=30) == 1
 
     _redeliver(entry)
-    wait_for(lambda: apps.counter.llen(f"{apps.PREFIX}:{apps.QUEUE}") == 0, 30, "the copy to be taken")
-    wait_for(lambda: not apps.counter.hlen(f"{apps.PREFIX}:unacked"), 30, "the copy to be acknowledged")
-    assert apps.runs("succeeded") == 1 and done("succeeded") == 1
+    wait_for(
+        lambda: apps.counter.llen(f"{apps.PREFIX}:{apps.QUEUE}") == 0, 30, "the copy to be taken"
+    )
+    wait_for(
+        lambda: not apps.counter.hlen(f"{apps.PREFIX}:unacked"), 30, "the copy to be acknowledged"
+    )
+    assert apps.runs("succeeded") == 1
+    assert done("succeeded") == 1
     assert result.state == "SUCCESS"
 
 
-def test_a_copy_of_a_task_whose_owner_is_alive_is_dropped_and_nothing_runs_twice(
-    workers, tmp_path
-):
+def test_a_copy_of_a_task_whose_owner_is_alive_is_dropped_and_nothing_runs_twice(workers, tmp_path):
     start(workers, tmp_path, "dup", concurrency=2)
     result = apps.long_job.delay("dup", 4.0)
     wait_for(lambda: apps.runs("dup") == 1, 30, "the task to start")
@@ -165,7 +170,8 @@ def test_a_copy_of_a_task_whose_owner_is_alive_is_dropped_and_nothing_runs_twice
     assert result.get(timeout=60) == 1
     # The watcher copy comes back after the lease ttl, finds the success, and is dropped.
     time.sleep(8)
-    assert apps.runs("dup") == 1 and done("dup") == 1
+    assert apps.runs("dup") == 1
+    assert done("dup") == 1
 
 
 def test_another_task_for_a_leased_key_fails_with_lease_held(workers, tmp_path):

@@ -13,7 +13,9 @@ from collections.abc import Callable
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> float:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, step: float = 0.05
+) -> float:
     """Poll until ``condition()`` is true; return the seconds it took, or fail naming ``what``."""
     start = time.monotonic()
     while not condition():
@@ -40,9 +42,23 @@ class WorkerProcess:
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         command = [
-            sys.executable, "-m", "celery", "-A", app, "worker",
-            "--pool", pool, "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
-            "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
         ]
         if queue:
             command += ["--queues", queue]
