@@ -49,7 +49,20 @@ __all__ = [
 
 
 class TaskkitError(Exception):
-    """Root of every error taskkit raises itself."""
+    """Root of every error taskkit raises itself.
+
+    An error's ``args`` are its constructor's arguments, so ``type(e)(*e.args)`` rebuilds it:
+    pickle, and Celery's JSON results (which store ``args`` and call the class with them),
+    bring back the same class with the same message and attributes, not a bare parent class.
+    """
+
+    _message: str | None = None
+
+    def _describe(self, message: str) -> None:
+        self._message = message
+
+    def __str__(self) -> str:
+        return self._message if self._message is not None else super().__str__()
 
 
 class TaskkitWarning(UserWarning):
@@ -77,10 +90,13 @@ class RetryLater(TaskkitError):
         raise RetryLater("rate limited", retry_after=2.5)
     """
 
-    def __init__(self, message: str = "retry later", *, retry_after: float) -> None:
+    def __init__(self, message: str = "retry later", retry_after: float | None = None) -> None:
+        if retry_after is None:
+            raise ConfigurationError("RetryLater needs retry_after= (seconds to wait)")
         if retry_after < 0:
             raise ConfigurationError(f"retry_after must be >= 0 seconds, got {retry_after!r}")
-        super().__init__(message)
+        super().__init__(message, retry_after)
+        self._describe(message)
         #: Seconds to wait before the next attempt.
         self.retry_after = float(retry_after)
 
@@ -92,7 +108,8 @@ class TimeoutExceeded(TaskkitError, TimeoutError):
     """
 
     def __init__(self, seconds: float, what: str = "call") -> None:
-        super().__init__(f"{what} timed out after {seconds:g}s")
+        super().__init__(seconds, what)
+        self._describe(f"{what} timed out after {seconds:g}s")
         #: The limit that was exceeded, in seconds.
         self.seconds = seconds
 
@@ -112,7 +129,8 @@ class CircuitBreakerError(TaskkitError):
             message += f" for another {retry_after:.2f}s"
         if detail:
             message += f" ({detail})"
-        super().__init__(message)
+        super().__init__(name, state, retry_after, detail)
+        self._describe(message)
         #: The breaker's name.
         self.name = name
         #: The state that rejected the call: ``"open"`` or ``"half_open"``.
@@ -138,9 +156,12 @@ class DatabaseUnavailable(TaskkitError, ConnectionError):
     """
 
     def __init__(self, database: str, attempts: int, reason: str) -> None:
-        super().__init__(
-            f"database {database} is unavailable after {attempts} attempt(s): {reason}"
-        )
+        message = f"database {database} is unavailable after {attempts} attempt(s): {reason}"
+        # OSError reads a 2-3 argument call as (errno, strerror, filename): pass the message
+        # alone, then make args the constructor's arguments as for every other error.
+        super().__init__(message)
+        self.args = (database, attempts, reason)
+        self._describe(message)
         #: ``host:port/name`` (or the SQLite file), without credentials.
         self.database = database
         #: Connection attempts made before giving up.
@@ -154,7 +175,8 @@ class ConcurrentUpdateError(TaskkitError):
     """
 
     def __init__(self, model: str, record_id: object, attempts: int) -> None:
-        super().__init__(
+        super().__init__(model, record_id, attempts)
+        self._describe(
             f"{model} id={record_id!r} was changed concurrently on each of {attempts} "
             f"attempt(s) of atomic_update; nothing was written (raise max_retries, or use an SQL "
             f"expression such as {model}.counter + 1, which cannot conflict)"
@@ -172,7 +194,8 @@ class LeaseHeld(PermanentError):
     """
 
     def __init__(self, key: str, holder: str) -> None:
-        super().__init__(f"lease {key!r} is held by a live task ({holder}); not running it twice")
+        super().__init__(key, holder)
+        self._describe(f"lease {key!r} is held by a live task ({holder}); not running it twice")
         self.key = key
         self.holder = holder
 
@@ -186,6 +209,7 @@ class LeaseLost(TaskkitError):
     """
 
     def __init__(self, key: str, token: int) -> None:
-        super().__init__(f"lease {key!r} (fencing token {token}) was lost to another worker")
+        super().__init__(key, token)
+        self._describe(f"lease {key!r} (fencing token {token}) was lost to another worker")
         self.key = key
         self.token = token

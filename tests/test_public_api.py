@@ -109,3 +109,34 @@ def test_every_public_function_has_a_docstring_with_an_example(package):
         value = getattr(module, name)
         if inspect.isfunction(value) or name == "ResilientTask":
             assert "Example::" in (value.__doc__ or ""), name
+
+
+ERROR_SAMPLES = [
+    PermanentError("bad input"),
+    RetryLater("rate limited", retry_after=2.5),
+    TimeoutExceeded(3.0, "fetch"),
+    CircuitBreakerError("ml-api", "open", 12.0, "5 failures"),
+    CircuitStorageUnavailable("ml-api", "open", 0.0, "redis down"),
+    ConfigurationError("delay must be >= 0"),
+    DatabaseUnavailable("127.0.0.1:5432/app", 3, "connection refused"),
+    ConcurrentUpdateError("ModelRun", 7, 5),
+    LeaseHeld("train:run-1", "task t1 on host pid 9"),
+    LeaseLost("train:run-1", 4),
+]
+
+
+@pytest.mark.parametrize("error", ERROR_SAMPLES, ids=lambda e: type(e).__name__)
+def test_every_error_survives_pickle_and_celerys_json_results(error):
+    """A task's failure comes back to the caller as the same class, message and attributes."""
+    import pickle
+
+    from celery import Celery
+    from celery.backends.base import BaseBackend
+    from celery.utils.serialization import get_pickleable_exception
+
+    backend = BaseBackend(app=Celery("errors", set_as_current=False), serializer="json")
+    stored = backend.prepare_exception(get_pickleable_exception(error), "json")
+    for copy in (pickle.loads(pickle.dumps(error)), backend.exception_to_python(stored)):
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+        assert vars(copy) == vars(error)

@@ -29,7 +29,9 @@ Lease (``lease_key``): before the body runs, the task takes an exclusive lease o
 (an argument such as a run id, namespaced by the task name) with a heartbeat and a fencing token
 (``self.lease``). A second copy of the same task id while the owner lives is dropped (a watcher
 copy is re-sent after ``lease_ttl`` so nothing is lost if the owner dies later); another task
-for the same key fails with ``LeaseHeld``; a dead owner's lease is taken over at once.
+for the same key fails with ``LeaseHeld``; a dead owner's lease is taken over at once. An owner
+whose lease was taken over stops at its next ``self.progress``: silently (``Ignore``) when the
+new owner is a copy of the same task, which will store the result, or with ``LeaseLost``.
 
 Hooks you override (``on_failure``, ``on_retry``, ``on_success``, ``after_return``,
 ``on_progress``, ``record_failure``) are isolated: what they raise is logged, never fails the task.
@@ -309,9 +311,17 @@ class ResilientTask(Task[Any, Any]):
             lease.start_heartbeat()
         try:
             return self._inner.call(super().__call__, *args, **kwargs)
-        except LeaseLost:
-            logger.warning("taskkit: %s[%s] lost its lease; stopping", self.name, request.id)
-            raise Ignore() from None
+        except LeaseLost as lost:
+            holder = self.lease_store().holder(lost.key)
+            logger.warning(
+                "taskkit: %s[%s] lost its lease to %s; stopping",
+                self.name,
+                request.id,
+                holder.describe() if holder else "nobody",
+            )
+            if holder is not None and holder.task_id == request.id:
+                raise Ignore() from None  # a copy of this very task carries on with its result
+            raise  # another task owns the key now: this one fails, and is not retried
         except Exception as exc:
             if is_control_flow(exc) or self.is_permanent(exc):
                 raise

@@ -142,3 +142,22 @@ def test_lease_url_schemes(tmp_path):
     assert isinstance(lease_store_from_url("redis://127.0.0.1:6379/0"), RedisLeaseStore)
     with pytest.raises(ConfigurationError, match="TASKKIT_LEASE_URL"):
         lease_store_from_url("zookeeper://x")
+
+
+def test_a_task_whose_lease_is_taken_over_stops_at_its_next_progress_report(worker):
+    from tests.tasks import apps
+    from tests.tasks.workerproc import wait_for
+
+    result = apps.long_job.delay("stolen", 4.0)
+    wait_for(lambda: apps.runs("stolen") == 1, 30, "the task to start")
+    lease_key = f"taskkit:lease:{apps.long_job.name}:stolen"
+    # Another worker takes the lease over (as after a partition): its value replaces ours.
+    assert apps.counter.get(lease_key) is not None
+    apps.counter.set(lease_key, '99|{"host": "elsewhere", "pid": 1, "task_id": "other"}', ex=60)
+    # The heartbeat (every lease_ttl / 3 = 2 s) notices; the next progress report stops the task.
+    with pytest.raises(LeaseLost, match="stolen"):
+        result.get(timeout=30)
+    assert apps.runs("stolen") == 1
+    assert int(apps.counter.get(apps.key("done", "stolen")) or 0) == 0  # it never finished
+    assert apps.counter.get(lease_key).startswith(b"99|")  # and left the new owner's lease alone
+    apps.counter.delete(lease_key)

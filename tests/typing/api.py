@@ -84,3 +84,27 @@ updated: bool = atomic_update(Session(), ModelRun, 1, {"usage_count": ModelRun.u
 saved, not_saved = safe_bulk_insert(Session(), Prediction, [{"model_run_id": 1}])
 bad_record, reason = not_saved[0]
 why: str = reason
+
+
+# -- taskkit.tasks -------------------------------------------------------------------------------
+
+from celery import Celery  # noqa: E402
+
+from taskkit.tasks import ProgressReport, ResilientTask, create_app  # noqa: E402
+
+tasks_app: Celery = create_app("typing")
+
+
+class Scored(ResilientTask):
+    inner_max_attempts = 5
+    permanent_errors = (KeyError,)
+    lease_key = "run_id"
+
+    def run(self, run_id: int) -> float:
+        report: ProgressReport = self.progress(1, 2, "half", loss=0.5)
+        percent: float | None = report.percent
+        return percent or 0.0
+
+
+wait: float = Scored().outer_countdown(2)
+Scored.inner_max_attempts = "five"  # type: ignore[assignment]
