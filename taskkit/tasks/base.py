@@ -299,17 +299,18 @@ class ResilientTask(Task[Any, Any]):
             request.get("redelivered") or (request.delivery_info or {}).get("redelivered")
         ):
             self._screen_redelivery(request)
-        lease = self._take_lease(request, args, kwargs) if in_worker and self.lease_key else None
         run = _Run(
-            lease,
+            None,
             Throttle(self.progress_interval),
             self._argument(args, kwargs, self.progress_run_arg),
         )
         stack = _run_stack()
         stack.append(run)
-        if lease is not None:
-            lease.start_heartbeat()
         try:
+            if in_worker and self.lease_key:
+                # Inside the ladder: a lease store that is briefly unreachable means a retry.
+                run.lease = self._take_lease(request, args, kwargs)
+                run.lease.start_heartbeat()
             return self._inner.call(super().__call__, *args, **kwargs)
         except LeaseLost as lost:
             holder = self.lease_store().holder(lost.key)
@@ -332,8 +333,8 @@ class ResilientTask(Task[Any, Any]):
             ) from None
         finally:
             stack.pop()
-            if lease is not None:
-                lease.release()
+            if run.lease is not None:
+                run.lease.release()
             if run.progress_keys:
                 progress_writer().flush(self.progress_flush_timeout)
 
