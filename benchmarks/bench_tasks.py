@@ -43,9 +43,11 @@ WORKER = f"{PREFIX}@bench"
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Tasks per timed batch.
-TASKS = 1000
-#: Timed batches per task; the tasks take turns (ABBA order) and each keeps its median.
-ROUNDS = 7
+TASKS = 400
+#: Timed batches per task; the tasks take turns (ABBA order) and each keeps its median. Many
+#: short batches rather than a few long ones: a burst of load from elsewhere on the machine
+#: then spoils a few batches of both tasks, not one task's median.
+ROUNDS = 15
 #: Round-robin rounds of the in-process measurement (each keeps its best).
 IN_PROCESS_ROUNDS = 3
 #: Tasks of each kind run before timing (imports, connections, caches of the worker).
@@ -196,6 +198,23 @@ def _forget(client: redis.Redis, task_ids: list[str]) -> None:
 # -- measuring ----------------------------------------------------------------------------------
 
 
+def _cpu_seconds(group: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of a process group: the
+    worker and its pool process. NaN where there is no Linux ``/proc``."""
+    if not Path("/proc/self/stat").exists():
+        return float("nan")
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # after "pid (comm)": state ppid pgrp ... utime (12th) stime (13th)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[2]) == group:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _batch(
     task: Any,
     last: Any,
@@ -203,10 +222,12 @@ def _batch(
     worker: subprocess.Popen[bytes],
     log: IO[bytes],
     client: redis.Redis,
-) -> float:
-    """Publish ``count`` tasks and wait for all of them; seconds from first publish to last
-    result. Results ignored: the batch ends with one ``last`` task that stores a result, and
-    the single worker process takes the queue in order, so its result comes after all others."""
+) -> tuple[float, float]:
+    """Publish ``count`` tasks and wait for all of them: seconds from first publish to last
+    result, and the worker's CPU seconds meanwhile. Results ignored: the batch ends with one
+    ``last`` task that stores a result, and the single worker process takes the queue in
+    order, so its result comes after all others."""
+    cpu = _cpu_seconds(worker.pid)
     started = time.perf_counter()
     sent = [task.delay() for _ in range(count - 1)] + [last.delay()]
     if task is last:
@@ -218,13 +239,16 @@ def _batch(
     left = client.llen(f"{PREFIX}:{QUEUE}")
     if left:
         raise AssertionError(f"{task.name}: {left} tasks still queued after the batch's last")
+    cpu = _cpu_seconds(worker.pid) - cpu
     _forget(client, [result.id for result in sent])
-    return elapsed
+    return elapsed, cpu
 
 
-def end_to_end() -> dict[tuple[str, str], list[float]]:
-    """Tasks per second of every (configuration, contestant) through the worker, per round."""
+def end_to_end() -> tuple[dict[tuple[str, str], list[float]], dict[tuple[str, str], float]]:
+    """Tasks per second of every (configuration, contestant) through the worker, per round,
+    and the worker's CPU seconds per task over all rounds."""
     rates: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], float] = {}
     client = redis.Redis.from_url(REDIS_URL)
     try:
         with running_worker() as (worker, log):
@@ -236,30 +260,53 @@ def end_to_end() -> dict[tuple[str, str], list[float]]:
                     say(f"  {configuration}: round {round_number}/{ROUNDS}")
                     order = contestants if round_number % 2 else contestants[::-1]
                     for label, task, last in order:
-                        seconds = _batch(task, last, TASKS, worker, log, client)
+                        seconds, used = _batch(task, last, TASKS, worker, log, client)
                         rates.setdefault((configuration, label), []).append(TASKS / seconds)
+                        cpu[configuration, label] = cpu.get((configuration, label), 0) + used
     finally:
         client.close()
-    return rates
+    return rates, {key: used / (ROUNDS * TASKS) for key, used in cpu.items()}
+
+
+def _worker_request(task: Any, task_id: str) -> dict[str, Any]:
+    """The request dict a worker hands its tracer for a ``delay()`` of ``task``: the message
+    headers and properties, delivery info, and the body's arguments and options."""
+    message = app.amqp.as_task_v2(
+        task_id, task.name, args=(), kwargs={}, ignore_result=task.ignore_result
+    )
+    args, kwargs, embed = message.body
+    return {
+        **message.headers,
+        "properties": message.properties,
+        "reply_to": message.properties.get("reply_to"),
+        "correlation_id": message.properties.get("correlation_id"),
+        "hostname": WORKER,
+        "delivery_info": {
+            "exchange": "",
+            "routing_key": QUEUE,
+            "priority": None,
+            "redelivered": False,
+        },
+        "args": list(args),
+        "kwargs": kwargs,
+        "is_eager": False,
+        **embed,
+    }
 
 
 def in_process() -> dict[tuple[str, str], float]:
     """Nanoseconds per task of the worker's execution path (Celery's tracer: request, task
-    call, result storing), run in this process without the broker; best of round-robin
-    rounds."""
+    call, result writes) for a request as a worker builds it, run in this process without the
+    broker; best of round-robin rounds."""
     task_id = f"{PREFIX}-in-process"
-    request = {
-        "id": task_id,
-        "delivery_info": {"exchange": "", "routing_key": QUEUE, "redelivered": False},
-        "hostname": WORKER,
-        "is_eager": False,
-        "retries": 0,
-    }
     calls: dict[tuple[str, str], Callable[[], object]] = {}
     for configuration, contestants in CONFIGURATIONS:
         for label, task, _ in contestants:
             tracer = build_tracer(task.name, app.tasks[task.name], app=app, hostname=WORKER)
-            calls[configuration, label] = functools.partial(tracer, task_id, [], {}, request)
+            request = _worker_request(task, task_id)
+            calls[configuration, label] = functools.partial(
+                tracer, task_id, request["args"], request["kwargs"], request
+            )
     best: dict[tuple[str, str], float] = {}
     client = redis.Redis.from_url(REDIS_URL)
     try:
@@ -274,7 +321,7 @@ def in_process() -> dict[tuple[str, str], float]:
 
 def run() -> str:
     started = time.perf_counter()
-    rates = end_to_end()
+    rates, worker_cpu = end_to_end()
     say("  worker path in process")
     cost = in_process()
     took = time.perf_counter() - started
@@ -293,15 +340,25 @@ def run() -> str:
                     f"{median[configuration, label]:,.0f}",
                     f"{min(values):,.0f} - {max(values):,.0f}",
                     f"{median[configuration, label] / median[configuration, base]:.2f}x",
+                    f"{worker_cpu[configuration, label] * 1e6:,.0f}",
                     f"{cost[configuration, label] / 1000:,.1f}",
                 ]
             )
         resilient_label = contestants[1][0]
         value = median[configuration, resilient_label] / median[configuration, base]
+        cpu_ratio = worker_cpu[configuration, base] / worker_cpu[configuration, resilient_label]
+        paired = [
+            resilient_rate / plain_rate
+            for resilient_rate, plain_rate in zip(
+                rates[configuration, resilient_label], rates[configuration, base], strict=True
+            )
+        ]
         ratio_rows.append(
             [
                 f"ResilientTask / plain, {configuration}",
                 f"**{value:.2f}**",
+                f"{statistics.median(paired):.2f} ({min(paired):.2f} - {max(paired):.2f})",
+                f"{cpu_ratio:.2f}",
                 ">= 0.95",
                 "yes" if value >= 0.95 else "**no**",
             ]
@@ -313,15 +370,26 @@ def run() -> str:
             "median tasks/s",
             "range over rounds",
             "vs plain",
+            "worker CPU, us/task",
             "worker path in process, us/task",
         ],
         rows,
     )
-    ratio_table = table(["ratio (tasks/s over tasks/s)", "measured", "target", "met"], ratio_rows)
+    ratio_table = table(
+        [
+            "ratio (tasks/s over tasks/s)",
+            "measured (of the medians)",
+            "per round: median (range)",
+            "worker CPU per task, plain over ResilientTask",
+            "target",
+            "met",
+        ],
+        ratio_rows,
+    )
     ignored = CONFIGURATIONS[1][0]
     plain_label, resilient_label = (label for label, _, _ in CONFIGURATIONS[1][1])
-    per_task = 1e9 / median[ignored, plain_label]
     overhead = cost[ignored, resilient_label] - cost[ignored, plain_label]
+    plain_cpu = worker_cpu[ignored, plain_label] * 1e9
     return f"""## Task throughput: `ResilientTask` against a plain Celery task
 
 Two tasks with the same trivial body (`return None`), a plain Celery task and a
@@ -331,31 +399,35 @@ backend, served by one `celery worker` subprocess (prefork, concurrency 1, no
 gossip/mingle/heartbeat). A batch publishes {TASKS:,} tasks with `delay()` and waits for them;
 tasks/s is {TASKS:,} over the time from the first publish to the last result, publishing
 included. The two tasks take turns, {ROUNDS} batches each (ABBA order, so drift cancels), after
-{WARMUP} untimed ones each; the table gives the median and the range over the batches. With
-results stored the client waits for every result (`ResultSet.get`). With results ignored
-(`ignore_result=True`: no STARTED or SUCCESS writes) the batch's last task is one of the same
-base that stores its result; the single pool process runs the queue in order, so that result
-comes last (checked: the queue is empty then). The last column is the worker's execution
-path alone (Celery's tracer: request, task call, result writes) run in this process without
-a broker, best of {IN_PROCESS_ROUNDS} rounds. Target (issue): ResilientTask at least 0.95x
-the plain task's tasks/s.
+{WARMUP} untimed ones each; the table gives the median and the range over the batches, and the
+ratio table also the median of the ratios of each round's pair. With results stored the client
+waits for every result (`ResultSet.get`). With results ignored (`ignore_result=True`: no
+STARTED or SUCCESS writes) the batch's last task is one of the same base that stores its
+result; the single pool process runs the queue in order, so that result comes last (checked:
+the queue is empty then). Worker CPU is the user and system time of the worker's processes
+(consumer and pool process, read from `/proc`) over all timed batches, per task. The last
+column is the worker's execution path alone (Celery's tracer, given the request a worker builds
+from the message: request context, task call, result writes), run in this process without a
+broker, best of {IN_PROCESS_ROUNDS} rounds. Target (issue): ResilientTask at least 0.95x the
+plain task's tasks/s.
 
 {main_table}
 
 {ratio_table}
 
 What the numbers show: in the worker's execution path a `ResilientTask` costs
-{overhead / 1000:.1f} us more per task than a plain one (last column, results ignored; the
-rows with results stored are dominated by two Redis writes and vary by tens of us from run to
-run). Celery calls a plain task's `run` directly, but a task class that defines `__call__`, as
-`ResilientTask` does, through that `__call__`, which goes on to Celery's `Task.__call__` (it
-pushes a copy of the request); the retry ladder's own bookkeeping is the smaller part. End to
-end a plain task takes about {per_task / 1000:,.0f} us with results ignored, nearly all of it
-messaging: publishing, the broker round trips, the acknowledgement. The overhead is therefore
-about {100 * overhead / per_task:.1f}% of a task, an expected ratio of
-{per_task / (per_task + overhead):.2f}, smaller than the spread between batches on a machine
-shared by the client, the worker's two processes and Redis; a measured ratio a few percent
-either side of that is noise. Storing results costs both tasks alike (result writes in the
-worker, a subscription and a result message per task in the client) and roughly halves both
-rates. A task body that does real work makes the share smaller still.
+{overhead / 1000:.1f} us more per task than a plain one (last column, results ignored; with
+results stored two Redis writes dominate that column and vary by tens of us from run to run).
+Like Celery with a plain task, `ResilientTask` calls `run` directly in a worker (the request
+is already on the stack); what is left is the ladder's bookkeeping: the request lookup, the
+progress throttle and the in-process retry wrapper. The worker
+spends about {plain_cpu / 1000:,.0f} us of CPU on each plain task with results ignored, most of
+it in its main process (fetching, decoding, handing the task to the pool, acknowledging), so
+the overhead is about {100 * overhead / plain_cpu:.1f}% of it, an expected ratio of
+{plain_cpu / (plain_cpu + overhead):.2f}. That is smaller than the spread between batches on a
+machine shared by the client, the worker's two processes and Redis: a measured ratio a few
+percent either side of it is noise (see the per-round range), and the worker CPU column is
+only accurate to a few percent too. Storing results costs both tasks alike (result writes in
+the worker, a subscription and a result message per task in the client) and roughly halves
+both rates. A task body that does real work makes the share smaller still.
 """

@@ -23,3 +23,17 @@ def worker(redis_url: str) -> Iterator[object]:
     ) as running:
         yield running
     apps.counter.delete(apps.QUEUE)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_this_runs_keys() -> Iterator[None]:
+    """This run's queue, counters and leases go when the session ends (results expire)."""
+    yield
+    from tests.tasks import apps
+
+    keys = [
+        *apps.counter.scan_iter(f"{apps.PREFIX}*"),
+        *apps.counter.scan_iter("taskkit:*:tests.tasks.apps.*"),
+    ]
+    if keys:
+        apps.counter.delete(*keys)
