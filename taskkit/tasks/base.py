@@ -23,7 +23,8 @@ Worker loss: ``acks_late`` with Celery's ``retry_on_worker_lost``: a copy of a t
 process died is sent again after ``default_retry_delay`` seconds and counts as a retry, so a
 task that kills its worker every time stops after ``max_retries``. A message redelivered by the
 broker (``redelivered``) is checked first: a task that already succeeded is not run again, and
-one redelivered more than ``max_retries`` times fails instead of looping.
+one redelivered more than ``max_retries`` times (its whole worker died each time) fails instead
+of looping; the count lives in Redis, next to the leases.
 
 Lease (``lease_key``): before the body runs, the task takes an exclusive lease on a stable key
 (an argument such as a run id, namespaced by the task name) with a heartbeat and a fencing token
@@ -295,9 +296,11 @@ class ResilientTask(Task[Any, Any]):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         in_worker = not request.called_directly and not request.is_eager
-        if in_worker and (
+        watcher = in_worker and bool(request.get("taskkit_watcher"))
+        redelivered = in_worker and bool(
             request.get("redelivered") or (request.delivery_info or {}).get("redelivered")
-        ):
+        )
+        if redelivered or watcher:
             self._screen_redelivery(request)
         run = _Run(
             None,
@@ -311,6 +314,8 @@ class ResilientTask(Task[Any, Any]):
                 # Inside the ladder: a lease store that is briefly unreachable means a retry.
                 run.lease = self._take_lease(request, args, kwargs)
                 run.lease.start_heartbeat()
+            if redelivered and not watcher:
+                self._count_redelivery(request)
             # In a worker (and in apply()) Celery has pushed the request already and, for a task
             # without a custom __call__, calls run() directly; do the same (Task.__call__ would
             # push a second copy of the request: 80% of this class's overhead per task).
@@ -406,6 +411,20 @@ class ResilientTask(Task[Any, Any]):
             )
             raise Ignore()
 
+    def _count_redelivery(self, request: Any) -> None:
+        """Count broker redeliveries of this task id (in Redis, when leases live there): a task
+        whose whole worker dies every time fails after ``max_retries`` instead of looping."""
+        client = getattr(self.lease_store(), "client", None)
+        if client is None or self.max_retries is None:
+            return
+        key = f"taskkit:redeliveries:{request.id}"
+        count, _ = client.pipeline().incr(key).expire(key, 7 * 24 * 3600).execute()
+        if count > self.max_retries:
+            raise PermanentError(
+                f"{self.name}[{request.id}] was delivered again {count} times, each time after "
+                f"its worker died; giving up (max_retries={self.max_retries})"
+            )
+
     def _argument(self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None) -> Any:
         if name is None:
             return None
@@ -459,7 +478,7 @@ class ResilientTask(Task[Any, Any]):
         )
         self.signature_from_request(
             request, countdown=self.lease_ttl, retries=request.retries
-        ).apply_async(headers=cast(dict[str, str], {"redelivered": True}))
+        ).apply_async(headers=cast(dict[str, str], {"taskkit_watcher": True}))
         raise Ignore()
 
     @property

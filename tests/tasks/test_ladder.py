@@ -265,3 +265,25 @@ def test_a_hook_that_raises_never_fails_the_task(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("on_success raised; ignored" in m for m in messages)
     assert any("on_progress raised; ignored" in m for m in messages)
+
+
+def test_a_task_redelivered_more_than_max_retries_times_fails_instead_of_looping(worker):
+    """As if its whole worker died each time: the broker hands the same message out again."""
+    import uuid
+
+    task_id = str(uuid.uuid4())
+    for delivery in range(5):
+        result = apps.flaky.apply_async(
+            ("redelivered", 100, "ValueError"),
+            task_id=task_id,
+            headers={"redelivered": True} if delivery else {},
+        )
+        with pytest.raises((ValueError, PermanentError)):
+            result.get(timeout=30)
+        if delivery < 4:
+            result.forget()  # so the next get() waits for the next copy's outcome
+    # max_retries=3: the first delivery and three redeliveries ran; the fifth was refused.
+    assert apps.runs("redelivered") == 4
+    with pytest.raises(PermanentError, match="delivered again 4 times"):
+        result.get(timeout=30)
+    apps.counter.delete(f"taskkit:redeliveries:{task_id}")
