@@ -92,24 +92,24 @@ __all__ = ["DEFAULT_PERMANENT_ERRORS", "DEFAULT_TRANSIENT_ERRORS", "ResilientTas
 logger = logging.getLogger("taskkit.tasks")
 
 
-def _transient_defaults() -> tuple[type[BaseException], ...]:
-    return (
-        ConnectionError,
-        TimeoutError,
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
-        redis.exceptions.BusyLoadingError,
-    )
-
-
-def _permanent_defaults() -> tuple[type[BaseException], ...]:
-    return (PermanentError, ValueError, TypeError, IntegrityError, DataError, ProgrammingError)
-
-
-#: Retried in process, then re-queued (plus what ``transient_errors`` adds).
-DEFAULT_TRANSIENT_ERRORS = _transient_defaults()
+#: Retried in process, then re-queued (plus what ``transient_errors`` adds, and the database
+#: errors ``taskkit.db.is_transient`` accepts).
+DEFAULT_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+)
 #: Never retried (plus what ``permanent_errors`` adds).
-DEFAULT_PERMANENT_ERRORS = _permanent_defaults()
+DEFAULT_PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    PermanentError,
+    ValueError,
+    TypeError,
+    IntegrityError,
+    DataError,
+    ProgrammingError,
+)
 
 #: Hooks a subclass may override; each override is wrapped so its errors are only logged.
 ISOLATED_HOOKS = ("on_failure", "on_retry", "on_success", "after_return", "on_progress")
@@ -133,12 +133,11 @@ class TaskFailure:
 
 @dataclass
 class _Run:
-    """One execution of a task body in this thread: its lease, progress throttle, attempts."""
+    """One execution of a task body in this thread: its lease, progress throttle, run id."""
 
     lease: Lease | None
     throttle: Throttle
     run_id: Any = None
-    inner_attempts: int = 1
     progress_keys: list[Any] = field(default_factory=list)
 
 
@@ -270,7 +269,6 @@ class ResilientTask(Task[Any, Any]):
             jitter=0.5,
             retry_if=cls.is_transient,
             give_up_on=cls._permanent,
-            on_retry=_count_inner_attempt,
             sleep=cls.sleep,
         )
         cls._argument_index = {p: i for i, p in enumerate(_run_parameters(cls))}
@@ -558,12 +556,6 @@ def _run_parameters(cls: type) -> list[str]:
     except (TypeError, ValueError):
         return []
     return names[1:] if bound and names else names
-
-
-def _count_inner_attempt(state: Any) -> None:
-    stack = _run_stack()
-    if stack:
-        stack[-1].inner_attempts = state.attempt + 1
 
 
 @signals.task_failure.connect(weak=False)
