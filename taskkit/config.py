@@ -22,8 +22,9 @@ variable                    meaning                                          def
                             task to another worker (see ``taskkit.tasks``)
 ``TASKKIT_EXTEND_VISIBILITY``  workers keep their running tasks' messages      ``true``
                             invisible while they live
-``TASKKIT_LEASE_URL``       where task leases live: ``redis://...`` or         the Redis broker, or
-                            ``file:///dir`` (one host only)                  ``$HOME/leases``
+``TASKKIT_LEASE_URL``       where task leases live: ``redis://...`` or         the Redis broker or
+                            ``file:///dir`` (one host only)                  results, else
+                                                                             ``$HOME/leases``
 ``TASKKIT_LEASE_TTL``       seconds a lease outlives its last heartbeat       ``15``
 ``TASKKIT_PROGRESS_INTERVAL``  least seconds between two progress writes     ``1``
 ==========================  ===============================================  ====================
@@ -93,7 +94,7 @@ class Settings(BaseSettings):
     #: Workers refresh the delivery time of every message they hold, so a running or waiting
     #: task is never redelivered while its worker lives.
     extend_visibility: bool = True
-    #: Where task leases live; empty means the Redis broker, or lock files under ``home``.
+    #: Where task leases live; empty: the Redis broker, a Redis result backend, or lock files.
     lease_url: str = ""
     #: Seconds a task lease survives without a heartbeat (heartbeats come every third of it).
     lease_ttl: float = Field(15.0, ge=1)
@@ -143,9 +144,10 @@ class Settings(BaseSettings):
                 else f"db+sqlite:///{self.home / 'results.db'}"
             )
         if not self.lease_url:
-            self.__dict__["lease_url"] = (
-                self.broker_url if self.broker_uses_redis else (self.home / "leases").as_uri()
-            )
+            # Leases must be shared by every worker: the Redis broker, else a Redis result
+            # backend (a RabbitMQ fleet with Redis results), else lock files on this one host.
+            shared = [u for u in (self.broker_url, self.result_backend) if _is_redis(u)]
+            self.__dict__["lease_url"] = shared[0] if shared else (self.home / "leases").as_uri()
         return self
 
     @property
@@ -157,6 +159,10 @@ class Settings(BaseSettings):
     def embedded_broker(self) -> bool:
         """Whether the broker is the embedded SQLite file (nothing else running)."""
         return self.broker_url.startswith("sqla+sqlite://")
+
+
+def _is_redis(url: str) -> bool:
+    return url.split("://", 1)[0] in {"redis", "rediss"}
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -43,6 +43,15 @@ def test_embedded_default_uses_files_under_home(tmp_path):
     assert not app.conf.broker_transport_options  # nothing Redis-specific
 
 
+def test_leases_default_to_a_redis_every_worker_shares():
+    assert Settings(broker_url=REDIS).lease_url == REDIS
+    rabbit = "amqp://guest:guest@127.0.0.1:5672//"
+    assert Settings(broker_url=rabbit, result_backend=REDIS).lease_url == REDIS
+    local = Settings(broker_url=rabbit, result_backend="rpc://")
+    assert local.lease_url.startswith("file://")
+    assert Settings(lease_url="redis://leases:6379/3").lease_url == "redis://leases:6379/3"
+
+
 def test_countdowns_are_clamped_under_the_timeout_when_nothing_extends_it():
     with pytest.warns(TaskkitWarning) as record:
         app = create_app(
