@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     @property
     def broker_uses_redis(self) -> bool:
         """Whether the broker is Redis (``redis://``, ``rediss://``, ``sentinel://``)."""
-        return self.broker_url.split("://", 1)[0] in {"redis", "rediss", "sentinel", "redis+socket"}
+        return _scheme(self.broker_url) in {"redis", "rediss", "sentinel", "redis+socket"}
 
     @property
     def embedded_broker(self) -> bool:
@@ -161,8 +161,12 @@ class Settings(BaseSettings):
         return self.broker_url.startswith("sqla+sqlite://")
 
 
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0]
+
+
 def _is_redis(url: str) -> bool:
-    return url.split("://", 1)[0] in {"redis", "rediss"}
+    return _scheme(url) in {"redis", "rediss"}
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -89,7 +89,7 @@ def create_app(
             return "pong"
     """
     settings = settings or get_settings()
-    if not settings.broker_uses_redis and settings.embedded_broker:
+    if settings.embedded_broker or settings.result_backend.startswith("db+sqlite:"):
         Path(settings.home).mkdir(parents=True, exist_ok=True)
     app = Celery(
         main,
@@ -98,12 +98,12 @@ def create_app(
         include=list(include),
     )
     conf = reliable_defaults(settings)
-    transport = {
-        **conf.pop("broker_transport_options", {}),
-        **config.pop("broker_transport_options", {}),
-    }
+    # The Redis options fit only a Redis broker (``broker_url=`` may have replaced the settings'
+    # one); your own transport options are kept for any broker.
+    transport = conf.pop("broker_transport_options", {}) if uses_visibility_timeout(app) else {}
+    transport.update(config.pop("broker_transport_options", {}))
     conf.update(config)
-    if transport and uses_visibility_timeout(app):
+    if transport:
         conf["broker_transport_options"] = transport
     app.conf.update(conf)
     check_app_config(app.conf)

@@ -117,3 +117,20 @@ def test_embedded_default_runs_a_task_end_to_end_through_a_worker_subprocess(tmp
     finally:
         worker.stop()
         print(worker.log()[-3000:])
+
+
+def test_your_transport_options_are_kept_on_any_broker_and_redis_ones_only_on_redis(tmp_path):
+    rabbit = create_app(
+        "r",
+        settings=Settings(broker_url="amqp://guest:guest@127.0.0.1:5672//", home=tmp_path / "h"),
+        broker_transport_options={"confirm_publish": True},
+    )
+    assert rabbit.conf.broker_transport_options == {"confirm_publish": True}
+    assert (tmp_path / "h").is_dir()  # where the default SQLite results go
+    redis_app = create_app(
+        "s",
+        settings=Settings(broker_url=REDIS),
+        broker_transport_options={"visibility_timeout": 60},
+    )
+    assert redis_app.conf.broker_transport_options["visibility_timeout"] == 60
+    assert redis_app.conf.broker_transport_options["unacked_restore_throttle"] == 1
