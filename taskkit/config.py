@@ -27,6 +27,19 @@ variable                    meaning                                          def
                                                                              ``$HOME/leases``
 ``TASKKIT_LEASE_TTL``       seconds a lease outlives its last heartbeat       ``15``
 ``TASKKIT_PROGRESS_INTERVAL``  least seconds between two progress writes     ``1``
+``TASKKIT_CHECKPOINT_DIR``  directory of checkpoint files, one directory     ``$HOME/checkpoints``
+                            per run (``taskkit.checkpoint``)
+``TASKKIT_CHECKPOINT_STORAGE``  ``directory`` (files) or ``database`` (the   ``directory``
+                            taskkit database, in chunks)
+``TASKKIT_CHECKPOINT_KEEP_LAST``  newest checkpoints kept per run             ``3``
+``TASKKIT_CHECKPOINT_KEEP_BEST``  checkpoints marked best kept per run        ``1``
+``TASKKIT_SECRET_KEY``      HMAC key that signs checkpoint manifests; a      unset (checksums
+                            checkpoint without a valid signature is          only, with a
+                            never unpickled                                  warning)
+``TASKKIT_REQUIRE_SIGNED_CHECKPOINTS``  refuse to open a checkpoint store    ``false``
+                            without ``TASKKIT_SECRET_KEY``
+``TASKKIT_RESUME_ORPHANED_RUNS``  a starting worker re-enqueues training     on with the
+                            runs whose worker died (from their checkpoint)   embedded broker
 ==========================  ===============================================  ====================
 
 Decisions: the embedded default lives under the working directory (like ``.git``), never in a
@@ -46,8 +59,9 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -100,11 +114,33 @@ class Settings(BaseSettings):
     lease_ttl: float = Field(15.0, ge=1)
     #: Least seconds between two progress writes of one task (first and last always written).
     progress_interval: float = Field(1.0, ge=0)
+    #: Directory of checkpoint files, one directory per run; default ``home / "checkpoints"``.
+    checkpoint_dir: Path = Path("checkpoints")
+    #: Where ``CheckpointStore`` keeps checkpoints: files, or the database (in chunks).
+    checkpoint_storage: Literal["directory", "database"] = "directory"
+    #: Newest checkpoints a run keeps (older ones are deleted once a newer one is durable).
+    checkpoint_keep_last: int = Field(3, ge=1)
+    #: Checkpoints saved with ``is_best=True`` a run keeps besides the newest ones.
+    checkpoint_keep_best: int = Field(1, ge=0)
+    #: HMAC key that signs checkpoint manifests; an empty value means none.
+    secret_key: SecretStr | None = None
+    #: Refuse to open a checkpoint store when no ``secret_key`` is set.
+    require_signed_checkpoints: bool = False
+    #: A starting worker re-enqueues training runs left running by a worker that died. None:
+    #: on with the embedded broker, which never redelivers a dead worker's message (Redis and
+    #: RabbitMQ do, so it is off there).
+    resume_orphaned_runs: bool | None = None
 
-    @field_validator("home")
+    @field_validator("home", "checkpoint_dir")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("secret_key")
+    @classmethod
+    def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # TASKKIT_SECRET_KEY= (set but empty) must not sign with an empty key.
+        return value if value is not None and value.get_secret_value() else None
 
     @field_validator("database_url")
     @classmethod
@@ -135,6 +171,9 @@ class Settings(BaseSettings):
         # frozen: fields are set through __dict__ once, while the instance is being built
         if not self.database_url:
             self.__dict__["database_url"] = f"sqlite:///{self.home / 'taskkit.db'}"
+        if "checkpoint_dir" not in self.model_fields_set:
+            # under home (resolved like it), never a shared /tmp
+            self.__dict__["checkpoint_dir"] = self.home / "checkpoints"
         if not self.broker_url:
             self.__dict__["broker_url"] = f"sqla+sqlite:///{self.home / 'broker.db'}"
         if not self.result_backend:

@@ -4,18 +4,30 @@
 
     TaskkitError                        root: ``except TaskkitError`` catches all of taskkit's own
     ├── PermanentError                  "never retry this": retry, batches and tasks give up at once
-    │   └── LeaseHeld                   another live task holds this task's lease (same run)
+    │   ├── LeaseHeld                   another live task holds this task's lease (same run)
+    │   ├── RunNotFound                 (also a ``LookupError``) no training run has this id
+    │   └── CheckpointTampered          (also a CheckpointError) signature wrong or missing:
+    │                                   the checkpoint is refused, never unpickled
     ├── RetryLater                      "retry after N seconds": carries ``retry_after``
     ├── TimeoutExceeded                 also a built-in ``TimeoutError``
     ├── CircuitBreakerError             a breaker rejected the call; carries ``retry_after``
     │   └── CircuitStorageUnavailable   shared breaker state unreachable, breaker set to reject
     ├── ConfigurationError              also a ``ValueError``: an option that cannot be right
+    │   └── InvalidRunId                a checkpoint run id that is not a safe directory name
     ├── DatabaseUnavailable             also a ``ConnectionError``: the database did not answer;
     │                                   names the host, never the password
     ├── ConcurrentUpdateError           ``atomic_update`` lost the compare-and-swap every time
-    └── LeaseLost                       a task's exclusive lease was taken over: stop writing
+    ├── LeaseLost                       a task's exclusive lease was taken over: stop writing
+    ├── RunNotResumable                 a run cannot be resumed now; ``kind`` says why
+    │                                   (completed, running, no_checkpoint, unknown_task)
+    └── CheckpointError                 a checkpoint could not be written, found or loaded;
+        │                               carries ``run_id`` and ``step``
+        ├── CheckpointCorrupt           data missing, truncated or not matching its checksum
+        └── CheckpointTampered          (see above: also a PermanentError)
 
     TaskkitWarning                      root of taskkit's warnings (a setting that is suspicious)
+    ├── CheckpointWarning               a checkpoint was skipped, or checkpoints are not signed
+    └── ReproducibilityWarning          (``taskkit.tasks``) an estimator with random_state=None
 
 Errors carry context as attributes (the breaker's ``name``, the seconds left), so a log line
 or a metrics hook can use them without parsing messages.
@@ -33,15 +45,22 @@ Example::
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointCorrupt",
+    "CheckpointError",
+    "CheckpointTampered",
+    "CheckpointWarning",
     "CircuitBreakerError",
     "CircuitStorageUnavailable",
     "ConcurrentUpdateError",
     "ConfigurationError",
     "DatabaseUnavailable",
+    "InvalidRunId",
     "LeaseHeld",
     "LeaseLost",
     "PermanentError",
     "RetryLater",
+    "RunNotFound",
+    "RunNotResumable",
     "TaskkitError",
     "TaskkitWarning",
     "TimeoutExceeded",
@@ -213,3 +232,82 @@ class LeaseLost(TaskkitError):
         self._describe(f"lease {key!r} (fencing token {token}) was lost to another worker")
         self.key = key
         self.token = token
+
+
+class RunNotFound(PermanentError, LookupError):
+    """No training run (``ModelRun``) has this id. Carries ``run_id``."""
+
+    def __init__(self, run_id: object) -> None:
+        super().__init__(run_id)
+        self._describe(f"training run {run_id!r} does not exist")
+        self.run_id = run_id
+
+
+class RunNotResumable(TaskkitError):
+    """A run cannot be resumed now. Carries ``run_id``, ``reason`` (a phrase: "is already
+    completed") and ``kind``: ``completed``, ``running``, ``no_checkpoint``, ``unknown_task`` or
+    ``no_model``.
+    """
+
+    def __init__(self, run_id: object, reason: str, kind: str = "other") -> None:
+        super().__init__(run_id, reason, kind)
+        self._describe(f"training run {run_id!r} {reason}")
+        self.run_id = run_id
+        self.reason = reason
+        self.kind = kind
+
+
+class InvalidRunId(ConfigurationError):
+    """A checkpoint run id that is not a safe directory name (``../x``, ``/abs``, ``a/b``, ...).
+
+    Run ids name a directory under ``TASKKIT_CHECKPOINT_DIR``, so only
+    ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` (and no ``..``) is accepted. Carries ``run_id`` and
+    ``problem`` (what is wrong with it).
+    """
+
+    def __init__(self, run_id: object, problem: str) -> None:
+        super().__init__(run_id, problem)
+        self._describe(f"invalid checkpoint run id {run_id!r}: {problem}")
+        self.run_id = run_id
+        self.problem = problem
+
+
+class CheckpointError(TaskkitError):
+    """A checkpoint could not be written, found or loaded.
+
+    ``run_id`` and ``step`` name the checkpoint (None when not about one); the message starts
+    with them, then says what went wrong. The OS or database error, if any, is the ``__cause__``.
+    """
+
+    def __init__(self, reason: str, run_id: str | None = None, step: int | None = None) -> None:
+        super().__init__(reason, run_id, step)
+        where = []
+        if run_id is not None:
+            where.append(f"run {run_id!r}")
+        if step is not None:
+            where.append(f"step {step}")
+        self._describe(f"checkpoint {', '.join(where)}: {reason}" if where else reason)
+        self.run_id = run_id
+        self.step = step
+        #: What went wrong, without the run and step.
+        self.reason = reason
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint's data is missing, truncated, or does not match the checksum in its manifest.
+
+    Nothing was unpickled. ``CheckpointStore.load_latest()`` warns and falls back to an older
+    checkpoint; ``load(step)`` raises this.
+    """
+
+
+class CheckpointTampered(CheckpointError, PermanentError):
+    """A checkpoint's signature does not match, or it is unsigned while a secret key is set.
+
+    The data was never unpickled. Permanent, and ``load_latest()`` does not fall back past it:
+    someone changed what a run would resume from, and a person should look.
+    """
+
+
+class CheckpointWarning(TaskkitWarning):
+    """A checkpoint was skipped (corrupt: an older one is used), or checkpoints are not signed."""

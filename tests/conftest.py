@@ -276,7 +276,14 @@ def db_url(request: pytest.FixtureRequest) -> str:
     )
 
 
-TABLES = ("predictions", "datasets", "training_progress", "model_runs")
+TABLES = (
+    "checkpoint_chunks",
+    "checkpoints",
+    "predictions",
+    "datasets",
+    "training_progress",
+    "model_runs",
+)
 
 
 def empty_tables(engine: Engine) -> None:

@@ -40,6 +40,7 @@ PUBLIC_MODULES = [
     "taskkit.tasks.base",
     "taskkit.tasks.lease",
     "taskkit.tasks.progress",
+    "taskkit.checkpoint",
 ]
 
 

@@ -7,6 +7,8 @@ model                  table                one row per
 ``TrainingProgress``   ``training_progress``  run (unique): epoch, percentage, metrics
 ``Prediction``         ``predictions``      prediction made by a run's model
 ``Dataset``            ``datasets``         named dataset, optionally tied to a run
+``CheckpointRecord``   ``checkpoints``      checkpoint of a run (``DatabaseStorage``): manifest
+``CheckpointChunk``    ``checkpoint_chunks``  piece (<= 8 MiB) of a checkpoint's data
 =====================  ===================  ==================================================
 
 Decisions:
@@ -21,6 +23,11 @@ Decisions:
 - ``ModelRun.model_state`` is JSON and ``ModelRun.model_object`` raw bytes: taskkit never
   unpickles anything from the database. Both are deferred, so listing runs does not load
   models, and an API returning a ``ModelRun`` does not try to encode a binary blob.
+- Checkpoints (``taskkit.checkpoint.DatabaseStorage``) keep their manifest as the JSON text it
+  was signed as (not JSONB, which reorders keys and cannot hold a NaN metric) and their data in
+  chunks, so no single value approaches PostgreSQL's 1 GB limit. A checkpoint and its chunks are
+  written in one transaction; deleting the record deletes the chunks (``ON DELETE CASCADE``).
+  Checkpoint run ids are strings (any run, not only a ``ModelRun``), so there is no foreign key.
 - ``Prediction.item_key`` is unique per run when given, so a batch that is retried after a
   crash cannot store the same item's prediction twice.
 
@@ -54,7 +61,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
 
 from taskkit.db._types import Json, UTCDateTime, utcnow
 
-__all__ = ["Base", "Dataset", "ModelRun", "Prediction", "TrainingProgress"]
+__all__ = [
+    "Base",
+    "CheckpointChunk",
+    "CheckpointRecord",
+    "Dataset",
+    "ModelRun",
+    "Prediction",
+    "TrainingProgress",
+]
 
 #: Constraint names that Alembic can rely on, on every database.
 NAMING_CONVENTION = {
@@ -93,6 +108,8 @@ class ModelRun(Base):
     status: Mapped[str] = mapped_column(String(32), default="created")
     #: The Celery task id of the latest attempt, when a task runs it.
     task_id: Mapped[str | None] = mapped_column(String(255))
+    #: The registered name of the task that trains it (``taskkit resume`` sends it again).
+    task_name: Mapped[str | None] = mapped_column(String(255))
     usage_count: Mapped[int] = mapped_column(Integer, default=0)
     final_score: Mapped[float | None] = mapped_column(Float)
     accuracy: Mapped[float | None] = mapped_column(Float)
@@ -172,3 +189,36 @@ class Dataset(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+
+
+class CheckpointRecord(Base):
+    """One checkpoint of a run in ``DatabaseStorage``: its signed manifest; data in chunks."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    #: A ``taskkit.checkpoint`` run id (``validate_run_id``), not necessarily a ``ModelRun``.
+    run_id: Mapped[str] = mapped_column(String(128))
+    step: Mapped[int] = mapped_column(BigInteger)
+    #: Bytes of data, the sum of the chunks' lengths.
+    size: Mapped[int] = mapped_column(BigInteger)
+    #: The JSON manifest (``CheckpointInfo.to_dict()``), verbatim: its signature covers it.
+    manifest: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("run_id", "step"),)
+
+
+class CheckpointChunk(Base):
+    """A piece of a checkpoint's data; ``seq`` orders the pieces from 0."""
+
+    __tablename__ = "checkpoint_chunks"
+
+    checkpoint_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+    def __repr__(self) -> str:
+        return f"<CheckpointChunk checkpoint_id={self.checkpoint_id!r} seq={self.seq!r}>"

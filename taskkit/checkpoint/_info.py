@@ -1,0 +1,211 @@
+"""``CheckpointInfo`` (the manifest), ``Checkpoint`` and ``validate_run_id``."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from taskkit.errors import InvalidRunId
+
+__all__ = ["FORMATS", "Checkpoint", "CheckpointInfo", "plain_metrics", "validate_run_id"]
+
+#: Serialisation formats a checkpoint can be written in.
+FORMATS = ("pickle", "joblib")
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_RUN_ID = 128
+
+
+def validate_run_id(run_id: object) -> str:
+    """``run_id`` as a string, if it is a safe directory name; else ``InvalidRunId`` saying why.
+
+    Allowed: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without ``..``; an ``int`` (a ``ModelRun`` id)
+    becomes its decimal string. Refused with the reason: empty, NUL, ``/`` or ``\\``, absolute
+    paths, ``..``, too long, other characters.
+
+    Example::
+
+        validate_run_id(42)          # "42"
+        validate_run_id("exp-1.a")   # "exp-1.a"
+        validate_run_id("../etc")    # InvalidRunId: ... contains '..' ...
+    """
+    if isinstance(run_id, bool) or not isinstance(run_id, str | int):
+        # Kept as is when JSON can carry it (Celery results), else as its repr.
+        shown = run_id if run_id is None or isinstance(run_id, bool | float) else repr(run_id)
+        raise InvalidRunId(shown, f"must be a str or an int, not {type(run_id).__name__}")
+    text = str(run_id)
+    if not text:
+        raise InvalidRunId(text, "is empty")
+    if "\x00" in text:
+        raise InvalidRunId(text, "contains a NUL byte")
+    if text.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", text):
+        raise InvalidRunId(text, "is an absolute path; a run id names one directory")
+    if ".." in text:
+        raise InvalidRunId(text, "contains '..' (a parent directory)")
+    if "/" in text or "\\" in text:
+        raise InvalidRunId(text, "contains a path separator ('/' or '\\'); use '-' or '_'")
+    if len(text) > _MAX_RUN_ID:
+        raise InvalidRunId(text, f"is {len(text)} characters long; at most {_MAX_RUN_ID}")
+    if not text[0].isascii() or not text[0].isalnum():
+        raise InvalidRunId(text, "must start with a letter or a digit")
+    if not _RUN_ID.fullmatch(text):
+        bad = sorted({c for c in text if not (c.isascii() and (c.isalnum() or c in "._-"))})
+        raise InvalidRunId(
+            text, f"contains {''.join(bad)!r}; only letters, digits, '.', '_' and '-' are allowed"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's manifest: what was saved, when, with what, and how to verify it.
+
+    It is JSON (``to_dict()``/``from_dict()``), written after the data, so a checkpoint exists
+    only once its manifest does. ``size`` and ``sha256`` are those of the stored bytes (after
+    compression); ``signature`` is the HMAC-SHA256 of every other field (see ``signed_bytes``),
+    or None when no secret key was set.
+
+    Example::
+
+        info = store.save(state, step=3, metrics={"loss": 0.4}, is_best=True)
+        info.step, info.size, info.metrics["loss"]
+        CheckpointInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info  # True
+    """
+
+    run_id: str
+    step: int
+    size: int
+    sha256: str
+    format: str = "pickle"
+    compression: str | None = None
+    #: ISO-8601, UTC (``2026-11-29T10:00:00.000000+00:00``).
+    created_at: str = ""
+    python: str | None = None
+    numpy: str | None = None
+    sklearn: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    is_best: bool = False
+    signature: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as a JSON-ready dict (a copy).
+
+        Example::
+
+            json.dumps(info.to_dict())
+        """
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointInfo:
+        """The info in ``data`` (a parsed manifest), checked field by field; ``ValueError`` if not.
+
+        Unknown keys are ignored (they are not signed, so they cannot change what is loaded).
+
+        Example::
+
+            info = CheckpointInfo.from_dict(json.loads(path.read_text()))
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a manifest is a JSON object, not {type(data).__name__}")
+
+        def get(name: str, kinds: tuple[type, ...], optional: bool = False) -> Any:
+            if name not in data:
+                if optional:
+                    return None
+                raise ValueError(f"manifest has no {name!r}")
+            value = data[name]
+            if value is None and optional:
+                return None
+            # bool is an int: a step of True is not a step
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"manifest field {name!r} has the wrong type: {value!r}")
+            return value
+
+        sha256 = get("sha256", (str,))
+        if not _SHA256.fullmatch(sha256):
+            raise ValueError(f"manifest field 'sha256' is not a hex SHA-256: {sha256!r}")
+        step, size = get("step", (int,)), get("size", (int,))
+        if step < 0 or size < 0:
+            raise ValueError(f"manifest has a negative step or size: {step}, {size}")
+        return cls(
+            run_id=get("run_id", (str,)),
+            step=step,
+            size=size,
+            sha256=sha256,
+            format=get("format", (str,)),
+            compression=get("compression", (str,), optional=True),
+            created_at=get("created_at", (str,)),
+            python=get("python", (str,), optional=True),
+            numpy=get("numpy", (str,), optional=True),
+            sklearn=get("sklearn", (str,), optional=True),
+            metrics=dict(get("metrics", (dict,))),
+            is_best=get("is_best", (bool,)),
+            signature=get("signature", (str,), optional=True),
+        )
+
+    def to_json(self) -> bytes:
+        """The manifest file's content: indented JSON, UTF-8."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CheckpointInfo:
+        """Parse a manifest file's content; ``ValueError`` when it is not a valid manifest."""
+        return cls.from_dict(json.loads(text))
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: canonical JSON of every field except ``signature``.
+
+        Sorted keys, no whitespace, ASCII: the same bytes on every machine, and the same after
+        a JSON round trip. It includes ``run_id``, ``step``, ``size`` and ``sha256``, so
+        neither the data nor the checkpoint's place (run, step) can be swapped.
+        """
+        fields = self.to_dict()
+        del fields["signature"]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return b"taskkit-checkpoint-v1\n" + canonical.encode("ascii")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the saved ``state`` and its verified ``info``.
+
+    Example::
+
+        checkpoint = store.load_latest()
+        if checkpoint is not None:
+            model = checkpoint.state["model"]
+            start = checkpoint.info.step + 1
+    """
+
+    state: Any
+    info: CheckpointInfo
+
+
+def plain_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """``metrics`` as plain JSON values (numpy scalars become Python numbers), or TypeError.
+
+    Normalised through a JSON round trip, so the info returned by ``save()`` equals the one read
+    back later (tuples become lists, keys become strings).
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict, not {type(metrics).__name__}")
+
+    def plain(value: Any) -> Any:
+        item = getattr(value, "item", None)  # numpy scalars, 0-d arrays
+        if callable(item):
+            result = item()
+            if isinstance(result, bool | int | float | str) or result is None:
+                return result
+        raise TypeError(
+            f"metrics must be JSON values (numbers, strings, lists, dicts); "
+            f"got {type(value).__name__}"
+        )
+
+    result: dict[str, Any] = json.loads(json.dumps(metrics, default=plain))
+    return result

@@ -1,0 +1,629 @@
+"""``CheckpointStore``: save, verify and load a run's checkpoints; retention; background writes."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import hmac
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from pydantic import SecretStr
+
+from taskkit.checkpoint._codec import Digest, Payload, decode, encode, library_versions, sha256_of
+from taskkit.checkpoint._database import DatabaseStorage
+from taskkit.checkpoint._info import FORMATS, Checkpoint, CheckpointInfo, plain_metrics
+from taskkit.checkpoint._info import validate_run_id as _validate_run_id
+from taskkit.checkpoint._storage import CheckpointStorage, DirectoryStorage
+from taskkit.config import Settings, get_settings
+from taskkit.errors import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointTampered,
+    CheckpointWarning,
+    ConfigurationError,
+)
+
+__all__ = ["CheckpointStore", "storage_from_settings"]
+
+logger = logging.getLogger("taskkit.checkpoint")
+
+#: zlib level of ``compress=True``: joblib's choice; model weights barely compress at any level,
+#: so a higher one mostly costs time.
+DEFAULT_ZLIB_LEVEL = 3
+
+# The "not signed" warning is given once per process, not once per store (one per task).
+_unsigned_warned = False
+_unsigned_lock = threading.Lock()
+
+
+def storage_from_settings(settings: Settings | None = None) -> CheckpointStorage:
+    """The storage ``TASKKIT_CHECKPOINT_STORAGE`` names: files under ``TASKKIT_CHECKPOINT_DIR``
+    (``directory``, the default) or taskkit's database (``database``).
+
+    Example::
+
+        storage = storage_from_settings()           # from the environment
+        storage.runs()                              # ['exp-1', 'exp-2']
+    """
+    settings = settings or get_settings()
+    if settings.checkpoint_storage == "database":
+        return DatabaseStorage(settings.database_url)
+    return DirectoryStorage(settings.checkpoint_dir)
+
+
+class CheckpointStore:
+    """The checkpoints of one run: ``save`` them durably, ``load_latest`` the newest valid one.
+
+    - **Durable and atomic.** ``save`` returns once the checkpoint is on disk (or committed):
+      data, then manifest, each written to a temp file, fsynced, renamed, directory fsynced
+      (``DirectoryStorage``), or one transaction (``DatabaseStorage``). A failed save (a full
+      disk) leaves the earlier checkpoints as they were, removes its temp files and raises
+      ``CheckpointError`` naming the run and step.
+    - **Verified before unpickling.** Loading checks size and SHA-256 of the stored bytes, and
+      with a secret key the HMAC-SHA256 signature of the manifest, before anything is
+      unpickled. ``load_latest`` skips a corrupt (truncated, missing) newest checkpoint with a
+      ``CheckpointWarning`` and takes the newest valid one, but raises ``CheckpointTampered``
+      for a bad signature instead of falling back past it.
+    - **Retention.** After each durable save the run keeps its ``keep_last`` newest
+      checkpoints, its ``keep_best`` newest ones saved with ``is_best=True``, and any step passed
+      to ``protect`` (the one the run resumed from); the rest are deleted.
+    - **Background writes.** With ``background=True``, ``save`` serialises and checksums the
+      state at once (a later change to it cannot leak into the checkpoint) and returns; one
+      writer thread stores it. The next ``save``, ``wait``, ``close`` wait for it, and the first
+      ``save``/``wait`` after a failed background write raises its error.
+
+    ``None`` arguments come from ``settings`` (default ``get_settings()``): the storage
+    (``storage_from_settings``), ``checkpoint_keep_last``, ``checkpoint_keep_best``,
+    ``secret_key``, ``require_signed_checkpoints``. ``compress`` is False, True (zlib level 3)
+    or a zlib level 1-9. Opening a store removes what crashed writes of the run left behind.
+
+    Example::
+
+        with CheckpointStore(run_id, keep_last=3) as store:
+            checkpoint = store.load_latest()
+            start = 0
+            if checkpoint is not None:
+                model, rng = checkpoint.state["model"], checkpoint.state["rng"]
+                start = checkpoint.info.step + 1
+                store.protect(checkpoint.info.step)
+            for epoch in range(start, epochs):
+                loss = train_one_epoch(model, rng)
+                store.save({"model": model, "rng": rng}, step=epoch, metrics={"loss": loss},
+                           is_best=loss < best_loss)
+        store.cleanup()   # once the run has succeeded: keep only the final checkpoint
+    """
+
+    def __init__(
+        self,
+        run_id: str | int,
+        *,
+        storage: CheckpointStorage | None = None,
+        format: str = "pickle",
+        compress: bool | int = False,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        secret_key: str | bytes | SecretStr | None = None,
+        require_signature: bool | None = None,
+        background: bool = False,
+        settings: Settings | None = None,
+    ) -> None:
+        self._run_id = _validate_run_id(run_id)
+        settings = settings or get_settings()
+        if format not in FORMATS:
+            raise ConfigurationError(f"format must be one of {FORMATS}, got {format!r}")
+        self.format: str = format
+        self.compress_level = _zlib_level(compress)
+        self.keep_last = settings.checkpoint_keep_last if keep_last is None else keep_last
+        self.keep_best = settings.checkpoint_keep_best if keep_best is None else keep_best
+        if isinstance(self.keep_last, bool) or self.keep_last < 1:
+            raise ConfigurationError(f"keep_last must be >= 1, got {self.keep_last!r}")
+        if isinstance(self.keep_best, bool) or self.keep_best < 0:
+            raise ConfigurationError(f"keep_best must be >= 0, got {self.keep_best!r}")
+        self._key = _key_bytes(settings.secret_key if secret_key is None else secret_key)
+        required = (
+            settings.require_signed_checkpoints if require_signature is None else require_signature
+        )
+        if required and self._key is None:
+            raise ConfigurationError(
+                "signed checkpoints are required (require_signature / "
+                "TASKKIT_REQUIRE_SIGNED_CHECKPOINTS) but no secret key is set: set "
+                "TASKKIT_SECRET_KEY or pass secret_key="
+            )
+        if self._key is None:
+            _warn_unsigned_once()
+        self.storage: CheckpointStorage = (
+            storage if storage is not None else storage_from_settings(settings)
+        )
+        self.background = background
+        self._protected: set[int] = set()
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: builtins.list[Future[None]] = []
+        #: Steps retention has decided to delete and not yet deleted.
+        self._doomed: set[int] = set()
+        self._closed = False
+        removed = self.storage.remove_orphans(self._run_id)
+        if removed:
+            logger.info(
+                "taskkit: removed %d item(s) left by an interrupted checkpoint write of run %r",
+                removed,
+                self._run_id,
+            )
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self._run_id!r}, storage={self.storage!r})"
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, as a string."""
+        return self._run_id
+
+    @property
+    def signed(self) -> bool:
+        """Whether a secret key signs and verifies this store's checkpoints."""
+        return self._key is not None
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def save(
+        self,
+        state: Any,
+        step: int,
+        metrics: dict[str, Any] | None = None,
+        is_best: bool = False,
+    ) -> CheckpointInfo:
+        """Save ``state`` as checkpoint ``step``; return its manifest (retention runs after).
+
+        ``metrics`` are JSON values kept in the manifest (numpy scalars are converted). Saving a
+        step that exists replaces it. In background mode it returns once the state is
+        serialised; the write happens on the writer thread.
+
+        Example::
+
+            info = store.save({"model": model, "rng": rng.bit_generator.state}, step=epoch,
+                              metrics={"val_loss": val_loss}, is_best=val_loss < best)
+        """
+        if self._closed:
+            raise CheckpointError("the store is closed", self._run_id, None)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigurationError(f"step must be an int >= 0, got {step!r}")
+        metrics = plain_metrics(metrics)
+        with self._lock:
+            doomed = step in self._doomed
+        if self.background or doomed:
+            # The previous background write must be done (one state copy in memory at most),
+            # and a deletion of this very step must not race with writing it again.
+            self.wait()
+        else:
+            self._raise_finished()
+        try:
+            payload = encode(state, self.format, self.compress_level)
+        except Exception as exc:
+            raise CheckpointError(
+                f"the state could not be serialised with {self.format}: {exc}", self._run_id, step
+            ) from exc
+        template = self._template(step, metrics, is_best, payload.size)
+        if not self.background:
+            digest = Digest(payload.chunks)  # hashes while the storage writes
+            holder: list[CheckpointInfo] = []
+
+            def manifest() -> CheckpointInfo:
+                holder.append(self._finish(template, digest.hexdigest()))
+                return holder[0]
+
+            self._write(step, payload, manifest)
+            if not holder:
+                raise CheckpointError(
+                    f"{self.storage!r} returned without asking for the manifest", self._run_id, step
+                )
+            self._retain(holder[0], inline=False)
+            return holder[0]
+        # Background: copy what still belongs to the caller (array memory) while hashing it,
+        # so save() returns a complete manifest and later changes to `state` cannot leak in.
+        digest = Digest(payload.chunks)
+        owned = payload.owned()
+        info = self._finish(template, digest.hexdigest())
+        del payload
+        self._submit(self._write_and_retain, step, owned, info)
+        return info
+
+    def _submit(self, work: Callable[..., None], *args: Any) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="taskkit-checkpoint")
+        self._pending.append(self._executor.submit(work, *args))
+
+    def _template(
+        self, step: int, metrics: dict[str, Any], is_best: bool, size: int
+    ) -> CheckpointInfo:
+        python, numpy, sklearn = library_versions()
+        return CheckpointInfo(
+            run_id=self._run_id,
+            step=step,
+            size=size,
+            sha256="0" * 64,
+            format=self.format,
+            compression=None if self.compress_level is None else "zlib",
+            created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+            python=python,
+            numpy=numpy,
+            sklearn=sklearn,
+            metrics=metrics,
+            is_best=bool(is_best),
+        )
+
+    def _finish(self, template: CheckpointInfo, sha256: str) -> CheckpointInfo:
+        info = _replace(template, sha256=sha256)
+        if self._key is not None:
+            info = _replace(info, signature=_sign(self._key, info))
+        return info
+
+    def _write(self, step: int, payload: Payload, manifest: Callable[[], CheckpointInfo]) -> None:
+        try:
+            self.storage.write(self._run_id, step, payload.chunks, manifest)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"could not be written ({type(exc).__name__}: {exc}); the earlier checkpoints "
+                f"are unchanged",
+                self._run_id,
+                step,
+            ) from exc
+
+    def _write_and_retain(self, step: int, payload: Payload, info: CheckpointInfo) -> None:
+        self._write(step, payload, lambda: info)
+        self._retain(info, inline=True)
+
+    def _retain(self, saved: CheckpointInfo, *, inline: bool) -> None:
+        """Decide what retention deletes, now that ``saved`` is durable, and delete it.
+
+        Not ``inline``: the deleting happens on the writer thread (freeing a large file takes
+        tens of milliseconds); the next ``save`` of a step being deleted, and every read, wait
+        for it.
+        """
+        try:
+            infos = self.storage.infos(self._run_id)
+        except Exception as exc:
+            self._warn_retention(saved.step, exc)
+            return
+        keep = {saved.step}
+        keep.update(info.step for info in infos[-self.keep_last :])
+        if self.keep_best:
+            best = [info.step for info in reversed(infos) if info.is_best]
+            keep.update(best[: self.keep_best])
+        with self._lock:
+            doomed = [i.step for i in infos if i.step not in keep and i.step not in self._protected]
+            self._doomed.update(doomed)
+        if not doomed:
+            return
+        if inline:
+            self._delete_steps(saved.step, doomed)
+        else:
+            self._submit(self._delete_steps, saved.step, doomed)
+
+    def _delete_steps(self, saved_step: int, steps: builtins.list[int]) -> None:
+        failure: Exception | None = None
+        for step in steps:
+            try:
+                with self._lock:
+                    if step in self._protected:  # protected since the decision
+                        continue
+                self.storage.delete(self._run_id, step)
+            except Exception as exc:
+                failure = exc
+            finally:
+                with self._lock:
+                    self._doomed.discard(step)
+        if failure is not None:
+            self._warn_retention(saved_step, failure)
+
+    def _warn_retention(self, step: int, exc: Exception) -> None:
+        # The new checkpoint is saved; what was not deleted now is deleted on a later save.
+        warnings.warn(
+            CheckpointWarning(
+                f"checkpoint run {self._run_id!r}, step {step} was saved, but old checkpoints "
+                f"could not be deleted: {type(exc).__name__}: {exc}"
+            ),
+            stacklevel=4,
+        )
+
+    def protect(self, step: int) -> None:
+        """Never let retention delete checkpoint ``step`` (for this store's lifetime).
+
+        Call it with the step a run resumed from: should the new checkpoints turn out bad, the
+        one known to work is still there.
+
+        Example::
+
+            checkpoint = store.load_latest()
+            if checkpoint is not None:
+                store.protect(checkpoint.info.step)
+        """
+        with self._lock:
+            self._protected.add(int(step))
+
+    # -- background -------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the background write (and deletions) in progress; raise a write's error.
+
+        ``TimeoutError`` when work is still running after ``timeout`` seconds (it goes on). An
+        error is raised once: by this call or by the next ``save``.
+
+        Example::
+
+            store.save(state, step=10)
+            store.wait()        # durable now, or the write's CheckpointError is raised
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._pending:
+            future = self._pending[0]
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                future.result(left)
+            except TimeoutError:
+                if not future.done():
+                    raise  # still running: waited for again next time
+                self._pending.pop(0)
+                raise
+            except BaseException:
+                self._pending.pop(0)  # raised once, here
+                raise
+            self._pending.pop(0)
+
+    def _raise_finished(self) -> None:
+        """Forget finished work, raising the first error among it; never blocks."""
+        while self._pending and self._pending[0].done():
+            self._pending.pop(0).result()
+
+    def _settle(self) -> None:
+        """Let pending work finish before reading, without raising its error here."""
+        futures.wait(self._pending)
+
+    def close(self) -> None:
+        """Wait for the background write (raising its error), then stop the writer thread.
+
+        Example::
+
+            store = CheckpointStore("exp-1", background=True)
+            try:
+                ...
+            finally:
+                store.close()
+        """
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:
+            # Do not hide the error that is already on its way out.
+            logger.exception("taskkit: background checkpoint write of run %r failed", self._run_id)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """Manifests of the run's complete checkpoints, oldest step first (data not verified).
+
+        Example::
+
+            for info in store.list():
+                print(info.step, info.metrics, info.is_best)
+        """
+        self._settle()
+        return self.storage.infos(self._run_id)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest manifest, or None (the data is not verified: see ``load_latest``).
+
+        Example::
+
+            info = store.latest()
+            next_epoch = 0 if info is None else info.step + 1
+        """
+        infos = self.list()
+        return infos[-1] if infos else None
+
+    def load(self, step: int) -> Checkpoint:
+        """Checkpoint ``step``, verified; ``CheckpointCorrupt``, ``CheckpointTampered``, or
+        ``CheckpointError`` when there is no such checkpoint.
+
+        Example::
+
+            state = store.load(10).state
+        """
+        for info in self.list():
+            if info.step == step:
+                return self._load(info)
+        raise CheckpointError("no such checkpoint", self._run_id, step)
+
+    def load_latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies; None when the run has none.
+
+        A corrupt one (data missing, truncated, checksum wrong) is skipped with a
+        ``CheckpointWarning`` naming its step and what is wrong. A tampered one (signature wrong
+        or missing while a key is set) raises ``CheckpointTampered``: no silent fallback past it.
+
+        Example::
+
+            checkpoint = store.load_latest()
+            start = 0 if checkpoint is None else checkpoint.info.step + 1
+        """
+        for info in reversed(self.list()):
+            try:
+                return self._load(info)
+            except CheckpointCorrupt as exc:
+                warnings.warn(
+                    CheckpointWarning(
+                        f"checkpoint run {self._run_id!r}, step {info.step} is unusable "
+                        f"({exc.reason}); falling back to an older checkpoint"
+                    ),
+                    stacklevel=2,
+                )
+        return None
+
+    def _load(self, info: CheckpointInfo) -> Checkpoint:
+        self._verify_manifest(info)
+        step = info.step
+        try:
+            data = self.storage.read(self._run_id, step)
+        except FileNotFoundError as exc:
+            raise CheckpointCorrupt("its data is missing", self._run_id, step) from exc
+        if isinstance(data, bytes) or memoryview(data).readonly:
+            data = bytearray(data)  # arrays made over it must be writable
+        size = memoryview(data).nbytes
+        if size != info.size:
+            what = "truncated" if size < info.size else "longer than recorded"
+            raise CheckpointCorrupt(
+                f"its data is {what}: {size} bytes, the manifest says {info.size}",
+                self._run_id,
+                step,
+            )
+        if not hmac.compare_digest(sha256_of(data), info.sha256):
+            raise CheckpointCorrupt(
+                "its data does not match the SHA-256 in its manifest", self._run_id, step
+            )
+        try:
+            state = decode(data, info.format, info.compression)
+        except Exception as exc:
+            python, numpy, sklearn = library_versions()
+            raise CheckpointError(
+                f"verified, but could not be loaded ({type(exc).__name__}: {exc}); saved with "
+                f"Python {info.python}, numpy {info.numpy}, scikit-learn {info.sklearn}; this "
+                f"process has Python {python}, numpy {numpy}, scikit-learn {sklearn}",
+                self._run_id,
+                step,
+            ) from exc
+        return Checkpoint(state=state, info=info)
+
+    def _verify_manifest(self, info: CheckpointInfo) -> None:
+        step = info.step
+        if self._key is not None:
+            if info.signature is None:
+                raise CheckpointTampered(
+                    "it is not signed, but a secret key is set: refusing to unpickle it (it was "
+                    "saved without TASKKIT_SECRET_KEY, or its signature was removed)",
+                    self._run_id,
+                    step,
+                )
+            if not hmac.compare_digest(_sign(self._key, info), info.signature):
+                raise CheckpointTampered(
+                    "its signature does not match: the manifest or the data was changed, or it "
+                    "was signed with another key; refusing to unpickle it",
+                    self._run_id,
+                    step,
+                )
+        if info.run_id != self._run_id:
+            error = CheckpointTampered if self._key is not None else CheckpointCorrupt
+            raise error(
+                f"its manifest belongs to run {info.run_id!r}; refusing to load it",
+                self._run_id,
+                step,
+            )
+
+    # -- deleting ---------------------------------------------------------------------------
+
+    def cleanup(self, keep_final: bool = True) -> None:
+        """After a run succeeded: delete every checkpoint but the newest (or all of them).
+
+        Protection does not apply: the run is over.
+
+        Example::
+
+            result = train()
+            store.cleanup()                  # keep the final checkpoint only
+            store.cleanup(keep_final=False)  # or nothing at all
+        """
+        self.wait()
+        infos = self.storage.infos(self._run_id)
+        if keep_final:
+            infos = infos[:-1]
+        for info in infos:
+            self.storage.delete(self._run_id, info.step)
+
+    def delete_all(self) -> None:
+        """Delete every checkpoint of the run (to start it over from scratch).
+
+        Example::
+
+            store.delete_all()
+            assert store.list() == []
+        """
+        self.wait()
+        for info in self.storage.infos(self._run_id):
+            self.storage.delete(self._run_id, info.step)
+        with self._lock:
+            self._protected.clear()
+
+
+def _replace(info: CheckpointInfo, **changes: Any) -> CheckpointInfo:
+    fields = info.to_dict()
+    fields.update(changes)
+    return CheckpointInfo(**fields)
+
+
+def _sign(key: bytes, info: CheckpointInfo) -> str:
+    return hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
+
+
+def _key_bytes(key: str | bytes | SecretStr | None) -> bytes | None:
+    if isinstance(key, SecretStr):
+        key = key.get_secret_value()
+    if isinstance(key, str):
+        key = key.encode()
+    if key is not None and not isinstance(key, bytes):
+        raise ConfigurationError(f"secret_key must be str or bytes, not {type(key).__name__}")
+    return key or None  # an empty key signs nothing
+
+
+def _zlib_level(compress: bool | int) -> int | None:
+    if compress is True:
+        return DEFAULT_ZLIB_LEVEL
+    if compress is False or compress == 0:
+        return None
+    if isinstance(compress, int) and 1 <= compress <= 9:
+        return compress
+    raise ConfigurationError(f"compress must be True, False or a zlib level 1-9, got {compress!r}")
+
+
+def _warn_unsigned_once() -> None:
+    global _unsigned_warned
+    with _unsigned_lock:
+        if _unsigned_warned:
+            return
+        _unsigned_warned = True
+    warnings.warn(
+        CheckpointWarning(
+            "checkpoints are only checksummed, not signed: anyone who can write to the "
+            "checkpoint storage can make this process unpickle their data. Set "
+            "TASKKIT_SECRET_KEY to sign them (and TASKKIT_REQUIRE_SIGNED_CHECKPOINTS=1 to "
+            "insist on it)."
+        ),
+        stacklevel=3,
+    )
