@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck bench worker clean
+.PHONY: install demo test lint typecheck bench worker clean
 
 # make worker CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info
 CONCURRENCY ?= 2
@@ -15,6 +15,10 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[dev]' && touch $(STAMP)
+
+# A training run on the embedded defaults survives the SIGKILL of its worker (workers/demo.py).
+demo: $(STAMP)
+	$(BIN)/python -m workers.demo
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -9,6 +9,10 @@
 ``RedisLeaseStore``,         where leases live: Redis for a fleet, lock files on one host
 ``FileLeaseStore``
 ``TaskFailure``              what is recorded when a task fails for good
+``TrainingTask``,            task base for epoch loops: checkpoint/resume with the random
+``TrainingRun``              state, progress, ModelRun status, hand-over on SIGTERM
+``submit_run``,              create a run and send its task; re-enqueue a failed or
+``resume_run``, ``load_model``  interrupted run; the verified final model
 ===========================  ====================================================================
 
 Redelivery, visibility timeout and takeover: with Redis as the broker, a worker that dies
@@ -42,6 +46,15 @@ from taskkit.tasks.base import (
 )
 from taskkit.tasks.lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
 from taskkit.tasks.progress import PROGRESS, ProgressReport
+from taskkit.tasks.runs import load_model, resume_run, submit_run
+from taskkit.tasks.training import (
+    ReproducibilityWarning,
+    TrainingRun,
+    TrainingTask,
+    request_stop,
+    resume_orphaned_runs,
+    run_is_alive,
+)
 
 __all__ = [
     "DEFAULT_PERMANENT_ERRORS",
@@ -53,8 +66,17 @@ __all__ = [
     "LeaseStore",
     "ProgressReport",
     "RedisLeaseStore",
+    "ReproducibilityWarning",
     "ResilientTask",
     "TaskFailure",
+    "TrainingRun",
+    "TrainingTask",
     "create_app",
+    "load_model",
     "reliable_defaults",
+    "request_stop",
+    "resume_orphaned_runs",
+    "resume_run",
+    "run_is_alive",
+    "submit_run",
 ]

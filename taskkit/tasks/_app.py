@@ -50,6 +50,11 @@ def reliable_defaults(settings: Settings) -> dict[str, Any]:
         "taskkit_lease_ttl": settings.lease_ttl,
         "taskkit_progress_interval": settings.progress_interval,
         "taskkit_database_url": settings.database_url,
+        "taskkit_resume_orphaned_runs": (
+            settings.embedded_broker
+            if settings.resume_orphaned_runs is None
+            else settings.resume_orphaned_runs
+        ),
     }
     if settings.broker_uses_redis:
         conf["broker_transport_options"] = {

@@ -136,7 +136,12 @@ def reject_unknown(task_name: str, given: Iterable[str], known: Callable[[str], 
 
 def check_app_config(conf: Any) -> None:
     """Refuse ``taskkit_*`` config keys that are not options (a misspelt app-wide setting)."""
-    extra = {"taskkit_extend_visibility", "taskkit_lease_url", "taskkit_database_url"}
+    extra = {
+        "taskkit_extend_visibility",
+        "taskkit_lease_url",
+        "taskkit_database_url",
+        "taskkit_resume_orphaned_runs",
+    }
     for key in list(conf.keys()):
         if key.startswith("taskkit_") and key not in extra and key[8:] not in DEFAULTS:
             raise ConfigurationError(

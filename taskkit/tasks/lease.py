@@ -124,6 +124,7 @@ class Lease:
         self._release = release
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._released = False
 
     def check(self) -> None:
         """Raise ``LeaseLost`` if the lease was taken over; cheap (no round trip)."""
@@ -140,7 +141,12 @@ class Lease:
         return not self.lost
 
     def release(self) -> None:
-        """Stop the heartbeat and give the lease up (only if it is still ours)."""
+        """Stop the heartbeat and give the lease up (only if it is still ours). Idempotent:
+        a lease handed over early is not released twice (a file lease would close a
+        descriptor number the process may have reused)."""
+        if self._released:
+            return
+        self._released = True
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)

@@ -1,0 +1,361 @@
+"""Training runs in the database: submit, resume, status transitions, and the final model.
+
+A run is a ``ModelRun`` row. Its ``status`` moves::
+
+    queued -> running -> (retrying -> running)* -> completed
+                                                -> failed   (error_message says why)
+
+``submit_run`` creates the row (``queued``) and sends the task with a task id it stores first,
+so the row always names the attempt that owns it. ``resume_run`` re-enqueues a failed or
+interrupted run with a new task id (the old attempt's copies are then stale and drop
+themselves); ``resume_orphaned_runs`` does that, at worker start, for runs whose worker died
+on a broker that never redelivers (the embedded SQLite broker).
+
+The final model is stored on ``ModelRun.model_object`` as pickle bytes, with its sha256 (and an
+HMAC-SHA256 when ``TASKKIT_SECRET_KEY`` is set) in ``ModelRun.model_state``; ``load_model``
+verifies both before it unpickles, so a tampered row is refused, never executed.
+
+Example::
+
+    from taskkit.tasks.runs import submit_run, load_model
+
+    run_id, task_id = submit_run(train_model, {"epochs": 20, "seed": 7}, name="baseline")
+    ...
+    model = load_model(run_id)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import pickle
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm.exc import StaleDataError
+
+from taskkit.checkpoint import CheckpointStore
+from taskkit.config import get_settings
+from taskkit.db.models import ModelRun, TrainingProgress
+from taskkit.db.session import session_scope
+from taskkit.errors import (
+    CheckpointTampered,
+    RunNotFound,
+    RunNotResumable,
+)
+
+__all__ = [
+    "ACTIVE",
+    "Attempt",
+    "load_model",
+    "mark_completed",
+    "mark_failed",
+    "mark_retrying",
+    "mark_running",
+    "resume_run",
+    "resume_runs_without_trainer",
+    "screen_attempt",
+    "submit_run",
+]
+
+logger = logging.getLogger("taskkit.tasks")
+
+#: Statuses of a run that a worker owns or will own.
+ACTIVE = ("queued", "running", "retrying")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _get(session: Any, run_id: int) -> ModelRun:
+    run: ModelRun | None = session.get(ModelRun, run_id)
+    if run is None:
+        raise RunNotFound(run_id)
+    return run
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What a delivered training task should do: ``run``, or skip (``completed``/``stale``)."""
+
+    verdict: str
+    result: dict[str, Any] | None = None
+    owner: str | None = None
+
+
+def screen_attempt(run_id: int, task_id: str, *, database_url: str | None = None) -> Attempt:
+    """Decide whether task ``task_id`` may train run ``run_id``.
+
+    ``completed``: the run finished (a late copy returns its result instead of training again);
+    ``stale``: the run was handed to another task id (``resume_run``); else ``run``.
+
+    Example::
+
+        if screen_attempt(7, request.id).verdict == "run": ...
+    """
+    with session_scope(database_url) as session:
+        run = _get(session, run_id)
+        if run.status == "completed":
+            return Attempt("completed", result=completed_result(run))
+        if run.task_id not in (None, task_id):
+            return Attempt("stale", owner=run.task_id)
+        return Attempt("run")
+
+
+def completed_result(run: ModelRun) -> dict[str, Any]:
+    """The task result of a completed run (what the training task returned)."""
+    return {"status": "success", "model_run_id": run.id, "best_score": run.final_score}
+
+
+def mark_running(run_id: int, task_id: str | None, *, database_url: str | None = None) -> None:
+    """``running``; records the task id and, the first time, ``started_at``."""
+    with session_scope(database_url) as session:
+        run = _get(session, run_id)
+        run.status = "running"
+        if task_id is not None:
+            run.task_id = task_id
+        run.error_message = None
+        if run.started_at is None:
+            run.started_at = _now()
+
+
+def mark_retrying(run_id: int, error: str, *, database_url: str | None = None) -> None:
+    """``retrying``, with the error that caused the retry."""
+    _set_status(run_id, "retrying", error, database_url)
+
+
+def mark_failed(run_id: int, error: str, *, database_url: str | None = None) -> None:
+    """``failed``, with the error; the progress row says failed too."""
+    _set_status(run_id, "failed", error, database_url)
+
+
+def _set_status(run_id: int, status: str, error: str | None, database_url: str | None) -> None:
+    with session_scope(database_url) as session:
+        run = _get(session, run_id)
+        run.status = status
+        run.error_message = error
+        progress = session.scalars(
+            select(TrainingProgress).filter_by(model_run_id=run_id)
+        ).one_or_none()
+        if progress is not None and status == "failed":
+            progress.status = "failed"
+            progress.message = error
+
+
+def mark_completed(
+    run_id: int,
+    model: Any,
+    best_score: float | None,
+    *,
+    database_url: str | None = None,
+) -> None:
+    """``completed``: stores the final model (sealed, see ``load_model``) and the best score."""
+    data = pickle.dumps(model, protocol=5)
+    seal = _seal(run_id, data)
+    with session_scope(database_url) as session:
+        run = _get(session, run_id)
+        run.status = "completed"
+        run.final_score = best_score
+        run.model_object = data
+        run.model_state = seal
+        run.error_message = None
+        run.completed_at = _now()
+
+
+def _signature(run_id: int, sha256: str) -> str | None:
+    key = get_settings().secret_key
+    if key is None:
+        return None
+    message = f"taskkit-model:{run_id}:{sha256}".encode()
+    return hmac.new(key.get_secret_value().encode(), message, hashlib.sha256).hexdigest()
+
+
+def _seal(run_id: int, data: bytes) -> dict[str, Any]:
+    sha256 = hashlib.sha256(data).hexdigest()
+    return {
+        "format": "pickle",
+        "size": len(data),
+        "sha256": sha256,
+        "signature": _signature(run_id, sha256),
+    }
+
+
+def load_model(run_id: int, *, database_url: str | None = None) -> Any:
+    """The final model of a completed run, verified (sha256, and HMAC when a key is set)
+    before it is unpickled.
+
+    Example::
+
+        model = load_model(run_id)
+        model.predict(X)
+    """
+    with session_scope(database_url) as session:
+        run = _get(session, run_id)
+        if run.status != "completed" or run.model_object is None:
+            raise RunNotResumable(run_id, f"has no final model (status {run.status})", "no_model")
+        data, seal = bytes(run.model_object), dict(run.model_state or {})
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not hmac.compare_digest(sha256, str(seal.get("sha256", ""))):
+        raise CheckpointTampered(
+            f"run {run_id}: the stored model does not match its checksum; refusing to load it"
+        )
+    expected = _signature(run_id, sha256)
+    if expected is not None and not hmac.compare_digest(expected, str(seal.get("signature"))):
+        raise CheckpointTampered(
+            f"run {run_id}: the stored model's signature does not match TASKKIT_SECRET_KEY; "
+            "refusing to load it"
+        )
+    return pickle.loads(data)
+
+
+def submit_run(
+    task: Any,
+    config: dict[str, Any],
+    *,
+    name: str | None = None,
+    model_type: str | None = None,
+    database_url: str | None = None,
+    **options: Any,
+) -> tuple[int, str]:
+    """Create a ``queued`` run for ``config`` and send ``task(model_run_id, config)``;
+    returns ``(run_id, task_id)``. ``options`` go to ``apply_async`` (queue, countdown...).
+
+    The row is committed, with the task id, before the message is sent, so a worker never
+    sees a run it cannot find; if sending fails the run is marked failed and the error raised.
+
+    Example::
+
+        run_id, task_id = submit_run(train_model, {"epochs": 20}, name="baseline")
+    """
+    task_id = str(uuid.uuid4())
+    with session_scope(database_url) as session:
+        run = ModelRun(
+            name=name or f"{task.name}",
+            model_type=model_type or str(config.get("model_type", "unknown")),
+            config=config,
+            status="queued",
+            task_id=task_id,
+            task_name=task.name,
+        )
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    _send(task, run_id, config, task_id, database_url, options)
+    return run_id, task_id
+
+
+def _send(
+    task: Any,
+    run_id: int,
+    config: dict[str, Any],
+    task_id: str,
+    database_url: str | None,
+    options: dict[str, Any],
+) -> None:
+    try:
+        task.apply_async(args=(run_id, config), task_id=task_id, **options)
+    except Exception as exc:
+        mark_failed(run_id, f"could not be sent: {exc}", database_url=database_url)
+        raise
+
+
+def resume_run(
+    app: Any,
+    run_id: int,
+    *,
+    require_checkpoint: bool = True,
+    lease_alive: Any = None,
+    database_url: str | None = None,
+    **options: Any,
+) -> str:
+    """Re-enqueue a failed or interrupted run; it continues from its last valid checkpoint.
+    Returns the new task id.
+
+    Refused (``RunNotFound``, ``RunNotResumable``) for an unknown run, a completed one, one
+    whose trainer is alive (``lease_alive(run_id, task_name)`` true), one whose task the app
+    does not register, and, with ``require_checkpoint``, one with no checkpoint in the task's
+    own ``checkpoint_store``. The checks and the hand-over to a new task id happen in one
+    transaction that compares the row's version: a worker or another resume that changed the
+    run meanwhile makes this one fail (``RunNotResumable``, kind ``running``) instead of
+    sending a second trainer. Any older copy of the run's task still queued then drops itself.
+
+    Example::
+
+        task_id = resume_run(app, 7)
+    """
+    task_id = str(uuid.uuid4())
+    try:
+        with session_scope(database_url) as session:
+            run = _get(session, run_id)
+            status, task_name, config = run.status, run.task_name, dict(run.config or {})
+            task = _resumable_task(app, run_id, status, task_name, lease_alive)
+            if require_checkpoint:
+                _require_checkpoint(task, run_id)
+            run.status = "queued"
+            run.task_id = task_id
+            run.error_message = None
+    except StaleDataError:
+        raise RunNotResumable(
+            run_id, "changed while it was being resumed (a worker or another resume)", "running"
+        ) from None
+    _send(task, run_id, config, task_id, database_url, options)
+    logger.info("taskkit: run %s re-enqueued as task %s", run_id, task_id)
+    return task_id
+
+
+def _resumable_task(
+    app: Any, run_id: int, status: str, task_name: str | None, lease_alive: Any
+) -> Any:
+    if status == "completed":
+        raise RunNotResumable(run_id, "is already completed", "completed")
+    if lease_alive is not None and status in ACTIVE and lease_alive(run_id, task_name):
+        raise RunNotResumable(run_id, f"is still {status} on a live worker", "running")
+    if not task_name or task_name not in app.tasks:
+        raise RunNotResumable(
+            run_id, f"names task {task_name!r}, which this app does not register", "unknown_task"
+        )
+    return app.tasks[task_name]
+
+
+def _require_checkpoint(task: Any, run_id: int) -> None:
+    opener = getattr(task, "checkpoint_store", CheckpointStore)
+    with opener(run_id) as store:
+        if store.latest() is None:
+            raise RunNotResumable(run_id, "has no checkpoint to resume from", "no_checkpoint")
+
+
+def resume_runs_without_trainer(
+    app: Any, lease_alive: Any, *, database_url: str | None = None
+) -> list[int]:
+    """Re-enqueue every ``running``/``retrying`` run whose trainer is provably gone
+    (``lease_alive`` false); returns their ids. Used at worker start on brokers that never
+    redeliver a dead worker's message.
+
+    Example::
+
+        resumed = resume_runs_without_trainer(app, lease_alive)
+    """
+    with session_scope(database_url) as session:
+        candidates = list(
+            session.execute(
+                select(ModelRun.id, ModelRun.task_name).where(
+                    ModelRun.status.in_(("running", "retrying"))
+                )
+            ).all()
+        )
+    resumed = []
+    for run_id, task_name in candidates:
+        if lease_alive(run_id, task_name):
+            continue
+        try:
+            resume_run(app, run_id, require_checkpoint=False, database_url=database_url)
+        except RunNotResumable as exc:
+            logger.warning("taskkit: orphaned run %s not resumed: %s", run_id, exc)
+            continue
+        resumed.append(run_id)
+    return resumed

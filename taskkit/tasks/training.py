@@ -1,0 +1,603 @@
+"""``TrainingTask``: a ResilientTask for epoch loops that checkpoint, resume and report.
+
+The task body opens a run context with ``self.training(total_epochs)``; the context:
+
+- restores the newest valid checkpoint of the run (``CheckpointStore``, the run id is the
+  task's ``run_arg`` argument, ``model_run_id`` by default): ``restore()`` returns the saved
+  state, ``epochs()`` yields from the epoch *after* the checkpoint (the seed redoes it);
+- puts the random state in every checkpoint and restores it before the first epoch: the
+  generators registered with ``run.rng(name, seed)``, the legacy global ``np.random`` state
+  and Python's ``random``, so a resumed run ends bit-identical to an uninterrupted one;
+- ``report(epoch, metrics, state)`` writes progress (``TrainingProgress`` and the Celery
+  ``PROGRESS`` state) and checkpoints by policy: every ``checkpoint_every`` epochs, on a new
+  best ``score_metric``, and at the last epoch;
+- checkpoints on the way out too: when the body raises (the ladder then retries from it), on
+  Celery's soft time limit, and on SIGTERM (warm shutdown), after which the run hands itself
+  over: it re-sends its own task and stops, so another worker continues at the next epoch;
+- ``complete(model)`` stores the final model and best score on the ``ModelRun``, marks it
+  ``completed`` and deletes checkpoints by policy (the final one is kept by default).
+
+The ``ModelRun`` status moves queued -> running -> (retrying) -> completed or failed, with the
+error message. The run's lease (``lease_key`` defaults to ``run_arg``) guarantees one live
+trainer per run; a copy of the task that arrives after the run completed returns the stored
+result, and one that ``taskkit resume`` superseded drops itself.
+
+Decisions:
+
+- Between two checkpoints (``checkpoint_every > 1``) ``report`` keeps a serialized copy of the
+  last reported state in memory, so a failure, a time limit or SIGTERM in the middle of an epoch
+  saves the last *completed* epoch, never a half-updated model. ``checkpoint_on_interrupt=False``
+  skips that copy for states too large to hold twice.
+- A run that lost its lease never writes a checkpoint: another trainer owns the run.
+- SIGTERM: a pool process (prefork) gets its own handler while it runs a training task; the
+  worker's main process forwards a warm shutdown to the pool processes running training tasks.
+  A pool process killed before its task started is handled as any lost worker process.
+- The soft time limit fails the run (status ``failed``); ``taskkit resume`` continues it.
+
+Example::
+
+    @app.task(base=TrainingTask, bind=True, checkpoint_every=5)
+    def train(self, model_run_id: int, config: dict) -> dict:
+        with self.training(total_epochs=config["epochs"]) as run:
+            rng = run.rng("shuffle", seed=config["seed"])
+            model = run.restore() or SGDClassifier(random_state=config["seed"])
+            for epoch in run.epochs():
+                order = rng.permutation(len(X))
+                model.partial_fit(X[order], y[order], classes=[0, 1])
+                run.report(epoch, {"score": model.score(X, y)}, model)
+            return run.complete(model)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from types import FrameType, TracebackType
+from typing import Any, cast
+
+import numpy as np
+from billiard.process import current_process
+from celery import signals
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.worker import state as worker_state
+
+from taskkit.checkpoint import CheckpointStore
+from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, TaskkitWarning
+from taskkit.tasks import runs
+from taskkit.tasks.base import ResilientTask, _run_stack
+
+__all__ = [
+    "ReproducibilityWarning",
+    "TrainingRun",
+    "TrainingTask",
+    "request_stop",
+    "resume_orphaned_runs",
+    "run_is_alive",
+]
+
+logger = logging.getLogger("taskkit.tasks")
+
+#: Version of the checkpoint payload written by ``TrainingRun``.
+PAYLOAD_VERSION = 1
+
+_MISSING: Any = object()
+
+
+class ReproducibilityWarning(TaskkitWarning):
+    """A resumed run may not end identical to an uninterrupted one (``random_state=None``)."""
+
+
+# -- warm shutdown --------------------------------------------------------------------------
+
+_stop = threading.Event()
+_active_runs = 0
+_handler_installed = False
+
+
+def request_stop() -> None:
+    """Ask the training runs of this process to checkpoint and hand over at their next report
+    (what SIGTERM does).
+
+    Example::
+
+        request_stop()   # e.g. from a preemption notice handler
+    """
+    _stop.set()
+
+
+def _clear_stop() -> None:
+    _stop.clear()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    if _active_runs:
+        logger.warning("taskkit: SIGTERM: training runs will checkpoint and hand over")
+        _stop.set()
+        return
+    # No run here: behave as if the handler were not installed (a pool process exits).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_sigterm_handler() -> None:
+    """In a pool process (never the worker's main process, where Celery's handler lives)."""
+    global _handler_installed
+    if _handler_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if current_process().name == "MainProcess":
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _handler_installed = True
+
+
+@signals.worker_shutting_down.connect(weak=False)
+def _forward_shutdown(sig: str = "", how: str = "", **_: Any) -> None:
+    """Warm shutdown in the main process: stop runs here (solo/threads pools) and forward the
+    request to pool processes that run a training task."""
+    _stop.set()
+    try:
+        for request in list(worker_state.active_requests):
+            pid = getattr(request, "worker_pid", None)
+            if pid and pid != os.getpid() and isinstance(request.task, TrainingTask):
+                os.kill(pid, signal.SIGTERM)
+    except Exception:  # a signal handler must not fail the shutdown
+        logger.warning("taskkit: could not forward the shutdown to pool processes", exc_info=True)
+
+
+# -- the task -------------------------------------------------------------------------------
+
+
+class TrainingTask(ResilientTask):
+    """A ResilientTask for epoch loops; see the module docs.
+
+    Example::
+
+        @app.task(base=TrainingTask, bind=True, checkpoint_every=2, score_metric="accuracy")
+        def train(self, model_run_id: int, config: dict) -> dict: ...
+    """
+
+    #: The argument holding the ``ModelRun`` id (also the lease key and the progress row).
+    run_arg: str = "model_run_id"
+    #: Checkpoint every this many epochs (and on a new best, and at the last epoch).
+    checkpoint_every: int = 1
+    #: The metric that decides the best epoch (None: no best tracking).
+    score_metric: str | None = "score"
+    #: ``"max"`` or ``"min"``: whether a larger or a smaller score is better.
+    score_mode: str = "max"
+    #: Keep a serialized copy of the last reported state between checkpoints (see the docs).
+    checkpoint_on_interrupt: bool = True
+    #: Keep the final checkpoint after success (False: delete them all).
+    keep_final_checkpoint: bool = True
+    #: Write checkpoints on a background thread (the next save and the end wait for it).
+    checkpoint_background: bool = False
+    #: ``"pickle"`` or ``"joblib"``.
+    checkpoint_format: str = "pickle"
+    #: Compress checkpoints (True, or a zlib level).
+    checkpoint_compress: bool | int = False
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        super().on_bound(app)
+        name = cls.name or cls.__name__
+        if not isinstance(cls.checkpoint_every, int) or cls.checkpoint_every < 1:
+            raise ConfigurationError(f"task {name}: checkpoint_every must be an integer >= 1")
+        if cls.score_mode not in ("max", "min"):
+            raise ConfigurationError(f"task {name}: score_mode must be 'max' or 'min'")
+        if cls.progress_run_arg is None:
+            cls.progress_run_arg = cls.run_arg
+        if cls.lease_key is None:
+            cls.lease_key = cls.run_arg
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        global _active_runs
+        request = self.request
+        if not request.called_directly and not request.is_eager:
+            _install_sigterm_handler()
+            run_id = self._argument(args, kwargs, self.run_arg)
+            attempt = runs.screen_attempt(run_id, str(request.id), database_url=self._database_url)
+            if attempt.verdict == "completed":
+                logger.warning(
+                    "taskkit: run %s is already completed; %s[%s] returns its result",
+                    run_id,
+                    self.name,
+                    request.id,
+                )
+                return attempt.result
+            if attempt.verdict == "stale":
+                logger.warning(
+                    "taskkit: run %s now belongs to task %s; dropping %s[%s]",
+                    run_id,
+                    attempt.owner,
+                    self.name,
+                    request.id,
+                )
+                raise Ignore()
+        _active_runs += 1
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            _active_runs -= 1
+
+    @property
+    def _database_url(self) -> str | None:
+        return cast(str | None, self.app.conf.get("taskkit_database_url"))
+
+    def training(self, total_epochs: int, *, checkpoint_every: int | None = None) -> TrainingRun:
+        """The run context of this call (use it in a ``with`` block); ``checkpoint_every``
+        overrides the task's for this run."""
+        stack = _run_stack()
+        if not stack or stack[-1].run_id is None:
+            raise ConfigurationError(
+                f"task {self.name}: training() must be called inside the task, which needs "
+                f"its {self.run_arg!r} argument"
+            )
+        return TrainingRun(self, stack[-1].run_id, total_epochs, checkpoint_every=checkpoint_every)
+
+    def checkpoint_store(self, run_id: Any) -> CheckpointStore:
+        """The store for one run (override to choose storage, format or retention)."""
+        return CheckpointStore(
+            run_id,
+            format=self.checkpoint_format,
+            compress=self.checkpoint_compress,
+            background=self.checkpoint_background,
+        )
+
+    # -- status hooks (isolated by ResilientTask: a database error here is only logged) --------
+
+    def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        run_id = self._argument(tuple(args or ()), dict(kwargs or {}), self.run_arg)
+        runs.mark_retrying(run_id, _describe(exc), database_url=self._database_url)
+
+    def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if isinstance(exc, LeaseHeld | LeaseLost):
+            return  # another task trains (or took over) this run: its status is not ours to set
+        run_id = self._argument(tuple(args or ()), dict(kwargs or {}), self.run_arg)
+        runs.mark_failed(run_id, _describe(exc), database_url=self._database_url)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "soft time limit exceeded; checkpointed, continue with: taskkit resume"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class TrainingRun:
+    """One attempt at training a run: restore, epochs, report, complete (see the module docs)."""
+
+    def __init__(
+        self,
+        task: TrainingTask,
+        run_id: Any,
+        total_epochs: int,
+        *,
+        checkpoint_every: int | None = None,
+    ) -> None:
+        if not isinstance(total_epochs, int) or total_epochs < 1:
+            raise ConfigurationError(f"total_epochs must be an integer >= 1, not {total_epochs!r}")
+        every = task.checkpoint_every if checkpoint_every is None else checkpoint_every
+        if not isinstance(every, int) or every < 1:
+            raise ConfigurationError(f"checkpoint_every must be an integer >= 1, not {every!r}")
+        self.checkpoint_every = every
+        self.task = task
+        self.run_id = run_id
+        self.total_epochs = total_epochs
+        self.store = task.checkpoint_store(run_id)
+        #: The first epoch this attempt trains (0, or the one after the checkpoint).
+        self.start_epoch = 0
+        #: Epochs trained by this attempt.
+        self.epochs_run = 0
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self._payload: dict[str, Any] | None = None
+        self._generators: dict[str, np.random.Generator] = {}
+        self._rng_applied = False
+        self._saved_epoch: int | None = None
+        self._pending: tuple[int, bytes, dict[str, Any]] | None = None
+        self._warned_random_state = False
+
+    # -- context --------------------------------------------------------------------------------
+
+    def __enter__(self) -> TrainingRun:
+        request = self.task.request
+        runs.mark_running(
+            self.run_id,
+            None if request.called_directly else request.id,
+            database_url=self.task._database_url,
+        )
+        checkpoint = self.store.load_latest()
+        if checkpoint is not None:
+            payload = checkpoint.state
+            if not isinstance(payload, dict) or payload.get("version") != PAYLOAD_VERSION:
+                raise ConfigurationError(
+                    f"run {self.run_id}: checkpoint step {checkpoint.info.step} was not written "
+                    "by TrainingRun"
+                )
+            self._payload = payload
+            self.store.protect(checkpoint.info.step)
+            self.start_epoch = int(payload["epoch"]) + 1
+            self._saved_epoch = int(payload["epoch"])
+            self.best_score = payload.get("best_score")
+            self.best_epoch = payload.get("best_epoch")
+            self.last_metrics = dict(payload.get("metrics") or {})
+            logger.info(
+                "taskkit: run %s resumes at epoch %d (checkpoint of epoch %d)",
+                self.run_id,
+                self.start_epoch,
+                payload["epoch"],
+            )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc is not None and self._should_save_on(exc):
+                self._save_pending(f"{type(exc).__name__}")
+            self.store.close()
+        except Exception:
+            if exc is None:
+                raise
+            logger.exception("taskkit: run %s: could not checkpoint on the way out", self.run_id)
+
+    def _should_save_on(self, exc: BaseException) -> bool:
+        if isinstance(exc, LeaseLost | Ignore):
+            return False  # another trainer owns the run, or this one handed it over already
+        lease = self.task.lease
+        return lease is None or not lease.lost
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this attempt continues from a checkpoint."""
+        return self._payload is not None
+
+    def restore(self) -> Any:
+        """The state saved by the newest valid checkpoint (None for a fresh run); restores
+        the random state too."""
+        self._apply_rng()
+        return None if self._payload is None else self._payload["state"]
+
+    def rng(self, name: str = "default", seed: Any = None) -> np.random.Generator:
+        """A numpy ``Generator`` whose state is checkpointed and restored with the run."""
+        return self.register_rng(name, np.random.default_rng(seed))
+
+    def register_rng(self, name: str, generator: np.random.Generator) -> np.random.Generator:
+        """Checkpoint and restore ``generator``'s state under ``name``."""
+        self._generators[name] = generator
+        if self._rng_applied and self._payload is not None:
+            saved = self._payload["rng"]["generators"].get(name)
+            if saved is not None:
+                generator.bit_generator.state = saved
+        return generator
+
+    def _apply_rng(self) -> None:
+        if self._rng_applied:
+            return
+        self._rng_applied = True
+        if self._payload is None:
+            return
+        saved = self._payload["rng"]
+        np.random.set_state(saved["numpy_global"])
+        random.setstate(saved["python"])
+        for name, state in saved["generators"].items():
+            if name in self._generators:
+                self._generators[name].bit_generator.state = state
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "numpy_global": np.random.get_state(),
+            "python": random.getstate(),
+            "generators": {n: g.bit_generator.state for n, g in self._generators.items()},
+        }
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs left: from the one after the checkpoint to ``total_epochs - 1``."""
+        self._apply_rng()
+        for epoch in range(self.start_epoch, self.total_epochs):
+            yield epoch
+            self.epochs_run += 1
+
+    def report(
+        self,
+        epoch: int,
+        metrics: dict[str, Any] | None = None,
+        state: Any = _MISSING,
+        *,
+        score: float | None = None,
+    ) -> None:
+        """Epoch ``epoch`` is done: write progress, and checkpoint ``state`` by policy."""
+        task = self.task
+        metrics = dict(metrics or {})
+        if score is None and task.score_metric is not None:
+            value = metrics.get(task.score_metric)
+            score = float(value) if isinstance(value, int | float) else None
+        is_best = score is not None and (
+            self.best_score is None
+            or (score > self.best_score if task.score_mode == "max" else score < self.best_score)
+        )
+        if is_best:
+            self.best_score, self.best_epoch = score, epoch
+        self.last_metrics = metrics
+        shown = metrics if self.best_score is None else {**metrics, "best_score": self.best_score}
+        task.progress(
+            epoch + 1, self.total_epochs, f"epoch {epoch + 1}/{self.total_epochs}", **shown
+        )
+        if state is _MISSING:
+            return
+        self._warn_unseeded(state)
+        stopping = _stop.is_set()
+        due = (
+            (epoch + 1) % self.checkpoint_every == 0
+            or is_best
+            or epoch == self.total_epochs - 1
+            or stopping
+        )
+        if due:
+            self._save(epoch, self._build_payload(epoch, state), metrics, is_best)
+        elif task.checkpoint_on_interrupt:
+            data = pickle.dumps(self._build_payload(epoch, state), protocol=5)
+            self._pending = (epoch, data, metrics)
+        if stopping:
+            self._hand_over(epoch)
+
+    def _build_payload(self, epoch: int, state: Any) -> dict[str, Any]:
+        return {
+            "version": PAYLOAD_VERSION,
+            "epoch": epoch,
+            "state": state,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "metrics": self.last_metrics,
+            "rng": self._rng_state(),
+        }
+
+    def _save(self, epoch: int, payload: Any, metrics: dict[str, Any], is_best: bool) -> None:
+        lease = self.task.lease
+        if lease is not None:
+            lease.check()  # a trainer that lost the run must not overwrite the new owner's state
+        self.store.save(payload, step=epoch, metrics=metrics, is_best=is_best)
+        self._saved_epoch = epoch
+        self._pending = None
+
+    def _save_pending(self, reason: str) -> None:
+        if self._pending is None:
+            return
+        epoch, data, metrics = self._pending
+        if self._saved_epoch is not None and epoch <= self._saved_epoch:
+            return
+        logger.warning(
+            "taskkit: run %s: %s; checkpointing the last completed epoch %d",
+            self.run_id,
+            reason,
+            epoch,
+        )
+        payload = pickle.loads(data)
+        self._save(epoch, payload, metrics, is_best=self.best_epoch == epoch)
+
+    def _hand_over(self, epoch: int) -> None:
+        """Warm shutdown: the checkpoint is durable; send this task again and stop."""
+        task, request = self.task, self.task.request
+        self.store.wait()
+        if request.called_directly or request.is_eager:
+            raise SystemExit(f"run {self.run_id} stopped after epoch {epoch} (shutdown)")
+        lease = task.lease
+        if lease is not None:
+            lease.release()  # the copy must be able to take it at once
+        task.signature_from_request(request, retries=request.retries).apply_async()
+        if _active_runs <= 1:
+            _stop.clear()  # handled: a worker that keeps running (threads, tests) trains on
+        logger.warning(
+            "taskkit: run %s checkpointed epoch %d and was handed over (worker shutting down)",
+            self.run_id,
+            epoch,
+        )
+        raise Ignore()
+
+    def _warn_unseeded(self, state: Any) -> None:
+        if self._warned_random_state:
+            return
+        self._warned_random_state = True
+        objects = state.values() if isinstance(state, dict) else (state,)
+        for obj in objects:
+            get_params = getattr(obj, "get_params", None)
+            if not callable(get_params):
+                continue
+            try:
+                params = get_params(deep=False)
+            except Exception:
+                continue
+            if "random_state" in params and params["random_state"] is None:
+                warnings.warn(
+                    f"run {self.run_id}: {type(obj).__name__} has random_state=None; it draws "
+                    "from the global numpy state, which is checkpointed, but set an integer "
+                    "seed so a run is reproducible outside taskkit too",
+                    ReproducibilityWarning,
+                    stacklevel=3,
+                )
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def complete(self, model: Any, *, score: float | None = None) -> dict[str, Any]:
+        """Store the final model and best score, mark the run completed, clean checkpoints;
+        returns the task result ``{"status", "model_run_id", "best_score", "epochs_run",
+        "resumed_from"}``."""
+        self.store.wait()
+        best = score if score is not None else self.best_score
+        runs.mark_completed(self.run_id, model, best, database_url=self.task._database_url)
+        final = {**self.last_metrics, "best_score": best} if best is not None else self.last_metrics
+        self.task.progress(self.total_epochs, self.total_epochs, "completed", **final)
+        try:
+            self.store.cleanup(keep_final=self.task.keep_final_checkpoint)
+        except Exception:  # the run is complete; old checkpoints are only disk space
+            logger.warning(
+                "taskkit: run %s: could not clean checkpoints", self.run_id, exc_info=True
+            )
+        return {
+            "status": "success",
+            "model_run_id": self.run_id,
+            "best_score": best,
+            "epochs_run": self.epochs_run,
+            "resumed_from": self.start_epoch if self.resumed else None,
+        }
+
+
+# -- runs whose worker died ----------------------------------------------------------------
+
+
+def run_is_alive(app: Any, run_id: Any, task_name: str | None) -> bool:
+    """Whether a live trainer holds run ``run_id``'s lease (a dead owner on this host does not
+    count; an owner on another host counts until its lease expires).
+
+    Example::
+
+        if not run_is_alive(app, 7, "workers.training.train_model"): resume_run(app, 7)
+    """
+    task = app.tasks.get(task_name) if task_name else None
+    if not isinstance(task, TrainingTask) or not task.lease_key:
+        return False
+    holder = task.lease_store().holder(task.lease_name((), {task.run_arg: run_id}))
+    return holder is not None and not holder.is_provably_dead()
+
+
+def resume_orphaned_runs(app: Any) -> list[int]:
+    """Re-enqueue the runs left ``running`` or ``retrying`` by a worker that died, from their
+    last checkpoints; returns their ids. Workers call it at start when
+    ``TASKKIT_RESUME_ORPHANED_RUNS`` is on (the default with the embedded SQLite broker, which
+    never redelivers a dead worker's message; Redis and RabbitMQ redeliver by themselves).
+
+    Example::
+
+        resume_orphaned_runs(app)
+    """
+    return runs.resume_runs_without_trainer(
+        app,
+        lambda run_id, task_name: run_is_alive(app, run_id, task_name),
+        database_url=app.conf.get("taskkit_database_url"),
+    )
+
+
+@signals.worker_ready.connect(weak=False)
+def _resume_orphans_at_start(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is None or not app.conf.get("taskkit_resume_orphaned_runs"):
+        return
+    try:
+        resumed = resume_orphaned_runs(app)
+    except Exception as exc:  # no schema yet, database down: the worker still starts
+        logger.warning("taskkit: could not look for orphaned training runs: %s", exc)
+        return
+    if resumed:
+        logger.warning("taskkit: resumed orphaned training runs %s", resumed)
