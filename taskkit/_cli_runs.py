@@ -1,0 +1,313 @@
+"""What ``taskkit runs list|show`` read and draw: training runs from the database.
+
+``RunView`` is one run as read in one session (the ``ModelRun`` row and its
+``TrainingProgress`` row); ``runs_table`` and ``run_panel`` draw them with rich; ``watch``
+follows one run, one database read per interval, until it is completed or failed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from taskkit.db._classify import driver_message
+from taskkit.db.models import ModelRun, TrainingProgress
+from taskkit.db.session import session_scope
+from taskkit.errors import DatabaseUnavailable, RunNotFound
+
+__all__ = ["FINAL", "RunView", "list_runs", "read_run", "run_panel", "runs_table", "watch"]
+
+#: Statuses after which a run does not change by itself.
+FINAL = ("completed", "failed")
+
+STATUS_STYLES = {
+    "created": "dim",
+    "queued": "cyan",
+    "running": "bold blue",
+    "retrying": "yellow",
+    "completed": "bold green",
+    "failed": "bold red",
+}
+
+#: The watch loop's clock and sleep; tests replace them (the loop reads them at each call).
+_clock: Callable[[], float] = time.monotonic
+_sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass(frozen=True)
+class RunView:
+    """One run as the CLI shows it."""
+
+    id: int
+    name: str
+    status: str
+    task_id: str | None
+    task_name: str | None
+    error: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime | None
+    final_score: float | None
+    epoch: int | None
+    total_epochs: int | None
+    percent: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: A passing problem (the database did not answer this time) shown under the run.
+    note: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Completed or failed."""
+        return self.status in FINAL
+
+    @property
+    def best_score(self) -> float | None:
+        """The final score, else a ``best_score``/``best`` metric the task reported."""
+        if self.final_score is not None:
+            return self.final_score
+        for key in ("best_score", "best"):
+            value = self.metrics.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+        return None
+
+
+def _view(run: ModelRun, progress: TrainingProgress | None) -> RunView:
+    configured = (run.config or {}).get("epochs")
+    total = progress.total_epochs if progress is not None else None
+    if total is None and isinstance(configured, int) and not isinstance(configured, bool):
+        total = configured
+    percent = progress.progress_percentage if progress is not None else 0.0
+    if run.status == "completed":
+        percent = 100.0
+    updated = [run.updated_at] if run.updated_at is not None else []
+    if progress is not None and progress.updated_at is not None:
+        updated.append(progress.updated_at)
+    return RunView(
+        id=run.id,
+        name=run.name,
+        status=run.status,
+        task_id=run.task_id,
+        task_name=run.task_name,
+        error=run.error_message,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        completed_at=run.completed_at,
+        updated_at=max(updated) if updated else None,
+        final_score=run.final_score,
+        epoch=progress.current_epoch if progress is not None else None,
+        total_epochs=total,
+        percent=float(percent or 0.0),
+        metrics=dict(progress.metrics or {}) if progress is not None else {},
+    )
+
+
+def read_run(run_id: int, database_url: str | None = None) -> RunView:
+    """Run ``run_id`` and its progress, read in one session; ``RunNotFound`` if absent."""
+    with session_scope(database_url) as session:
+        run = session.get(ModelRun, run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        progress = session.scalars(
+            select(TrainingProgress).filter_by(model_run_id=run_id)
+        ).one_or_none()
+        return _view(run, progress)
+
+
+def list_runs(
+    database_url: str | None = None, *, status: str | None = None, limit: int = 20
+) -> list[RunView]:
+    """The newest ``limit`` runs (with ``status`` only, when given), newest first."""
+    query = (
+        select(ModelRun, TrainingProgress)
+        .outerjoin(TrainingProgress, TrainingProgress.model_run_id == ModelRun.id)
+        .order_by(ModelRun.created_at.desc(), ModelRun.id.desc())
+        .limit(limit)
+    )
+    if status is not None:
+        query = query.where(ModelRun.status == status)
+    with session_scope(database_url) as session:
+        return [_view(run, progress) for run, progress in session.execute(query).all()]
+
+
+# -- drawing ----------------------------------------------------------------------------------
+
+
+def status_text(status: str) -> Text:
+    """The status, coloured."""
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _epochs(view: RunView) -> str:
+    if view.total_epochs is None:
+        return "-" if view.epoch is None else str(view.epoch)
+    return f"{view.epoch or 0}/{view.total_epochs}"
+
+
+def runs_table(views: list[RunView]) -> Table:
+    """The ``runs list`` table."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "NAME", "STATUS", "EPOCH", "PROGRESS", "BEST", "UPDATED"):
+        numeric = column in ("ID", "EPOCH", "PROGRESS", "BEST")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    for view in views:
+        best = view.best_score
+        table.add_row(
+            str(view.id),
+            Text(view.name),
+            status_text(view.status),
+            _epochs(view),
+            f"{view.percent:.0f}%",
+            "-" if best is None else _number(best),
+            _when(view.updated_at),
+        )
+    return table
+
+
+def _elapsed(view: RunView) -> str:
+    if view.started_at is None:
+        return "-"
+    end = view.completed_at or (None if view.finished else datetime.now(UTC))
+    if end is None:
+        return "-"
+    seconds = max(0, int((end - view.started_at).total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def run_panel(view: RunView) -> RenderableType:
+    """The ``runs show`` view: fields, a progress bar, metrics."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    best = view.best_score
+    rows: list[tuple[str, str | Text | RenderableType]] = [
+        ("run", f"{view.id} {view.name}"),
+        ("status", status_text(view.status)),
+        ("task", f"{view.task_name or '-'} [{view.task_id or '-'}]"),
+        ("started", _when(view.started_at)),
+        ("completed", _when(view.completed_at)),
+        ("elapsed", _elapsed(view)),
+        *([("error", Text(view.error, style="red"))] if view.error else []),
+        ("epoch", _epochs(view)),
+        ("progress", _bar(view)),
+        ("best score", "-" if best is None else _number(best)),
+        ("metrics", _metrics(view.metrics)),
+    ]
+    for label, value in rows:  # plain strings are the run's data: never read as markup
+        grid.add_row(label, Text(value) if isinstance(value, str) else value)
+    parts: list[RenderableType] = [grid]
+    if view.note:
+        parts.append(Text(view.note, style="yellow"))
+    return Group(*parts)
+
+
+def _bar(view: RunView) -> RenderableType:
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        ProgressBar(total=100.0, completed=view.percent, width=40),
+        f"{view.percent:.0f}%",
+    )
+    return bar
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    if not metrics:
+        return "-"
+    return "  ".join(f"{key}={_number(value)}" for key, value in sorted(metrics.items()))
+
+
+def _line(view: RunView) -> str:
+    """One line per change when the output is not a terminal (a log, a pipe)."""
+    line = f"run {view.id}: {view.status}, epoch {_epochs(view)}, {view.percent:.0f}%"
+    return f"{line} ({view.note})" if view.note else line
+
+
+# -- following a run --------------------------------------------------------------------------
+
+
+def watch(
+    read: Callable[[], RunView],
+    console: Console,
+    interval: float,
+    *,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> RunView:
+    """Show ``read()`` once per ``interval`` seconds until the run is completed or failed;
+    returns the last view. A terminal gets a live view; other outputs (a log, a pipe) a line
+    per change, then the full view.
+
+    The first read's errors are raised; later database errors are shown and the next
+    interval reads again (a short outage does not end the watch).
+    """
+    clock = clock or _clock
+    sleep = sleep or _sleep
+    if console.is_terminal:
+        with Live(Text("reading the run..."), console=console, auto_refresh=False) as live:
+            return _follow(
+                read, interval, clock, sleep, lambda v: live.update(run_panel(v), refresh=True)
+            )
+    final = _follow(read, interval, clock, sleep, _line_printer(console))
+    console.print(run_panel(final))
+    return final
+
+
+def _line_printer(console: Console) -> Callable[[RunView], None]:
+    last = [""]
+
+    def show(view: RunView) -> None:
+        line = _line(view)
+        if line != last[0]:
+            last[0] = line
+            console.print(line, markup=False, highlight=False)
+
+    return show
+
+
+def _follow(
+    read: Callable[[], RunView],
+    interval: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+    show: Callable[[RunView], None],
+) -> RunView:
+    view: RunView | None = None
+    while True:
+        started = clock()
+        view = _read_again(read, view)
+        show(view)
+        if view.finished:
+            return view
+        sleep(max(0.0, interval - (clock() - started)))
+
+
+def _read_again(read: Callable[[], RunView], last: RunView | None) -> RunView:
+    try:
+        return replace(read(), note=None)
+    except (DatabaseUnavailable, SQLAlchemyError) as exc:
+        if last is None:
+            raise
+        return replace(last, note=f"database did not answer ({driver_message(exc)}); retrying")

@@ -1,0 +1,71 @@
+"""The installed ``taskkit`` command, in a real process, with the project's defaults."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = Path(sys.executable).with_name("taskkit")
+
+
+def _taskkit(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKKIT_")}
+    return {**env, **extra}
+
+
+def test_help_lists_the_commands(tmp_path: Path):
+    result = _taskkit("--help", env=_clean_env(), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "runs", "resume", "db"):
+        assert command in result.stdout
+
+
+def test_importing_the_cli_loads_neither_celery_nor_the_task_modules():
+    """`taskkit db` and `taskkit runs` start without Celery, numpy or the checkpoint store."""
+    code = (
+        "import sys, taskkit.cli\n"
+        "loaded = {m.split('.')[0] for m in sys.modules} | set(sys.modules)\n"
+        "heavy = {'celery', 'numpy', 'kombu', 'taskkit.tasks', 'taskkit.checkpoint'}\n"
+        "print(sorted(loaded & heavy))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "[]"
+
+
+@pytest.mark.redis
+def test_train_with_nothing_configured_uses_the_example_app_and_task(database: str, tmp_path: Path):
+    """No --app, --task, TASKKIT_APP nor broker: workers.app (from the working directory), the
+    embedded SQLite broker, and workers.training.train_model."""
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 3\nseed: 1\n")
+    env = _clean_env(TASKKIT_HOME=str(tmp_path / "home"), TASKKIT_DATABASE_URL=database)
+
+    submitted = _taskkit("train", str(config), "--name", "smoke", env=env)
+    listed = _taskkit("runs", "list", env=env)
+
+    assert submitted.returncode == 0, submitted.stderr
+    assert "(workers.training.train_model)" in submitted.stdout
+    assert listed.returncode == 0, listed.stderr
+    [row] = listed.stdout.splitlines()[1:]
+    assert row.split()[1:4] == ["smoke", "queued", "0/3"]
+    assert (tmp_path / "home" / "broker.db").exists()
