@@ -39,7 +39,7 @@ so an outage is exit 1 with the run left as it was.
 Example::
 
     $ TASKKIT_DATABASE_URL=postgresql+psycopg://app@db:5432/app taskkit db upgrade
-    database postgresql://db:5432/app is at revision 0001 (head)
+    database postgresql://db:5432/app is at revision 0003 (head)
     $ taskkit train experiments/baseline.yaml --name baseline
     submitted run 7 as task 0b6c... (workers.training.train_model)
     follow it with: taskkit runs show 7 --watch

@@ -35,6 +35,9 @@ def test_the_readme_has_an_example_per_primitive():
         "upgrade(",
         "ResilientTask",
         "create_app(",
+        "TrainingTask",
+        "CheckpointStore(",
+        "load_model(",
     ):
         assert name in text, f"README has no example of {name}"
 

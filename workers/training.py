@@ -136,7 +136,7 @@ def run_training(
         return run.complete(model)
 
 
-@app.task(base=TrainingTask, bind=True, name="workers.training.train_model")
+@app.task(base=TrainingTask, bind=True, shared=False, name="workers.training.train_model")
 def train_model(self: TrainingTask, model_run_id: int, config: dict[str, Any]) -> dict[str, Any]:
     """Train run ``model_run_id`` with ``config``; resumes from its checkpoint after a crash."""
     return run_training(self, config)
