@@ -117,6 +117,26 @@ def test_a_run_resumed_after_a_failure_continues_at_the_next_epoch_and_ends_iden
     assert_same_model(run_id, reference)
 
 
+def test_a_run_resumes_from_checkpoints_kept_in_the_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No shared disk: a retry on another host finds the checkpoint in the database."""
+    monkeypatch.setenv("TASKKIT_CHECKPOINT_STORAGE", "database")
+    monkeypatch.setenv("TASKKIT_CHECKPOINT_DIR", "/nonexistent/never-written")
+    reset_settings()
+    config = cfg(test={"fail_at": 4})
+    run_id = new_run(config)
+    with pytest.raises(KeyError):
+        apps.train(run_id, config)
+
+    result = apps.train(run_id, config)
+
+    assert result["resumed_from"] == 4
+    assert not Path("/nonexistent").exists()
+    reference, _ = train(CONFIG)
+    assert_same_model(run_id, reference)
+
+
 def test_a_run_killed_in_another_process_resumes_in_a_new_process_bit_identical(
     training_env: str, tmp_path: Path
 ) -> None:
