@@ -40,6 +40,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from taskkit.checkpoint import CheckpointStore
 from taskkit.config import get_settings
+from taskkit.db import db_retry
 from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import session_scope
 from taskkit.errors import (
@@ -66,6 +67,13 @@ logger = logging.getLogger("taskkit.tasks")
 
 #: Statuses of a run that a worker owns or will own.
 ACTIVE = ("queued", "running", "retrying")
+
+
+#: Status writes read the row, then update it: on SQLite (WAL) another writer committing in
+#: between makes the upgrade fail at once with "database is locked", whatever the busy timeout,
+#: and a version conflict is possible anywhere. Both are transient: retry the short
+#: transaction, not the whole training attempt around it.
+_status_write = db_retry(max_attempts=6, delay=0.05, max_delay=1.0)
 
 
 def _now() -> datetime:
@@ -112,6 +120,7 @@ def completed_result(run: ModelRun) -> dict[str, Any]:
     return {"status": "success", "model_run_id": run.id, "best_score": run.final_score}
 
 
+@_status_write
 def mark_running(run_id: int, task_id: str | None, *, database_url: str | None = None) -> None:
     """``running``; records the task id and, the first time, ``started_at``."""
     with session_scope(database_url) as session:
@@ -134,6 +143,7 @@ def mark_failed(run_id: int, error: str, *, database_url: str | None = None) -> 
     _set_status(run_id, "failed", error, database_url)
 
 
+@_status_write
 def _set_status(run_id: int, status: str, error: str | None, database_url: str | None) -> None:
     with session_scope(database_url) as session:
         run = _get(session, run_id)
@@ -156,7 +166,17 @@ def mark_completed(
 ) -> None:
     """``completed``: stores the final model (sealed, see ``load_model``) and the best score."""
     data = pickle.dumps(model, protocol=5)
-    seal = _seal(run_id, data)
+    _store_completed(run_id, data, _seal(run_id, data), best_score, database_url)
+
+
+@_status_write
+def _store_completed(
+    run_id: int,
+    data: bytes,
+    seal: dict[str, Any],
+    best_score: float | None,
+    database_url: str | None,
+) -> None:
     with session_scope(database_url) as session:
         run = _get(session, run_id)
         run.status = "completed"

@@ -162,6 +162,10 @@ class TrainingTask(ResilientTask):
         def train(self, model_run_id: int, config: dict) -> dict: ...
     """
 
+    #: Seconds before the copy of a run whose pool process died starts (ResilientTask: 2 s);
+    #: short, since the run resumes from its checkpoint and waits cost training time.
+    default_retry_delay = 1
+
     #: The argument holding the ``ModelRun`` id (also the lease key and the progress row).
     run_arg: str = "model_run_id"
     #: Checkpoint every this many epochs (and on a new best, and at the last epoch).
