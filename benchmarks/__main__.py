@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime
 import pathlib
 
-from benchmarks import bench_db, bench_recovery, bench_tasks
+from benchmarks import bench_checkpoint, bench_db, bench_recovery, bench_tasks, bench_training
 from benchmarks._harness import commit, machine, say
 
-SECTIONS = [bench_recovery, bench_db, bench_tasks]
+SECTIONS = [bench_recovery, bench_db, bench_tasks, bench_checkpoint, bench_training]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
