@@ -698,6 +698,7 @@ def report(overhead: dict[str, Any], trials: list[dict[str, float]]) -> str:
     resume = statistics.median(t["resume"] for t in trials)
     generate = OVERHEAD_CONFIG["generate"]
     runs = 3 + 2 * RUNS + (RUNS + 1) // 2
+    delay = TrainingTask.default_retry_delay
     what = (
         "`mark_completed`, in the task, and the progress writer's thread, writing the last "
         "progress, each turn a read transaction into a write at the same time (a deferred "
@@ -712,10 +713,9 @@ def report(overhead: dict[str, Any], trials: list[dict[str, float]]) -> str:
         )
     else:
         locked = (
-            f'None of the {runs} runs hit SQLite\'s "database is locked" this time. Some runs '
-            f"do, as they complete: {what}; the task's in-process retry then runs the body "
-            "again, which resumes from the final checkpoint and trains nothing (after the "
-            "epochs timed; every run is checked to have run each epoch once)."
+            f"None of the {runs} runs ran its body twice. As a run completes, {what}; the run's "
+            "status writes retry their own short transaction when SQLite refuses that, so the "
+            "attempt is not run again (every run is checked to have run each epoch once)."
         )
     return f"""## Training runs: checkpoint overhead per epoch, and recovery after SIGKILL
 
@@ -763,15 +763,16 @@ exactly one epoch run twice. Target (issue): under {RECOVERY_TARGET:g} s.
 
 {recovery_table}
 
-What the numbers show: the recovery is mostly waiting. (2) is the countdown taskkit gives the
-copy of a task whose worker process died (`retry_on_worker_lost` with `default_retry_delay`,
-2 s). (3), taskkit's resume (the dead owner's lease taken over, the run marked running, the
-newest checkpoint verified and loaded, the dataset read), takes {1000 * resume:.0f} ms in the
-median trial. (1), Celery noticing the death, takes {1000 * resend:.0f} ms in the median trial
-but sometimes seconds: the worker's main process learns of a dead pool process from the
-process's sentinel, and when it wakes on the sentinel before the process can be reaped, it
-stops watching it, so the death is found at the next periodic pool check, every 5 s
-(`AsynPool.timers`; our reading of Celery's `asynpool`, which matches the delays measured). So
-the worst case is about 5 + 2 s, and whether a run of {TRIALS} trials stays under
-{RECOVERY_TARGET:g} s depends on how many kills hit that window (the "trials" column).
+What the numbers show: the recovery is mostly waiting. (2) is the countdown taskkit gives
+the copy of a task whose worker process died (`retry_on_worker_lost` with
+`default_retry_delay`, {delay:g} s for a `TrainingTask`). (3), taskkit's resume (the dead
+owner's lease taken over, the run marked running, the newest checkpoint verified and loaded,
+the dataset read), takes {1000 * resume:.0f} ms in the median trial. (1), Celery noticing
+the death, takes {1000 * resend:.0f} ms in the median trial but sometimes seconds: the
+worker's main process learns of a dead pool process from the process's sentinel, and when it
+wakes on the sentinel before the process can be reaped, it stops watching it, so the death is
+found at the next periodic pool check, every 5 s (`AsynPool.timers`; our reading of Celery's
+`asynpool`, which matches the delays measured). So the worst case is about 5 + {delay:g} s,
+and whether a run of {TRIALS} trials stays under {RECOVERY_TARGET:g} s depends on how many
+kills hit that window (the "trials" column).
 """
