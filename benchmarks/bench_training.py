@@ -62,6 +62,7 @@ from taskkit.db.migrate import upgrade
 from taskkit.db.models import ModelRun
 from taskkit.db.session import dispose_engines, session_scope
 from taskkit.tasks import TrainingTask, create_app
+from taskkit.tasks._app import POOL_CHECK_INTERVAL
 from taskkit.tasks.runs import submit_run
 from taskkit.tasks.training import TrainingRun
 from workers.training import run_training
@@ -771,8 +772,8 @@ the dataset read), takes {1000 * resume:.0f} ms in the median trial. (1), Celery
 the death, takes {1000 * resend:.0f} ms in the median trial but sometimes seconds: the
 worker's main process learns of a dead pool process from the process's sentinel, and when it
 wakes on the sentinel before the process can be reaped, it stops watching it, so the death is
-found at the next periodic pool check, every 5 s (`AsynPool.timers`; our reading of Celery's
-`asynpool`, which matches the delays measured). So the worst case is about 5 + {delay:g} s,
-and whether a run of {TRIALS} trials stays under {RECOVERY_TARGET:g} s depends on how many
-kills hit that window (the "trials" column).
+found at the next periodic pool check: Celery's runs every 5 s (`AsynPool.timers`; our reading
+of Celery's `asynpool`, which matches delays of up to 5 s measured before taskkit added its
+own), taskkit's every {POOL_CHECK_INTERVAL:g} s in workers of a `create_app` app. So the worst
+case is about {POOL_CHECK_INTERVAL:g} + {delay:g} s.
 """

@@ -122,3 +122,21 @@ def _check_at_worker_start(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None and app.conf.get("taskkit_lease_url") is not None:
         check_visibility(app)
+
+
+#: Seconds between checks for pool processes that died. Celery's own check runs every 5 s and is
+#: the only one that finds a death it missed (its main loop can wake on a process's exit before
+#: the process can be reaped), which delayed the re-send of a killed task by up to 5 s.
+POOL_CHECK_INTERVAL = 0.5
+
+
+@signals.worker_ready.connect(weak=False)
+def _check_pool_processes_often(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is None or app.conf.get("taskkit_lease_url") is None:
+        return  # not an app made by create_app
+    pool = getattr(getattr(sender, "pool", None), "_pool", None)
+    maintain = getattr(pool, "maintain_pool", None)
+    hub = getattr(sender, "hub", None)
+    if hub is not None and maintain is not None:  # prefork; solo and threads have no processes
+        hub.call_repeatedly(POOL_CHECK_INTERVAL, maintain)
