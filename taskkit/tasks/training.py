@@ -111,10 +111,6 @@ def request_stop() -> None:
     _stop.set()
 
 
-def _clear_stop() -> None:
-    _stop.clear()
-
-
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     if _active_runs:
         logger.warning("taskkit: SIGTERM: training runs will checkpoint and hand over")
