@@ -20,6 +20,9 @@
     ├── LeaseLost                       a task's exclusive lease was taken over: stop writing
     ├── RunNotResumable                 a run cannot be resumed now; ``kind`` says why
     │                                   (completed, running, no_checkpoint, unknown_task)
+    ├── DeadLetterNotFound              (also a ``LookupError``) no dead letter has this id
+    ├── ReplayRejected                  a replay would send what cannot run (unregistered task,
+    │                                   a payload that no longer validates): nothing was sent
     └── CheckpointError                 a checkpoint could not be written, found or loaded;
         │                               carries ``run_id`` and ``step``
         ├── CheckpointCorrupt           data missing, truncated or not matching its checksum
@@ -54,10 +57,12 @@ __all__ = [
     "ConcurrentUpdateError",
     "ConfigurationError",
     "DatabaseUnavailable",
+    "DeadLetterNotFound",
     "InvalidRunId",
     "LeaseHeld",
     "LeaseLost",
     "PermanentError",
+    "ReplayRejected",
     "RetryLater",
     "RunNotFound",
     "RunNotResumable",
@@ -255,6 +260,35 @@ class RunNotResumable(TaskkitError):
         self.run_id = run_id
         self.reason = reason
         self.kind = kind
+
+
+class DeadLetterNotFound(TaskkitError, LookupError):
+    """No dead letter has this id (or these ids). Carries ``letter_ids``."""
+
+    def __init__(self, letter_ids: object) -> None:
+        super().__init__(letter_ids)
+        ids = list(letter_ids) if isinstance(letter_ids, list | tuple | set) else [letter_ids]
+        listed = ", ".join(str(i) for i in ids)
+        self._describe(
+            f"no dead letter with id {listed}"
+            if len(ids) == 1
+            else f"no dead letters with ids {listed}"
+        )
+        self.letter_ids = ids
+
+
+class ReplayRejected(TaskkitError):
+    """A replay was refused before anything was sent: the target task is not registered, or a
+    payload no longer validates. Carries ``reason`` and ``letter_ids`` (the letters at fault).
+    """
+
+    def __init__(self, reason: str, letter_ids: object = ()) -> None:
+        super().__init__(reason, letter_ids)
+        ids = list(letter_ids) if isinstance(letter_ids, list | tuple | set) else [letter_ids]
+        where = f" (dead letter {', '.join(str(i) for i in ids)})" if ids else ""
+        self._describe(f"replay refused, nothing was sent: {reason}{where}")
+        self.reason = reason
+        self.letter_ids = ids
 
 
 class InvalidRunId(ConfigurationError):

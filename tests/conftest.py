@@ -277,6 +277,9 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 TABLES = (
+    "dead_letters",
+    "batch_items",
+    "batches",
     "checkpoint_chunks",
     "checkpoints",
     "predictions",

@@ -9,6 +9,9 @@ model                  table                one row per
 ``Dataset``            ``datasets``         named dataset, optionally tied to a run
 ``CheckpointRecord``   ``checkpoints``      checkpoint of a run (``DatabaseStorage``): manifest
 ``CheckpointChunk``    ``checkpoint_chunks``  piece (<= 8 MiB) of a checkpoint's data
+``Batch``              ``batches``          batch sent by ``submit_batch``: task, size, chunks
+``BatchItem``          ``batch_items``      item of a batch (the ledger): claimed, done, dead
+``DeadLetter``         ``dead_letters``     item or task that exhausted its retries
 =====================  ===================  ==================================================
 
 Decisions:
@@ -30,6 +33,10 @@ Decisions:
   Checkpoint run ids are strings (any run, not only a ``ModelRun``), so there is no foreign key.
 - ``Prediction.item_key`` is unique per run when given, so a batch that is retried after a
   crash cannot store the same item's prediction twice.
+- The item ledger (``BatchItem``) is keyed by (batch id, item key) and has no surrogate id or
+  foreign key: it is written in bulk on the hot path of every batch, so it stays narrow. A
+  ``DeadLetter`` of a batch item is unique per (task, batch, item), so an item that fails again
+  after a crash updates its letter (attempts, last failure) instead of adding a second one.
 
 Example::
 
@@ -63,9 +70,12 @@ from taskkit.db._types import Json, UTCDateTime, utcnow
 
 __all__ = [
     "Base",
+    "Batch",
+    "BatchItem",
     "CheckpointChunk",
     "CheckpointRecord",
     "Dataset",
+    "DeadLetter",
     "ModelRun",
     "Prediction",
     "TrainingProgress",
@@ -222,3 +232,71 @@ class CheckpointChunk(Base):
 
     def __repr__(self) -> str:
         return f"<CheckpointChunk checkpoint_id={self.checkpoint_id!r} seq={self.seq!r}>"
+
+
+class Batch(Base):
+    """A batch sent by ``submit_batch``: which task, how many items, in how many chunks."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(255))
+    total: Mapped[int] = mapped_column(Integer)
+    chunks: Mapped[int] = mapped_column(Integer)
+    #: The Celery group id of the chunks.
+    group_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BatchItem(Base):
+    """One item of a batch in the ledger: ``claimed`` before it runs, then ``done`` or ``dead``."""
+
+    __tablename__ = "batch_items"
+
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    item_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: claimed, done, dead.
+    status: Mapped[str] = mapped_column(String(16), default="claimed")
+    #: How many deliveries of the batch claimed the item (more than 1: a crash or a retry).
+    claims: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<BatchItem {self.batch_id!r}/{self.item_key!r} {self.status}>"
+
+
+class DeadLetter(Base):
+    """An item or a task that exhausted its retries: what it was, how it failed, what became
+    of it (``dead``, ``replayed``, ``discarded``)."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(255))
+    #: The batch of an item; None for a whole task.
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    #: The item's key in its batch; None for a whole task.
+    item_key: Mapped[str | None] = mapped_column(String(255))
+    #: The Celery task id of the last attempt.
+    task_id: Mapped[str | None] = mapped_column(String(255))
+    #: The item, or ``{"args": [...], "kwargs": {...}}`` of a task: what a replay sends again.
+    payload: Mapped[Any] = mapped_column(Json)
+    error_type: Mapped[str] = mapped_column(String(255))
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    traceback: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    first_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: dead, replayed, discarded.
+    status: Mapped[str] = mapped_column(String(16), default="dead")
+    replayed_at: Mapped[datetime | None]
+    #: The task a replay sent the payload to, and that task's id.
+    replayed_into: Mapped[str | None] = mapped_column(String(255))
+    replay_task_id: Mapped[str | None] = mapped_column(String(255))
+    replays: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        UniqueConstraint("task_name", "batch_id", "item_key"),
+        Index(None, "status", "task_name"),
+        Index(None, "last_failed_at"),
+    )

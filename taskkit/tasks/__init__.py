@@ -13,6 +13,8 @@
 ``TrainingRun``              state, progress, ModelRun status, hand-over on SIGTERM
 ``submit_run``,              create a run and send its task; re-enqueue a failed or
 ``resume_run``, ``load_model``  interrupted run; the verified final model
+``BatchTask``,               task base over a list of items: per-item retry, item ledger,
+``submit_batch``             dead letters; split a batch into chunks and gather one summary
 ===========================  ====================================================================
 
 Redelivery, visibility timeout and takeover: with Redis as the broker, a worker that dies
@@ -44,6 +46,7 @@ from taskkit.tasks.base import (
     ResilientTask,
     TaskFailure,
 )
+from taskkit.tasks.batch import BatchSubmission, BatchTask, submit_batch
 from taskkit.tasks.lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
 from taskkit.tasks.progress import PROGRESS, ProgressReport
 from taskkit.tasks.runs import load_model, resume_run, submit_run
@@ -60,6 +63,8 @@ __all__ = [
     "DEFAULT_PERMANENT_ERRORS",
     "DEFAULT_TRANSIENT_ERRORS",
     "PROGRESS",
+    "BatchSubmission",
+    "BatchTask",
     "FileLeaseStore",
     "Lease",
     "LeaseOwner",
@@ -78,5 +83,6 @@ __all__ = [
     "resume_orphaned_runs",
     "resume_run",
     "run_is_alive",
+    "submit_batch",
     "submit_run",
 ]

@@ -141,6 +141,7 @@ def check_app_config(conf: Any) -> None:
         "taskkit_lease_url",
         "taskkit_database_url",
         "taskkit_resume_orphaned_runs",
+        "taskkit_dead_letter_queue",
     }
     for key in list(conf.keys()):
         if key.startswith("taskkit_") and key not in extra and key[8:] not in DEFAULTS:

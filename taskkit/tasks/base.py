@@ -17,7 +17,8 @@ anything else      (and transient errors once the inner ladder is spent) re-queu
 
 A terminal failure is logged at ERROR with task name, id, arguments, error, traceback and
 attempts, stored in the result backend (with ``result_extended``), and passed to
-``record_failure`` (a hook: the dead-letter queue plugs in there).
+``record_failure``: with ``dead_letter=True`` it stores the failure in the dead-letter queue
+(``taskkit.deadletter``), from where it can be replayed; ``BatchTask`` dead-letters items.
 
 Worker loss: ``acks_late`` with Celery's ``retry_on_worker_lost``: a copy of a task whose worker
 process died is sent again after ``default_retry_delay`` seconds and counts as a retry, so a
@@ -65,11 +66,13 @@ from typing import Any, ClassVar, cast
 
 import redis.exceptions
 from celery import Task, signals
+from celery._state import _task_stack  # type: ignore[attr-defined]
 from celery.exceptions import Ignore
 from celery.states import SUCCESS
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from taskkit.db import is_transient
+from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
 from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, PermanentError
 from taskkit.recovery import Retrying, RetryStrategy
 from taskkit.recovery._control import is_control_flow
@@ -221,6 +224,9 @@ class ResilientTask(Task[Any, Any]):
     progress_events: bool = D["progress_events"]
     #: The in-process wait function (tests inject a recorder); None: ``time.sleep``.
     sleep: Callable[[float], object] | None = D["sleep"]
+    #: Store a terminal failure in the dead-letter queue (``taskkit.deadletter``), with the
+    #: task's arguments as the payload, so that ``taskkit dlq replay`` can send it again.
+    dead_letter: bool = False
 
     _inner: ClassVar[Retrying]
     _transient: ClassVar[tuple[type[BaseException], ...]]
@@ -317,7 +323,9 @@ class ResilientTask(Task[Any, Any]):
             # In a worker (and in apply()) Celery has pushed the request already and, for a task
             # without a custom __call__, calls run() directly; do the same (Task.__call__ would
             # push a second copy of the request: 80% of this class's overhead per task).
-            body = super().__call__ if request.called_directly else self.run
+            body = self.body()
+            if request.called_directly:
+                body = functools.partial(_called_directly, self, body)
             return self._inner.call(body, *args, **kwargs)
         except LeaseLost as lost:
             holder = self.lease_store().holder(lost.key)
@@ -344,6 +352,10 @@ class ResilientTask(Task[Any, Any]):
                 run.lease.release()
             if run.progress_keys:
                 progress_writer().flush(self.progress_flush_timeout)
+
+    def body(self) -> Callable[..., Any]:
+        """What the ladder runs with the task's arguments: ``run`` (``BatchTask``: the batch)."""
+        return self.run
 
     def outer_countdown(self, retries: int, error: BaseException | None = None) -> float:
         """Seconds before re-queue number ``retries + 1``: full jitter, capped, and never less
@@ -541,7 +553,43 @@ class ResilientTask(Task[Any, Any]):
         """Called after each progress report that passed the throttle."""
 
     def record_failure(self, failure: TaskFailure) -> None:
-        """Called once per terminal failure, after it is logged."""
+        """Called once per terminal failure, after it is logged. With ``dead_letter=True``,
+        stores the failure in the dead-letter queue of the app's database."""
+        if not self.dead_letter:
+            return
+        store = DeadLetterStore(
+            self.app.conf.get("taskkit_database_url"),
+            queue=self.app.conf.get("taskkit_dead_letter_queue"),
+            app=self.app,
+        )
+        store.record(
+            [
+                DeadLetterEntry(
+                    task_name=failure.task_name,
+                    payload={"args": list(failure.args), "kwargs": failure.kwargs},
+                    error_type=failure.error_type,
+                    error_message=failure.error,
+                    traceback=failure.traceback,
+                    attempts=failure.attempts,
+                    task_id=failure.task_id,
+                    failed_at=failure.failed_at,
+                )
+            ]
+        )
+
+
+def _called_directly(
+    task: Task[Any, Any], body: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``Task.__call__`` for ``body``: push the request (and the task), so that ``self.request``
+    works when the task is called as a plain function."""
+    _task_stack.push(task)
+    task.push_request(args=args, kwargs=kwargs)
+    try:
+        return body(*args, **kwargs)
+    finally:
+        task.pop_request()
+        _task_stack.pop()
 
 
 def _run_parameters(cls: type) -> list[str]:

@@ -1,0 +1,489 @@
+"""``BatchTask``: a ResilientTask whose unit of work is an item; ``submit_batch`` splits a batch.
+
+You write the function for one item; calling the task runs a whole list of items through
+``batch_with_retry`` (each item retried on its own, with the same waits and retry budget as
+everywhere in taskkit) and returns the seed's summary::
+
+    {"total": 1000, "successful": 990, "failed": 10, "failed_ids": [...],
+     "batch_id": "...", "skipped": 0}
+
+Items are keyed (``item_key``) and tracked in the item ledger (``taskkit.ledger``): claimed
+before they run, marked done in batches of ``ledger_flush_every``, and marked dead together
+with their dead letters (``taskkit.deadletter``) when they exhaust their retries. A delivery of
+the same chunk after a crash or a retry skips what is finished, so successful + dead-lettered
+= total, and an item runs twice only if its worker died between running it and the next flush:
+make the item function idempotent per key (an upsert, a unique key). ``skipped`` counts items
+an earlier delivery finished.
+
+A chunk that fails for good as a whole (its worker died ``max_retries`` times, the database
+was down too long) dead-letters each of its unfinished items with that error, so no item is
+ever left unaccounted for. Without the ledger (``ledger=False``: faster, nothing skipped on
+redelivery) that means every item of the chunk.
+
+Decisions:
+
+- Calling the task takes ``(items, batch_id=None, keys=None, offset=0)``, not the item
+  function's arguments; ``self.request`` inside the item function is the batch's. The batch
+  id defaults to the task id, so a plain ``task.delay(items)`` is still one ledger batch.
+- ``item_key``: None (default) uses the item itself when it is a ``str`` or ``int``,
+  ``item["id"]`` for a mapping with an ``"id"``, else the item's position (``"#12"``); a string
+  names a mapping key or attribute; a callable computes it. Keys are stored as strings of at
+  most 255 characters and must be unique within a batch (``ConfigurationError`` otherwise).
+- Item errors follow the task's classification: permanent errors (``ValueError``,
+  ``permanent_errors``...) dead-letter the item at once; any other ``Exception`` is retried
+  ``item_max_retries`` times, waiting ``item_delay * item_backoff**n``.
+- The result holds counts and keys, not the items' return values: item functions store what
+  they make (as the seed's ``save_result`` does), so a summary never carries 10,000 results
+  through the result backend.
+- A chunk takes a lease on (task, batch, offset), so two copies of the same chunk never run
+  at once.
+- ``max_retries`` defaults to 5 for a batch: each worker loss during a long chunk costs one.
+
+Example::
+
+    from taskkit.tasks import BatchTask, create_app, submit_batch
+
+    app = create_app("jobs")
+
+    @app.task(base=BatchTask, bind=True, item_max_retries=2, batch_size=50)
+    def score_items(self, item: dict) -> None:
+        save_score(item["id"], model.predict(item["features"]))
+
+    summary = score_items.delay(items).get()               # one task, one summary
+    submission = submit_batch(score_items, items, chunk_size=1000)
+    summary = submission.get(timeout=600)                  # one summary for all chunks
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+from celery import group
+from celery.result import GroupResult
+from sqlalchemy import Engine, Table
+
+from taskkit.db.models import Batch
+from taskkit.db.session import get_engine
+from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
+from taskkit.errors import ConfigurationError, LeaseLost
+from taskkit.ledger import BatchProgress, ItemLedger, batch_progress
+from taskkit.recovery import batch_with_retry
+from taskkit.recovery._wrapping import check_int
+from taskkit.tasks.base import ResilientTask, TaskFailure
+
+__all__ = ["BatchSubmission", "BatchTask", "submit_batch"]
+
+logger = logging.getLogger("taskkit.tasks")
+
+MAX_KEY_LENGTH = 255
+
+
+class _Stop(BaseException):
+    """Ends a batch from inside (the lease was lost); not an item failure."""
+
+
+@dataclass
+class _Chunk:
+    """One delivery of a chunk: its items, their keys, and what became of them so far."""
+
+    items: list[Any]
+    keys: list[str]
+    public_keys: list[Any]
+    batch_id: str
+    done: list[str]
+    failures: dict[int, int]
+    stop: LeaseLost | None = None
+
+
+class BatchTask(ResilientTask):
+    """A task over a list of items, one item function, per-item retry, a ledger and a DLQ.
+
+    See the module docs for the whole behaviour. Example::
+
+        @app.task(base=BatchTask, bind=True, item_key="id")
+        def index_document(self, doc: dict) -> None:
+            search.upsert(doc["id"], doc["text"])
+
+        index_document.delay(docs)
+    """
+
+    max_retries = 5
+    #: The task's messages carry a batch, not the item function's arguments.
+    typing = False
+    lease_key = "batch"
+
+    #: How an item's key is found (see the module docs).
+    item_key: str | Callable[[Any], Any] | None = None
+    #: Items between progress reports and retry rounds (``batch_with_retry``'s batch_size).
+    batch_size: int = 100
+    #: Retries of one item after its first attempt.
+    item_max_retries: int = 2
+    #: First wait before an item's retry, in seconds.
+    item_delay: float = 1.0
+    #: Growth factor of an item's waits.
+    item_backoff: float = 2.0
+    #: Longest wait before an item's retry, in seconds.
+    item_max_delay: float = 60.0
+    #: Keep the item ledger (skip finished items on redelivery).
+    ledger: bool = True
+    #: Done items between ledger writes.
+    ledger_flush_every: int = 500
+    #: Store items that exhaust their retries in the dead-letter queue.
+    dead_letter: bool = True
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        super().on_bound(app)
+        name = cls.name or cls.__name__
+        for option, least in (
+            ("batch_size", 1),
+            ("item_max_retries", 0),
+            ("ledger_flush_every", 1),
+        ):
+            check_int(f"{name}: {option}", getattr(cls, option), least)
+        key = cls.item_key
+        if key is not None and not isinstance(key, str) and not callable(key):
+            raise ConfigurationError(f"{name}: item_key must be None, a name or a callable")
+
+    # -- what the user writes -----------------------------------------------------------------
+
+    def process_item(self, item: Any) -> Any:
+        """Process one item: the decorated function (or override this in a subclass)."""
+        return self.run(item)
+
+    def validate_item(self, item: Any) -> None:
+        """Raise if ``item`` cannot be processed any more (a replay checks each payload first).
+        The default accepts everything; override it with your schema check."""
+
+    def key_of(self, item: Any, position: int) -> Any:
+        """The key of ``item`` at ``position`` in its batch (see ``item_key``)."""
+        key = self.item_key
+        if key is None:
+            if isinstance(item, str | int) and not isinstance(item, bool):
+                return item
+            if isinstance(item, Mapping) and "id" in item:
+                return item["id"]
+            return f"#{position}"
+        if callable(key):
+            return key(item)
+        if isinstance(item, Mapping):
+            if key not in item:
+                raise ConfigurationError(f"{self.name}: item at position {position} has no {key!r}")
+            return item[key]
+        return getattr(item, key)
+
+    # -- running a chunk ----------------------------------------------------------------------
+
+    def body(self) -> Callable[..., Any]:
+        return self.run_batch
+
+    def lease_name(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        _, batch_id, _, offset = _batch_arguments(args, kwargs)
+        return f"{self.name}:{batch_id or self.request.id}:{offset}"
+
+    def run_batch(
+        self,
+        items: Sequence[Any],
+        batch_id: str | None = None,
+        keys: Sequence[Any] | None = None,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        """Run ``process_item`` over ``items``; the summary dict (see the module docs)."""
+        chunk = self._chunk(items, batch_id, keys, offset)
+        ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
+        finished = ledger.claim(chunk.keys) if ledger is not None else {}
+        todo = [i for i, key in enumerate(chunk.keys) if key not in finished]
+        try:
+            outcome = batch_with_retry(
+                todo,
+                self._item_call(chunk),
+                batch_size=self.batch_size,
+                max_retries=self.item_max_retries,
+                delay=self.item_delay,
+                backoff=self.item_backoff,
+                max_delay=self.item_max_delay,
+                give_up_on=self._permanent,
+                on_progress=self._progress_hook(chunk, ledger, len(finished)),
+                sleep=self.sleep or time.sleep,
+            )
+        except _Stop:
+            assert chunk.stop is not None
+            raise chunk.stop from None
+        dead = [
+            DeadLetterEntry.from_exception(
+                self.name,
+                chunk.items[index],
+                error,
+                attempts=chunk.failures.get(index, 1),
+                batch_id=chunk.batch_id,
+                item_key=chunk.keys[index],
+                task_id=self.request.id,
+            )
+            for index, error in outcome.failed
+        ]
+        self._finish(chunk, ledger, dead)
+        failed = sorted(
+            {index for index, _ in outcome.failed}
+            | {i for i, key in enumerate(chunk.keys) if finished.get(key) == "dead"}
+        )
+        total = len(chunk.items)
+        return {
+            "total": total,
+            "successful": total - len(failed),
+            "failed": len(failed),
+            "failed_ids": [chunk.public_keys[i] for i in failed],
+            "batch_id": chunk.batch_id,
+            "skipped": len(finished),
+        }
+
+    def _chunk(
+        self, items: Sequence[Any], batch_id: str | None, keys: Sequence[Any] | None, offset: int
+    ) -> _Chunk:
+        items = list(items)
+        batch_id = batch_id or self.request.id or uuid.uuid4().hex
+        if keys is None:
+            public = [self.key_of(item, offset + i) for i, item in enumerate(items)]
+        else:
+            public = list(keys)
+            if len(public) != len(items):
+                raise ConfigurationError(
+                    f"{self.name}: {len(public)} keys given for {len(items)} items"
+                )
+        stored = [_stored_key(self.name, key) for key in public]
+        if len(set(stored)) != len(stored):
+            seen: set[str] = set()
+            repeated = sorted({k for k in stored if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
+            raise ConfigurationError(
+                f"{self.name}: item keys must be unique in a batch; repeated: {repeated[:5]}"
+            )
+        return _Chunk(items, stored, public, str(batch_id), [], {})
+
+    def _item_call(self, chunk: _Chunk) -> Callable[[int], None]:
+        items, keys, done, failures = chunk.items, chunk.keys, chunk.done, chunk.failures
+        process = self.process_item
+
+        def call(index: int) -> None:
+            if chunk.stop is not None:
+                raise _Stop()
+            try:
+                process(items[index])
+            except BaseException:
+                failures[index] = failures.get(index, 0) + 1
+                raise
+            done.append(keys[index])
+
+        return call
+
+    def _progress_hook(
+        self, chunk: _Chunk, ledger: ItemLedger | None, skipped: int
+    ) -> Callable[[int, int], None]:
+        total = len(chunk.items)
+
+        def report(finished: int, _todo: int) -> None:
+            if ledger is not None and len(chunk.done) >= self.ledger_flush_every:
+                flushed = list(chunk.done)
+                try:
+                    ledger.finish(done=flushed)
+                except Exception:
+                    logger.warning("taskkit: ledger write failed; will retry", exc_info=True)
+                else:
+                    del chunk.done[: len(flushed)]
+            try:
+                self.progress(skipped + finished, total, "items")
+            except LeaseLost as lost:
+                chunk.stop = lost
+
+        return report
+
+    def _finish(
+        self, chunk: _Chunk, ledger: ItemLedger | None, dead: list[DeadLetterEntry]
+    ) -> None:
+        store = self.dead_letters()
+        if ledger is not None:
+            ledger.finish(done=chunk.done, dead=dead, store=store, record=self.dead_letter)
+        elif self.dead_letter and dead:
+            store.record(dead)
+
+    def _engine(self) -> Engine:
+        return get_engine(self.app.conf.get("taskkit_database_url"))
+
+    def dead_letters(self) -> DeadLetterStore:
+        """The dead-letter store of this task's app (its database and queue)."""
+        return DeadLetterStore(
+            engine=self._engine(),
+            queue=self.app.conf.get("taskkit_dead_letter_queue"),
+            app=self.app,
+        )
+
+    # -- a chunk that failed for good ---------------------------------------------------------
+
+    def record_failure(self, failure: TaskFailure) -> None:
+        """Dead-letter every unfinished item of a chunk that failed for good as a whole."""
+        items, batch_id, keys, offset = _batch_arguments(failure.args, failure.kwargs)
+        if items is None:
+            return
+        chunk = self._chunk(items, batch_id or failure.task_id, keys, offset)
+        ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
+        statuses = ledger.statuses(chunk.keys) if ledger is not None else {}
+        dead = [
+            DeadLetterEntry(
+                task_name=self.name,
+                payload=chunk.items[i],
+                error_type=failure.error_type,
+                error_message=failure.error,
+                traceback=failure.traceback,
+                attempts=failure.attempts,
+                batch_id=chunk.batch_id,
+                item_key=key,
+                task_id=failure.task_id,
+            )
+            for i, key in enumerate(chunk.keys)
+            if statuses.get(key) not in ("done", "dead")
+        ]
+        logger.error(
+            "taskkit: batch %s of %s failed for good; %d unfinished item(s) dead-lettered",
+            chunk.batch_id,
+            self.name,
+            len(dead),
+        )
+        self._finish(_Chunk([], [], [], chunk.batch_id, [], {}), ledger, dead)
+
+
+def _batch_arguments(
+    args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[Any, str | None, Any, int]:
+    names = ("items", "batch_id", "keys", "offset")
+    values: dict[str, Any] = dict(zip(names, args, strict=False))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    return (
+        values.get("items"),
+        values.get("batch_id"),
+        values.get("keys"),
+        int(values.get("offset") or 0),
+    )
+
+
+def _stored_key(task_name: str, key: Any) -> str:
+    text = str(key)
+    if not text or len(text) > MAX_KEY_LENGTH:
+        raise ConfigurationError(
+            f"{task_name}: item key must be 1 to {MAX_KEY_LENGTH} characters, not {text[:40]!r}"
+        )
+    return text
+
+
+# -- splitting a batch across workers ------------------------------------------------------------
+
+
+class BatchSubmission(NamedTuple):
+    """A batch sent by ``submit_batch``: its id, the chunks' group result, sizes."""
+
+    batch_id: str
+    result: GroupResult
+    total: int
+    chunk_size: int
+    task: Any
+    #: The items' keys, in order (to account for a chunk that failed as a whole).
+    keys: list[Any]
+
+    def get(self, timeout: float | None = None, interval: float = 0.5) -> dict[str, Any]:
+        """Wait for every chunk and merge their summaries into one.
+
+        A chunk that failed as a whole counts its items from the ledger (done ones as
+        successful, the rest as failed: they were dead-lettered).
+        """
+        outcomes = self.result.join(timeout=timeout, interval=interval, propagate=False)
+        summary: dict[str, Any] = {
+            "total": 0,
+            "successful": 0,
+            "failed": 0,
+            "failed_ids": [],
+            "batch_id": self.batch_id,
+            "skipped": 0,
+        }
+        for index, returned in enumerate(outcomes):
+            outcome = returned if isinstance(returned, dict) else self._from_ledger(index)
+            for name in ("total", "successful", "failed", "skipped"):
+                summary[name] += int(outcome.get(name, 0))
+            summary["failed_ids"].extend(outcome.get("failed_ids", []))
+        return summary
+
+    def progress(self) -> BatchProgress:
+        """Counts from the ledger: done, dead, claimed, out of ``total``."""
+        return batch_progress(self.batch_id, self.task.app.conf.get("taskkit_database_url"))
+
+    def _from_ledger(self, index: int) -> dict[str, Any]:
+        keys = self.keys[index * self.chunk_size : (index + 1) * self.chunk_size]
+        stored = [_stored_key(self.task.name, key) for key in keys]
+        engine = get_engine(self.task.app.conf.get("taskkit_database_url"))
+        statuses = ItemLedger(self.batch_id, engine).statuses(stored)
+        failed = [key for key, s in zip(keys, stored, strict=True) if statuses.get(s) != "done"]
+        return {
+            "total": len(keys),
+            "successful": len(keys) - len(failed),
+            "failed": len(failed),
+            "failed_ids": failed,
+        }
+
+
+def submit_batch(
+    task: BatchTask,
+    items: Sequence[Any],
+    chunk_size: int = 1000,
+    *,
+    batch_id: str | None = None,
+    **options: Any,
+) -> BatchSubmission:
+    """Split ``items`` into chunks of ``chunk_size``, send one ``task`` per chunk (a Celery
+    group, so they run on as many workers as there are), record the batch, and return a
+    ``BatchSubmission`` whose ``get()`` merges the chunks' summaries into one and whose
+    ``progress()`` reads the ledger.
+
+    ``options`` go to ``apply_async`` (``queue``, ``priority``...). Item keys are checked
+    for uniqueness across the whole batch before anything is sent.
+
+    Decision: a group, not a chord. The summary is merged where you wait for it, so there is
+    no callback task to register and no chord counter to lose; progress is in the ledger.
+
+    Example::
+
+        submission = submit_batch(score_items, rows, chunk_size=500, queue="batch")
+        print(submission.progress())
+        summary = submission.get(timeout=3600)
+    """
+    if not isinstance(task, BatchTask):
+        raise ConfigurationError(f"submit_batch needs a BatchTask, not {task!r}")
+    check_int("chunk_size", chunk_size, 1)
+    items = list(items)
+    batch_id = batch_id or uuid.uuid4().hex
+    public = [task.key_of(item, i) for i, item in enumerate(items)]
+    stored = [_stored_key(task.name, key) for key in public]
+    if len(set(stored)) != len(stored):
+        raise ConfigurationError(f"{task.name}: item keys must be unique in a batch")
+    starts = list(range(0, len(items), chunk_size))
+    engine = get_engine(task.app.conf.get("taskkit_database_url"))
+    batches = cast(Table, Batch.__table__)
+    with engine.begin() as connection:  # first: a database that is down sends nothing
+        connection.execute(
+            batches.insert(),
+            {"id": batch_id, "task_name": task.name, "total": len(items), "chunks": len(starts)},
+        )
+    signatures = [
+        task.signature(
+            (items[start : start + chunk_size],),
+            {"batch_id": batch_id, "offset": start},
+            **options,
+        )
+        for start in starts
+    ]
+    result = cast(GroupResult, group(signatures).apply_async())
+    with engine.begin() as connection:
+        connection.execute(
+            batches.update().where(batches.c.id == batch_id).values(group_id=result.id)
+        )
+    return BatchSubmission(batch_id, result, len(items), chunk_size, task, public)
