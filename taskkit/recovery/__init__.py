@@ -9,6 +9,7 @@
 ``RetryBudget``               cap retries to a share of calls (``RedisRetryBudget``: fleet)
 ``fallback``, ``safe_execute``  turn a failure into a value
 ``batch_with_retry``          per-item retry over many items
+``parallel_batch_process``    ``batch_with_retry`` over chunks in threads, input order kept
 ``TransactionManager``        commit on success, roll back on error
 ``events``                    subscribe to retries, give-ups and breaker changes
 ============================  =========================================================
@@ -34,6 +35,7 @@ from taskkit.recovery._batch import BatchResult, batch_with_retry
 from taskkit.recovery._budget import Budget, RetryBudget
 from taskkit.recovery._circuit import CircuitBreaker, CircuitState, CircuitStorage
 from taskkit.recovery._fallback import fallback, safe_execute
+from taskkit.recovery._parallel import parallel_batch_process
 from taskkit.recovery._redis_budget import RedisRetryBudget
 from taskkit.recovery._redis_circuit import RedisCircuitStorage
 from taskkit.recovery._retry import RetryCallState, Retrying, retry
@@ -62,6 +64,7 @@ __all__ = [
     "delays",
     "events",
     "fallback",
+    "parallel_batch_process",
     "retry",
     "safe_execute",
     "timeout",
