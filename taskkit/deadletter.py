@@ -74,7 +74,9 @@ __all__ = [
     "DeadLetterEntry",
     "DeadLetterStore",
     "ReplayResult",
+    "SentReplay",
     "jsonable",
+    "write_rows",
 ]
 
 logger = logging.getLogger("taskkit.deadletter")
@@ -473,7 +475,13 @@ class DeadLetterStore:
 
 def write_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:
     """Upsert letters on (task, batch, item): a repeat adds its attempts and moves the last
-    failure; a letter that was replayed or discarded is dead again."""
+    failure; a letter that was replayed or discarded is dead again. In the caller's transaction.
+
+    Example::
+
+        with engine.begin() as connection:
+            write_rows(connection, [entry.row() for entry in entries])
+    """
     dialect = connection.dialect.name
     if dialect not in ("postgresql", "sqlite"):
         connection.execute(_TABLE.insert(), rows)

@@ -40,6 +40,10 @@ PUBLIC_MODULES = [
     "taskkit.tasks.base",
     "taskkit.tasks.lease",
     "taskkit.tasks.progress",
+    "taskkit.tasks.batch",
+    "taskkit.deadletter",
+    "taskkit.ledger",
+    "taskkit.dataframes",
     "taskkit.checkpoint",
 ]
 

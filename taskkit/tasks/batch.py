@@ -160,6 +160,11 @@ class BatchTask(ResilientTask):
         """Raise if ``item`` cannot be processed any more (a replay checks each payload first).
         The default accepts everything; override it with your schema check."""
 
+    def flush_items(self) -> None:
+        """Write out what ``process_item`` buffered (rows for a bulk insert, say). Called before
+        each ledger write that marks items done, and at the end of the chunk, so an item is
+        never marked done before its buffered output is stored. The default does nothing."""
+
     def key_of(self, item: Any, position: int) -> Any:
         """The key of ``item`` at ``position`` in its batch (see ``item_key``)."""
         key = self.item_key
@@ -285,12 +290,19 @@ class BatchTask(ResilientTask):
         total = len(chunk.items)
 
         def report(finished: int, _todo: int) -> None:
-            if ledger is not None and len(chunk.done) >= self.ledger_flush_every:
+            if len(chunk.done) >= self.ledger_flush_every:
                 flushed = list(chunk.done)
                 try:
-                    ledger.finish(done=flushed)
+                    self.flush_items()
+                    if ledger is not None:
+                        ledger.finish(done=flushed)
                 except Exception:
-                    logger.warning("taskkit: ledger write failed; will retry", exc_info=True)
+                    logger.warning(
+                        "taskkit: %s: writing %d done item(s) failed; will try again",
+                        self.name,
+                        len(flushed),
+                        exc_info=True,
+                    )
                 else:
                     del chunk.done[: len(flushed)]
             try:
@@ -303,6 +315,7 @@ class BatchTask(ResilientTask):
     def _finish(
         self, chunk: _Chunk, ledger: ItemLedger | None, dead: list[DeadLetterEntry]
     ) -> None:
+        self.flush_items()
         store = self.dead_letters()
         if ledger is not None:
             ledger.finish(done=chunk.done, dead=dead, store=store, record=self.dead_letter)

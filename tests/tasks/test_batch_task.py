@@ -1,0 +1,273 @@
+"""BatchTask in process, on SQLite and PostgreSQL: per-item retry, the item ledger, dead letters,
+keys, submit_batch. Worker subprocesses, SIGKILL and replay through a broker are in
+tests/batch/test_batch_worker.py."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from taskkit.config import Settings
+from taskkit.db.models import Batch, BatchItem, DeadLetter
+from taskkit.deadletter import DeadLetterStore
+from taskkit.errors import ConfigurationError
+from taskkit.ledger import ItemLedger, batch_progress
+from taskkit.tasks import BatchTask, ResilientTask, TaskFailure, create_app, submit_batch
+
+app = create_app(
+    "tkbatchunit",
+    settings=Settings(broker_url="memory://", result_backend="cache+memory://"),
+    task_always_eager=True,
+)
+
+calls: Counter[Any] = Counter()
+#: Items that always fail, fail once, or fail with a permanent error.
+ALWAYS, ONCE, PERMANENT = {3, 13}, {5, 15}, {7}
+
+
+class Crash(BaseException):
+    """What a worker dying looks like from inside: nothing catches it."""
+
+
+crash_at: list[int] = []
+
+
+@app.task(base=BatchTask, bind=True, name="tkbatchunit.items", item_delay=0, ledger_flush_every=4)
+def items_task(self: BatchTask, item: int) -> int:
+    calls[item] += 1
+    if crash_at and item == crash_at[0]:
+        crash_at.clear()
+        raise Crash()
+    if item in ALWAYS:
+        raise RuntimeError(f"item {item} is broken")
+    if item in ONCE and calls[item] == 1:
+        raise ConnectionError("flaky")
+    if item in PERMANENT:
+        raise ValueError(f"item {item} is invalid")
+    return item * 2
+
+
+@app.task(base=BatchTask, bind=True, name="tkbatchunit.records", item_key="sku", item_delay=0)
+def records_task(self: BatchTask, item: dict[str, Any]) -> None:
+    calls[item["sku"]] += 1
+
+
+@app.task(base=BatchTask, bind=True, name="tkbatchunit.no_ledger", ledger=False, item_delay=0)
+def no_ledger_task(self: BatchTask, item: int) -> None:
+    calls[item] += 1
+    if item in ALWAYS:
+        raise RuntimeError("broken")
+
+
+@app.task(base=ResilientTask, bind=True, name="tkbatchunit.whole", dead_letter=True, max_retries=0)
+def whole_task(self: ResilientTask, x: int, label: str = "") -> None:
+    raise ValueError(f"cannot do {x} {label}")
+
+
+@pytest.fixture(autouse=True)
+def database(db_url: str, engine: Engine) -> Engine:
+    app.conf.taskkit_database_url = db_url
+    calls.clear()
+    crash_at.clear()
+    return engine
+
+
+def letters(engine: Engine, batch_id: str) -> dict[str, DeadLetter]:
+    store = DeadLetterStore(engine=engine)
+    return {str(letter.item_key): letter for letter in store.list(batch_id=batch_id)}
+
+
+def test_a_batch_retries_each_item_and_dead_letters_what_exhausts_its_retries(
+    database: Engine,
+) -> None:
+    batch = uuid.uuid4().hex
+    summary = items_task(list(range(20)), batch_id=batch)
+
+    assert summary == {
+        "total": 20,
+        "successful": 17,
+        "failed": 3,
+        "failed_ids": [3, 7, 13],
+        "batch_id": batch,
+        "skipped": 0,
+    }
+    assert calls[5] == 2
+    assert calls[15] == 2
+    assert calls[3] == 3  # max_retries=2: three attempts
+    assert calls[7] == 1  # permanent: no retry
+    dead = letters(database, batch)
+    assert set(dead) == {"3", "7", "13"}
+    assert dead["3"].attempts == 3
+    assert dead["3"].error_type == "RuntimeError"
+    assert dead["3"].payload == 3
+    assert "item 3 is broken" in dead["3"].error_message
+    assert "RuntimeError" in (dead["3"].traceback or "")
+    assert dead["7"].attempts == 1
+    assert dead["7"].error_type == "ValueError"
+    assert dead["3"].task_name == "tkbatchunit.items"
+    progress = batch_progress(batch, str(database.url.render_as_string(hide_password=False)))
+    assert (progress.done, progress.dead, progress.claimed) == (17, 3, 0)
+
+
+def test_a_batch_delivered_again_skips_what_is_finished(database: Engine) -> None:
+    batch = uuid.uuid4().hex
+    items_task(list(range(20)), batch_id=batch)
+    calls.clear()
+
+    again = items_task(list(range(20)), batch_id=batch)
+
+    assert calls == Counter()  # nothing ran twice
+    assert again["skipped"] == 20
+    assert (again["successful"], again["failed"]) == (17, 3)
+    assert again["failed_ids"] == [3, 7, 13]
+    assert len(letters(database, batch)) == 3  # no second letter
+
+
+def test_after_a_crash_only_items_not_yet_marked_done_run_again(database: Engine) -> None:
+    batch = uuid.uuid4().hex
+    crash_at.append(130)  # batch_size=100: done marks are flushed after a batch, not before
+    items = list(range(100, 140))
+    with pytest.raises(Crash):
+        items_task(items, batch_id=batch)
+    ledger = ItemLedger(batch, database)
+    before = ledger.statuses([str(i) for i in items])
+    assert set(before.values()) == {"claimed"}  # one batch of 100: nothing flushed yet
+
+    calls.clear()
+    crash_at.append(135)
+    with pytest.raises(Crash):
+        items_task(items, batch_id=batch)
+    calls.clear()
+    summary = items_task(items, batch_id=batch)
+    assert summary["successful"] == 40
+    assert summary["failed"] == 0
+    with database.connect() as connection:
+        claims = dict(
+            connection.execute(
+                select(BatchItem.item_key, BatchItem.claims).where(BatchItem.batch_id == batch)
+            ).all()
+        )
+    assert set(claims.values()) == {3}  # three deliveries claimed every item
+
+
+def test_done_items_are_flushed_while_the_batch_runs(database: Engine) -> None:
+    batch = uuid.uuid4().hex
+    items = list(range(200, 450))  # batch_size 100: progress after 100, 200; flush every 4
+    crash_at.append(420)
+    with pytest.raises(Crash):
+        items_task(items, batch_id=batch)
+    statuses = ItemLedger(batch, database).statuses([str(i) for i in items])
+    done = sorted(int(k) for k, s in statuses.items() if s == "done")
+    assert done == list(range(200, 400))  # the two full batches before the crash
+
+    calls.clear()
+    summary = items_task(items, batch_id=batch)
+    assert summary["skipped"] == 200
+    assert set(calls) == set(range(400, 450))
+
+
+def test_item_keys_from_a_field_must_be_unique(database: Engine) -> None:
+    rows = [{"sku": "a"}, {"sku": "b"}]
+    assert records_task(rows)["successful"] == 2
+    with pytest.raises(ConfigurationError, match="unique"):
+        records_task([{"sku": "a"}, {"sku": "a"}])
+    with pytest.raises(ConfigurationError, match="no 'sku'"):
+        records_task([{"id": 1}])
+    with pytest.raises(ConfigurationError, match="1 to 255"):
+        records_task([{"sku": "x" * 300}])
+
+
+def test_default_keys_use_the_item_its_id_or_its_position(database: Engine) -> None:
+    task = items_task
+    assert task.key_of(5, 0) == 5
+    assert task.key_of("abc", 0) == "abc"
+    assert task.key_of({"id": 9, "x": 1}, 0) == 9
+    assert task.key_of([1, 2], 4) == "#4"
+    assert task.key_of(True, 2) == "#2"
+
+
+def test_without_the_ledger_items_still_reach_the_dead_letter_queue(database: Engine) -> None:
+    batch = uuid.uuid4().hex
+    summary = no_ledger_task([1, 3, 4], batch_id=batch)
+    assert summary["failed_ids"] == [3]
+    with database.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(BatchItem)) == 0
+    assert set(letters(database, batch)) == {"3"}
+
+
+def test_a_chunk_that_fails_as_a_whole_dead_letters_its_unfinished_items(
+    database: Engine,
+) -> None:
+    batch = uuid.uuid4().hex
+    items = list(range(500, 720))
+    crash_at.append(710)
+    with pytest.raises(Crash):
+        items_task(items, batch_id=batch)  # 200 done and flushed, 20 claimed
+
+    items_task.record_failure(
+        TaskFailure(
+            task_name=items_task.name,
+            task_id="t-1",
+            args=(items,),
+            kwargs={"batch_id": batch},
+            error_type="WorkerLostError",
+            error="Worker exited prematurely: signal 9 (SIGKILL)",
+            traceback="",
+            attempts=6,
+        )
+    )
+
+    dead = letters(database, batch)
+    assert set(dead) == {str(i) for i in range(700, 720)}
+    assert {letter.error_type for letter in dead.values()} == {"WorkerLostError"}
+    progress = batch_progress(batch, database.url.render_as_string(hide_password=False))
+    assert (progress.done, progress.dead, progress.claimed) == (200, 20, 0)
+
+
+def test_a_resilient_task_with_dead_letter_stores_its_terminal_failure(database: Engine) -> None:
+    result = whole_task.apply(args=(4,), kwargs={"label": "x"})
+    assert result.failed()
+    (letter,) = DeadLetterStore(engine=database).list(task="tkbatchunit.whole")
+    assert letter.payload == {"args": [4], "kwargs": {"label": "x"}}
+    assert letter.error_type == "ValueError"
+    assert letter.batch_id is None
+
+
+def test_submit_batch_splits_into_chunks_and_merges_one_summary(database: Engine) -> None:
+    submission = submit_batch(items_task, list(range(1000, 1025)), chunk_size=10)
+
+    summary = submission.get(timeout=30)
+    assert summary["total"] == 25
+    assert summary["successful"] == 25
+    assert summary["batch_id"] == submission.batch_id
+    assert len(submission.result.results) == 3
+    progress = submission.progress()
+    assert (progress.total, progress.done, progress.pending) == (25, 25, 0)
+    with database.connect() as connection:
+        row = connection.execute(select(Batch).where(Batch.id == submission.batch_id)).one()
+    assert (row.total, row.chunks, row.task_name) == (25, 3, "tkbatchunit.items")
+
+
+def test_submit_batch_refuses_repeated_keys_before_sending_anything(database: Engine) -> None:
+    with pytest.raises(ConfigurationError, match="unique"):
+        submit_batch(items_task, [1, 2, 1], chunk_size=2)
+    assert calls == Counter()
+    with database.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(Batch)) == 0
+    with pytest.raises(ConfigurationError, match="BatchTask"):
+        submit_batch(whole_task, [1])  # type: ignore[arg-type]
+
+
+def test_bad_options_are_refused_when_the_task_is_made() -> None:
+    with pytest.raises(ConfigurationError, match="batch_size"):
+
+        @app.task(
+            base=BatchTask, bind=True, name=f"tkbatchunit.bad{uuid.uuid4().hex}", batch_size=0
+        )
+        def bad(self: BatchTask, item: int) -> None: ...
+
+        bad.name  # noqa: B018 - binding the task resolves its options
