@@ -5,10 +5,17 @@ from __future__ import annotations
 import datetime
 import pathlib
 
-from benchmarks import bench_checkpoint, bench_db, bench_recovery, bench_tasks, bench_training
+from benchmarks import (
+    bench_batch,
+    bench_checkpoint,
+    bench_db,
+    bench_recovery,
+    bench_tasks,
+    bench_training,
+)
 from benchmarks._harness import commit, machine, say
 
-SECTIONS = [bench_recovery, bench_db, bench_tasks, bench_checkpoint, bench_training]
+SECTIONS = [bench_recovery, bench_db, bench_tasks, bench_checkpoint, bench_training, bench_batch]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 

@@ -12,10 +12,19 @@ of starting them and of contending for the GIL; they pay off when the function w
 from __future__ import annotations
 
 import logging
+import statistics
+import time
+import uuid
 from collections.abc import Callable
 
+from sqlalchemy import text
+
 from benchmarks._harness import per_call_ns, say, table
+from benchmarks.bench_checkpoint import postgres_schema
+from taskkit.config import Settings
+from taskkit.db.session import get_engine
 from taskkit.recovery import batch_with_retry, parallel_batch_process
+from taskkit.tasks import BatchTask, create_app
 
 ITEMS = 100_000
 BATCH_SIZE = 100
@@ -96,5 +105,128 @@ per item, target {verdict}.
 """
 
 
+# -- BatchTask with and without the item ledger ---------------------------------------------------
+
+#: Items per chunk (submit_batch's default chunk size).
+CHUNK = 1000
+#: Timed chunks per contestant and item cost; the two tasks take turns and each keeps its median.
+LEDGER_ROUNDS = 9
+#: (label, seconds of CPU work per item; None: one PostgreSQL upsert per item).
+ITEM_COSTS: list[tuple[str, float | None]] = [
+    ("no work (`return item`): the ledger's whole cost", 0.0),
+    ("20 µs of CPU work", 20e-6),
+    ("100 µs of CPU work (a small model's prediction)", 100e-6),
+    ("one PostgreSQL upsert of its result (the idempotent side effect)", None),
+]
+LEDGER_TARGET = 0.8
+LEDGER_HEADERS = [
+    "item function",
+    "items/s without ledger",
+    "items/s with ledger",
+    "ledger cost, µs per item",
+    "with / without",
+]
+
+ledger_app = create_app(
+    "benchbatch", settings=Settings(broker_url="memory://", result_backend="cache+memory://")
+)
+_cost: list[float | None] = [0.0]
+
+
+def _work(item: int) -> None:
+    cost = _cost[0]
+    if cost is None:
+        with get_engine(ledger_app.conf.taskkit_database_url).begin() as connection:
+            connection.execute(_UPSERT, {"item": item})
+        return
+    end = time.perf_counter() + cost
+    while time.perf_counter() < end:
+        pass
+
+
+_UPSERT = text(
+    "INSERT INTO bench_batch_effects (item) VALUES (:item) ON CONFLICT (item) DO NOTHING"
+)
+
+
+@ledger_app.task(base=BatchTask, bind=True, name="benchbatch.with_ledger")
+def with_ledger(self: BatchTask, item: int) -> None:
+    _work(item)
+
+
+@ledger_app.task(base=BatchTask, bind=True, name="benchbatch.without_ledger", ledger=False)
+def without_ledger(self: BatchTask, item: int) -> None:
+    _work(item)
+
+
+def ledger_measure(url: str) -> list[tuple[str, float, float]]:
+    """(label, items/s without the ledger, items/s with it) per item cost: median of the
+    rounds, the two tasks alternating; every chunk is a new batch."""
+    ledger_app.conf.taskkit_database_url = url
+    with get_engine(url).begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE bench_batch_effects (item bigint PRIMARY KEY)")
+    measured = []
+    for label, cost in ITEM_COSTS:
+        _cost[0] = cost
+        times: dict[str, list[float]] = {"without": [], "with": []}
+        for round_ in range(LEDGER_ROUNDS + 1):
+            for name, task in (("without", without_ledger), ("with", with_ledger)):
+                items = list(range(round_ * CHUNK, (round_ + 1) * CHUNK))
+                with get_engine(url).begin() as connection:
+                    connection.exec_driver_sql("TRUNCATE bench_batch_effects")
+                start = time.perf_counter()
+                summary = task(items, batch_id=uuid.uuid4().hex)
+                elapsed = time.perf_counter() - start
+                assert summary["successful"] == CHUNK, summary
+                if round_:  # round 0 warms connections and caches
+                    times[name].append(elapsed)
+        measured.append(
+            (
+                label,
+                CHUNK / statistics.median(times["without"]),
+                CHUNK / statistics.median(times["with"]),
+            )
+        )
+    return measured
+
+
+def ledger_section() -> str:
+    say("BatchTask with and without the ledger on PostgreSQL")
+    with postgres_schema("taskkit_bench_batch") as url:
+        measured = ledger_measure(url)
+    rows = []
+    for label, without, with_ in measured:
+        ratio = with_ / without
+        cost_us = (1 / with_ - 1 / without) * 1e6
+        rows.append(
+            [
+                label,
+                f"{without:,.0f}",
+                f"{with_:,.0f}",
+                f"{cost_us:,.1f}",
+                f"{ratio:.2f}x" + ("" if ratio >= LEDGER_TARGET else " (below 0.8x)"),
+            ]
+        )
+    return f"""## BatchTask throughput with the item ledger on PostgreSQL
+
+One chunk of {CHUNK:,} items (submit_batch's default chunk size) run by a `BatchTask` in
+process, with the ledger on PostgreSQL (`ledger=True`, the default) and without it
+(`ledger=False`); the same item function, no failures, so the difference is the ledger: one
+claim statement for the chunk before it runs (an `INSERT ... SELECT unnest(...)` of the keys),
+one `UPDATE` marking items done per `ledger_flush_every` (500) items and at the end, each in
+its own committed transaction. Median of {LEDGER_ROUNDS} chunks per row, the two tasks taking
+turns; each chunk is a new batch. Run in process because the broker and the worker add the same
+cost to both and would only move the ratio towards 1.
+
+{table(LEDGER_HEADERS, rows)}
+
+Target: at least 0.8x. The ledger costs a fixed few microseconds per item (two row writes in
+PostgreSQL, batched), so it is met once an item does more than a few tens of microseconds of
+work, which any item worth a retry does (a model prediction, a database write, an HTTP call);
+for an item that does nothing at all the ledger is most of the time, and `ledger=False` is the
+choice when items are that cheap and re-running a chunk's done items after a crash is fine.
+"""
+
+
 def run() -> str:
-    return "\n".join([overhead_section()])
+    return "\n".join([overhead_section(), ledger_section()])

@@ -24,12 +24,25 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
-from sqlalchemy import Connection, Engine, Table, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    Table,
+    any_,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import ColumnElement
 
 from taskkit.db._recovery import db_retry
 from taskkit.db.models import Batch, BatchItem
@@ -85,15 +98,17 @@ class ItemLedger:
         already finished (skip them). Every other key is now claimed."""
         now = datetime.now(UTC)
         finished: dict[str, str] = {}
-        with self.engine.begin() as connection:
-            for start in range(0, len(keys), _CHUNK):
-                part = list(keys[start : start + _CHUNK])
-                _insert_missing(connection, self.batch_id, part, now)
+        with _transaction(self.engine) as connection:
+            for part in _parts(connection, keys):
+                inserted = _insert_missing(connection, self.batch_id, part, now)
+                if len(inserted) == len(part):
+                    continue  # the first delivery: nothing else to read or count
+                existing = [key for key in part if key not in inserted]
                 connection.execute(
                     update(BatchItem)
                     .where(
                         BatchItem.batch_id == self.batch_id,
-                        BatchItem.item_key.in_(part),
+                        _among(connection, existing),
                         BatchItem.status == "claimed",
                     )
                     .values(claims=BatchItem.claims + 1, updated_at=now)
@@ -101,7 +116,7 @@ class ItemLedger:
                 rows = connection.execute(
                     select(BatchItem.item_key, BatchItem.status).where(
                         BatchItem.batch_id == self.batch_id,
-                        BatchItem.item_key.in_(part),
+                        _among(connection, existing),
                         BatchItem.status != "claimed",
                     )
                 )
@@ -120,9 +135,11 @@ class ItemLedger:
         """In one transaction: mark ``done`` keys done, mark the keys of the ``dead`` entries
         dead and (``record``) store the entries as dead letters; then publish them through
         ``store`` (its broker queue, if set)."""
+        if not done and not dead:
+            return
         now = datetime.now(UTC)
         rows = [entry.row() for entry in dead] if record else []
-        with self.engine.begin() as connection:
+        with _transaction(self.engine) as connection:
             self._mark(connection, done, "done", now)
             if dead:
                 dead_keys = [str(entry.item_key) for entry in dead]
@@ -136,12 +153,11 @@ class ItemLedger:
     def statuses(self, keys: Sequence[str]) -> dict[str, str]:
         """``{key: status}`` of the keys that have a ledger row."""
         found: dict[str, str] = {}
-        with self.engine.connect() as connection:
-            for start in range(0, len(keys), _CHUNK):
+        with _transaction(self.engine) as connection:
+            for part in _parts(connection, keys):
                 rows = connection.execute(
                     select(BatchItem.item_key, BatchItem.status).where(
-                        BatchItem.batch_id == self.batch_id,
-                        BatchItem.item_key.in_(list(keys[start : start + _CHUNK])),
+                        BatchItem.batch_id == self.batch_id, _among(connection, part)
                     )
                 )
                 found.update((key, status) for key, status in rows)
@@ -150,33 +166,77 @@ class ItemLedger:
     def _mark(
         self, connection: Connection, keys: Sequence[str], status: str, now: datetime
     ) -> None:
-        for start in range(0, len(keys), _CHUNK):
+        if connection.dialect.name == "postgresql" and keys:
+            connection.execute(
+                _MARK_PG,
+                {"status": status, "now": now, "batch_id": self.batch_id, "keys": list(keys)},
+            )
+            return
+        for part in _parts(connection, keys):
             connection.execute(
                 update(BatchItem)
-                .where(
-                    BatchItem.batch_id == self.batch_id,
-                    BatchItem.item_key.in_(list(keys[start : start + _CHUNK])),
-                )
+                .where(BatchItem.batch_id == self.batch_id, _among(connection, part))
                 .values(status=status, updated_at=now)
             )
 
 
+_MARK_PG = text(
+    "UPDATE batch_items SET status = :status, updated_at = :now "
+    "WHERE batch_id = :batch_id AND item_key = ANY(CAST(:keys AS VARCHAR[]))"
+)
+
+
+@contextmanager
+def _transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction for ledger statements. On PostgreSQL, plans are made for each statement's
+    keys: psycopg prepares a statement after 5 runs, and PostgreSQL's generic plan for
+    ``item_key = ANY($2)`` made the ledger's writes 1.7x slower."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
+        yield connection
+
+
+def _parts(connection: Connection, keys: Sequence[str]) -> Iterator[list[str]]:
+    """``keys`` in statement-sized parts: all at once as one array on PostgreSQL, a few
+    hundred bound parameters elsewhere."""
+    size = len(keys) if connection.dialect.name == "postgresql" else _CHUNK
+    for start in range(0, len(keys), max(size, 1)):
+        yield list(keys[start : start + size])
+
+
+def _among(connection: Connection, keys: list[str]) -> ColumnElement[bool]:
+    """``item_key`` is one of ``keys``: ``= ANY(array)`` on PostgreSQL (one parameter, however
+    many keys), ``IN (...)`` elsewhere."""
+    if connection.dialect.name == "postgresql":
+        return BatchItem.item_key == any_(literal(keys, postgresql.ARRAY(String)))
+    return BatchItem.item_key.in_(keys)
+
+
 def _insert_missing(
-    connection: Connection, batch_id: str, keys: Iterable[str], now: datetime
-) -> None:
+    connection: Connection, batch_id: str, keys: list[str], now: datetime
+) -> set[str]:
+    """Insert a claimed row for each key that has none; returns the keys inserted."""
+    if not keys:
+        return set()
+    if connection.dialect.name == "postgresql":
+        # One statement over an array: executemany would send a statement per row.
+        inserted = connection.scalars(
+            text(
+                "INSERT INTO batch_items (batch_id, item_key, status, claims, updated_at) "
+                "SELECT :batch_id, k, 'claimed', 1, :now "
+                "FROM unnest(CAST(:keys AS VARCHAR[])) AS k "
+                "ON CONFLICT DO NOTHING RETURNING item_key"
+            ),
+            {"batch_id": batch_id, "now": now, "keys": keys},
+        )
+        return set(inserted)
     rows = [
-        {"batch_id": batch_id, "item_key": key, "status": "claimed", "claims": 0, "updated_at": now}
+        {"batch_id": batch_id, "item_key": key, "status": "claimed", "claims": 1, "updated_at": now}
         for key in keys
     ]
-    dialect = connection.dialect.name
-    insert: Any
-    if dialect == "postgresql":
-        insert = postgresql.insert(_TABLE).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        insert = sqlite.insert(_TABLE).on_conflict_do_nothing()
-    else:  # pragma: no cover - taskkit supports PostgreSQL and SQLite
-        insert = _TABLE.insert().prefix_with("IGNORE")
-    connection.execute(insert, rows)
+    statement = sqlite.insert(_TABLE).on_conflict_do_nothing().returning(_TABLE.c.item_key)
+    return set(connection.scalars(statement, rows))
 
 
 def batch_progress(batch_id: str, database_url: str | None = None) -> BatchProgress:
