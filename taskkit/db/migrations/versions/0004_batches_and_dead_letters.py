@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("claims", sa.Integer(), nullable=False),
         sa.Column("updated_at", timestamp, nullable=False),
         sa.PrimaryKeyConstraint("batch_id", "item_key", name=op.f("pk_batch_items")),
+        postgresql_with={"fillfactor": 70},
     )
     op.create_table(
         "dead_letters",
