@@ -9,5 +9,5 @@ from __future__ import annotations
 
 from taskkit.tasks import create_app
 
-app = create_app("workers", include=["workers.tasks", "workers.training"])
+app = create_app("workers", include=["workers.tasks", "workers.training", "workers.batch"])
 celery_app = app  # the name the seed's snippets import

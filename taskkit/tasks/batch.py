@@ -315,10 +315,25 @@ class BatchTask(ResilientTask):
     def _finish(
         self, chunk: _Chunk, ledger: ItemLedger | None, dead: list[DeadLetterEntry]
     ) -> None:
-        self.flush_items()
         store = self.dead_letters()
+        try:
+            self.flush_items()
+        except BaseException:
+            # The failed items' letters do not depend on the buffered output: keep them, with
+            # their own errors, and leave the done items unmarked (they run again).
+            self._store_dead(ledger, [], dead, store)
+            raise
+        self._store_dead(ledger, chunk.done, dead, store)
+
+    def _store_dead(
+        self,
+        ledger: ItemLedger | None,
+        done: list[str],
+        dead: list[DeadLetterEntry],
+        store: DeadLetterStore,
+    ) -> None:
         if ledger is not None:
-            ledger.finish(done=chunk.done, dead=dead, store=store, record=self.dead_letter)
+            ledger.finish(done=done, dead=dead, store=store, record=self.dead_letter)
         elif self.dead_letter and dead:
             store.record(dead)
 
