@@ -10,12 +10,21 @@
     taskkit runs show RUN_ID [--watch] [--interval S] one run: status, epoch, metrics, progress
     taskkit resume RUN_ID [--app APP] [--queue Q]     re-enqueue a failed or interrupted run from
                                                       its last valid checkpoint
+    taskkit dlq list [--task T] [--batch B] [--error-type E] [--older-than AGE] [--json] ...
+                                                      dead letters, oldest failure first
+    taskkit dlq show ID [--json]                      one letter: error, payload, traceback
+    taskkit dlq replay (ID... | --task T | ... | --all) [--into TASK] [--app APP]
+                                                      send dead letters again, all or nothing
+    taskkit dlq discard ID...                         mark letters discarded (kept, not replayed)
+    taskkit dlq purge (ID... | --older-than AGE | --retention) [--yes]
+                                                      delete letters for good
+    taskkit dlq depth [--json]                        dead letters waiting per task
 
 The database is ``TASKKIT_DATABASE_URL`` unless ``--url`` is given (every command takes it);
-workers must use the same one. The app (``train``, ``resume``) is ``--app``, else
-``TASKKIT_APP``, else ``workers.app``: a module (its ``app`` or ``celery_app``) or
+workers must use the same one. The app (``train``, ``resume``, ``dlq replay``) is ``--app``,
+else ``TASKKIT_APP``, else ``workers.app``: a module (its ``app`` or ``celery_app``) or
 ``module:attribute``. The task (``train``) is ``--task``, else the config's ``task`` key, else
-``workers.training.train_model``.
+``workers.training.train_model``. ``taskkit._cli_dlq`` describes the ``dlq`` commands.
 
 Exit codes:
 
@@ -24,8 +33,10 @@ Exit codes:
 1    a service (the database, the broker, the result backend, the lease store) could not be
      reached, a migration failed, the run's checkpoints could not be read, or the watched run
      failed
-2    bad arguments or settings: a config file, app, task or revision that cannot be used
-3    unknown run (no such ``RUN_ID``)
+2    bad arguments or settings: a config file, app, task or revision that cannot be used, an
+     age that is not one (``dlq``), a refused replay (nothing was sent), a ``purge`` without
+     ``--yes`` and no terminal to ask on
+3    unknown run (no such ``RUN_ID``) or dead letter (no such ``ID``)
 4    the run is already completed (``resume``)
 5    the run is still running on a live worker (``resume``)
 6    the run has no checkpoint to resume from (``resume``)
@@ -61,6 +72,7 @@ from rich.markup import escape
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from taskkit._cli_dlq import dlq_app
 from taskkit._cli_launch import (
     DEFAULT_APP,
     CliError,
@@ -96,6 +108,7 @@ db_app = typer.Typer(help="The taskkit database: schema migrations.", no_args_is
 app.add_typer(db_app, name="db")
 runs_app = typer.Typer(help="Training runs: list them, show or follow one.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+app.add_typer(dlq_app, name="dlq")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

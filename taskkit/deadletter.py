@@ -20,8 +20,9 @@ Decisions:
   target task registered, a batch item going into a ``BatchTask``, the payload still valid
   for the target: the task's signature for a whole task, ``BatchTask.validate_item`` for an
   item); if one fails, ``ReplayRejected`` names it and nothing is sent or changed. Items are
-  sent as one new batch per target task (batch id ``replay-<hex>``, the original item keys),
-  so a replayed item that fails again is dead-lettered again under the new batch.
+  sent as one new batch per target task (batch id ``replay-<hex>``, the original item keys;
+  another batch when a key repeats, from letters of different batches, since keys are unique
+  in a batch), so a replayed item that fails again is dead-lettered again under the new batch.
 - The letters are marked ``replayed`` in the transaction that sent them; if the database
   fails after the send, the letters stay ``dead`` and can be replayed again, which the
   batch's ledger and an idempotent item function absorb.
@@ -105,7 +106,8 @@ def jsonable(value: Any) -> Any:
 def _to_json(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
-    for convert in ("item", "tolist", "isoformat"):  # numpy / pandas scalars and arrays
+    # numpy / pandas arrays and scalars (tolist first: an array's item() needs size 1)
+    for convert in ("tolist", "item", "isoformat"):
         method = getattr(value, convert, None)
         if callable(method):
             converted = method()
@@ -359,7 +361,12 @@ class DeadLetterStore:
             raise ConfigurationError(
                 "replay what? give letter ids, a filter (task, batch, error type, age) or all=True"
             )
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+        # Eager apps (tests) run the replayed tasks inside send(), and those write to this
+        # database: send after the commit there. Elsewhere send inside the transaction, so a
+        # failed send leaves the letters dead (a crash after sending can repeat a replay,
+        # which the item function's idempotence absorbs, but never lose one).
+        eager = bool(app.conf.get("task_always_eager"))
+        with Session(self._writer(), expire_on_commit=False) as session, session.begin():
             if ids is not None:
                 wanted = [int(i) for i in ids]
                 query = select(DeadLetter).where(DeadLetter.id.in_(wanted))
@@ -374,21 +381,36 @@ class DeadLetterStore:
                 query = self._select(task, batch_id, error_type, older_than, None, "dead", None)
                 letters = list(session.scalars(_locked(query.order_by(DeadLetter.id))))
             plans = _plan(app, letters, into)
+            if not eager:
+                sent = [plan.send() for plan in plans]
+                self._mark_replayed(session, sent)
+        if eager:
             sent = [plan.send() for plan in plans]
-            now = self.clock()
-            for message in sent:
-                session.execute(
-                    update(DeadLetter)
-                    .where(DeadLetter.id.in_(message.letter_ids))
-                    .values(
-                        status="replayed",
-                        replayed_at=now,
-                        replayed_into=message.task_name,
-                        replay_task_id=message.task_id,
-                        replays=DeadLetter.replays + 1,
-                    )
-                )
+            with Session(self._writer()) as session, session.begin():
+                self._mark_replayed(session, sent)
         return ReplayResult([i for message in sent for i in message.letter_ids], sent)
+
+    def _writer(self) -> Engine:
+        """The engine for a transaction that reads, then writes: on SQLite it takes the write
+        lock at BEGIN (and so also serialises two replays, which ``FOR UPDATE`` cannot there)."""
+        if self.engine.dialect.name == "sqlite":
+            return self.engine.execution_options(taskkit_sqlite_begin="BEGIN IMMEDIATE")
+        return self.engine
+
+    def _mark_replayed(self, session: Session, sent: Sequence[SentReplay]) -> None:
+        now = self.clock()
+        for message in sent:
+            session.execute(
+                update(DeadLetter)
+                .where(DeadLetter.id.in_(message.letter_ids))
+                .values(
+                    status="replayed",
+                    replayed_at=now,
+                    replayed_into=message.task_name,
+                    replay_task_id=message.task_id,
+                    replays=DeadLetter.replays + 1,
+                )
+            )
 
     # -- removing -------------------------------------------------------------------------------
 
@@ -553,7 +575,8 @@ class _Plan:
 def _plan(app: Any, letters: list[DeadLetter], into: str | None) -> list[_Plan]:
     """Check every letter against its target task; group items per target. Raises
     ``ReplayRejected`` for the first problem, before anything is sent."""
-    items: dict[str, list[DeadLetter]] = defaultdict(list)
+    # per target, batches of items whose keys are unique (a batch refuses a repeated key)
+    items: dict[str, list[tuple[set[str | None], list[DeadLetter]]]] = defaultdict(list)
     plans: list[_Plan] = []
     for letter in letters:
         target = into or letter.task_name
@@ -581,11 +604,22 @@ def _plan(app: Any, letters: list[DeadLetter], into: str | None) -> list[_Plan]:
                     f"the payload no longer validates for {target!r}: {type(exc).__name__}: {exc}",
                     [letter.id],
                 ) from exc
-            items[target].append(letter)
+            batches = items[target]
+            for keys, group in batches:
+                if letter.item_key not in keys:
+                    keys.add(letter.item_key)
+                    group.append(letter)
+                    break
+            else:
+                batches.append(({letter.item_key}, [letter]))
         else:
             plans.append(_Plan(task, [letter], items=False))
             _check_task_payload(task, letter)
-    plans.extend(_Plan(app.tasks[target], group, items=True) for target, group in items.items())
+    plans.extend(
+        _Plan(app.tasks[target], group, items=True)
+        for target, batches in items.items()
+        for _, group in batches
+    )
     return plans
 
 

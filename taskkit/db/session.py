@@ -109,7 +109,12 @@ def _sqlite_engine(url: URL, settings: Settings, engine_options: dict[str, Any])
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
+        # A transaction that reads and then must write asks for the write lock up front
+        # (``execution_options(taskkit_sqlite_begin="BEGIN IMMEDIATE")``): a deferred one that
+        # read first fails at once with "database is locked" if another writer got in between.
+        connection.exec_driver_sql(
+            connection.get_execution_options().get("taskkit_sqlite_begin", "BEGIN")
+        )
 
     return engine
 

@@ -36,7 +36,14 @@ class Crash(BaseException):
 crash_at: list[int] = []
 
 
-@app.task(base=BatchTask, bind=True, name="tkbatchunit.items", item_delay=0, ledger_flush_every=4)
+@app.task(
+    base=BatchTask,
+    bind=True,
+    shared=False,
+    name="tkbatchunit.items",
+    item_delay=0,
+    ledger_flush_every=4,
+)
 def items_task(self: BatchTask, item: int) -> int:
     calls[item] += 1
     if crash_at and item == crash_at[0]:
@@ -51,19 +58,40 @@ def items_task(self: BatchTask, item: int) -> int:
     return item * 2
 
 
-@app.task(base=BatchTask, bind=True, name="tkbatchunit.records", item_key="sku", item_delay=0)
+@app.task(
+    base=BatchTask,
+    bind=True,
+    shared=False,
+    name="tkbatchunit.records",
+    item_key="sku",
+    item_delay=0,
+)
 def records_task(self: BatchTask, item: dict[str, Any]) -> None:
     calls[item["sku"]] += 1
 
 
-@app.task(base=BatchTask, bind=True, name="tkbatchunit.no_ledger", ledger=False, item_delay=0)
+@app.task(
+    base=BatchTask,
+    bind=True,
+    shared=False,
+    name="tkbatchunit.no_ledger",
+    ledger=False,
+    item_delay=0,
+)
 def no_ledger_task(self: BatchTask, item: int) -> None:
     calls[item] += 1
     if item in ALWAYS:
         raise RuntimeError("broken")
 
 
-@app.task(base=ResilientTask, bind=True, name="tkbatchunit.whole", dead_letter=True, max_retries=0)
+@app.task(
+    base=ResilientTask,
+    bind=True,
+    shared=False,
+    name="tkbatchunit.whole",
+    dead_letter=True,
+    max_retries=0,
+)
 def whole_task(self: ResilientTask, x: int, label: str = "") -> None:
     raise ValueError(f"cannot do {x} {label}")
 
@@ -266,7 +294,11 @@ def test_bad_options_are_refused_when_the_task_is_made() -> None:
     with pytest.raises(ConfigurationError, match="batch_size"):
 
         @app.task(
-            base=BatchTask, bind=True, name=f"tkbatchunit.bad{uuid.uuid4().hex}", batch_size=0
+            base=BatchTask,
+            bind=True,
+            shared=False,
+            name=f"tkbatchunit.bad{uuid.uuid4().hex}",
+            batch_size=0,
         )
         def bad(self: BatchTask, item: int) -> None: ...
 

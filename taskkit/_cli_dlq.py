@@ -1,0 +1,601 @@
+"""``taskkit dlq``: the dead-letter queue (``taskkit.deadletter``) from a shell.
+
+::
+
+    taskkit dlq list [--task T] [--batch B] [--error-type E] [--older-than AGE]
+                     [--newer-than AGE] [--status S] [--limit N] [--json]
+    taskkit dlq show ID [--json]
+    taskkit dlq replay (ID... | --task T | --batch B | --error-type E | --older-than AGE | --all)
+                       [--into TASK] [--app APP]
+    taskkit dlq discard ID...
+    taskkit dlq purge (ID... | --older-than AGE | --retention) [--task T] [--status S] [--yes]
+    taskkit dlq depth [--json]
+
+Every command takes ``--url`` (default ``TASKKIT_DATABASE_URL``). An ``AGE`` is a number and a
+unit, ``s``, ``m``, ``h``, ``d`` or ``w`` (``30s``, ``15m``, ``2h``, ``7d``), compared with a
+letter's last failure. ``--status`` is ``dead`` (waiting), ``replayed``, ``discarded`` or
+``any``. The exit codes are ``taskkit``'s (see ``taskkit.cli``): 1 when the database or the
+broker does not answer, 2 for bad arguments, an app or task that cannot be used, or a replay
+that was refused (nothing was sent), 3 for an unknown letter id.
+
+Decisions:
+
+- ``taskkit.cli`` imports this module to register ``dlq``, so its helpers (``_database``,
+  ``_reported``: the error lines and exit codes of every command) are imported when a command
+  runs; ``taskkit.deadletter`` (kombu) and the app (celery) load only then too.
+- ``--json`` is for scripts: ``list`` writes one JSON object per line, ``show`` and ``depth``
+  one object; times are ISO 8601 in UTC. Tables are for people: local times, short messages.
+- ``purge`` deletes for good, so it asks first; without a terminal to ask on it needs
+  ``--yes``. ``discard`` keeps the letter (status ``discarded``) and does not ask.
+
+Example::
+
+    $ taskkit dlq depth --json
+    {"jobs.score_items": 12}
+    $ taskkit dlq list --task jobs.score_items --error-type KeyError
+    $ taskkit dlq replay --task jobs.score_items --app workers.app
+    sent dead letters 4, 5, 9 to jobs.score_items as task 0b6c... (batch replay-3f...)
+    replayed 3 dead letters in 1 message
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import func, select
+
+from taskkit._cli_launch import DEFAULT_APP, CliError, check_services, find_task, load_app, safe_url
+from taskkit.config import get_settings
+from taskkit.db.models import DeadLetter
+from taskkit.errors import DeadLetterNotFound, ReplayRejected
+
+if TYPE_CHECKING:
+    from taskkit.deadletter import DeadLetterStore
+
+__all__ = ["dlq_app", "letter_panel", "letter_record", "letters_table", "parse_age"]
+
+dlq_app = typer.Typer(
+    help="The dead-letter queue: items and tasks that exhausted their retries; list, show, "
+    "replay, discard, purge them.",
+    no_args_is_help=True,
+)
+
+out = Console(soft_wrap=True)
+
+STATUS_STYLES = {"dead": "bold red", "replayed": "green", "discarded": "dim"}
+STATUS_CHOICES = ("dead", "replayed", "discarded", "any")
+#: Characters of an error message in the ``list`` table (``show`` has all of it).
+MESSAGE_WIDTH = 48
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", help="Database URL (default: TASKKIT_DATABASE_URL).", show_default=False),
+]
+AppOption = Annotated[
+    str,
+    typer.Option(
+        "--app",
+        envvar="TASKKIT_APP",
+        help="The Celery app: a module (its app or celery_app) or module:attribute.",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
+TaskOption = Annotated[
+    str | None,
+    typer.Option("--task", help="Only letters of this task (its full name).", show_default=False),
+]
+BatchOption = Annotated[
+    str | None,
+    typer.Option("--batch", help="Only the items of this batch id.", show_default=False),
+]
+ErrorTypeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--error-type",
+        help="Only failures with this exception class name (KeyError, ...).",
+        show_default=False,
+    ),
+]
+OlderOption = Annotated[
+    str | None,
+    typer.Option(
+        "--older-than",
+        metavar="AGE",
+        help="Only letters whose last failure is older than AGE (30s, 15m, 2h, 7d).",
+        show_default=False,
+    ),
+]
+NewerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--newer-than",
+        metavar="AGE",
+        help="Only letters whose last failure is at most AGE ago (30s, 15m, 2h, 7d).",
+        show_default=False,
+    ),
+]
+IdsArgument = Annotated[
+    list[int] | None,
+    typer.Argument(help="Letter ids (see: taskkit dlq list).", show_default=False),
+]
+LetterId = Annotated[int, typer.Argument(help="The letter's id (see: taskkit dlq list).")]
+
+
+# -- shared with taskkit.cli -------------------------------------------------------------------
+
+
+def _database(url: str | None) -> tuple[str, str]:
+    """The URL to use and its description without credentials (``taskkit.cli``'s)."""
+    from taskkit import cli  # noqa: PLC0415 - taskkit.cli imports this module
+
+    return cli._database(url)
+
+
+@contextmanager
+def _reported(described: str, broker: str | None = None) -> Iterator[None]:
+    """``taskkit.cli``'s error lines and exit codes, plus the dead-letter errors: an unknown
+    id is 3, a refused replay (nothing was sent) is 2."""
+    from taskkit import cli  # noqa: PLC0415 - taskkit.cli imports this module
+
+    with cli._reported(described, broker):
+        try:
+            yield
+        except DeadLetterNotFound as exc:
+            raise CliError(f"{exc} in {described}; see: taskkit dlq list --status any", 3) from None
+        except ReplayRejected as exc:
+            raise CliError(str(exc), 2) from None
+
+
+def _store(database: str, app: Any = None) -> DeadLetterStore:
+    # deferred: taskkit.deadletter imports kombu, which `taskkit db` and `taskkit runs` skip
+    from taskkit.deadletter import DeadLetterStore  # noqa: PLC0415
+
+    return DeadLetterStore(database, app=app)
+
+
+def _interactive() -> bool:
+    """Whether a person can answer the ``purge`` question (tests replace this)."""
+    return sys.stdin.isatty()
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+_AGE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: Longer ages reach before year 1, which no date can be compared with.
+_LONGEST_AGE = timedelta(days=365 * 1000)
+
+
+def parse_age(text: str, option: str = "--older-than") -> timedelta:
+    """``30s``, ``15m``, ``2h``, ``7d`` or ``2w`` as a ``timedelta``; else a ``CliError``
+    (exit 2) naming ``option``.
+
+    Example::
+
+        parse_age("36h")    # timedelta(days=1, seconds=43200)
+    """
+    match = _AGE.fullmatch(text.strip().lower())
+    if match is None:
+        raise CliError(
+            f"{option} {text!r} is not an age: give a number and a unit, s, m, h, d or w "
+            "(30s, 15m, 2h, 7d)"
+        )
+    try:
+        age = timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    except OverflowError:
+        age = _LONGEST_AGE * 2
+    if age > _LONGEST_AGE:
+        raise CliError(f"{option} {text!r} is too long ago: at most 1000 years")
+    return age
+
+
+def _age(text: str | None, option: str) -> timedelta | None:
+    return None if text is None else parse_age(text, option)
+
+
+def _status(status: str) -> str | None:
+    """The store's status filter: None for ``any``."""
+    if status not in STATUS_CHOICES:
+        raise CliError(f"--status {status!r} is not one of {', '.join(STATUS_CHOICES)}")
+    return None if status == "any" else status
+
+
+def _unique(ids: Sequence[int] | None) -> list[int]:
+    return list(dict.fromkeys(ids or ()))
+
+
+def _criteria(
+    status: str | None = None,
+    task: str | None = None,
+    batch: str | None = None,
+    error_type: str | None = None,
+    older_than: str | None = None,
+    newer_than: str | None = None,
+) -> str:
+    """``" (status dead, task jobs.x)"``: the filters a command was given, for its messages."""
+    parts = [
+        f"{name} {value}"
+        for name, value in (
+            ("status", status),
+            ("task", task),
+            ("batch", batch),
+            ("error type", error_type),
+            ("older than", older_than),
+            ("newer than", newer_than),
+        )
+        if value is not None
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+# -- drawing -----------------------------------------------------------------------------------
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat()
+
+
+def _shorten(text: str, width: int) -> str:
+    lines = text.strip().splitlines()
+    first = " ".join(lines[0].split()) if lines else ""
+    if len(first) > width or len(lines) > 1:
+        return first[: width - 3].rstrip() + "..."
+    return first
+
+
+def _status_text(status: str) -> Text:
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+def letter_record(letter: DeadLetter, *, full: bool = False) -> dict[str, Any]:
+    """A letter as JSON data; ``full`` adds its payload and traceback."""
+    record: dict[str, Any] = {
+        "id": letter.id,
+        "task_name": letter.task_name,
+        "batch_id": letter.batch_id,
+        "item_key": letter.item_key,
+        "task_id": letter.task_id,
+        "error_type": letter.error_type,
+        "error_message": letter.error_message,
+        "attempts": letter.attempts,
+        "first_failed_at": _iso(letter.first_failed_at),
+        "last_failed_at": _iso(letter.last_failed_at),
+        "status": letter.status,
+        "replayed_at": _iso(letter.replayed_at),
+        "replayed_into": letter.replayed_into,
+        "replay_task_id": letter.replay_task_id,
+        "replays": letter.replays,
+    }
+    if full:
+        record["payload"] = letter.payload
+        record["traceback"] = letter.traceback
+    return record
+
+
+def letters_table(letters: Sequence[DeadLetter]) -> Table:
+    """The ``dlq list`` table."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    columns = ("ID", "TASK", "BATCH", "ITEM", "ERROR", "MESSAGE", "ATTEMPTS", "LAST FAILURE")
+    for column in (*columns, "STATUS"):
+        numeric = column in ("ID", "ATTEMPTS")
+        # a narrow terminal cuts the message and folds the names; times stay on one line
+        table.add_column(
+            column,
+            justify="right" if numeric else "left",
+            overflow="ellipsis" if column == "MESSAGE" else "fold",
+            no_wrap=numeric or column in ("MESSAGE", "LAST FAILURE", "STATUS"),
+            min_width=min(len(column), 8),
+        )
+    for letter in letters:  # the letters' text is data: never read as markup
+        table.add_row(
+            str(letter.id),
+            Text(letter.task_name),
+            Text(letter.batch_id or "-"),
+            Text(letter.item_key or "-"),
+            Text(letter.error_type),
+            Text(_shorten(letter.error_message or "", MESSAGE_WIDTH) or "-"),
+            str(letter.attempts),
+            _when(letter.last_failed_at),
+            _status_text(letter.status),
+        )
+    return table
+
+
+def letter_panel(letter: DeadLetter) -> RenderableType:
+    """The ``dlq show`` view: every field, the payload as indented JSON, the traceback."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    error = f"{letter.error_type}: {letter.error_message}" if letter.error_message else ""
+    rows: list[tuple[str, str | Text]] = [
+        ("letter", str(letter.id)),
+        ("status", _status_text(letter.status)),
+        ("task", f"{letter.task_name} [{letter.task_id or '-'}]"),
+        ("batch", letter.batch_id or "-"),
+        ("item", letter.item_key or "-"),
+        ("error", Text(error or letter.error_type, style="red")),
+        ("attempts", str(letter.attempts)),
+        ("first failure", _when(letter.first_failed_at)),
+        ("last failure", _when(letter.last_failed_at)),
+    ]
+    if letter.replays or letter.replayed_at is not None:
+        rows.append(("replays", str(letter.replays)))
+        rows.append(
+            (
+                "replayed",
+                f"{_when(letter.replayed_at)} into {letter.replayed_into or '-'} "
+                f"[{letter.replay_task_id or '-'}]",
+            )
+        )
+    for label, value in rows:  # plain strings are the letter's data: never read as markup
+        grid.add_row(label, Text(value) if isinstance(value, str) else value)
+    payload = json.dumps(letter.payload, indent=2, sort_keys=True, ensure_ascii=False)
+    parts: list[RenderableType] = [grid, Text("payload", style="bold"), Text(payload)]
+    if letter.traceback:
+        parts += [Text("traceback", style="bold"), Text(letter.traceback.rstrip(), style="dim")]
+    return Group(*parts)
+
+
+def _echo_json(data: Any, *, indent: int | None = None) -> None:
+    # plain output: rich would wrap long lines and replace :emoji: codes inside the data
+    typer.echo(json.dumps(data, indent=indent, ensure_ascii=False))
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+@dlq_app.command("list")
+def _list_command(
+    task: TaskOption = None,
+    batch: BatchOption = None,
+    error_type: ErrorTypeOption = None,
+    older_than: OlderOption = None,
+    newer_than: NewerOption = None,
+    status: Annotated[
+        str, typer.Option(help="dead (waiting), replayed, discarded, or any.")
+    ] = "dead",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many letters.")] = 100,
+    as_json: JsonOption = False,
+    url: UrlOption = None,
+) -> None:
+    """Dead letters, oldest failure first (JSON: one object per line)."""
+    database, described = _database(url)
+    with _reported(described):
+        letters = _store(database).list(
+            task=task,
+            batch_id=batch,
+            error_type=error_type,
+            older_than=_age(older_than, "--older-than"),
+            newer_than=_age(newer_than, "--newer-than"),
+            status=_status(status),
+            limit=limit,
+        )
+    if as_json:
+        for letter in letters:
+            _echo_json(letter_record(letter))
+        return
+    if not letters:
+        which = _criteria(status, task, batch, error_type, older_than, newer_than)
+        out.print(escape(f"no dead letters{which} in {described}"), highlight=False)
+        return
+    out.print(letters_table(letters))
+
+
+@dlq_app.command("show")
+def _show_command(letter_id: LetterId, as_json: JsonOption = False, url: UrlOption = None) -> None:
+    """One letter: task, batch, item, error, attempts, times, replays, payload, traceback."""
+    database, described = _database(url)
+    with _reported(described):
+        letter = _store(database).get(letter_id)
+    if as_json:
+        _echo_json(letter_record(letter, full=True), indent=2)
+    else:
+        out.print(letter_panel(letter))
+
+
+@dlq_app.command("replay")
+def _replay_command(
+    letter_ids: IdsArgument = None,
+    task: TaskOption = None,
+    batch: BatchOption = None,
+    error_type: ErrorTypeOption = None,
+    older_than: OlderOption = None,
+    replay_all: Annotated[
+        bool, typer.Option("--all", help="Every letter with status dead.")
+    ] = False,
+    into: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TASK",
+            help="Send them to this task instead of their own (batch items: a BatchTask).",
+            show_default=False,
+        ),
+    ] = None,
+    app_spec: AppOption = DEFAULT_APP,
+    url: UrlOption = None,
+) -> None:
+    """Send letters again, by id or filter, to their task or --into; all or nothing."""
+    database, described = _database(url)
+    ids = _unique(letter_ids)
+    with _reported(described):
+        age = _age(older_than, "--older-than")
+        filtered = any(value is not None for value in (task, batch, error_type, age))
+        if ids and (filtered or replay_all):
+            raise CliError("give letter ids or filters (or --all), not both")
+        if replay_all and filtered:
+            raise CliError("--all replays every dead letter: give --all or filters, not both")
+        if not (ids or filtered or replay_all):
+            raise CliError(
+                "replay what? give letter ids, --task, --batch, --error-type, --older-than or --all"
+            )
+        celery_app = load_app(app_spec)
+        if into is not None:
+            find_task(celery_app, into, app_spec)
+        check_services(celery_app)
+    with _reported(described, safe_url(celery_app.conf.broker_url)):
+        result = _store(database, celery_app).replay(
+            ids or None,
+            into=into,
+            task=task,
+            batch_id=batch,
+            error_type=error_type,
+            older_than=age,
+            all=replay_all,
+        )
+    if not result.sent:
+        which = _criteria("dead", task, batch, error_type, older_than)
+        out.print(
+            escape(f"no dead letters{which} in {described}; nothing was sent"), highlight=False
+        )
+        return
+    for message in result.sent:
+        letters = ", ".join(str(i) for i in message.letter_ids)
+        noun = "dead letter" if len(message.letter_ids) == 1 else "dead letters"
+        line = f"sent {noun} {letters} to {message.task_name} as task {message.task_id}"
+        if message.batch_id is not None:
+            line += f" (batch {message.batch_id})"
+        out.print(escape(line), highlight=False)
+    out.print(
+        f"replayed {_plural(len(result.letter_ids), 'dead letter')} in "
+        f"{_plural(len(result.sent), 'message')}",
+        highlight=False,
+    )
+
+
+@dlq_app.command("discard")
+def _discard_command(
+    letter_ids: Annotated[
+        list[int], typer.Argument(help="Letter ids (see: taskkit dlq list).", show_default=False)
+    ],
+    url: UrlOption = None,
+) -> None:
+    """Mark letters discarded: kept for the record, never replayed."""
+    database, described = _database(url)
+    ids = _unique(letter_ids)
+    with _reported(described):
+        count = _store(database).discard(ids)
+    listed = ", ".join(str(i) for i in ids)
+    out.print(f"discarded {_plural(count, 'dead letter')}: {listed}", highlight=False)
+
+
+@dlq_app.command("purge")
+def _purge_command(
+    letter_ids: IdsArgument = None,
+    older_than: OlderOption = None,
+    retention: Annotated[
+        bool,
+        typer.Option(
+            "--retention",
+            help="Letters older than TASKKIT_DEAD_LETTER_RETENTION_DAYS (default 30).",
+        ),
+    ] = False,
+    task: TaskOption = None,
+    status: Annotated[
+        str, typer.Option(help="Only letters with this status: dead, replayed, discarded, any.")
+    ] = "any",
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Delete letters for good: by id, older than AGE, or older than the retention."""
+    database, described = _database(url)
+    ids = _unique(letter_ids)
+    with _reported(described):
+        age = _age(older_than, "--older-than")
+        if [bool(ids), age is not None, retention].count(True) != 1:
+            raise CliError("purge what? give letter ids, --older-than AGE or --retention (one)")
+        if ids and (task is not None or status != "any"):
+            raise CliError("--task and --status go with --older-than or --retention, not ids")
+        wanted = _status(status)
+        age_text = older_than
+        if retention:
+            days = get_settings().dead_letter_retention_days
+            age = timedelta(days=days)
+            age_text = f"the retention of {days:g}d"
+        if not yes and not _interactive():
+            raise CliError("purge deletes letters for good: add --yes (no terminal to ask on)")
+        store = _store(database)
+        if not yes:
+            which = "" if ids else _criteria(wanted, task, older_than=age_text)
+            count = _count(store, ids, age, task, wanted)
+            if count == 0:
+                out.print(escape(f"no dead letters{which} in {described}"), highlight=False)
+                return
+            question = f"delete {_plural(count, 'dead letter')}{which} from {described}?"
+            try:
+                confirmed = typer.confirm(question, default=False)
+            except typer.Abort:  # Ctrl-C or the end of input at the question
+                raise CliError("interrupted; nothing was deleted", 130) from None
+            if not confirmed:
+                out.print("nothing was deleted", highlight=False)
+                return
+        deleted = store.purge(ids=ids or None, older_than=age, task=task, status=wanted)
+    out.print(
+        f"deleted {_plural(deleted, 'dead letter')} from {escape(described)}", highlight=False
+    )
+
+
+def _count(
+    store: DeadLetterStore,
+    ids: list[int],
+    age: timedelta | None,
+    task: str | None,
+    status: str | None,
+) -> int:
+    """How many letters ``purge`` would delete (to ask about); unknown ids raise."""
+    if ids:
+        found = {letter.id for letter in store.list(ids=ids, status=None)}
+        missing = sorted(set(ids) - found)
+        if missing:
+            raise DeadLetterNotFound(missing)
+        return len(ids)
+    assert age is not None
+    query = (
+        select(func.count())
+        .select_from(DeadLetter)
+        .where(DeadLetter.last_failed_at < store.clock() - age)
+    )
+    if task is not None:
+        query = query.where(DeadLetter.task_name == task)
+    if status is not None:
+        query = query.where(DeadLetter.status == status)
+    with store.engine.connect() as connection:
+        return int(connection.scalar(query) or 0)
+
+
+@dlq_app.command("depth")
+def _depth_command(as_json: JsonOption = False, url: UrlOption = None) -> None:
+    """Letters waiting (status dead) per task, for monitoring (JSON: {task: count})."""
+    database, described = _database(url)
+    with _reported(described):
+        depth = _store(database).depth()
+    if as_json:
+        _echo_json(depth)
+        return
+    if not depth:
+        out.print(escape(f"no dead letters waiting in {described}"), highlight=False)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("TASK", overflow="fold")
+    table.add_column("DEAD", justify="right")
+    for name, count in depth.items():
+        table.add_row(Text(name), str(count))
+    out.print(table)
