@@ -33,7 +33,9 @@ Lease (``lease_key``): before the body runs, the task takes an exclusive lease o
 copy is re-sent after ``lease_ttl`` so nothing is lost if the owner dies later); another task
 for the same key fails with ``LeaseHeld``; a dead owner's lease is taken over at once. An owner
 whose lease was taken over stops at its next ``self.progress``: silently (``Ignore``) when the
-new owner is a copy of the same task, which will store the result, or with ``LeaseLost``.
+new owner is a copy of the same task, which will store the result, or with ``LeaseLost``. A
+lease that vanished with nobody holding it (the lease store restarted or evicted it) re-queues
+the task, like a transient error.
 
 Hooks you override (``on_failure``, ``on_retry``, ``on_success``, ``after_return``,
 ``on_progress``, ``record_failure``) are isolated: what they raise is logged, never fails the task.
@@ -337,6 +339,12 @@ class ResilientTask(Task[Any, Any]):
             )
             if holder is not None and holder.task_id == request.id:
                 raise Ignore() from None  # a copy of this very task carries on with its result
+            if holder is None and in_worker:
+                # Nobody took it over: the lease store lost it (a Redis restart, an eviction,
+                # an outage longer than the ttl). Not this task's fault: run it again.
+                raise self.retry(
+                    exc=lost, countdown=self.outer_countdown(request.retries, lost)
+                ) from None
             raise  # another task owns the key now: this one fails, and is not retried
         except Exception as exc:
             if is_control_flow(exc) or self.is_permanent(exc):

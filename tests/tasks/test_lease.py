@@ -161,3 +161,19 @@ def test_a_task_whose_lease_is_taken_over_stops_at_its_next_progress_report(work
     assert int(apps.counter.get(apps.key("done", "stolen")) or 0) == 0  # it never finished
     assert apps.counter.get(lease_key).startswith(b"99|")  # and left the new owner's lease alone
     apps.counter.delete(lease_key)
+
+
+def test_a_task_whose_lease_vanishes_with_no_new_owner_is_run_again(worker):
+    from tests.tasks import apps
+    from tests.tasks.workerproc import wait_for
+
+    result = apps.long_job.delay("vanished", 3.0)
+    wait_for(lambda: apps.runs("vanished") == 1, 30, "the task to start")
+    lease_key = f"taskkit:lease:{apps.long_job.name}:vanished"
+    assert apps.counter.get(lease_key) is not None
+    apps.counter.delete(lease_key)  # what a Redis restart without persistence does
+    # The heartbeat notices, the next progress report stops the task, and since nobody holds
+    # the lease the task is re-queued instead of failing: the second run completes.
+    assert result.get(timeout=60) == 2
+    assert apps.runs("vanished") == 2
+    assert int(apps.counter.get(apps.key("done", "vanished")) or 0) == 1
