@@ -59,6 +59,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -259,13 +260,7 @@ class BatchTask(ResilientTask):
                 raise ConfigurationError(
                     f"{self.name}: {len(public)} keys given for {len(items)} items"
                 )
-        stored = [_stored_key(self.name, key) for key in public]
-        if len(set(stored)) != len(stored):
-            seen: set[str] = set()
-            repeated = sorted({k for k in stored if k in seen or seen.add(k)})  # type: ignore[func-returns-value]
-            raise ConfigurationError(
-                f"{self.name}: item keys must be unique in a batch; repeated: {repeated[:5]}"
-            )
+        stored = _unique_keys(self.name, public)
         return _Chunk(items, stored, public, str(batch_id), [], {})
 
     def _item_call(self, chunk: _Chunk) -> Callable[[int], None]:
@@ -396,6 +391,17 @@ def _batch_arguments(
     )
 
 
+def _unique_keys(task_name: str, keys: Sequence[Any]) -> list[str]:
+    """The keys as stored (strings), or ``ConfigurationError`` naming the repeated ones."""
+    stored = [_stored_key(task_name, key) for key in keys]
+    if len(set(stored)) != len(stored):
+        repeated = sorted(key for key, count in Counter(stored).items() if count > 1)
+        raise ConfigurationError(
+            f"{task_name}: item keys must be unique in a batch; repeated: {repeated[:5]}"
+        )
+    return stored
+
+
 def _stored_key(task_name: str, key: Any) -> str:
     text = str(key)
     if not text or len(text) > MAX_KEY_LENGTH:
@@ -490,9 +496,7 @@ def submit_batch(
     items = list(items)
     batch_id = batch_id or uuid.uuid4().hex
     public = [task.key_of(item, i) for i, item in enumerate(items)]
-    stored = [_stored_key(task.name, key) for key in public]
-    if len(set(stored)) != len(stored):
-        raise ConfigurationError(f"{task.name}: item keys must be unique in a batch")
+    _unique_keys(task.name, public)
     starts = list(range(0, len(items), chunk_size))
     engine = get_engine(task.app.conf.get("taskkit_database_url"))
     batches = cast(Table, Batch.__table__)
