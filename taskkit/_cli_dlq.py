@@ -55,7 +55,16 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import func, select
 
-from taskkit._cli_launch import DEFAULT_APP, CliError, check_services, find_task, load_app, safe_url
+from taskkit._cli_launch import (
+    DEFAULT_APP,
+    AppOption,
+    CliError,
+    UrlOption,
+    check_services,
+    find_task,
+    load_app,
+    safe_url,
+)
 from taskkit.config import get_settings
 from taskkit.db.models import DeadLetter
 from taskkit.errors import DeadLetterNotFound, ReplayRejected
@@ -78,18 +87,6 @@ STATUS_CHOICES = ("dead", "replayed", "discarded", "any")
 #: Characters of an error message in the ``list`` table (``show`` has all of it).
 MESSAGE_WIDTH = 48
 
-UrlOption = Annotated[
-    str | None,
-    typer.Option("--url", help="Database URL (default: TASKKIT_DATABASE_URL).", show_default=False),
-]
-AppOption = Annotated[
-    str,
-    typer.Option(
-        "--app",
-        envvar="TASKKIT_APP",
-        help="The Celery app: a module (its app or celery_app) or module:attribute.",
-    ),
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
 TaskOption = Annotated[
     str | None,

@@ -12,8 +12,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 import yaml
 
 __all__ = [
@@ -30,6 +31,20 @@ __all__ = [
 
 #: The app ``--app`` and ``TASKKIT_APP`` default to (``make worker`` runs it).
 DEFAULT_APP = "workers.app"
+
+#: Options every command that needs them spells the same way.
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", help="Database URL (default: TASKKIT_DATABASE_URL).", show_default=False),
+]
+AppOption = Annotated[
+    str,
+    typer.Option(
+        "--app",
+        envvar="TASKKIT_APP",
+        help="The Celery app: a module (its app or celery_app) or module:attribute.",
+    ),
+]
 #: The training task when neither ``--task`` nor the config's ``task`` key names one.
 DEFAULT_TASK = "workers.training.train_model"
 

@@ -75,7 +75,9 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from taskkit._cli_dlq import dlq_app
 from taskkit._cli_launch import (
     DEFAULT_APP,
+    AppOption,
     CliError,
+    UrlOption,
     check_services,
     find_task,
     load_app,
@@ -113,19 +115,6 @@ app.add_typer(dlq_app, name="dlq")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-UrlOption = Annotated[
-    str | None,
-    typer.Option("--url", help="Database URL (default: TASKKIT_DATABASE_URL).", show_default=False),
-]
-
-AppOption = Annotated[
-    str,
-    typer.Option(
-        "--app",
-        envvar="TASKKIT_APP",
-        help="The Celery app: a module (its app or celery_app) or module:attribute.",
-    ),
-]
 QueueOption = Annotated[
     str | None,
     typer.Option(
