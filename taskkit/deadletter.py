@@ -629,8 +629,10 @@ def _check_task_payload(task: Any, letter: DeadLetter) -> None:
         raise ReplayRejected(
             "a task's payload must be {'args': [...], 'kwargs': {...}}", [letter.id]
         )
+    # What the task's ladder calls with its arguments (a BatchTask's batch), else its run.
+    body = task.body() if callable(getattr(task, "body", None)) else task.run
     try:
-        inspect.signature(task.run).bind(*payload.get("args", ()), **payload.get("kwargs", {}))
+        inspect.signature(body).bind(*payload.get("args", ()), **payload.get("kwargs", {}))
     except TypeError as exc:
         raise ReplayRejected(
             f"the payload no longer fits {task.name!r}'s arguments: {exc}", [letter.id]

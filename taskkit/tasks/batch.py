@@ -350,7 +350,18 @@ class BatchTask(ResilientTask):
         items, batch_id, keys, offset = _batch_arguments(failure.args, failure.kwargs)
         if items is None:
             return
-        chunk = self._chunk(items, batch_id or failure.task_id, keys, offset)
+        try:
+            chunk = self._chunk(items, batch_id or failure.task_id, keys, offset)
+        except Exception as exc:
+            # No usable keys (the very reason it failed, perhaps): keep the chunk whole.
+            logger.error(
+                "taskkit: chunk of %s failed for good and its items have no keys (%s); "
+                "dead-lettered as one task",
+                self.name,
+                exc,
+            )
+            super().record_failure(failure)
+            return
         ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
         statuses = ledger.statuses(chunk.keys) if ledger is not None else {}
         dead = [

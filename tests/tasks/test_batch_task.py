@@ -303,3 +303,22 @@ def test_bad_options_are_refused_when_the_task_is_made() -> None:
         def bad(self: BatchTask, item: int) -> None: ...
 
         bad.name  # noqa: B018 - binding the task resolves its options
+
+
+def test_a_failed_chunk_whose_items_have_no_keys_is_dead_lettered_whole(database: Engine) -> None:
+    rows = [{"sku": "a"}, {"name": "no sku"}]
+    records_task.record_failure(
+        TaskFailure(
+            task_name=records_task.name,
+            task_id="t-2",
+            args=(rows,),
+            kwargs={"batch_id": "b-nokeys"},
+            error_type="ConfigurationError",
+            error="item at position 1 has no 'sku'",
+            traceback="",
+            attempts=1,
+        )
+    )
+    (letter,) = DeadLetterStore(engine=database).list(task=records_task.name)
+    assert letter.item_key is None
+    assert letter.payload == {"args": [rows], "kwargs": {"batch_id": "b-nokeys"}}
