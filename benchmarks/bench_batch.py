@@ -220,11 +220,12 @@ cost to both and would only move the ratio towards 1.
 
 {table(LEDGER_HEADERS, rows)}
 
-Target: at least 0.8x. The ledger costs a fixed few microseconds per item (two row writes in
-PostgreSQL, batched), so it is met once an item does more than a few tens of microseconds of
-work, which any item worth a retry does (a model prediction, a database write, an HTTP call);
-for an item that does nothing at all the ledger is most of the time, and `ledger=False` is the
-choice when items are that cheap and re-running a chunk's done items after a crash is fine.
+Target: at least 0.8x. The ledger costs a roughly fixed 10 to 15 µs per item (two row writes
+in PostgreSQL, batched, committed), so the target is met once an item does about 50 µs of work
+or more, as items worth a retry do (a model prediction, a database write, an HTTP call), and
+missed for items cheaper than that: for an item that does nothing at all the ledger is nearly
+all of the time. `ledger=False` is the choice when items are that cheap and re-running a
+chunk's done items after a crash is acceptable.
 """
 
 
