@@ -560,17 +560,20 @@ class ResilientTask(Task[Any, Any]):
     def on_progress(self, report: ProgressReport) -> None:
         """Called after each progress report that passed the throttle."""
 
+    def dead_letters(self) -> DeadLetterStore:
+        """The dead-letter store of this task's app (its database and broker queue)."""
+        return DeadLetterStore(
+            self.app.conf.get("taskkit_database_url"),
+            queue=self.app.conf.get("taskkit_dead_letter_queue"),
+            app=self.app,
+        )
+
     def record_failure(self, failure: TaskFailure) -> None:
         """Called once per terminal failure, after it is logged. With ``dead_letter=True``,
         stores the failure in the dead-letter queue of the app's database."""
         if not self.dead_letter:
             return
-        store = DeadLetterStore(
-            self.app.conf.get("taskkit_database_url"),
-            queue=self.app.conf.get("taskkit_dead_letter_queue"),
-            app=self.app,
-        )
-        store.record(
+        self.dead_letters().record(
             [
                 DeadLetterEntry(
                     task_name=failure.task_name,

@@ -335,14 +335,6 @@ class BatchTask(ResilientTask):
     def _engine(self) -> Engine:
         return get_engine(self.app.conf.get("taskkit_database_url"))
 
-    def dead_letters(self) -> DeadLetterStore:
-        """The dead-letter store of this task's app (its database and queue)."""
-        return DeadLetterStore(
-            engine=self._engine(),
-            queue=self.app.conf.get("taskkit_dead_letter_queue"),
-            app=self.app,
-        )
-
     # -- a chunk that failed for good ---------------------------------------------------------
 
     def record_failure(self, failure: TaskFailure) -> None:
@@ -385,7 +377,7 @@ class BatchTask(ResilientTask):
             self.name,
             len(dead),
         )
-        self._finish(_Chunk([], [], [], chunk.batch_id, [], {}), ledger, dead)
+        self._store_dead(ledger, [], dead, self.dead_letters())
 
 
 def _batch_arguments(
