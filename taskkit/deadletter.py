@@ -28,8 +28,9 @@ Decisions:
   batch's ledger and an idempotent item function absorb.
 - A payload that is not JSON (an object, a NaN) is stored as ``{"__unserializable__":
   repr}`` so the failure is still recorded; such a letter cannot be replayed (``ReplayRejected``).
-- With ``TASKKIT_DEAD_LETTER_QUEUE`` set, each new letter is also published, as JSON, to that
-  broker queue (after the database commit; a publish failure is logged, the row is the record).
+- With ``TASKKIT_DEAD_LETTER_QUEUE`` set, each new letter is also published, as JSON with its
+  ``id``, to that broker queue (after the database commit; a publish failure is logged, the row
+  is the record).
 
 Example::
 
@@ -523,7 +524,9 @@ def write_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:
             "status": "dead",
         },
     )
-    connection.execute(statement, rows)
+    returning = statement.returning(_TABLE.c.id, sort_by_parameter_order=True)
+    for row, letter_id in zip(rows, connection.scalars(returning, rows), strict=True):
+        row["id"] = letter_id  # published with the letter, for `taskkit dlq show/replay ID`
 
 
 def _message(row: dict[str, Any]) -> dict[str, Any]:

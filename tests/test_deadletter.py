@@ -776,6 +776,7 @@ def test_a_recorded_letter_is_published_to_the_dead_letter_queue(
         "dead",
     )
     assert datetime.fromisoformat(message["last_failed_at"]) == T0
+    assert message["id"] == store.list()[0].id  # a consumer can `taskkit dlq replay` it
 
 
 def test_a_batch_publishes_its_dead_items_when_the_app_sets_a_queue(
@@ -795,6 +796,7 @@ def test_a_batch_publishes_its_dead_items_when_the_app_sets_a_queue(
         "b",
         "RuntimeError",
     )
+    assert message["id"] == DeadLetterStore(db_url).list(batch_id="batch-q")[0].id
     with engine.connect() as connection:
         assert (
             connection.scalar(select(BatchItem.status).where(BatchItem.item_key == "b")) == "dead"
