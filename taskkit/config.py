@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     #: on with the embedded broker, which never redelivers a dead worker's message (Redis and
     #: RabbitMQ do, so it is off there).
     resume_orphaned_runs: bool | None = None
+    #: Tasks store their terminal failures (batch tasks: their failed items) in the
+    #: dead-letter queue; a task's own ``dead_letter`` option wins.
+    dead_letter: bool = True
     #: Days a dead letter is kept; ``taskkit dlq purge`` with no other filter deletes older ones.
     dead_letter_retention_days: float = Field(30.0, gt=0)
     #: Also publish every new dead letter (JSON) to this broker queue, for consumers. None: off.

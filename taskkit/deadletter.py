@@ -61,10 +61,12 @@ from typing import Any, NamedTuple, cast
 from kombu import Queue
 from sqlalchemy import Connection, Engine, Table, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
 from taskkit.config import get_settings
+from taskkit.db._classify import describe_database, sqlstate
 from taskkit.db._recovery import db_retry
 from taskkit.db.models import DeadLetter
 from taskkit.db.session import get_engine
@@ -253,8 +255,16 @@ class DeadLetterStore:
 
     @db_retry(max_attempts=5)
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        with self.engine.begin() as connection:
-            write_rows(connection, rows)
+        try:
+            with self.engine.begin() as connection:
+                write_rows(connection, rows)
+        except (OperationalError, ProgrammingError) as exc:
+            if not _missing_table(exc):
+                raise
+            raise ConfigurationError(
+                f"the dead-letter table is missing in {describe_database(self.engine.url)}: "
+                "run `taskkit db upgrade` (the failure is in the log and the result backend)"
+            ) from exc
 
     def publish(self, rows: Sequence[dict[str, Any]]) -> None:
         """Publish letters (``DeadLetterEntry.row()`` dicts) to the dead-letter broker queue,
@@ -527,6 +537,11 @@ def write_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:
     returning = statement.returning(_TABLE.c.id, sort_by_parameter_order=True)
     for row, letter_id in zip(rows, connection.scalars(returning, rows), strict=True):
         row["id"] = letter_id  # published with the letter, for `taskkit dlq show/replay ID`
+
+
+def _missing_table(error: BaseException) -> bool:
+    """A database that was never migrated: SQLite's "no such table", PostgreSQL's 42P01."""
+    return sqlstate(error) == "42P01" or "no such table" in str(error)
 
 
 def _message(row: dict[str, Any]) -> dict[str, Any]:

@@ -810,3 +810,9 @@ def test_without_a_queue_nothing_is_published(
     DeadLetterStore(db_url, queue="", app=app).record([entry()])
 
     assert list(redis_client.scan_iter(match=f"{prefix}*")) == []
+
+
+def test_recording_into_a_database_that_was_never_migrated_says_what_to_run(tmp_path):
+    store = DeadLetterStore(f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(ConfigurationError, match="taskkit db upgrade"):
+        store.record([entry(key="a")])

@@ -50,6 +50,7 @@ def reliable_defaults(settings: Settings) -> dict[str, Any]:
         "taskkit_lease_ttl": settings.lease_ttl,
         "taskkit_progress_interval": settings.progress_interval,
         "taskkit_database_url": settings.database_url,
+        "taskkit_dead_letter": settings.dead_letter,
         "taskkit_dead_letter_queue": settings.dead_letter_queue,
         "taskkit_resume_orphaned_runs": (
             settings.embedded_broker

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "progress_flush_timeout": 5.0,
     "progress_events": True,
     "sleep": None,
+    "dead_letter": True,
 }
 
 #: Names that ``app.task(...)`` itself puts in the class it builds.
@@ -95,6 +96,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "progress_flush_timeout": (_non_negative, "seconds >= 0"),
     "progress_events": (lambda v: isinstance(v, bool), "True or False"),
     "sleep": (lambda v: v is None or callable(v), "None or a callable taking seconds"),
+    "dead_letter": (lambda v: isinstance(v, bool), "True or False"),
 }
 
 

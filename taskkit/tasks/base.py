@@ -17,8 +17,9 @@ anything else      (and transient errors once the inner ladder is spent) re-queu
 
 A terminal failure is logged at ERROR with task name, id, arguments, error, traceback and
 attempts, stored in the result backend (with ``result_extended``), and passed to
-``record_failure``: with ``dead_letter=True`` it stores the failure in the dead-letter queue
-(``taskkit.deadletter``), from where it can be replayed; ``BatchTask`` dead-letters items.
+``record_failure``, which stores it in the dead-letter queue (``taskkit.deadletter``), from where
+it can be replayed (``dead_letter=False`` on a task, or ``TASKKIT_DEAD_LETTER=false``, turns
+that off); ``BatchTask`` dead-letters the items instead.
 
 Worker loss: ``acks_late`` with Celery's ``retry_on_worker_lost``: a copy of a task whose worker
 process died is sent again after ``default_retry_delay`` seconds and counts as a retry, so a
@@ -227,8 +228,9 @@ class ResilientTask(Task[Any, Any]):
     #: The in-process wait function (tests inject a recorder); None: ``time.sleep``.
     sleep: Callable[[float], object] | None = D["sleep"]
     #: Store a terminal failure in the dead-letter queue (``taskkit.deadletter``), with the
-    #: task's arguments as the payload, so that ``taskkit dlq replay`` can send it again.
-    dead_letter: bool = False
+    #: task's arguments as the payload, so that ``taskkit dlq replay`` can send it again
+    #: (``TASKKIT_DEAD_LETTER=false`` through the app turns it off).
+    dead_letter: bool = D["dead_letter"]
 
     _inner: ClassVar[Retrying]
     _transient: ClassVar[tuple[type[BaseException], ...]]
@@ -569,8 +571,8 @@ class ResilientTask(Task[Any, Any]):
         )
 
     def record_failure(self, failure: TaskFailure) -> None:
-        """Called once per terminal failure, after it is logged. With ``dead_letter=True``,
-        stores the failure in the dead-letter queue of the app's database."""
+        """Called once per terminal failure, after it is logged: stores the failure in the
+        dead-letter queue of the app's database (unless ``dead_letter`` is off)."""
         if not self.dead_letter:
             return
         self.dead_letters().record(

@@ -134,8 +134,6 @@ class BatchTask(ResilientTask):
     ledger: bool = True
     #: Done items between ledger writes.
     ledger_flush_every: int = 500
-    #: Store items that exhaust their retries in the dead-letter queue.
-    dead_letter: bool = True
 
     @classmethod
     def on_bound(cls, app: Any) -> None:

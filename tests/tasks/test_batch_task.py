@@ -89,11 +89,22 @@ def no_ledger_task(self: BatchTask, item: int) -> None:
     bind=True,
     shared=False,
     name="tkbatchunit.whole",
-    dead_letter=True,
     max_retries=0,
 )
 def whole_task(self: ResilientTask, x: int, label: str = "") -> None:
     raise ValueError(f"cannot do {x} {label}")
+
+
+@app.task(
+    base=ResilientTask,
+    bind=True,
+    shared=False,
+    name="tkbatchunit.unrecorded",
+    dead_letter=False,
+    max_retries=0,
+)
+def unrecorded_task(self: ResilientTask) -> None:
+    raise ValueError("not worth keeping")
 
 
 @pytest.fixture(autouse=True)
@@ -256,7 +267,12 @@ def test_a_chunk_that_fails_as_a_whole_dead_letters_its_unfinished_items(
     assert (progress.done, progress.dead, progress.claimed) == (200, 20, 0)
 
 
-def test_a_resilient_task_with_dead_letter_stores_its_terminal_failure(database: Engine) -> None:
+def test_a_resilient_task_stores_its_terminal_failure_unless_told_not_to(
+    database: Engine,
+) -> None:
+    assert unrecorded_task.apply().failed()
+    assert DeadLetterStore(engine=database).list(task="tkbatchunit.unrecorded") == []
+
     result = whole_task.apply(args=(4,), kwargs={"label": "x"})
     assert result.failed()
     (letter,) = DeadLetterStore(engine=database).list(task="tkbatchunit.whole")
