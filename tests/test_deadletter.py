@@ -816,3 +816,26 @@ def test_recording_into_a_database_that_was_never_migrated_says_what_to_run(tmp_
     store = DeadLetterStore(f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(ConfigurationError, match="taskkit db upgrade"):
         store.record([entry(key="a")])
+
+
+def test_a_letter_is_published_to_a_rabbitmq_queue_too(
+    db_url: str, engine: Engine, rabbitmq_url: str
+):
+    from kombu import Connection
+
+    app = create_app("tkdl-amqp", settings=Settings(broker_url=rabbitmq_url, database_url=db_url))
+    queue = f"tkdl-dead-{uuid.uuid4().hex[:8]}"
+    store = DeadLetterStore(db_url, queue=queue, app=app)
+
+    store.record([entry(key="a", payload={"id": "a"})])
+
+    with Connection(rabbitmq_url) as connection:
+        consumer = connection.SimpleQueue(queue)
+        try:
+            message = consumer.get(timeout=10)
+            message.ack()
+            assert message.payload["item_key"] == "a"
+            assert message.payload["id"] == store.list()[0].id
+        finally:
+            consumer.close()
+            connection.default_channel.queue_delete(queue)
