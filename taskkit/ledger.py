@@ -166,24 +166,12 @@ class ItemLedger:
     def _mark(
         self, connection: Connection, keys: Sequence[str], status: str, now: datetime
     ) -> None:
-        if connection.dialect.name == "postgresql" and keys:
-            connection.execute(
-                _MARK_PG,
-                {"status": status, "now": now, "batch_id": self.batch_id, "keys": list(keys)},
-            )
-            return
         for part in _parts(connection, keys):
             connection.execute(
                 update(BatchItem)
                 .where(BatchItem.batch_id == self.batch_id, _among(connection, part))
                 .values(status=status, updated_at=now)
             )
-
-
-_MARK_PG = text(
-    "UPDATE batch_items SET status = :status, updated_at = :now "
-    "WHERE batch_id = :batch_id AND item_key = ANY(CAST(:keys AS VARCHAR[]))"
-)
 
 
 @contextmanager
