@@ -63,8 +63,8 @@ from taskkit.db.models import ModelRun
 from taskkit.db.session import dispose_engines, session_scope
 from taskkit.tasks import TrainingTask, create_app
 from taskkit.tasks._app import POOL_CHECK_INTERVAL
-from taskkit.tasks.runs import submit_run
-from taskkit.tasks.training import TrainingRun
+from taskkit.tasks._runs import submit_run
+from taskkit.tasks._training import TrainingRun
 from workers.training import run_training
 
 REDIS_URL = os.environ.get("TASKKIT_BENCH_TRAINING_REDIS_URL", "redis://127.0.0.1:6379/14")

@@ -449,8 +449,12 @@ def _replay_command(
             find_task(celery_app, into, app_spec)
         check_services(celery_app)
     with _reported(described, safe_url(celery_app.conf.broker_url)):
-        result = _store(database, celery_app).replay(
+        from taskkit.tasks import replay_dead_letters  # noqa: PLC0415 - heavy; only here
+
+        result = replay_dead_letters(
             ids or None,
+            app=celery_app,
+            store=_store(database, celery_app),
             into=into,
             task=task,
             batch_id=batch,

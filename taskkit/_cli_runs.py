@@ -21,7 +21,7 @@ from rich.text import Text
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from taskkit.db._classify import driver_message
+from taskkit.db.classify import driver_message
 from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import session_scope
 from taskkit.errors import DatabaseUnavailable, RunNotFound

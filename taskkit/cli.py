@@ -88,7 +88,7 @@ from taskkit._cli_launch import (
 from taskkit._cli_runs import list_runs, read_run, run_panel, runs_table, watch
 from taskkit.config import get_settings
 from taskkit.db import describe_database
-from taskkit.db._classify import driver_message
+from taskkit.db.classify import driver_message
 from taskkit.db.migrate import current_revision, head_revision, upgrade
 from taskkit.errors import (
     ConfigurationError,
@@ -280,7 +280,7 @@ def _train_command(
         check_services(celery_app)
     run_name = name or (config.get("name") if isinstance(config.get("name"), str) else None)
     options: dict[str, Any] = {"queue": queue} if queue else {}
-    from taskkit.tasks.runs import submit_run  # noqa: PLC0415 - see _lease_alive
+    from taskkit.tasks import submit_run  # noqa: PLC0415 - see _lease_alive
 
     with _reported(described, _broker(celery_app)):
         run_id, task_id = submit_run(
@@ -351,7 +351,7 @@ def _resume_command(
         celery_app = load_app(app_spec)
         check_services(celery_app)
     options: dict[str, Any] = {"queue": queue} if queue else {}
-    from taskkit.tasks.runs import resume_run  # noqa: PLC0415 - see _lease_alive
+    from taskkit.tasks import resume_run  # noqa: PLC0415 - see _lease_alive
 
     with _reported(described, _broker(celery_app)):
         task_id = resume_run(
@@ -368,7 +368,7 @@ def _resume_command(
 def _lease_alive(celery_app: Any, run_id: int, task_name: str | None) -> bool:
     # deferred: taskkit.tasks (celery, numpy, the checkpoint store) loads only for the
     # commands that send tasks, so `taskkit db` and `taskkit runs` start fast
-    from taskkit.tasks.training import run_is_alive  # noqa: PLC0415
+    from taskkit.tasks import run_is_alive  # noqa: PLC0415
 
     try:
         return run_is_alive(celery_app, run_id, task_name)

@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from taskkit._utils import TEST_MODE
 from taskkit.errors import ConfigurationError
-from taskkit.recovery._testing import TEST_MODE
 
 __all__ = ["is_testing", "no_waits", "set_testing", "taskkit_no_waits"]
 

@@ -14,7 +14,7 @@ model so that the demo's epochs are long enough to watch and interrupt.
 
 Example::
 
-    from taskkit.tasks.runs import submit_run
+    from taskkit.tasks import submit_run
     from workers.training import train_model
 
     run_id, task_id = submit_run(train_model, {"epochs": 30, "seed": 7}, name="demo")

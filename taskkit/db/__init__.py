@@ -34,8 +34,8 @@ Example::
 
 from taskkit.db._atomic import atomic_update
 from taskkit.db._bulk import BulkInsertResult, safe_bulk_insert
-from taskkit.db._classify import describe_database, is_transient
-from taskkit.db._recovery import db_retry, ensure_connection, with_savepoint
+from taskkit.db._retry import db_retry, ensure_connection, with_savepoint
+from taskkit.db.classify import describe_database, is_transient
 from taskkit.db.migrate import upgrade
 from taskkit.db.session import get_db, get_engine, get_sessionmaker, session_scope
 from taskkit.errors import ConcurrentUpdateError, DatabaseUnavailable

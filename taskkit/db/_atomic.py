@@ -11,10 +11,9 @@ from sqlalchemy import ColumnElement, inspect, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from taskkit.db._classify import is_transient
+from taskkit._utils import TEST_MODE, check_int
+from taskkit.db.classify import is_transient
 from taskkit.errors import ConcurrentUpdateError, ConfigurationError
-from taskkit.recovery._testing import TEST_MODE
-from taskkit.recovery._wrapping import check_int
 
 __all__ = ["atomic_update"]
 

@@ -11,9 +11,9 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from taskkit.db._classify import driver_message
+from taskkit._utils import check_int
+from taskkit.db.classify import driver_message
 from taskkit.errors import ConfigurationError
-from taskkit.recovery._wrapping import check_int
 
 __all__ = ["BulkInsertResult", "safe_bulk_insert"]
 

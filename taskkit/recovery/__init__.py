@@ -2,7 +2,7 @@
 
 ============================  =========================================================
 ``retry``                     call again after a failure, on a schedule (sync and async)
-``delays``, ``RetryStrategy``  the wait schedule as a pure function
+``delays``, ``RetryStrategy``  the wait schedule as a pure function (``next_wait``: one wait)
 ``timeout``                   stop a call after N seconds
 ``CircuitBreaker``            fail fast while a dependency is down; probe it back
 ``RedisCircuitStorage``       one breaker state for a fleet of processes
@@ -39,7 +39,7 @@ from taskkit.recovery._parallel import parallel_batch_process
 from taskkit.recovery._redis_budget import RedisRetryBudget
 from taskkit.recovery._redis_circuit import RedisCircuitStorage
 from taskkit.recovery._retry import RetryCallState, Retrying, retry
-from taskkit.recovery._schedule import RetryStrategy, delays
+from taskkit.recovery._schedule import RetryStrategy, delays, next_wait
 from taskkit.recovery._timeout import timeout
 from taskkit.recovery._transaction import TransactionManager
 
@@ -64,6 +64,7 @@ __all__ = [
     "delays",
     "events",
     "fallback",
+    "next_wait",
     "parallel_batch_process",
     "retry",
     "safe_execute",

@@ -9,14 +9,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
+from taskkit._utils import TEST_MODE, check_int, is_control_flow, qualified_name
 from taskkit.recovery import events
 from taskkit.recovery._budget import Budget
 from taskkit.recovery._circuit import CircuitBreaker
-from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._retry import ExceptionTypes, Retrying
 from taskkit.recovery._schedule import RetryStrategy, seconds
-from taskkit.recovery._testing import TEST_MODE
-from taskkit.recovery._wrapping import check_int, qualified_name
 
 __all__ = ["BatchResult", "batch_with_retry"]
 

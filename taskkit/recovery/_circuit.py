@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
+from taskkit._utils import check_int, check_seconds, exception_tuple, is_control_flow, keep_identity
 from taskkit.errors import CircuitBreakerError, ConfigurationError
 from taskkit.recovery import events
-from taskkit.recovery._control import is_control_flow
-from taskkit.recovery._wrapping import check_int, check_seconds, exception_tuple, keep_identity
 
 __all__ = [
     "Admission",

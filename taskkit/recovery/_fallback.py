@@ -7,9 +7,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
+from taskkit._utils import exception_tuple, is_control_flow, keep_identity, qualified_name
 from taskkit.errors import ConfigurationError
-from taskkit.recovery._control import is_control_flow
-from taskkit.recovery._wrapping import exception_tuple, keep_identity, qualified_name
 
 __all__ = ["fallback", "safe_execute"]
 

@@ -3,43 +3,21 @@
 from __future__ import annotations
 
 import contextvars
-import difflib
 import functools
-import inspect
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 
-from taskkit.errors import ConfigurationError
+from taskkit._utils import check_batch_options, check_int
 from taskkit.recovery import events
 from taskkit.recovery._batch import BatchResult, batch_with_retry
-from taskkit.recovery._wrapping import check_int
 
 __all__ = ["parallel_batch_process"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-#: The keyword-only options of ``batch_with_retry``: what ``**options`` may name.
-BATCH_OPTIONS = frozenset(
-    name
-    for name, parameter in inspect.signature(batch_with_retry).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-)
-
-
-def check_batch_options(caller: str, options: Mapping[str, object]) -> None:
-    """Raise a ``ConfigurationError`` for an option ``batch_with_retry`` does not take."""
-    for name in sorted(options):
-        if name not in BATCH_OPTIONS:
-            close = difflib.get_close_matches(name, sorted(BATCH_OPTIONS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigurationError(
-                f"{caller}: unknown option {name!r}{hint} (options are passed to batch_with_retry,"
-                f" which takes {', '.join(sorted(BATCH_OPTIONS))})"
-            )
 
 
 def chunk_bounds(total: int, parts: int) -> list[tuple[int, int]]:
@@ -112,7 +90,7 @@ def parallel_batch_process(
     """
     check_int("num_workers", num_workers, 1)
     check_int("batch_size", batch_size, 1)
-    check_batch_options("parallel_batch_process", options)
+    check_batch_options("parallel_batch_process", options, batch_with_retry)
     # Checks every option's value here, in the caller's thread, before any thread starts.
     nothing: BatchResult[T, R] = batch_with_retry(
         [], process_func, batch_size, max_retries, **options

@@ -13,10 +13,16 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
+from taskkit._utils import (
+    TEST_MODE,
+    exception_tuple,
+    is_control_flow,
+    keep_identity,
+    qualified_name,
+)
 from taskkit.errors import ConfigurationError, PermanentError, TaskkitWarning
 from taskkit.recovery import events
 from taskkit.recovery._budget import Budget
-from taskkit.recovery._control import is_control_flow
 from taskkit.recovery._schedule import (
     RetryStrategy,
     next_wait,
@@ -25,8 +31,6 @@ from taskkit.recovery._schedule import (
     seconds,
     validate_schedule,
 )
-from taskkit.recovery._testing import TEST_MODE
-from taskkit.recovery._wrapping import exception_tuple, keep_identity, qualified_name
 
 __all__ = ["RetryCallState", "Retrying", "retry"]
 

@@ -13,8 +13,8 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import TypeGuard
 
+from taskkit._utils import check_int
 from taskkit.errors import ConfigurationError, TaskkitWarning
-from taskkit.recovery._wrapping import check_int
 
 __all__ = ["RetryStrategy", "delays", "next_wait"]
 

@@ -11,8 +11,8 @@ from time import monotonic as _monotonic
 from types import FrameType
 from typing import Any, ParamSpec, TypeVar, cast
 
+from taskkit._utils import check_seconds, keep_identity, qualified_name
 from taskkit.errors import TimeoutExceeded
-from taskkit.recovery._wrapping import check_seconds, keep_identity, qualified_name
 
 __all__ = ["timeout"]
 

@@ -40,17 +40,18 @@ Example::
 """
 
 from taskkit.tasks._app import create_app, reliable_defaults
-from taskkit.tasks.base import (
+from taskkit.tasks._base import (
     DEFAULT_PERMANENT_ERRORS,
     DEFAULT_TRANSIENT_ERRORS,
     ResilientTask,
     TaskFailure,
 )
-from taskkit.tasks.batch import BatchSubmission, BatchTask, submit_batch
-from taskkit.tasks.lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
-from taskkit.tasks.progress import PROGRESS, ProgressReport
-from taskkit.tasks.runs import load_model, resume_run, submit_run
-from taskkit.tasks.training import (
+from taskkit.tasks._batch import BatchSubmission, BatchTask, submit_batch
+from taskkit.tasks._lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
+from taskkit.tasks._progress import PROGRESS, ProgressReport
+from taskkit.tasks._replay import replay_dead_letters
+from taskkit.tasks._runs import load_model, resume_run, submit_run
+from taskkit.tasks._training import (
     ReproducibilityWarning,
     TrainingRun,
     TrainingTask,
@@ -79,6 +80,7 @@ __all__ = [
     "create_app",
     "load_model",
     "reliable_defaults",
+    "replay_dead_letters",
     "request_stop",
     "resume_orphaned_runs",
     "resume_run",

@@ -1,6 +1,6 @@
 """Batches of thousands of items through worker subprocesses, on real Redis and PostgreSQL.
 
-What is promised (``taskkit.tasks.batch``, ``taskkit.ledger``, ``taskkit.deadletter``):
+What is promised (``taskkit.tasks._batch``, ``taskkit.deadletter._ledger``, ``taskkit.deadletter``):
 
 - 10,000 items, 1% failing on every attempt and 5% failing once, sent as 10 chunks: the
   summary counts every item once; exactly the always-failing items are in ``failed_ids``, in
@@ -37,9 +37,8 @@ from sqlalchemy import select, text
 
 from taskkit.db.models import BatchItem
 from taskkit.db.session import get_engine
-from taskkit.deadletter import DeadLetterStore
-from taskkit.ledger import BatchProgress, batch_progress
-from taskkit.tasks import submit_batch
+from taskkit.deadletter import BatchProgress, DeadLetterStore, batch_progress
+from taskkit.tasks import replay_dead_letters, submit_batch
 from tests.batch import apps
 from tests.tasks.workerproc import WorkerProcess, wait_for
 
@@ -385,7 +384,7 @@ def test_replay_of_a_batchs_dead_letters_after_the_fix(
 
     apps.set_broken(nonce, False)  # the fix
     began = time.monotonic()
-    replay = store.replay(batch_id=submission.batch_id, app=apps.app)
+    replay = replay_dead_letters(store=store, batch_id=submission.batch_id, app=apps.app)
 
     assert sorted(replay.letter_ids) == sorted(letter.id for letter in waiting)
     (sent,) = replay.sent

@@ -29,11 +29,10 @@ from taskkit.config import reset_settings
 from taskkit.db import safe_bulk_insert
 from taskkit.db.models import BatchItem, DeadLetter, ModelRun, Prediction
 from taskkit.db.session import session_scope
-from taskkit.deadletter import UNSERIALIZABLE, DeadLetterStore
+from taskkit.deadletter import UNSERIALIZABLE, DeadLetterStore, ItemLedger
 from taskkit.errors import RunNotFound, RunNotResumable
-from taskkit.ledger import ItemLedger
 from taskkit.tasks import load_model, submit_batch
-from taskkit.tasks.runs import mark_completed
+from taskkit.tasks._runs import mark_completed
 from tests.tasks.workerproc import WorkerProcess
 from workers import batch
 from workers.app import app

@@ -13,9 +13,8 @@ from sqlalchemy import Engine, func, select
 
 from taskkit.config import Settings
 from taskkit.db.models import Batch, BatchItem, DeadLetter
-from taskkit.deadletter import DeadLetterStore
+from taskkit.deadletter import DeadLetterStore, ItemLedger, batch_progress
 from taskkit.errors import ConfigurationError
-from taskkit.ledger import ItemLedger, batch_progress
 from taskkit.tasks import BatchTask, ResilientTask, TaskFailure, create_app, submit_batch
 
 app = create_app(

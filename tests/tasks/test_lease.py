@@ -12,7 +12,7 @@ import redis
 
 from taskkit.errors import ConfigurationError, LeaseLost
 from taskkit.tasks import FileLeaseStore, LeaseOwner, RedisLeaseStore
-from taskkit.tasks.lease import lease_store_from_url
+from taskkit.tasks._lease import lease_store_from_url
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from taskkit.db.migrate import upgrade
 from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import session_scope
 from taskkit.tasks import ProgressReport
-from taskkit.tasks.progress import ProgressWriter, Throttle
+from taskkit.tasks._progress import ProgressWriter, Throttle
 from tests.tasks import apps
 from tests.tasks.workerproc import wait_for
 

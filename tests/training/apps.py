@@ -27,7 +27,7 @@ from sklearn.linear_model import SGDClassifier
 
 from taskkit.config import Settings
 from taskkit.tasks import TrainingTask, create_app
-from taskkit.tasks.training import request_stop
+from taskkit.tasks._training import request_stop
 from tests.conftest import REDIS_URL
 from workers.training import run_training
 

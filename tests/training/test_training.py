@@ -24,7 +24,7 @@ from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import session_scope
 from taskkit.errors import CheckpointTampered, ConfigurationError, RunNotFound
 from taskkit.tasks import ReproducibilityWarning, TrainingTask, load_model
-from taskkit.tasks.runs import mark_completed, screen_attempt
+from taskkit.tasks._runs import mark_completed, screen_attempt
 from tests.training import apps
 
 REPO = Path(__file__).resolve().parents[2]

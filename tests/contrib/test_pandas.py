@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-import taskkit.dataframes
-from taskkit.dataframes import RESULT_COLUMN, process_dataframe_in_batches
+import taskkit.contrib.pandas
+from taskkit.contrib.pandas import RESULT_COLUMN, process_dataframe_in_batches
 from taskkit.errors import ConfigurationError
 
 
@@ -212,6 +212,6 @@ def test_bad_options_are_configuration_errors():
 
 
 def test_the_module_exports_the_helper_with_an_example():
-    assert "process_dataframe_in_batches" in taskkit.dataframes.__all__
+    assert "process_dataframe_in_batches" in taskkit.contrib.pandas.__all__
     assert "Example::" in (process_dataframe_in_batches.__doc__ or "")
-    assert "Example::" in (taskkit.dataframes.__doc__ or "")
+    assert "Example::" in (taskkit.contrib.pandas.__doc__ or "")

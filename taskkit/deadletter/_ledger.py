@@ -44,10 +44,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
-from taskkit.db._recovery import db_retry
+from taskkit.db import db_retry, get_engine
 from taskkit.db.models import Batch, BatchItem
-from taskkit.db.session import get_engine
-from taskkit.deadletter import DeadLetterEntry, DeadLetterStore, write_rows
+from taskkit.deadletter._store import DeadLetterEntry, DeadLetterStore, write_rows
 
 __all__ = ["BatchProgress", "ItemLedger", "batch_progress"]
 

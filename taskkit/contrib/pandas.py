@@ -7,7 +7,7 @@ back with their exceptions.
 Example::
 
     import pandas as pd
-    from taskkit.dataframes import process_dataframe_in_batches
+    from taskkit.contrib.pandas import process_dataframe_in_batches
 
     def transform_row(row: dict) -> dict:
         row["processed"] = row["value"] * 2
@@ -28,9 +28,9 @@ from typing import Any
 
 import pandas as pd  # type: ignore[import-untyped, unused-ignore]  # no pandas-stubs installed
 
+from taskkit._utils import check_batch_options
 from taskkit.errors import ConfigurationError
-from taskkit.recovery._batch import batch_with_retry
-from taskkit.recovery._parallel import check_batch_options
+from taskkit.recovery import batch_with_retry
 
 __all__ = ["RESULT_COLUMN", "process_dataframe_in_batches"]
 
@@ -90,7 +90,7 @@ def process_dataframe_in_batches(
             f"process_dataframe_in_batches: df has duplicate column names {duplicated}; "
             f"rows are given to process_func as dicts, which cannot hold them"
         )
-    check_batch_options("process_dataframe_in_batches", options)
+    check_batch_options("process_dataframe_in_batches", options, batch_with_retry)
     rows: list[Row] = df.to_dict("records")
 
     # The items are row positions, so the positions of the rows that succeeded are known.

@@ -13,11 +13,11 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from taskkit.db._classify import describe_database, driver_message, is_disconnect, is_transient
+from taskkit._utils import exception_tuple, keep_identity, qualified_name
+from taskkit.db.classify import describe_database, driver_message, is_disconnect, is_transient
 from taskkit.db.session import get_engine
 from taskkit.errors import ConfigurationError, DatabaseUnavailable
 from taskkit.recovery import Retrying
-from taskkit.recovery._wrapping import exception_tuple, keep_identity, qualified_name
 
 __all__ = ["db_retry", "ensure_connection", "find_session", "with_savepoint"]
 

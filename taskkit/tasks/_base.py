@@ -74,24 +74,23 @@ from celery.exceptions import Ignore
 from celery.states import SUCCESS
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 
+from taskkit._utils import is_control_flow
 from taskkit.db import is_transient
 from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
 from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, PermanentError
-from taskkit.recovery import Retrying, RetryStrategy
-from taskkit.recovery._control import is_control_flow
-from taskkit.recovery._schedule import next_wait
+from taskkit.recovery import Retrying, RetryStrategy, next_wait
 from taskkit.recovery.events import call_hook
 from taskkit.tasks import _options
+from taskkit.tasks._lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
 from taskkit.tasks._options import DEFAULTS as D
-from taskkit.tasks._visibility import SAFE_SHARE, uses_visibility_timeout, visibility_timeout
-from taskkit.tasks.lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
-from taskkit.tasks.progress import (
+from taskkit.tasks._progress import (
     PROGRESS,
     ProgressReport,
     Throttle,
     progress_writer,
     write_training_progress,
 )
+from taskkit.tasks._visibility import SAFE_SHARE, uses_visibility_timeout, visibility_timeout
 
 __all__ = ["DEFAULT_PERMANENT_ERRORS", "DEFAULT_TRANSIENT_ERRORS", "ResilientTask", "TaskFailure"]
 

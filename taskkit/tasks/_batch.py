@@ -7,7 +7,7 @@ everywhere in taskkit) and returns the seed's summary::
     {"total": 1000, "successful": 990, "failed": 10, "failed_ids": [...],
      "batch_id": "...", "skipped": 0}
 
-Items are keyed (``item_key``) and tracked in the item ledger (``taskkit.ledger``): claimed
+Items are keyed (``item_key``) and tracked in the item ledger (``taskkit.deadletter``): claimed
 before they run, marked done in batches of ``ledger_flush_every``, and marked dead together
 with their dead letters (``taskkit.deadletter``) when they exhaust their retries. A delivery of
 the same chunk after a crash or a retry skips what is finished, so successful + dead-lettered
@@ -68,14 +68,19 @@ from celery import group
 from celery.result import GroupResult
 from sqlalchemy import Engine, Table
 
+from taskkit._utils import check_int
 from taskkit.db.models import Batch
 from taskkit.db.session import get_engine
-from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
+from taskkit.deadletter import (
+    BatchProgress,
+    DeadLetterEntry,
+    DeadLetterStore,
+    ItemLedger,
+    batch_progress,
+)
 from taskkit.errors import ConfigurationError, LeaseLost
-from taskkit.ledger import BatchProgress, ItemLedger, batch_progress
 from taskkit.recovery import batch_with_retry
-from taskkit.recovery._wrapping import check_int
-from taskkit.tasks.base import ResilientTask, TaskFailure
+from taskkit.tasks._base import ResilientTask, TaskFailure
 
 __all__ = ["BatchSubmission", "BatchTask", "submit_batch"]
 

@@ -23,17 +23,23 @@ from taskkit.deadletter import (
     UNSERIALIZABLE,
     DeadLetterEntry,
     DeadLetterStore,
-    jsonable,
+    batch_progress,
 )
+from taskkit.deadletter._json import jsonable
 from taskkit.errors import ConfigurationError, DeadLetterNotFound, ReplayRejected
-from taskkit.ledger import batch_progress
-from taskkit.tasks import BatchTask, ResilientTask, create_app
+from taskkit.tasks import BatchTask, ResilientTask, create_app, replay_dead_letters
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 SCORE = "tkdl.score_items"
 SCORE_V2 = "tkdl.score_items_v2"
 PING = "tkdl.ping"
 QUEUE = "tkdl-q"
+
+
+def replay(store: DeadLetterStore, ids: Any = None, **options: Any) -> Any:
+    """``replay_dead_letters`` into the store's own app unless ``app=`` is given."""
+    options.setdefault("app", store.app)
+    return replay_dead_letters(ids, store=store, **options)
 
 
 class Clock:
@@ -490,7 +496,7 @@ def test_replay_of_item_letters_sends_one_batch_of_them_with_their_keys(
     letter_ids = ids_of(replays.list())
     BROKEN.clear()  # the bug is fixed
 
-    result = replays.replay(task=SCORE)
+    result = replay(replays, task=SCORE)
 
     [(name, task_id, args, kwargs)] = sent_tasks(redis_client, prefix)
     [sent] = result.sent
@@ -518,7 +524,7 @@ def test_replay_into_another_batch_task(
     replays.record([entry(SCORE, key="a"), entry(SCORE, key="b")])
     a, b = ids_of(replays.list())
 
-    result = replays.replay([b], into=SCORE_V2)
+    result = replay(replays, [b], into=SCORE_V2)
 
     [(name, task_id, args, kwargs)] = sent_tasks(redis_client, prefix)
     assert (name, args, kwargs["keys"]) == (SCORE_V2, [[{"id": "b"}]], ["b"])
@@ -537,7 +543,7 @@ def test_replay_splits_items_whose_keys_repeat_across_batches(
         [entry(batch="b1", key="a"), entry(batch="b2", key="a"), entry(batch="b2", key="c")]
     )
 
-    result = replays.replay(task=SCORE)
+    result = replay(replays, task=SCORE)
 
     messages = sent_tasks(redis_client, prefix)
     assert [kwargs["keys"] for _, _, _, kwargs in messages] == [["a", "c"], ["a"]]
@@ -557,7 +563,7 @@ def test_replay_of_a_task_letter_sends_its_arguments_again(
     )
     [letter] = replays.list()
 
-    result = replays.replay([letter.id])
+    result = replay(replays, [letter.id])
 
     [(name, task_id, args, kwargs)] = sent_tasks(redis_client, prefix)
     assert (name, args, kwargs) == (PING, ["h1"], {"timeout": 2.5})
@@ -574,7 +580,7 @@ def test_an_eager_replay_of_a_task_letter_runs_it_in_process(
     store.record([entry(PING, {"args": ["h1"], "kwargs": {}}, batch=None, key=None)])
     PINGED.clear()
 
-    result = store.replay(all=True)
+    result = replay(store, all=True)
 
     [sent] = result.sent
     assert PINGED == ["h1"]
@@ -594,7 +600,7 @@ def test_an_eager_replay_of_item_letters_runs_the_new_batch_in_process(
     store = DeadLetterStore(db_url, app=app, queue="")
     store.record([entry(key="a"), entry(key="b")])
 
-    result = store.replay(task=SCORE)
+    result = replay(store, task=SCORE)
 
     [sent] = result.sent
     assert sent.batch_id is not None
@@ -608,7 +614,7 @@ def test_replay_with_a_filter_that_selects_nothing_sends_nothing(
 ):
     replays.record([entry(key="a")])
 
-    result = replays.replay(task="nobody.home")
+    result = replay(replays, task="nobody.home")
 
     assert result == ([], [])
     assert sent_tasks(redis_client, prefix) == []
@@ -616,7 +622,7 @@ def test_replay_with_a_filter_that_selects_nothing_sends_nothing(
 
 def test_replay_without_ids_filters_or_all_is_a_configuration_error(replays: DeadLetterStore):
     with pytest.raises(ConfigurationError, match="replay what"):
-        replays.replay()
+        replay(replays)
 
 
 # -- refused replays: nothing sent, nothing changed -----------------------------------------------
@@ -646,7 +652,7 @@ def refused(
 
 def test_replay_of_an_unknown_id_is_refused(replays: DeadLetterStore, refused: Refusal):
     with pytest.raises(DeadLetterNotFound, match="no dead letter with id 4040") as raised:
-        replays.replay([*refused.ids, 4040])
+        replay(replays, [*refused.ids, 4040])
 
     assert raised.value.letter_ids == [4040]
     refused.unchanged()
@@ -654,7 +660,7 @@ def test_replay_of_an_unknown_id_is_refused(replays: DeadLetterStore, refused: R
 
 def test_replay_into_an_unregistered_task_is_refused(replays: DeadLetterStore, refused: Refusal):
     with pytest.raises(ReplayRejected, match="task 'jobs.gone' is not registered in app 'tkdl'"):
-        replays.replay(refused.ids, into="jobs.gone")
+        replay(replays, refused.ids, into="jobs.gone")
 
     refused.unchanged()
 
@@ -666,7 +672,7 @@ def test_replay_of_letters_whose_task_is_not_registered_is_refused(
     [retired] = replays.list(task="jobs.retired")
 
     with pytest.raises(ReplayRejected, match="'jobs.retired' is not registered") as raised:
-        replays.replay(all=True)
+        replay(replays, all=True)
 
     assert raised.value.letter_ids == [retired.id]
     assert replays.get(retired.id).status == "dead"
@@ -685,7 +691,7 @@ def test_a_mixed_selection_with_one_invalid_payload_sends_nothing(
     with pytest.raises(
         ReplayRejected, match="no longer validates for 'tkdl.score_items'"
     ) as raised:
-        replays.replay(task=SCORE)
+        replay(replays, task=SCORE)
 
     assert raised.value.letter_ids == [bad]
     assert "ValueError: has a 'bad' field" in str(raised.value)
@@ -697,7 +703,7 @@ def test_an_item_letter_into_a_task_that_is_not_a_batch_task_is_refused(
     replays: DeadLetterStore, refused: Refusal
 ):
     with pytest.raises(ReplayRejected, match="'tkdl.ping' is not a BatchTask") as raised:
-        replays.replay(refused.ids[:1], into=PING)
+        replay(replays, refused.ids[:1], into=PING)
 
     assert raised.value.letter_ids == refused.ids[:1]
     refused.unchanged()
@@ -710,7 +716,7 @@ def test_a_task_letter_whose_arguments_no_longer_fit_is_refused(
     [letter] = replays.list(task=PING)
 
     with pytest.raises(ReplayRejected, match="no longer fits 'tkdl.ping'") as raised:
-        replays.replay(all=True)
+        replay(replays, all=True)
 
     assert raised.value.letter_ids == [letter.id]
     refused.unchanged()
@@ -721,7 +727,7 @@ def test_a_letter_whose_payload_was_not_json_is_refused(replays: DeadLetterStore
     [letter] = [x for x in replays.list() if x.item_key == "nan"]
 
     with pytest.raises(ReplayRejected, match="payload was not JSON") as raised:
-        replays.replay([*refused.ids, letter.id])
+        replay(replays, [*refused.ids, letter.id])
 
     assert raised.value.letter_ids == [letter.id]
     refused.unchanged()
@@ -735,16 +741,16 @@ def test_a_letter_that_was_already_replayed_is_not_replayed_again(
 ):
     replays.record([entry(key="a"), entry(key="b")])
     a, b = ids_of(replays.list())
-    replays.replay([a])
+    replay(replays, [a])
     before = snapshot(replays)
 
     with pytest.raises(ReplayRejected, match="only letters with status 'dead'") as raised:
-        replays.replay([a, b])
+        replay(replays, [a, b])
 
     assert raised.value.letter_ids == [a]
     assert snapshot(replays) == before
     assert len(sent_tasks(redis_client, prefix)) == 1  # the first replay's message only
-    assert replays.replay(task=SCORE).letter_ids == [b]  # a filter skips replayed letters
+    assert replay(replays, task=SCORE).letter_ids == [b]  # a filter skips replayed letters
 
 
 # -- the broker queue of new letters --------------------------------------------------------------

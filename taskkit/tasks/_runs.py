@@ -17,7 +17,7 @@ verifies both before it unpickles, so a tampered row is refused, never executed.
 
 Example::
 
-    from taskkit.tasks.runs import submit_run, load_model
+    from taskkit.tasks._runs import submit_run, load_model
 
     run_id, task_id = submit_run(train_model, {"epochs": 20, "seed": 7}, name="baseline")
     ...

@@ -69,8 +69,8 @@ from celery.worker import state as worker_state
 
 from taskkit.checkpoint import CheckpointStore
 from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, TaskkitWarning
-from taskkit.tasks import runs
-from taskkit.tasks.base import ResilientTask, _run_stack
+from taskkit.tasks import _runs as runs
+from taskkit.tasks._base import ResilientTask, _run_stack
 
 __all__ = [
     "ReproducibilityWarning",

@@ -1,64 +1,21 @@
-"""The dead-letter queue: items and tasks that exhausted their retries, kept in the database.
+"""``DeadLetterStore``: the ``dead_letters`` table: record, list, count, mark, discard, purge.
 
-Celery has no dead-letter queue on Redis (and RabbitMQ's needs broker policy); taskkit keeps
-one in its own database, so it works on every broker and survives a broker flush. Each
-``DeadLetter`` row holds the task name, the batch and item key (for a batch item), the
-payload as JSON (the item, or ``{"args": [...], "kwargs": {...}}`` of a whole task), the
-error's type, message and traceback, the attempts, the first and last failure time, and a
-status: ``dead`` (waiting), ``replayed`` (sent again: ``replayed_into``, ``replay_task_id``)
-or ``discarded``.
-
-``DeadLetterStore`` lists them (filter by task, batch, error type and age), counts them per
-task (``depth``, for monitoring), replays them into the original task or another, discards
-and purges them. ``taskkit dlq list|show|replay|purge|depth`` is the same from a shell.
-
-Decisions:
-
-- Recording is an upsert on (task, batch, item): an item that fails again after a crash
-  updates its letter (attempts add up, last failure moves) instead of adding a second one.
-- A replay is all or nothing. Every selected letter is checked first (still ``dead``, the
-  target task registered, a batch item going into a ``BatchTask``, the payload still valid
-  for the target: the task's signature for a whole task, ``BatchTask.validate_item`` for an
-  item); if one fails, ``ReplayRejected`` names it and nothing is sent or changed. Items are
-  sent as one new batch per target task (batch id ``replay-<hex>``, the original item keys;
-  another batch when a key repeats, from letters of different batches, since keys are unique
-  in a batch), so a replayed item that fails again is dead-lettered again under the new batch.
-- The letters are marked ``replayed`` in the transaction that sent them; if the database
-  fails after the send, the letters stay ``dead`` and can be replayed again, which the
-  batch's ledger and an idempotent item function absorb.
-- A payload that is not JSON (an object, a NaN) is stored as ``{"__unserializable__":
-  repr}`` so the failure is still recorded; such a letter cannot be replayed (``ReplayRejected``).
-- With ``TASKKIT_DEAD_LETTER_QUEUE`` set, each new letter is also published, as JSON with its
-  ``id``, to that broker queue (after the database commit; a publish failure is logged, the row
-  is the record).
-
-Example::
-
-    from taskkit.deadletter import DeadLetterStore
-    from workers.app import app
-
-    store = DeadLetterStore()
-    for letter in store.list(task="jobs.score_items", error_type="KeyError"):
-        print(letter.id, letter.item_key, letter.error_message)
-    store.replay(task="jobs.score_items", app=app)    # after fixing the cause
-    store.purge()                                     # older than the retention setting
+Recording is an upsert on (task, batch, item), so an item that fails again after a crash
+updates its letter instead of adding a second one. Sending letters again is
+``taskkit.tasks.replay_dead_letters``; this module selects and marks them and imports no Celery.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
+import builtins
 import logging
-import math
 import traceback as tb
-import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, cast
 
-from kombu import Queue
 from sqlalchemy import Connection, Engine, Table, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -66,60 +23,27 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
 from taskkit.config import get_settings
-from taskkit.db._classify import describe_database, sqlstate
-from taskkit.db._recovery import db_retry
+from taskkit.db import db_retry, get_engine
+from taskkit.db.classify import describe_database, sqlstate
 from taskkit.db.models import DeadLetter
-from taskkit.db.session import get_engine
+from taskkit.deadletter._json import jsonable
+from taskkit.deadletter._publish import publish_letters
 from taskkit.errors import ConfigurationError, DeadLetterNotFound, ReplayRejected
 
 __all__ = [
-    "UNSERIALIZABLE",
-    "DeadLetter",
+    "STATUSES",
     "DeadLetterEntry",
     "DeadLetterStore",
     "ReplayResult",
     "SentReplay",
-    "jsonable",
     "write_rows",
 ]
 
 logger = logging.getLogger("taskkit.deadletter")
 
-#: Key of the stand-in stored for a payload that is not JSON.
-UNSERIALIZABLE = "__unserializable__"
-
+#: The states of a letter: waiting, sent again, put aside for the record.
 STATUSES = ("dead", "replayed", "discarded")
 _TABLE = cast(Table, DeadLetter.__table__)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data (numpy and pandas scalars, datetimes, tuples converted), or
-    ``{"__unserializable__": repr(value)}`` when it cannot be.
-
-    Example::
-
-        jsonable({"x": numpy.int64(3)})   # {"x": 3}
-    """
-    try:
-        return json.loads(json.dumps(value, default=_to_json, allow_nan=False))
-    except (TypeError, ValueError, OverflowError):
-        return {UNSERIALIZABLE: repr(value)[:10_000]}
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    # numpy / pandas arrays and scalars (tolist first: an array's item() needs size 1)
-    for convert in ("tolist", "item", "isoformat"):
-        method = getattr(value, convert, None)
-        if callable(method):
-            converted = method()
-            if isinstance(converted, float) and not math.isfinite(converted):
-                raise ValueError("not a finite number")
-            return converted
-    if isinstance(value, set | frozenset):
-        return sorted(value, key=repr)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 @dataclass(frozen=True)
@@ -214,7 +138,7 @@ class DeadLetterStore:
         store = DeadLetterStore("postgresql+psycopg://app@db/app")
         print(store.depth())                       # {"jobs.score_items": 12}
         letter = store.get(7)
-        store.replay([7], app=app, into="jobs.score_items_v2")
+        store.discard([7])
     """
 
     def __init__(
@@ -269,33 +193,8 @@ class DeadLetterStore:
     def publish(self, rows: Sequence[dict[str, Any]]) -> None:
         """Publish letters (``DeadLetterEntry.row()`` dicts) to the dead-letter broker queue,
         if one is set; failures are logged, never raised."""
-        if not self.queue or not rows:
-            return
-        if self.app is None:
-            logger.warning(
-                "taskkit: dead-letter queue %r set but no Celery app to publish", self.queue
-            )
-            return
-        try:
-            declare = [Queue(self.queue, durable=True)]
-            with self.app.producer_or_acquire() as producer:
-                for row in rows:
-                    producer.publish(
-                        _message(row),
-                        exchange="",
-                        routing_key=self.queue,
-                        declare=declare,
-                        serializer="json",
-                        retry=True,
-                        retry_policy={"max_retries": 3},
-                    )
-        except Exception:
-            logger.warning(
-                "taskkit: could not publish %d dead letter(s) to queue %r; they are stored",
-                len(rows),
-                self.queue,
-                exc_info=True,
-            )
+        if self.queue and rows:
+            publish_letters(self.app, self.queue, rows)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -342,41 +241,24 @@ class DeadLetterStore:
         with self.engine.connect() as connection:
             return {name: int(count) for name, count in connection.execute(query)}
 
-    # -- replay ---------------------------------------------------------------------------------
+    # -- replay (``taskkit.tasks.replay_dead_letters`` sends; the store selects and marks) ------
 
-    def replay(
+    @contextmanager
+    def letters_for_replay(
         self,
         ids: Sequence[int] | None = None,
         *,
-        app: Any = None,
-        into: str | None = None,
         task: str | None = None,
         batch_id: str | None = None,
         error_type: str | None = None,
         older_than: timedelta | None = None,
-        all: bool = False,
-    ) -> ReplayResult:
-        """Send dead letters again: those in ``ids``, or those matching the filters (``all=True``
-        for every waiting letter), into their own task or ``into``; mark them ``replayed``.
+    ) -> Iterator[tuple[Session, builtins.list[DeadLetter]]]:
+        """The waiting letters with these ``ids`` (or matching the filters), locked in a
+        transaction that commits when the block ends; mark them with ``mark_replayed`` inside it.
 
-        ``app`` (default: the store's) is the Celery app whose registered tasks receive them.
-        All or nothing: ``DeadLetterNotFound`` for an unknown id, ``ReplayRejected`` for a
-        letter that is not waiting, a task that is not registered, or a payload that no
-        longer validates; then nothing was sent or changed.
+        ``DeadLetterNotFound`` for an unknown id, ``ReplayRejected`` for a letter that is not
+        waiting; both before anything is yielded.
         """
-        app = app if app is not None else self.app
-        if app is None:
-            raise ConfigurationError("replay needs the Celery app whose tasks receive the letters")
-        filtered = any(f is not None for f in (task, batch_id, error_type, older_than))
-        if ids is None and not filtered and not all:
-            raise ConfigurationError(
-                "replay what? give letter ids, a filter (task, batch, error type, age) or all=True"
-            )
-        # Eager apps (tests) run the replayed tasks inside send(), and those write to this
-        # database: send after the commit there. Elsewhere send inside the transaction, so a
-        # failed send leaves the letters dead (a crash after sending can repeat a replay,
-        # which the item function's idempotence absorbs, but never lose one).
-        eager = bool(app.conf.get("task_always_eager"))
         with Session(self._writer(), expire_on_commit=False) as session, session.begin():
             if ids is not None:
                 wanted = [int(i) for i in ids]
@@ -391,15 +273,7 @@ class DeadLetterStore:
             else:
                 query = self._select(task, batch_id, error_type, older_than, None, "dead", None)
                 letters = list(session.scalars(_locked(query.order_by(DeadLetter.id))))
-            plans = _plan(app, letters, into)
-            if not eager:
-                sent = [plan.send() for plan in plans]
-                self._mark_replayed(session, sent)
-        if eager:
-            sent = [plan.send() for plan in plans]
-            with Session(self._writer()) as session, session.begin():
-                self._mark_replayed(session, sent)
-        return ReplayResult([i for message in sent for i in message.letter_ids], sent)
+            yield session, letters
 
     def _writer(self) -> Engine:
         """The engine for a transaction that reads, then writes: on SQLite it takes the write
@@ -408,7 +282,13 @@ class DeadLetterStore:
             return self.engine.execution_options(taskkit_sqlite_begin="BEGIN IMMEDIATE")
         return self.engine
 
-    def _mark_replayed(self, session: Session, sent: Sequence[SentReplay]) -> None:
+    def mark_replayed(self, sent: Sequence[SentReplay], session: Session | None = None) -> None:
+        """Mark the letters of each message ``replayed`` (in ``session``'s transaction if given,
+        else in one of their own)."""
+        if session is None:
+            with Session(self._writer()) as own, own.begin():
+                self.mark_replayed(sent, own)
+            return
         now = self.clock()
         for message in sent:
             session.execute(
@@ -544,13 +424,6 @@ def _missing_table(error: BaseException) -> bool:
     return sqlstate(error) == "42P01" or "no such table" in str(error)
 
 
-def _message(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        key: (value.isoformat() if isinstance(value, datetime) else value)
-        for key, value in row.items()
-    }
-
-
 def _check_status(status: str) -> None:
     if status not in STATUSES:
         raise ConfigurationError(f"unknown dead-letter status {status!r}; one of {STATUSES}")
@@ -559,99 +432,3 @@ def _check_status(status: str) -> None:
 def _locked(query: Select[Any]) -> Select[Any]:
     # Two replays of the same letters at once: the second waits, then sees them replayed.
     return query.with_for_update()
-
-
-# -- replay planning ------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    task: Any
-    letters: list[DeadLetter]
-    items: bool
-
-    def send(self) -> SentReplay:
-        ids = [letter.id for letter in self.letters]
-        if self.items:
-            batch_id = f"replay-{uuid.uuid4().hex[:24]}"
-            result = self.task.apply_async(
-                args=([letter.payload for letter in self.letters],),
-                kwargs={
-                    "batch_id": batch_id,
-                    "keys": [letter.item_key for letter in self.letters],
-                },
-            )
-            return SentReplay(self.task.name, result.id, batch_id, ids)
-        (letter,) = self.letters
-        payload = letter.payload
-        result = self.task.apply_async(
-            args=tuple(payload.get("args", ())), kwargs=dict(payload.get("kwargs", {}))
-        )
-        return SentReplay(self.task.name, result.id, None, ids)
-
-
-def _plan(app: Any, letters: list[DeadLetter], into: str | None) -> list[_Plan]:
-    """Check every letter against its target task; group items per target. Raises
-    ``ReplayRejected`` for the first problem, before anything is sent."""
-    # per target, batches of items whose keys are unique (a batch refuses a repeated key)
-    items: dict[str, list[tuple[set[str | None], list[DeadLetter]]]] = defaultdict(list)
-    plans: list[_Plan] = []
-    for letter in letters:
-        target = into or letter.task_name
-        task = app.tasks.get(target)
-        if task is None:
-            raise ReplayRejected(
-                f"task {target!r} is not registered in app {app.main!r}", [letter.id]
-            )
-        if isinstance(letter.payload, dict) and UNSERIALIZABLE in letter.payload:
-            raise ReplayRejected(
-                "its payload was not JSON when it failed, so it cannot be sent again", [letter.id]
-            )
-        if letter.item_key is not None:
-            validate = getattr(task, "validate_item", None)
-            if validate is None:
-                raise ReplayRejected(
-                    f"{letter.task_name!r} failed on a batch item, and {target!r} is not a "
-                    "BatchTask (items replay into batch tasks)",
-                    [letter.id],
-                )
-            try:
-                validate(letter.payload)
-            except Exception as exc:
-                raise ReplayRejected(
-                    f"the payload no longer validates for {target!r}: {type(exc).__name__}: {exc}",
-                    [letter.id],
-                ) from exc
-            batches = items[target]
-            for keys, group in batches:
-                if letter.item_key not in keys:
-                    keys.add(letter.item_key)
-                    group.append(letter)
-                    break
-            else:
-                batches.append(({letter.item_key}, [letter]))
-        else:
-            plans.append(_Plan(task, [letter], items=False))
-            _check_task_payload(task, letter)
-    plans.extend(
-        _Plan(app.tasks[target], group, items=True)
-        for target, batches in items.items()
-        for _, group in batches
-    )
-    return plans
-
-
-def _check_task_payload(task: Any, letter: DeadLetter) -> None:
-    payload = letter.payload
-    if not isinstance(payload, dict) or not set(payload) <= {"args", "kwargs"}:
-        raise ReplayRejected(
-            "a task's payload must be {'args': [...], 'kwargs': {...}}", [letter.id]
-        )
-    # What the task's ladder calls with its arguments (a BatchTask's batch), else its run.
-    body = task.body() if callable(getattr(task, "body", None)) else task.run
-    try:
-        inspect.signature(body).bind(*payload.get("args", ()), **payload.get("kwargs", {}))
-    except TypeError as exc:
-        raise ReplayRejected(
-            f"the payload no longer fits {task.name!r}'s arguments: {exc}", [letter.id]
-        ) from exc

@@ -1,0 +1,165 @@
+"""Small helpers that several taskkit packages share: keeping a wrapped function recognisable,
+checking option values, the process-wide test switch, and recognising a framework's control flow.
+
+They live here, at the root, so that no package reaches into another's private modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import inspect
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from taskkit.errors import ConfigurationError
+
+__all__ = [
+    "CONTROL_FLOW",
+    "TEST_MODE",
+    "TestMode",
+    "check_batch_options",
+    "check_int",
+    "check_seconds",
+    "exception_tuple",
+    "is_control_flow",
+    "keep_identity",
+    "keyword_only",
+    "qualified_name",
+    "reject_unknown",
+]
+
+
+def keep_identity(wrapper: Callable[..., Any], fn: Callable[..., Any], **attributes: Any) -> Any:
+    """Give ``wrapper`` the name, docstring, ``__wrapped__`` and signature of ``fn``.
+
+    ``inspect.signature`` follows ``__wrapped__``, but Celery's argument check
+    (``inspect.getfullargspec``) does not; both honour ``__signature__``, so it is set too.
+    """
+    functools.update_wrapper(wrapper, fn)
+    # Builtins and C functions may have no signature to copy.
+    with contextlib.suppress(TypeError, ValueError):
+        wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    for name, value in attributes.items():
+        setattr(wrapper, name, value)
+    return wrapper
+
+
+def qualified_name(fn: object) -> str:
+    """A readable name for logs and errors."""
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def exception_tuple(option: str, value: object) -> tuple[type[BaseException], ...]:
+    """``value`` as a tuple of exception classes, or a ``ConfigurationError`` naming ``option``."""
+    items = value if isinstance(value, tuple) else (value,)
+    if not items or not all(isinstance(e, type) and issubclass(e, BaseException) for e in items):
+        raise ConfigurationError(
+            f"{option} must be an exception class or a tuple of them, got {value!r}"
+        )
+    return cast(tuple[type[BaseException], ...], items)
+
+
+def check_int(option: str, value: object, minimum: int) -> None:
+    """Raise a ``ConfigurationError`` naming ``option`` unless ``value`` is an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{option} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_seconds(option: str, value: object) -> None:
+    """Raise a ``ConfigurationError`` naming ``option`` unless ``value`` is a number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{option} must be a number of seconds > 0, got {value!r}")
+
+
+def reject_unknown(
+    caller: str, given: Iterable[str], known: Collection[str], *, takes: str = ""
+) -> None:
+    """Raise a ``ConfigurationError`` for the first name in ``given`` that is not in ``known``,
+    suggesting the closest known one (``item_dealy`` -> ``item_delay``)."""
+    for name in sorted(given):
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(f"{caller}: unknown option {name!r}{hint}{takes}")
+
+
+def keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
+    """The names of ``fn``'s keyword-only parameters: what a ``**options`` passed to it may name."""
+    return frozenset(
+        name
+        for name, parameter in inspect.signature(fn).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    )
+
+
+def check_batch_options(
+    caller: str, options: Iterable[str], batch_function: Callable[..., Any]
+) -> None:
+    """Raise a ``ConfigurationError`` for an option ``batch_function`` (``batch_with_retry``)
+    does not take."""
+    known = keyword_only(batch_function)
+    reject_unknown(
+        caller,
+        options,
+        known,
+        takes=f" (options are passed to batch_with_retry, which takes {', '.join(sorted(known))})",
+    )
+
+
+# -- the test switch ------------------------------------------------------------------------------
+# Flipped by ``taskkit.testing``; read by ``retry`` and ``batch_with_retry`` only after a failure,
+# never on the happy path.
+
+
+@dataclass
+class TestMode:
+    """When ``active``: every wait is zero, and attempts are capped at ``max_attempts``."""
+
+    __test__ = False  # not a pytest test class
+
+    active: bool = False
+    max_attempts: int | None = None
+
+    def cap(self, attempts: int) -> int:
+        if self.active and self.max_attempts is not None:
+            return min(attempts, self.max_attempts)
+        return attempts
+
+
+TEST_MODE = TestMode()
+
+
+# -- control flow ---------------------------------------------------------------------------------
+# Celery's ``self.retry()`` raises ``celery.exceptions.Retry`` *after* it has already queued the
+# retry message; ``Ignore`` and ``Reject`` tell the worker what to do with the message; a soft
+# time limit must reach the task. If ``retry`` re-ran the function on ``Retry``, every attempt
+# would queue one more message and the task would run several times; if a breaker counted it,
+# a task's own retries would open the circuit. So every primitive lets these pass untouched:
+# not retried, not counted, not turned into a fallback value. They are recognised by the module
+# that defines them, so this module imports no framework.
+
+#: (defining module, class name) of the exceptions that are control flow.
+CONTROL_FLOW = frozenset(
+    {
+        ("celery.exceptions", "Retry"),
+        ("celery.exceptions", "Ignore"),
+        ("celery.exceptions", "Reject"),
+        ("billiard.exceptions", "SoftTimeLimitExceeded"),
+        ("billiard.exceptions", "TimeLimitExceeded"),
+    }
+)
+
+_verdicts: dict[type[BaseException], bool] = {}
+
+
+def is_control_flow(error: BaseException) -> bool:
+    """True for a Celery ``Retry``/``Ignore``/``Reject`` or a time limit (or a subclass)."""
+    kind = type(error)
+    verdict = _verdicts.get(kind)
+    if verdict is None:
+        verdict = any((c.__module__, c.__qualname__) in CONTROL_FLOW for c in kind.__mro__)
+        _verdicts[kind] = verdict
+    return verdict

@@ -1,0 +1,43 @@
+"""Durable per-item state: the dead-letter store and the batch item ledger. No Celery import.
+
+==============================  =============================================================
+``DeadLetterStore``             items and tasks that exhausted their retries, in the database:
+                                record, list, count per task, discard, purge
+``DeadLetterEntry``             one failure to record
+``ItemLedger``                  which items of a batch are claimed, done or dead
+``batch_progress``              a batch's counts from the ledger
+==============================  =============================================================
+
+Sending letters again is ``taskkit.tasks.replay_dead_letters`` (it drives Celery tasks);
+``docs/batch.md`` gives the decisions.
+
+Example::
+
+    from taskkit.deadletter import DeadLetterStore
+
+    store = DeadLetterStore()
+    for letter in store.list(task="jobs.score_items", error_type="KeyError"):
+        print(letter.id, letter.item_key, letter.error_message)
+    print(store.depth())                              # {"jobs.score_items": 12}
+    store.purge()                                     # older than the retention setting
+"""
+
+from taskkit.deadletter._json import UNSERIALIZABLE
+from taskkit.deadletter._ledger import BatchProgress, ItemLedger, batch_progress
+from taskkit.deadletter._store import (
+    DeadLetterEntry,
+    DeadLetterStore,
+    ReplayResult,
+    SentReplay,
+)
+
+__all__ = [
+    "UNSERIALIZABLE",
+    "BatchProgress",
+    "DeadLetterEntry",
+    "DeadLetterStore",
+    "ItemLedger",
+    "ReplayResult",
+    "SentReplay",
+    "batch_progress",
+]
