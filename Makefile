@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck bench worker clean
+.PHONY: install demo test lint typecheck bench docs worker clean
 
-# make worker CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info
+# make worker APP=myproject.tasks CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info ARGS=-E
+APP ?= $(or $(TASKKIT_APP),workers.app)
+ARGS ?=
 CONCURRENCY ?= 2
 QUEUES ?= celery
 LOGLEVEL ?= info
@@ -24,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -32,8 +34,11 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 worker: $(STAMP)
-	$(BIN)/celery -A workers.app worker --concurrency=$(CONCURRENCY) --queues=$(QUEUES) --loglevel=$(LOGLEVEL)
+	$(BIN)/celery -A $(APP) worker --concurrency=$(CONCURRENCY) --queues=$(QUEUES) --loglevel=$(LOGLEVEL) $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site
