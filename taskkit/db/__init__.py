@@ -38,12 +38,9 @@ from taskkit.db._retry import db_retry, ensure_connection, with_savepoint
 from taskkit.db.classify import describe_database, is_transient
 from taskkit.db.migrate import upgrade
 from taskkit.db.session import get_db, get_engine, get_sessionmaker, session_scope
-from taskkit.errors import ConcurrentUpdateError, DatabaseUnavailable
 
 __all__ = [
     "BulkInsertResult",
-    "ConcurrentUpdateError",
-    "DatabaseUnavailable",
     "atomic_update",
     "db_retry",
     "describe_database",

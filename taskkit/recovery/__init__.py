@@ -29,7 +29,6 @@ Example::
     def predict(features: list[float]) -> dict: ...
 """
 
-from taskkit.errors import CircuitBreakerError, PermanentError, RetryLater, TimeoutExceeded
 from taskkit.recovery import events
 from taskkit.recovery._batch import BatchResult, batch_with_retry
 from taskkit.recovery._budget import Budget, RetryBudget
@@ -47,18 +46,14 @@ __all__ = [
     "BatchResult",
     "Budget",
     "CircuitBreaker",
-    "CircuitBreakerError",
     "CircuitState",
     "CircuitStorage",
-    "PermanentError",
     "RedisCircuitStorage",
     "RedisRetryBudget",
     "RetryBudget",
     "RetryCallState",
-    "RetryLater",
     "RetryStrategy",
     "Retrying",
-    "TimeoutExceeded",
     "TransactionManager",
     "batch_with_retry",
     "delays",

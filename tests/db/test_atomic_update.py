@@ -8,10 +8,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from taskkit.db import ConcurrentUpdateError, atomic_update
+from taskkit.db import atomic_update
 from taskkit.db.models import ModelRun, Prediction
 from taskkit.db.session import dispose_engines, get_sessionmaker
-from taskkit.errors import ConfigurationError
+from taskkit.errors import ConcurrentUpdateError, ConfigurationError
 from taskkit.recovery import TransactionManager
 
 

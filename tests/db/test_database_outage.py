@@ -10,10 +10,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from taskkit.db import DatabaseUnavailable, db_retry, ensure_connection
+from taskkit.db import db_retry, ensure_connection
 from taskkit.db.migrate import upgrade
 from taskkit.db.models import Dataset
 from taskkit.db.session import create_engine_for
+from taskkit.errors import DatabaseUnavailable
 from tests.conftest import PrivatePostgres
 
 

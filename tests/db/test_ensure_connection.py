@@ -9,9 +9,10 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from taskkit.db import DatabaseUnavailable, db_retry, ensure_connection, get_db
+from taskkit.db import db_retry, ensure_connection, get_db
 from taskkit.db.models import Dataset
 from taskkit.db.session import create_engine_for, get_engine, get_sessionmaker
+from taskkit.errors import DatabaseUnavailable
 
 
 def terminate(pid: int, url: str) -> None:

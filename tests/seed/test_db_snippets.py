@@ -28,9 +28,9 @@ from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from taskkit.db import DatabaseUnavailable
 from taskkit.db.models import Dataset, ModelRun, Prediction, TrainingProgress
 from taskkit.db.session import create_engine_for, get_sessionmaker
+from taskkit.errors import DatabaseUnavailable
 
 
 def fresh(db_url: str) -> Session:
