@@ -48,6 +48,7 @@ from taskkit.tasks._base import (
 )
 from taskkit.tasks._batch import BatchSubmission, BatchTask, submit_batch
 from taskkit.tasks._lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
+from taskkit.tasks._options import Option, options_markdown
 from taskkit.tasks._progress import PROGRESS, ProgressReport
 from taskkit.tasks._replay import replay_dead_letters
 from taskkit.tasks._runs import load_model, resume_run, submit_run
@@ -70,6 +71,7 @@ __all__ = [
     "Lease",
     "LeaseOwner",
     "LeaseStore",
+    "Option",
     "ProgressReport",
     "RedisLeaseStore",
     "ReproducibilityWarning",
@@ -79,6 +81,7 @@ __all__ = [
     "TrainingTask",
     "create_app",
     "load_model",
+    "options_markdown",
     "reliable_defaults",
     "replay_dead_letters",
     "request_stop",

@@ -82,7 +82,6 @@ from taskkit.recovery import Retrying, RetryStrategy, next_wait
 from taskkit.recovery.events import call_hook
 from taskkit.tasks import _options
 from taskkit.tasks._lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
-from taskkit.tasks._options import DEFAULTS as D
 from taskkit.tasks._progress import (
     PROGRESS,
     ProgressReport,
@@ -188,48 +187,33 @@ class ResilientTask(Task[Any, Any]):
     #: Seconds before the copy of a task whose worker process died runs again.
     default_retry_delay = 2
 
-    # taskkit's options. A value set on a task (decorator keyword or subclass attribute) wins;
-    # otherwise the app's ``taskkit_<option>`` setting; otherwise the default shown here.
+    # taskkit's options: one table (``taskkit_options``, rendered in docs/tasks.md), merged
+    # with a subclass's own. A value set on a task (decorator keyword or subclass attribute)
+    # wins; otherwise the app's ``taskkit_<option>`` setting; otherwise the table's default.
+    # Words: ``*_attempts`` count tries, the first included; Celery's ``max_retries`` (the
+    # outer ladder: re-queues) counts retries after the first delivery.
+    taskkit_options: ClassVar[tuple[_options.Option | _options.Alias, ...]] = (
+        _options.RESILIENT_OPTIONS
+    )
 
-    #: Attempts in process for transient errors, the first included.
-    inner_max_attempts: int = D["inner_max_attempts"]
-    #: First in-process wait, in seconds; grows by ``inner_backoff`` up to ``inner_max_delay``.
-    inner_delay: float = D["inner_delay"]
-    #: Growth factor of the in-process waits.
-    inner_backoff: float = D["inner_backoff"]
-    #: Longest in-process wait, in seconds.
-    inner_max_delay: float = D["inner_max_delay"]
-    #: Base of the re-queue backoff, in seconds (full jitter: a wait is uniform in [0, base*2^n]).
-    outer_delay: float = D["outer_delay"]
-    #: Growth factor of the re-queue backoff.
-    outer_backoff: float = D["outer_backoff"]
-    #: Longest re-queue wait, in seconds.
-    outer_max_delay: float = D["outer_max_delay"]
-    #: Re-queue errors that are neither transient nor permanent (``False``: fail them at once).
-    retry_unknown_errors: bool = D["retry_unknown_errors"]
-    #: More exception classes to treat as transient.
-    transient_errors: tuple[type[BaseException], ...] = D["transient_errors"]
-    #: More exception classes that must never be retried.
-    permanent_errors: tuple[type[BaseException], ...] = D["permanent_errors"]
-    #: Exclusive lease key: an argument name (its value, prefixed by the task name) or a
-    #: callable ``(args, kwargs) -> str``. None: no lease.
-    lease_key: str | Callable[[tuple[Any, ...], dict[str, Any]], str] | None = D["lease_key"]
-    #: Seconds a lease outlives its last heartbeat (``TASKKIT_LEASE_TTL`` through the app).
-    lease_ttl: float = D["lease_ttl"]
-    #: Least seconds between progress writes (``TASKKIT_PROGRESS_INTERVAL`` through the app).
-    progress_interval: float = D["progress_interval"]
-    #: Argument holding a ``ModelRun`` id: progress is then written to ``TrainingProgress``.
-    progress_run_arg: str | None = D["progress_run_arg"]
-    #: Seconds the end of a task waits for its last progress row to be written.
-    progress_flush_timeout: float = D["progress_flush_timeout"]
-    #: Send ``task-progress`` events.
-    progress_events: bool = D["progress_events"]
-    #: The in-process wait function (tests inject a recorder); None: ``time.sleep``.
-    sleep: Callable[[float], object] | None = D["sleep"]
-    #: Store a terminal failure in the dead-letter queue (``taskkit.deadletter``), with the
-    #: task's arguments as the payload, so that ``taskkit dlq replay`` can send it again
-    #: (``TASKKIT_DEAD_LETTER=false`` through the app turns it off).
-    dead_letter: bool = D["dead_letter"]
+    inner_max_attempts: int
+    inner_delay: float
+    inner_backoff: float
+    inner_max_delay: float
+    outer_delay: float
+    outer_backoff: float
+    outer_max_delay: float
+    retry_unknown_errors: bool
+    transient_errors: tuple[type[BaseException], ...]
+    permanent_errors: tuple[type[BaseException], ...]
+    lease_key: str | Callable[[tuple[Any, ...], dict[str, Any]], str] | None
+    lease_ttl: float
+    progress_interval: float
+    progress_run_arg: str | None
+    progress_flush_timeout: float
+    progress_events: bool
+    sleep: Callable[[float], object] | None
+    dead_letter: bool
 
     _inner: ClassVar[Retrying]
     _transient: ClassVar[tuple[type[BaseException], ...]]
@@ -240,13 +224,10 @@ class ResilientTask(Task[Any, Any]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _options.install(cls)
         if cls.__dict__.get("_decorated"):
             # Built by @app.task(...): every keyword became a class attribute; refuse typos.
-            _options.reject_unknown(
-                cls.__dict__.get("name", cls.__name__),
-                cls.__dict__,
-                lambda name: any(name in vars(base) for base in cls.__mro__[1:]),
-            )
+            _options.reject_unknown(cls, cls.__dict__)
         for hook in ISOLATED_HOOKS:
             own = cls.__dict__.get(hook)
             if own is not None and not getattr(own, "__taskkit_isolated__", False):
@@ -257,17 +238,8 @@ class ResilientTask(Task[Any, Any]):
         """Resolve options (class, then ``taskkit_*`` app config, then defaults) and build the
         in-process retry policy."""
         super().on_bound(app)
-        name = str(cls.name or cls.__name__)
-        for option in _options.DEFAULTS:
-            explicit = next(
-                (
-                    k.__dict__[option]
-                    for k in cls.__mro__
-                    if k is not ResilientTask and option in k.__dict__
-                ),
-                None,
-            )
-            setattr(cls, option, _options.resolve(name, option, explicit, app.conf))
+        for option, value in _options.resolve_options(cls, app.conf).items():
+            setattr(cls, option, value)
         cls._transient = DEFAULT_TRANSIENT_ERRORS + tuple(cls.transient_errors or ())
         cls._permanent = DEFAULT_PERMANENT_ERRORS + tuple(cls.permanent_errors or ())
         cls._inner = Retrying(
@@ -588,6 +560,9 @@ class ResilientTask(Task[Any, Any]):
                 )
             ]
         )
+
+
+_options.install(ResilientTask)
 
 
 def _called_directly(

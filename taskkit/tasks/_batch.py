@@ -30,8 +30,11 @@ Decisions:
   names a mapping key or attribute; a callable computes it. Keys are stored as strings of at
   most 255 characters and must be unique within a batch (``ConfigurationError`` otherwise).
 - Item errors follow the task's classification: permanent errors (``ValueError``,
-  ``permanent_errors``...) dead-letter the item at once; any other ``Exception`` is retried
-  ``item_max_retries`` times, waiting ``item_delay * item_backoff**n``.
+  ``permanent_errors``...) dead-letter the item at once; any other ``Exception`` is tried up to
+  ``item_max_attempts`` times in all, waiting ``item_delay * item_backoff**n`` between tries.
+  (``item_max_retries``, retries after the first try, is its deprecated alias.)
+- ``setup_chunk(items)`` is a context manager around each delivery of a chunk (load a model,
+  score all the items at once); what it yields is ``self.chunk_context`` in the item function.
 - The result holds counts and keys, not the items' return values: item functions store what
   they make (as the seed's ``save_result`` does), so a summary never carries 10,000 results
   through the result backend.
@@ -45,7 +48,7 @@ Example::
 
     app = create_app("jobs")
 
-    @app.task(base=BatchTask, bind=True, item_max_retries=2, batch_size=50)
+    @app.task(base=BatchTask, bind=True, item_max_attempts=3, batch_size=50)
     def score_items(self, item: dict) -> None:
         save_score(item["id"], model.predict(item["features"]))
 
@@ -56,13 +59,15 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 from celery import group
 from celery.result import GroupResult
@@ -81,12 +86,36 @@ from taskkit.deadletter import (
 from taskkit.errors import ConfigurationError, LeaseLost
 from taskkit.recovery import batch_with_retry
 from taskkit.tasks._base import ResilientTask, TaskFailure
+from taskkit.tasks._options import (
+    Alias,
+    Option,
+    at_least_one,
+    boolean,
+    non_negative,
+    non_negative_int,
+    positive_int,
+)
 
 __all__ = ["BatchSubmission", "BatchTask", "submit_batch"]
 
 logger = logging.getLogger("taskkit.tasks")
 
 MAX_KEY_LENGTH = 255
+
+
+def _item_key_ok(value: Any) -> bool:
+    return value is None or isinstance(value, str) or callable(value)
+
+
+#: The chunk contexts of the chunks running in this thread (innermost last).
+_contexts = threading.local()
+
+
+def _context_stack() -> list[Any]:
+    stack: list[Any] | None = getattr(_contexts, "stack", None)
+    if stack is None:
+        stack = _contexts.stack = []
+    return stack
 
 
 class _Stop(BaseException):
@@ -123,36 +152,40 @@ class BatchTask(ResilientTask):
     typing = False
     lease_key = "batch"
 
-    #: How an item's key is found (see the module docs).
-    item_key: str | Callable[[Any], Any] | None = None
-    #: Items between progress reports and retry rounds (``batch_with_retry``'s batch_size).
-    batch_size: int = 100
-    #: Retries of one item after its first attempt.
-    item_max_retries: int = 2
-    #: First wait before an item's retry, in seconds.
-    item_delay: float = 1.0
-    #: Growth factor of an item's waits.
-    item_backoff: float = 2.0
-    #: Longest wait before an item's retry, in seconds.
-    item_max_delay: float = 60.0
-    #: Keep the item ledger (skip finished items on redelivery).
-    ledger: bool = True
-    #: Done items between ledger writes.
-    ledger_flush_every: int = 500
+    #: BatchTask's options, added to ResilientTask's (rendered in docs/tasks.md). Words:
+    #: ``item_max_attempts`` counts an item's tries, the first included (``batch_with_retry``'s
+    #: ``max_retries`` is one less); Celery's ``max_retries`` counts re-queues of the chunk.
+    taskkit_options: ClassVar[tuple[Option | Alias, ...]] = (
+        Option("item_key", None, _item_key_ok, "None, a key or attribute name, or a callable",
+               "How an item's key is found: None uses the item (a `str`/`int`), its `\"id\"`, "
+               "or its position."),
+        Option("batch_size", 100, positive_int, "an integer >= 1",
+               "Items between progress reports and retry rounds."),
+        Option("item_max_attempts", 3, positive_int, "an integer >= 1",
+               "Tries of one item, the first included (retries = attempts - 1)."),
+        Alias("item_max_retries", "item_max_attempts", lambda retries: retries + 1,
+              non_negative_int, "an integer >= 0",
+              "retries of one item after its first attempt (`item_max_attempts` - 1)"),
+        Option("item_delay", 1.0, non_negative, "seconds >= 0",
+               "First wait before an item's retry."),
+        Option("item_backoff", 2.0, at_least_one, "a number >= 1",
+               "Growth factor of an item's waits."),
+        Option("item_max_delay", 60.0, non_negative, "seconds >= 0",
+               "Longest wait before an item's retry."),
+        Option("ledger", True, boolean, "True or False",
+               "Keep the item ledger (skip finished items on redelivery)."),
+        Option("ledger_flush_every", 500, positive_int, "an integer >= 1",
+               "Done items between ledger writes."),
+    )  # fmt: skip
 
-    @classmethod
-    def on_bound(cls, app: Any) -> None:
-        super().on_bound(app)
-        name = cls.name or cls.__name__
-        for option, least in (
-            ("batch_size", 1),
-            ("item_max_retries", 0),
-            ("ledger_flush_every", 1),
-        ):
-            check_int(f"{name}: {option}", getattr(cls, option), least)
-        key = cls.item_key
-        if key is not None and not isinstance(key, str) and not callable(key):
-            raise ConfigurationError(f"{name}: item_key must be None, a name or a callable")
+    item_key: str | Callable[[Any], Any] | None
+    batch_size: int
+    item_max_attempts: int
+    item_delay: float
+    item_backoff: float
+    item_max_delay: float
+    ledger: bool
+    ledger_flush_every: int
 
     # -- what the user writes -----------------------------------------------------------------
 
@@ -163,6 +196,35 @@ class BatchTask(ResilientTask):
     def validate_item(self, item: Any) -> None:
         """Raise if ``item`` cannot be processed any more (a replay checks each payload first).
         The default accepts everything; override it with your schema check."""
+
+    def setup_chunk(self, items: Sequence[Any]) -> contextlib.AbstractContextManager[Any]:
+        """A context manager around one delivery of a chunk; what it yields is
+        ``self.chunk_context`` while the chunk's items run (and ``flush_items``). Override it
+        to load a model once per chunk, open a connection, or compute over all the items at
+        once. It gets every item of the chunk, before the ledger skips finished ones, so a setup
+        that fails has claimed nothing; it fails the chunk as a whole (the ladder retries or
+        fails it, and a chunk that fails for good dead-letters its unfinished items). The default
+        yields None.
+
+        Example::
+
+            @contextlib.contextmanager
+            def setup_chunk(self, items):
+                with open_model(self.model_path) as model:
+                    yield model                  # self.chunk_context in the item function
+        """
+        return contextlib.nullcontext()
+
+    @property
+    def chunk_context(self) -> Any:
+        """What ``setup_chunk`` yielded for the chunk running in this thread."""
+        stack = _context_stack()
+        if not stack:
+            raise RuntimeError(
+                f"{self.name}: chunk_context is only set while a chunk runs (call the task "
+                "with a list of items)"
+            )
+        return stack[-1]
 
     def flush_items(self) -> None:
         """Write out what ``process_item`` buffered (rows for a bulk insert, say). Called before
@@ -204,6 +266,15 @@ class BatchTask(ResilientTask):
     ) -> dict[str, Any]:
         """Run ``process_item`` over ``items``; the summary dict (see the module docs)."""
         chunk = self._chunk(items, batch_id, keys, offset)
+        stack = _context_stack()
+        with self.setup_chunk(chunk.items) as context:
+            stack.append(context)
+            try:
+                return self._run_chunk(chunk)
+            finally:
+                stack.pop()
+
+    def _run_chunk(self, chunk: _Chunk) -> dict[str, Any]:
         ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
         finished = ledger.claim(chunk.keys) if ledger is not None else {}
         todo = [i for i, key in enumerate(chunk.keys) if key not in finished]
@@ -212,7 +283,7 @@ class BatchTask(ResilientTask):
                 todo,
                 self._item_call(chunk),
                 batch_size=self.batch_size,
-                max_retries=self.item_max_retries,
+                max_retries=self.item_max_attempts - 1,
                 delay=self.item_delay,
                 backoff=self.item_backoff,
                 max_delay=self.item_max_delay,

@@ -59,7 +59,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from types import FrameType, TracebackType
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 from billiard.process import current_process
@@ -71,6 +71,7 @@ from taskkit.checkpoint import CheckpointStore
 from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, TaskkitWarning
 from taskkit.tasks import _runs as runs
 from taskkit.tasks._base import ResilientTask, _run_stack
+from taskkit.tasks._options import Alias, Option, boolean, one_of, optional_name, positive_int
 
 __all__ = [
     "ReproducibilityWarning",
@@ -162,33 +163,43 @@ class TrainingTask(ResilientTask):
     #: short, since the run resumes from its checkpoint and waits cost training time.
     default_retry_delay = 1
 
-    #: The argument holding the ``ModelRun`` id (also the lease key and the progress row).
-    run_arg: str = "model_run_id"
-    #: Checkpoint every this many epochs (and on a new best, and at the last epoch).
-    checkpoint_every: int = 1
-    #: The metric that decides the best epoch (None: no best tracking).
-    score_metric: str | None = "score"
-    #: ``"max"`` or ``"min"``: whether a larger or a smaller score is better.
-    score_mode: str = "max"
-    #: Keep a serialized copy of the last reported state between checkpoints (see the docs).
-    checkpoint_on_interrupt: bool = True
-    #: Keep the final checkpoint after success (False: delete them all).
-    keep_final_checkpoint: bool = True
-    #: Write checkpoints on a background thread (the next save and the end wait for it).
-    checkpoint_background: bool = False
-    #: ``"pickle"`` or ``"joblib"``.
-    checkpoint_format: str = "pickle"
-    #: Compress checkpoints (True, or a zlib level).
-    checkpoint_compress: bool | int = False
+    #: TrainingTask's options, added to ResilientTask's (rendered in docs/tasks.md).
+    taskkit_options: ClassVar[tuple[Option | Alias, ...]] = (
+        Option("run_arg", "model_run_id", lambda v: isinstance(v, str) and v != "",
+               "an argument name",
+               "The argument holding the `ModelRun` id (also the lease key and progress row)."),
+        Option("checkpoint_every", 1, positive_int, "an integer >= 1",
+               "Checkpoint every this many epochs (and on a new best, and at the last epoch)."),
+        Option("score_metric", "score", optional_name, "None or a metric name",
+               "The metric that decides the best epoch (None: no best tracking)."),
+        Option("score_mode", "max", one_of("max", "min"), "'max' or 'min'",
+               "Whether a larger or a smaller score is better."),
+        Option("checkpoint_on_interrupt", True, boolean, "True or False",
+               "Keep a serialized copy of the last reported state between checkpoints."),
+        Option("keep_final_checkpoint", True, boolean, "True or False",
+               "Keep the final checkpoint after success (False: delete them all)."),
+        Option("checkpoint_background", False, boolean, "True or False",
+               "Write checkpoints on a background thread (the next save and the end wait)."),
+        Option("checkpoint_format", "pickle", one_of("pickle", "joblib"), "'pickle' or 'joblib'",
+               "How a checkpoint's state is serialised."),
+        Option("checkpoint_compress", False,
+               lambda v: isinstance(v, bool) or (isinstance(v, int) and 0 <= v <= 9),
+               "True, False or a zlib level 1-9", "Compress checkpoints."),
+    )  # fmt: skip
+
+    run_arg: str
+    checkpoint_every: int
+    score_metric: str | None
+    score_mode: str
+    checkpoint_on_interrupt: bool
+    keep_final_checkpoint: bool
+    checkpoint_background: bool
+    checkpoint_format: str
+    checkpoint_compress: bool | int
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
         super().on_bound(app)
-        name = cls.name or cls.__name__
-        if not isinstance(cls.checkpoint_every, int) or cls.checkpoint_every < 1:
-            raise ConfigurationError(f"task {name}: checkpoint_every must be an integer >= 1")
-        if cls.score_mode not in ("max", "min"):
-            raise ConfigurationError(f"task {name}: score_mode must be 'max' or 'min'")
         if cls.progress_run_arg is None:
             cls.progress_run_arg = cls.run_arg
         if cls.lease_key is None:

@@ -119,7 +119,7 @@ def chunk_events(batch_id: str) -> list[dict[str, Any]]:
     name=f"{APP_NAME}.flaky_items",
     item_delay=0.02,
     item_max_delay=0.1,
-    item_max_retries=2,
+    item_max_attempts=3,
     ledger_flush_every=100,
     max_retries=8,
 )

@@ -115,7 +115,7 @@ def assert_dead_letters(store: DeadLetterStore, batch_id: str, items: list[dict[
     for letter in letters:
         assert letter.task_name == apps.flaky_items.name
         assert letter.error_type == "RuntimeError", letter.error_message
-        assert letter.attempts == 3  # the first attempt and item_max_retries=2
+        assert letter.attempts == 3  # item_max_attempts=3
         assert letter.payload == items[int(str(letter.item_key))]
 
 

@@ -37,12 +37,12 @@ class ScoreTask(BatchTask):
             raise ValueError(f"not a valid item: {item!r}")
 
 
-@app.task(base=ScoreTask, bind=True, shared=False, name=SCORE, item_max_retries=0)
+@app.task(base=ScoreTask, bind=True, shared=False, name=SCORE, item_max_attempts=1)
 def score_items(self: ScoreTask, item: dict[str, Any]) -> None:
     """Never run here (no worker consumes ``QUEUE``)."""
 
 
-@app.task(base=ScoreTask, bind=True, shared=False, name=SCORE_V2, item_max_retries=0)
+@app.task(base=ScoreTask, bind=True, shared=False, name=SCORE_V2, item_max_attempts=1)
 def score_items_v2(self: ScoreTask, item: dict[str, Any]) -> None:
     """A second version of ``score_items``, for ``--into``."""
 

@@ -410,7 +410,7 @@ def make_app(db_url: str, redis_url: str, prefix: str, **config: Any) -> Celery:
         result_expires=600,
         **config,
     )
-    options = {"item_max_retries": 1, "item_delay": 0.0}
+    options = {"item_max_attempts": 2, "item_delay": 0.0}
     app.task(base=ScoreTask, bind=True, shared=False, name=SCORE, **options)(_score)
     app.task(base=ScoreTask, bind=True, shared=False, name=SCORE_V2, **options)(_score)
     app.task(base=ResilientTask, bind=True, shared=False, name=PING)(_ping)
