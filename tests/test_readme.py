@@ -1,58 +1,46 @@
-"""Every Python example in README.md runs and its assertions hold."""
+"""README.md stays a short front door: its links resolve and it says nothing stale.
+
+Its quickstart is executed by tests/test_quickstart.py; the runnable examples that used to live
+here are on the docs pages and run by tests/test_docs.py.
+"""
 
 from __future__ import annotations
 
 import pathlib
 import re
 
-import pytest
-import redis
-
-from tests.conftest import REDIS_URL
-
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+REPO = pathlib.Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
 
 
-def test_the_readme_has_an_example_per_primitive():
-    text = "\n".join(BLOCKS)
-    for name in (
-        "@retry",
-        "delays(",
-        "@timeout",
-        "CircuitBreaker(",
-        "RedisCircuitStorage(",
-        "RedisRetryBudget(",
-        "@fallback",
-        "safe_execute(",
-        "batch_with_retry(",
-        "TransactionManager(",
-        "no_waits(",
-        "@db_retry",
-        "@ensure_connection",
-        "atomic_update(",
-        "safe_bulk_insert(",
-        "upgrade(",
-        "ResilientTask",
+def test_the_readme_is_short():
+    assert len(README.splitlines()) <= 160
+
+
+def test_every_relative_link_resolves():
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README)
+    assert links, "the README links to the docs"
+    missing = [link for link in links if not (REPO / link).exists()]
+    assert missing == []
+
+
+def test_the_two_commands_and_the_quickstart_steps_are_there():
+    for text in (
+        "make demo",
+        "make test",
+        "pip install -e",
         "create_app(",
-        "TrainingTask",
-        "CheckpointStore(",
-        "load_model(",
+        "ResilientTask",
+        "TASKKIT_APP",
+        "taskkit db upgrade",
+        "taskkit runs show",
+        "taskkit resume",
+        "taskkit dlq replay",
+        "make docs",
     ):
-        assert name in text, f"README has no example of {name}"
+        assert text in README, f"README.md does not mention {text}"
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_example_runs(code, request, unique):
-    if "redis" in code:
-        # Point the example at the test database, under a name no one else uses.
-        request.getfixturevalue("redis_url")
-        code = code.replace("redis://127.0.0.1:6379/0", REDIS_URL).replace("feature-store", unique)
-    try:
-        exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
-    finally:
-        if "redis" in code:
-            client = redis.Redis.from_url(REDIS_URL)
-            keys = list(client.scan_iter(match=f"*{unique}*"))
-            if keys:
-                client.delete(*keys)
+def test_nothing_stale():
+    assert "follow (see" not in README  # "the dead-letter queue and batch tasks follow"
+    assert "taskkit/cli.py" not in README
