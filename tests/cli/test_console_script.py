@@ -38,20 +38,6 @@ def test_help_lists_the_commands(tmp_path: Path):
         assert command in result.stdout
 
 
-def test_importing_the_cli_loads_neither_celery_nor_the_task_modules():
-    """`taskkit db` and `taskkit runs` start without Celery, numpy or the checkpoint store."""
-    code = (
-        "import sys, taskkit.cli\n"
-        "loaded = {m.split('.')[0] for m in sys.modules} | set(sys.modules)\n"
-        "heavy = {'celery', 'numpy', 'kombu', 'taskkit.tasks', 'taskkit.checkpoint'}\n"
-        "print(sorted(loaded & heavy))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == "[]"
-
-
 @pytest.mark.redis
 def test_train_with_nothing_configured_uses_the_example_app_and_task(database: str, tmp_path: Path):
     """No --app, --task, TASKKIT_APP nor broker: workers.app (from the working directory), the

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from taskkit import _cli_dlq
-from taskkit._cli_dlq import parse_age
-from taskkit._cli_launch import CliError
 from taskkit.cli import app
+from taskkit.cli import dlq as cli_dlq
+from taskkit.cli._common import CliError
+from taskkit.cli.dlq import parse_age
 from taskkit.config import reset_settings
 from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
 from tests.cli import dlqapp
@@ -478,7 +478,7 @@ def test_dlq_replay_into_a_task_the_app_lacks_exits_2_with_close_names(
     assert statuses(letters) == {a: "dead"}
 
 
-def test_dlq_replay_of_a_letter_whose_task_the_app_lacks_exits_2(
+def test_dlq_replay_of_a_letter_whose_task_the_app_lacks_exits_2_naming_app_and_fix(
     runner: CliRunner, add: AddLetter, letters: DeadLetterStore
 ):
     a = add(key="a")
@@ -489,10 +489,36 @@ def test_dlq_replay_of_a_letter_whose_task_the_app_lacks_exits_2(
     assert result.exit_code == 2, result.output
     assert result.stderr == (
         "error: replay refused, nothing was sent: task 'jobs.retired' is not registered in app "
-        f"'tkdlq' (dead letter {gone})\n"
+        f"'tkdlq' (dead letter {gone}); the app was loaded from tests.cli.dlqapp (--app, else "
+        "TASKKIT_APP, else workers.app): point --app or TASKKIT_APP at the module that defines "
+        "that task\n"
     )
     assert sent() == []
     assert statuses(letters) == {a: "dead", gone: "dead"}
+
+
+def test_dlq_replay_hint_names_the_app_taken_from_taskkit_app(
+    runner: CliRunner, add: AddLetter, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("TASKKIT_APP", "tests.cli.dlqapp")
+    gone = add("jobs.retired", key="z", batch=None)
+
+    result = dlq(runner, "replay", str(gone))
+
+    assert result.exit_code == 2, result.output
+    assert "not registered in app 'tkdlq'" in result.stderr
+    assert "the app was loaded from tests.cli.dlqapp" in result.stderr
+    assert "point --app or TASKKIT_APP at the module that defines that task" in result.stderr
+
+
+def test_dlq_replay_refused_for_another_reason_has_no_app_hint(runner: CliRunner, add: AddLetter):
+    bad = add(payload={"bad": 1}, key="b")
+
+    result = dlq(runner, "replay", str(bad), *APP)
+
+    assert result.exit_code == 2, result.output
+    assert "no longer validates" in result.stderr
+    assert "--app" not in result.stderr
 
 
 def test_dlq_replay_of_a_payload_that_no_longer_validates_exits_2_and_sends_none(
@@ -659,7 +685,7 @@ def test_dlq_purge_asks_first_on_a_terminal(
     answer: str,
     deleted: bool,
 ):
-    monkeypatch.setattr(_cli_dlq, "_interactive", lambda: True)
+    monkeypatch.setattr(cli_dlq, "_interactive", lambda: True)
     a = add(key="a", ago=timedelta(days=10))
     b = add(key="b", ago=timedelta(days=10), status="discarded")
     c = add(key="c")
@@ -679,7 +705,7 @@ def test_dlq_purge_asks_first_on_a_terminal(
 def test_dlq_purge_interrupted_at_the_question_exits_130_and_deletes_nothing(
     runner: CliRunner, add: AddLetter, letters: DeadLetterStore, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(_cli_dlq, "_interactive", lambda: True)
+    monkeypatch.setattr(cli_dlq, "_interactive", lambda: True)
     a = add(key="a")
 
     result = dlq(runner, "purge", str(a), input="")  # end of input: click's Abort, as Ctrl-C
@@ -692,7 +718,7 @@ def test_dlq_purge_interrupted_at_the_question_exits_130_and_deletes_nothing(
 def test_dlq_purge_on_a_terminal_with_nothing_to_delete_does_not_ask(
     runner: CliRunner, add: AddLetter, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(_cli_dlq, "_interactive", lambda: True)
+    monkeypatch.setattr(cli_dlq, "_interactive", lambda: True)
     add(key="a")
 
     result = dlq(runner, "purge", "--retention")

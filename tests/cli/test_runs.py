@@ -11,9 +11,8 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
-from taskkit import _cli_runs
-from taskkit._cli_runs import RunView, watch
-from taskkit.cli import app
+from taskkit.cli import _runview, app
+from taskkit.cli._runview import RunView, watch
 from tests.conftest import FakeClock
 
 
@@ -121,7 +120,7 @@ def test_watch_reads_once_per_interval_until_the_run_completes(
         else:
             update_run(run_id, status="completed", epoch=4, final_score=0.75)
 
-    monkeypatch.setattr(_cli_runs, "_sleep", worker_progresses)
+    monkeypatch.setattr(_runview, "_sleep", worker_progresses)
 
     result = runner.invoke(app, ["runs", "show", str(run_id), "--watch", "--interval", "0.5"])
 
@@ -142,7 +141,7 @@ def test_watch_exits_1_when_the_run_fails(
 ):
     run_id = make_run("bravo", "running", epoch=1, total=4)
     monkeypatch.setattr(
-        _cli_runs, "_sleep", lambda s: update_run(run_id, status="failed", error_message="boom")
+        _runview, "_sleep", lambda s: update_run(run_id, status="failed", error_message="boom")
     )
 
     result = runner.invoke(app, ["runs", "show", str(run_id), "--watch"])
@@ -160,9 +159,9 @@ def test_watch_follows_a_run_updated_by_another_thread_in_real_time(
 ):
     run_id = make_run("bravo", "queued")
     reads: list[float] = []
-    read = _cli_runs.read_run
+    read = _runview.read_run
     monkeypatch.setattr(
-        "taskkit.cli.read_run", lambda *a: reads.append(time.monotonic()) or read(*a)
+        "taskkit.cli._runview.read_run", lambda *a: reads.append(time.monotonic()) or read(*a)
     )
     finisher = threading.Timer(0.4, update_run, (run_id,), {"status": "completed"})
     finisher.start()
@@ -186,7 +185,7 @@ def test_ctrl_c_while_watching_exits_130(
     def interrupted(seconds: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_cli_runs, "_sleep", interrupted)
+    monkeypatch.setattr(_runview, "_sleep", interrupted)
 
     result = runner.invoke(app, ["runs", "show", str(run_id), "--watch"])
 

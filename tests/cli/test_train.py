@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from taskkit import _cli_runs
-from taskkit.cli import app
+from taskkit.cli import _runview, app
 from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
 from tests.cli import cliapp
@@ -171,10 +170,11 @@ def test_train_watch_follows_the_run_it_submitted(
     def worker_finishes(seconds: float) -> None:  # stands in for the worker, between two reads
         update_run(submitted[0], status="completed", final_score=0.9)
 
-    read = _cli_runs.read_run
-    monkeypatch.setattr(_cli_runs, "_sleep", worker_finishes)
+    read = _runview.read_run
+    monkeypatch.setattr(_runview, "_sleep", worker_finishes)
     monkeypatch.setattr(
-        "taskkit.cli.read_run", lambda run_id, url: submitted.append(run_id) or read(run_id, url)
+        "taskkit.cli._runview.read_run",
+        lambda run_id, url: submitted.append(run_id) or read(run_id, url),
     )
 
     result = runner.invoke(app, ["train", str(config), "--task", cliapp.TRAIN, "--watch"])

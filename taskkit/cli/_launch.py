@@ -1,7 +1,9 @@
-"""What ``taskkit train`` and ``taskkit resume`` load: a run config file, a Celery app, a task.
+"""What ``taskkit train``, ``resume`` and ``dlq replay`` load: a run config file, a Celery
+app, a task; and whether the app's broker answers.
 
 Every problem is a ``CliError`` whose message names the file, module or task and what is
-wrong with it, in one line; ``taskkit.cli`` prints it and exits with its ``code``.
+wrong with it, in one line. YAML, the app (celery, kombu) and its task modules are imported
+only when a command asks for them.
 """
 
 from __future__ import annotations
@@ -12,15 +14,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-import yaml
+from taskkit.cli._common import CliError
 
 __all__ = [
-    "DEFAULT_APP",
     "DEFAULT_TASK",
-    "CliError",
     "check_services",
     "find_task",
     "load_app",
@@ -29,35 +28,10 @@ __all__ = [
     "task_name_for",
 ]
 
-#: The app ``--app`` and ``TASKKIT_APP`` default to (``make worker`` runs it).
-DEFAULT_APP = "workers.app"
-
-#: Options every command that needs them spells the same way.
-UrlOption = Annotated[
-    str | None,
-    typer.Option("--url", help="Database URL (default: TASKKIT_DATABASE_URL).", show_default=False),
-]
-AppOption = Annotated[
-    str,
-    typer.Option(
-        "--app",
-        envvar="TASKKIT_APP",
-        help="The Celery app: a module (its app or celery_app) or module:attribute.",
-    ),
-]
 #: The training task when neither ``--task`` nor the config's ``task`` key names one.
 DEFAULT_TASK = "workers.training.train_model"
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-
-
-class CliError(Exception):
-    """A problem to report as ``error: <message>`` with exit status ``code``."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
 
 
 # -- the run config -------------------------------------------------------------------------
@@ -107,6 +81,8 @@ def _parse_json(path: Path, text: str) -> Any:
 
 
 def _parse_yaml(path: Path, text: str) -> Any:
+    import yaml  # noqa: PLC0415 - only `taskkit train` reads YAML
+
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:

@@ -1,32 +1,44 @@
-"""What ``taskkit runs list|show`` read and draw: training runs from the database.
+"""Training runs as ``taskkit runs`` and ``taskkit train --watch`` show them.
 
 ``RunView`` is one run as read in one session (the ``ModelRun`` row and its
 ``TrainingProgress`` row); ``runs_table`` and ``run_panel`` draw them with rich; ``watch``
-follows one run, one database read per interval, until it is completed or failed.
+follows one run, one database read per interval, until it is completed or failed. The data
+layer (SQLAlchemy, the models) is imported by the functions that read.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
-from taskkit.db.classify import driver_message
-from taskkit.db.models import ModelRun, TrainingProgress
-from taskkit.db.session import session_scope
+from taskkit.cli._common import CliError, Database, fail, out, reported, short, when
 from taskkit.errors import DatabaseUnavailable, RunNotFound
 
-__all__ = ["FINAL", "RunView", "list_runs", "read_run", "run_panel", "runs_table", "watch"]
+if TYPE_CHECKING:
+    from taskkit.db.models import ModelRun, TrainingProgress
+
+__all__ = [
+    "FINAL",
+    "RunView",
+    "follow",
+    "list_runs",
+    "read_run",
+    "run_panel",
+    "run_reported",
+    "runs_table",
+    "watch",
+]
 
 #: Statuses after which a run does not change by itself.
 FINAL = ("completed", "failed")
@@ -116,6 +128,11 @@ def _view(run: ModelRun, progress: TrainingProgress | None) -> RunView:
 
 def read_run(run_id: int, database_url: str | None = None) -> RunView:
     """Run ``run_id`` and its progress, read in one session; ``RunNotFound`` if absent."""
+    from sqlalchemy import select  # noqa: PLC0415 - the data layer loads for reading only
+
+    from taskkit.db.models import ModelRun, TrainingProgress  # noqa: PLC0415
+    from taskkit.db.session import session_scope  # noqa: PLC0415
+
     with session_scope(database_url) as session:
         run = session.get(ModelRun, run_id)
         if run is None:
@@ -130,6 +147,11 @@ def list_runs(
     database_url: str | None = None, *, status: str | None = None, limit: int = 20
 ) -> list[RunView]:
     """The newest ``limit`` runs (with ``status`` only, when given), newest first."""
+    from sqlalchemy import select  # noqa: PLC0415 - the data layer loads for reading only
+
+    from taskkit.db.models import ModelRun, TrainingProgress  # noqa: PLC0415
+    from taskkit.db.session import session_scope  # noqa: PLC0415
+
     query = (
         select(ModelRun, TrainingProgress)
         .outerjoin(TrainingProgress, TrainingProgress.model_run_id == ModelRun.id)
@@ -148,10 +170,6 @@ def list_runs(
 def status_text(status: str) -> Text:
     """The status, coloured."""
     return Text(status, style=STATUS_STYLES.get(status, ""))
-
-
-def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _number(value: Any) -> str:
@@ -181,7 +199,7 @@ def runs_table(views: list[RunView]) -> Table:
             _epochs(view),
             f"{view.percent:.0f}%",
             "-" if best is None else _number(best),
-            _when(view.updated_at),
+            when(view.updated_at),
         )
     return table
 
@@ -207,8 +225,8 @@ def run_panel(view: RunView) -> RenderableType:
         ("run", f"{view.id} {view.name}"),
         ("status", status_text(view.status)),
         ("task", f"{view.task_name or '-'} [{view.task_id or '-'}]"),
-        ("started", _when(view.started_at)),
-        ("completed", _when(view.completed_at)),
+        ("started", when(view.started_at)),
+        ("completed", when(view.completed_at)),
         ("elapsed", _elapsed(view)),
         *([("error", Text(view.error, style="red"))] if view.error else []),
         ("epoch", _epochs(view)),
@@ -305,9 +323,45 @@ def _follow(
 
 
 def _read_again(read: Callable[[], RunView], last: RunView | None) -> RunView:
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - loaded by read() already
+
     try:
         return replace(read(), note=None)
     except (DatabaseUnavailable, SQLAlchemyError) as exc:
         if last is None:
             raise
-        return replace(last, note=f"database did not answer ({driver_message(exc)}); retrying")
+        return replace(last, note=f"database did not answer ({short(exc)}); retrying")
+
+
+# -- what the run commands share --------------------------------------------------------------
+
+
+@contextmanager
+def run_reported(db: Database, broker: str | None = None) -> Iterator[None]:
+    """``reported``, and an unknown run id: exit 3, naming the database.
+
+    Example::
+
+        with run_reported(db):
+            view = read_run(7, db.url)
+    """
+    with reported(db, broker):
+        try:
+            yield
+        except RunNotFound as exc:
+            raise CliError(f"{exc} in {db.name}; see: taskkit runs list", 3) from None
+
+
+def follow(run_id: int, db: Database, interval: float) -> None:
+    """``--watch``: follow the run until it ends; exit 0 completed, 1 failed, 130 Ctrl-C.
+
+    Example::
+
+        follow(7, database(None), 1.0)
+    """
+    try:
+        final = watch(partial(read_run, run_id, db.url), out, interval)
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; run {run_id} goes on without you watching it", 130) from None
+    if final.status == "failed":
+        raise fail(f"run {run_id} failed: {final.error or 'no error message'}", 1)

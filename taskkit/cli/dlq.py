@@ -11,18 +11,20 @@
     taskkit dlq purge (ID... | --older-than AGE | --retention) [--task T] [--status S] [--yes]
     taskkit dlq depth [--json]
 
-Every command takes ``--url`` (default ``TASKKIT_DATABASE_URL``). An ``AGE`` is a number and a
-unit, ``s``, ``m``, ``h``, ``d`` or ``w`` (``30s``, ``15m``, ``2h``, ``7d``), compared with a
-letter's last failure. ``--status`` is ``dead`` (waiting), ``replayed``, ``discarded`` or
-``any``. The exit codes are ``taskkit``'s (see ``taskkit.cli``): 1 when the database or the
-broker does not answer, 2 for bad arguments, an app or task that cannot be used, or a replay
-that was refused (nothing was sent), 3 for an unknown letter id.
+Every command takes ``--url`` (default: the project's database, see ``docs/cli.md``). An
+``AGE`` is a number and a unit, ``s``, ``m``, ``h``, ``d`` or ``w`` (``30s``, ``15m``, ``2h``,
+``7d``), compared with a letter's last failure. ``--status`` is ``dead`` (waiting),
+``replayed``, ``discarded`` or ``any``. The exit codes are ``taskkit``'s (``docs/cli.md``): 1
+when the database or the broker does not answer, 2 for bad arguments, an app or task that
+cannot be used, a database without the taskkit tables, or a replay that was refused (nothing
+was sent), 3 for an unknown letter id.
 
 Decisions:
 
-- ``taskkit.cli`` imports this module to register ``dlq``, so its helpers (``_database``,
-  ``_reported``: the error lines and exit codes of every command) are imported when a command
-  runs; ``taskkit.deadletter`` (kombu) and the app (celery) load only then too.
+- ``taskkit.deadletter`` (SQLAlchemy, kombu) and the app (celery) load inside the commands, so
+  ``taskkit --help`` does without them.
+- A replay refused because a letter's task is not registered says which app was loaded and
+  how to point ``--app`` or ``TASKKIT_APP`` at the module that defines the task.
 - ``--json`` is for scripts: ``list`` writes one JSON object per line, ``show`` and ``depth``
   one object; times are ISO 8601 in UTC. Tables are for people: local times, short messages.
 - ``purge`` deletes for good, so it asks first; without a terminal to ask on it needs
@@ -49,38 +51,37 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import func, select
 
-from taskkit._cli_launch import (
+from taskkit.cli import _common
+from taskkit.cli._common import (
     DEFAULT_APP,
     AppOption,
     CliError,
+    Database,
     UrlOption,
-    check_services,
-    find_task,
-    load_app,
-    safe_url,
+    database,
+    out,
+    when,
 )
-from taskkit.config import get_settings
-from taskkit.db.models import DeadLetter
+from taskkit.cli._launch import check_services, find_task, load_app, safe_url
 from taskkit.errors import DeadLetterNotFound, ReplayRejected
 
 if TYPE_CHECKING:
+    from taskkit.db.models import DeadLetter
     from taskkit.deadletter import DeadLetterStore
 
 __all__ = ["dlq_app", "letter_panel", "letter_record", "letters_table", "parse_age"]
 
 dlq_app = typer.Typer(
+    cls=_common.Group,
     help="The dead-letter queue: items and tasks that exhausted their retries; list, show, "
     "replay, discard, purge them.",
     no_args_is_help=True,
 )
-
-out = Console(soft_wrap=True)
 
 STATUS_STYLES = {"dead": "bold red", "replayed": "green", "discarded": "dim"}
 STATUS_CHOICES = ("dead", "replayed", "discarded", "any")
@@ -129,36 +130,43 @@ IdsArgument = Annotated[
 LetterId = Annotated[int, typer.Argument(help="The letter's id (see: taskkit dlq list).")]
 
 
-# -- shared with taskkit.cli -------------------------------------------------------------------
-
-
-def _database(url: str | None) -> tuple[str, str]:
-    """The URL to use and its description without credentials (``taskkit.cli``'s)."""
-    from taskkit import cli  # noqa: PLC0415 - taskkit.cli imports this module
-
-    return cli._database(url)
+# -- what the commands share ------------------------------------------------------------------
 
 
 @contextmanager
-def _reported(described: str, broker: str | None = None) -> Iterator[None]:
-    """``taskkit.cli``'s error lines and exit codes, plus the dead-letter errors: an unknown
-    id is 3, a refused replay (nothing was sent) is 2."""
-    from taskkit import cli  # noqa: PLC0415 - taskkit.cli imports this module
-
-    with cli._reported(described, broker):
+def _reported(db: Database, broker: str | None = None) -> Iterator[None]:
+    """``taskkit``'s error lines and exit codes, plus the dead-letter errors: an unknown id is
+    3, a refused replay (nothing was sent) is 2."""
+    with _common.reported(db, broker):
         try:
             yield
         except DeadLetterNotFound as exc:
-            raise CliError(f"{exc} in {described}; see: taskkit dlq list --status any", 3) from None
+            raise CliError(f"{exc} in {db.name}; see: taskkit dlq list --status any", 3) from None
         except ReplayRejected as exc:
             raise CliError(str(exc), 2) from None
 
 
-def _store(database: str, app: Any = None) -> DeadLetterStore:
-    # deferred: taskkit.deadletter imports kombu, which `taskkit db` and `taskkit runs` skip
-    from taskkit.deadletter import DeadLetterStore  # noqa: PLC0415
+def _store(url: str, app: Any = None) -> DeadLetterStore:
+    from taskkit.deadletter import DeadLetterStore  # noqa: PLC0415 - SQLAlchemy, kombu: only here
 
-    return DeadLetterStore(database, app=app)
+    return DeadLetterStore(url, app=app)
+
+
+def _with_app_hint(
+    exc: ReplayRejected, store: DeadLetterStore, celery_app: Any, spec: str, into: str | None
+) -> ReplayRejected | CliError:
+    """A replay refused because a letter's task is not registered in the loaded app: the same
+    message, plus which app was loaded and how to load the right one. Other refusals as they
+    are. (``--into`` was checked against the app before: only a letter's own task is left.)"""
+    if into is not None:
+        return exc
+    letters = store.list(ids=[i for i in exc.letter_ids if isinstance(i, int)], status=None)
+    if not letters or all(letter.task_name in celery_app.tasks for letter in letters):
+        return exc
+    return CliError(
+        f"{exc}; the app was loaded from {spec} (--app, else TASKKIT_APP, else {DEFAULT_APP}): "
+        "point --app or TASKKIT_APP at the module that defines that task"
+    )
 
 
 def _interactive() -> bool:
@@ -243,10 +251,6 @@ def _plural(count: int, word: str) -> str:
 # -- drawing -----------------------------------------------------------------------------------
 
 
-def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).isoformat()
 
@@ -311,7 +315,7 @@ def letters_table(letters: Sequence[DeadLetter]) -> Table:
             Text(letter.error_type),
             Text(_shorten(letter.error_message or "", MESSAGE_WIDTH) or "-"),
             str(letter.attempts),
-            _when(letter.last_failed_at),
+            when(letter.last_failed_at),
             _status_text(letter.status),
         )
     return table
@@ -331,15 +335,15 @@ def letter_panel(letter: DeadLetter) -> RenderableType:
         ("item", letter.item_key or "-"),
         ("error", Text(error or letter.error_type, style="red")),
         ("attempts", str(letter.attempts)),
-        ("first failure", _when(letter.first_failed_at)),
-        ("last failure", _when(letter.last_failed_at)),
+        ("first failure", when(letter.first_failed_at)),
+        ("last failure", when(letter.last_failed_at)),
     ]
     if letter.replays or letter.replayed_at is not None:
         rows.append(("replays", str(letter.replays)))
         rows.append(
             (
                 "replayed",
-                f"{_when(letter.replayed_at)} into {letter.replayed_into or '-'} "
+                f"{when(letter.replayed_at)} into {letter.replayed_into or '-'} "
                 f"[{letter.replay_task_id or '-'}]",
             )
         )
@@ -375,9 +379,9 @@ def _list_command(
     url: UrlOption = None,
 ) -> None:
     """Dead letters, oldest failure first (JSON: one object per line)."""
-    database, described = _database(url)
-    with _reported(described):
-        letters = _store(database).list(
+    db = database(url)
+    with _reported(db):
+        letters = _store(db.url).list(
             task=task,
             batch_id=batch,
             error_type=error_type,
@@ -392,7 +396,7 @@ def _list_command(
         return
     if not letters:
         which = _criteria(status, task, batch, error_type, older_than, newer_than)
-        out.print(escape(f"no dead letters{which} in {described}"), highlight=False)
+        out.print(escape(f"no dead letters{which} in {db.name}"), highlight=False)
         return
     out.print(letters_table(letters))
 
@@ -400,9 +404,9 @@ def _list_command(
 @dlq_app.command("show")
 def _show_command(letter_id: LetterId, as_json: JsonOption = False, url: UrlOption = None) -> None:
     """One letter: task, batch, item, error, attempts, times, replays, payload, traceback."""
-    database, described = _database(url)
-    with _reported(described):
-        letter = _store(database).get(letter_id)
+    db = database(url)
+    with _reported(db):
+        letter = _store(db.url).get(letter_id)
     if as_json:
         _echo_json(letter_record(letter, full=True), indent=2)
     else:
@@ -431,9 +435,9 @@ def _replay_command(
     url: UrlOption = None,
 ) -> None:
     """Send letters again, by id or filter, to their task or --into; all or nothing."""
-    database, described = _database(url)
+    db = database(url)
     ids = _unique(letter_ids)
-    with _reported(described):
+    with _reported(db):
         age = _age(older_than, "--older-than")
         filtered = any(value is not None for value in (task, batch, error_type, age))
         if ids and (filtered or replay_all):
@@ -448,25 +452,27 @@ def _replay_command(
         if into is not None:
             find_task(celery_app, into, app_spec)
         check_services(celery_app)
-    with _reported(described, safe_url(celery_app.conf.broker_url)):
+    with _reported(db, safe_url(celery_app.conf.broker_url)):
         from taskkit.tasks import replay_dead_letters  # noqa: PLC0415 - heavy; only here
 
-        result = replay_dead_letters(
-            ids or None,
-            app=celery_app,
-            store=_store(database, celery_app),
-            into=into,
-            task=task,
-            batch_id=batch,
-            error_type=error_type,
-            older_than=age,
-            all=replay_all,
-        )
+        store = _store(db.url, celery_app)
+        try:
+            result = replay_dead_letters(
+                ids or None,
+                app=celery_app,
+                store=store,
+                into=into,
+                task=task,
+                batch_id=batch,
+                error_type=error_type,
+                older_than=age,
+                all=replay_all,
+            )
+        except ReplayRejected as exc:
+            raise _with_app_hint(exc, store, celery_app, app_spec, into) from None
     if not result.sent:
         which = _criteria("dead", task, batch, error_type, older_than)
-        out.print(
-            escape(f"no dead letters{which} in {described}; nothing was sent"), highlight=False
-        )
+        out.print(escape(f"no dead letters{which} in {db.name}; nothing was sent"), highlight=False)
         return
     for message in result.sent:
         letters = ", ".join(str(i) for i in message.letter_ids)
@@ -490,10 +496,10 @@ def _discard_command(
     url: UrlOption = None,
 ) -> None:
     """Mark letters discarded: kept for the record, never replayed."""
-    database, described = _database(url)
+    db = database(url)
     ids = _unique(letter_ids)
-    with _reported(described):
-        count = _store(database).discard(ids)
+    with _reported(db):
+        count = _store(db.url).discard(ids)
     listed = ", ".join(str(i) for i in ids)
     out.print(f"discarded {_plural(count, 'dead letter')}: {listed}", highlight=False)
 
@@ -517,9 +523,9 @@ def _purge_command(
     url: UrlOption = None,
 ) -> None:
     """Delete letters for good: by id, older than AGE, or older than the retention."""
-    database, described = _database(url)
+    db = database(url)
     ids = _unique(letter_ids)
-    with _reported(described):
+    with _reported(db):
         age = _age(older_than, "--older-than")
         if [bool(ids), age is not None, retention].count(True) != 1:
             raise CliError("purge what? give letter ids, --older-than AGE or --retention (one)")
@@ -528,19 +534,21 @@ def _purge_command(
         wanted = _status(status)
         age_text = older_than
         if retention:
+            from taskkit.config import get_settings  # noqa: PLC0415 - heavy; only here
+
             days = get_settings().dead_letter_retention_days
             age = timedelta(days=days)
             age_text = f"the retention of {days:g}d"
         if not yes and not _interactive():
             raise CliError("purge deletes letters for good: add --yes (no terminal to ask on)")
-        store = _store(database)
+        store = _store(db.url)
         if not yes:
             which = "" if ids else _criteria(wanted, task, older_than=age_text)
             count = _count(store, ids, age, task, wanted)
             if count == 0:
-                out.print(escape(f"no dead letters{which} in {described}"), highlight=False)
+                out.print(escape(f"no dead letters{which} in {db.name}"), highlight=False)
                 return
-            question = f"delete {_plural(count, 'dead letter')}{which} from {described}?"
+            question = f"delete {_plural(count, 'dead letter')}{which} from {db.name}?"
             try:
                 confirmed = typer.confirm(question, default=False)
             except typer.Abort:  # Ctrl-C or the end of input at the question
@@ -549,9 +557,7 @@ def _purge_command(
                 out.print("nothing was deleted", highlight=False)
                 return
         deleted = store.purge(ids=ids or None, older_than=age, task=task, status=wanted)
-    out.print(
-        f"deleted {_plural(deleted, 'dead letter')} from {escape(described)}", highlight=False
-    )
+    out.print(f"deleted {_plural(deleted, 'dead letter')} from {escape(db.name)}", highlight=False)
 
 
 def _count(
@@ -568,6 +574,10 @@ def _count(
         if missing:
             raise DeadLetterNotFound(missing)
         return len(ids)
+    from sqlalchemy import func, select  # noqa: PLC0415 - the store loaded SQLAlchemy already
+
+    from taskkit.db.models import DeadLetter  # noqa: PLC0415
+
     assert age is not None
     query = (
         select(func.count())
@@ -585,14 +595,14 @@ def _count(
 @dlq_app.command("depth")
 def _depth_command(as_json: JsonOption = False, url: UrlOption = None) -> None:
     """Letters waiting (status dead) per task, for monitoring (JSON: {task: count})."""
-    database, described = _database(url)
-    with _reported(described):
-        depth = _store(database).depth()
+    db = database(url)
+    with _reported(db):
+        depth = _store(db.url).depth()
     if as_json:
         _echo_json(depth)
         return
     if not depth:
-        out.print(escape(f"no dead letters waiting in {described}"), highlight=False)
+        out.print(escape(f"no dead letters waiting in {db.name}"), highlight=False)
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("TASK", overflow="fold")

@@ -1,0 +1,268 @@
+"""What every ``taskkit`` command shares: the two consoles, the ``--url`` and ``--app`` options,
+``CliError``, which database a command uses, and how an error becomes one ``error:`` line and
+an exit status (the table is in ``taskkit.cli``).
+
+Nothing heavy is imported here: SQLAlchemy, the settings and the database helpers load inside
+the functions that need them, so ``taskkit --help`` starts without them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from taskkit.errors import ConfigurationError, DatabaseUnavailable, TaskkitError
+
+__all__ = [
+    "DEFAULT_APP",
+    "AppOption",
+    "CliError",
+    "Database",
+    "Group",
+    "UrlOption",
+    "database",
+    "err",
+    "fail",
+    "out",
+    "reported",
+    "short",
+    "unreachable",
+    "when",
+]
+
+#: The one console of standard output, and the one of standard error.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+#: The app ``--app`` and ``TASKKIT_APP`` default to (``make worker`` runs it).
+DEFAULT_APP = "workers.app"
+
+#: Options every command that needs them spells the same way.
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", help="Database URL (default: TASKKIT_DATABASE_URL).", show_default=False),
+]
+AppOption = Annotated[
+    str,
+    typer.Option(
+        "--app",
+        envvar="TASKKIT_APP",
+        help="The Celery app: a module (its app or celery_app) or module:attribute.",
+    ),
+]
+
+
+class CliError(Exception):
+    """A problem to report as ``error: <message>`` with exit status ``code``.
+
+    Example::
+
+        raise CliError("--limit must be positive")   # error: --limit must be positive (exit 2)
+    """
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class Group(TyperGroup):
+    """A command group whose help shows no value for flags (``--watch``, not
+    ``--watch <bool>``).
+
+    Typer's rich help asks every option for its type label (``TyperOption.display_type_rich``),
+    which does not check ``is_flag``; the plain help does. An empty metavar is the label it
+    prints as is, so flags (``--help`` included) get none.
+
+    Example::
+
+        runs_app = typer.Typer(cls=Group)
+    """
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _hide_flag_values(self.get_params(ctx))
+        super().format_help(ctx, formatter)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _hide_flag_values(command.get_params(ctx))
+        return command
+
+
+def _hide_flag_values(params: Iterable[Any]) -> None:
+    for param in params:
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print ``error: message`` on stderr; returns the ``typer.Exit`` to raise.
+
+    Example::
+
+        raise fail("no such thing", 3)
+    """
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    return typer.Exit(code)
+
+
+@dataclass(frozen=True)
+class Database:
+    """The database a command uses: its URL and how to name it (no password)."""
+
+    url: str
+    name: str
+    #: Given with ``--url`` (the hint to migrate it must repeat it).
+    from_option: bool = False
+
+
+def database(url: str | None) -> Database:
+    """``--url``, else ``TASKKIT_DATABASE_URL``, else the embedded SQLite file of
+    ``TASKKIT_HOME``; a bad URL or setting exits 2.
+
+    Example::
+
+        db = database(None)
+        print(db.name)   # sqlite:////home/me/project/.taskkit/taskkit.db
+    """
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - heavy; only for commands
+    from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+    from taskkit.config import get_settings  # noqa: PLC0415
+    from taskkit.db import describe_database  # noqa: PLC0415
+
+    try:
+        resolved = url or get_settings().database_url
+        return Database(resolved, describe_database(make_url(resolved)), url is not None)
+    except ConfigurationError as exc:
+        raise fail(str(exc), 2) from None
+    except ArgumentError:
+        raise fail("--url is not a database URL (dialect+driver://host/name)", 2) from None
+
+
+@contextmanager
+def reported(db: Database, broker: str | None = None) -> Iterator[None]:
+    """Turn what a command raises into one ``error:`` line and its exit status: a
+    ``CliError`` its own code, bad settings 2, a database without the taskkit tables 2, a
+    database or broker that does not answer 1, Ctrl-C 130, another taskkit error 1.
+
+    Example::
+
+        with reported(db):
+            runs = list_runs(db.url)
+    """
+    try:
+        yield
+    except typer.Exit:  # already reported
+        raise
+    except CliError as exc:
+        raise fail(exc.message, exc.code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    except Exception as exc:
+        if _missing_tables(exc):
+            raise fail(_unmigrated(db), 2) from None
+        if isinstance(exc, ConfigurationError):
+            raise fail(str(exc), 2) from None
+        if _database_error(exc):
+            raise fail(f"could not use database {db.name}: {short(exc)}", 1) from None
+        if isinstance(exc, TaskkitError):  # a checkpoint store that cannot be read, ...
+            raise fail(str(exc), 1) from None
+        if not unreachable(exc):
+            raise
+        where = f"the broker {broker}" if broker else "a service"
+        raise fail(f"could not reach {where}: {short(exc)}", 1) from None
+
+
+def _database_error(exc: BaseException) -> bool:
+    if isinstance(exc, DatabaseUnavailable):
+        return True
+    loaded = sys.modules.get("sqlalchemy.exc")  # raised by SQLAlchemy, so loaded already
+    return loaded is not None and isinstance(exc, loaded.SQLAlchemyError)
+
+
+def _missing_tables(exc: BaseException) -> bool:
+    """A table is missing (SQLite's "no such table", PostgreSQL's 42P01), here or in the
+    errors it was raised from: the database was never migrated, or not to this version."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if _database_error(seen):
+            from taskkit.db.classify import sqlstate  # noqa: PLC0415 - loaded with SQLAlchemy
+
+            if sqlstate(seen) == "42P01" or "no such table" in str(seen):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _unmigrated(db: Database) -> str:
+    """The one line for a database that lacks taskkit's tables, naming it and the fix."""
+    from taskkit.db.migrate import current_revision, head_revision  # noqa: PLC0415
+
+    fix = "run: taskkit db upgrade" + (" --url URL" if db.from_option else "")
+    try:
+        revision = current_revision(db.url)
+    except Exception:  # the line below is still right, and more use than this error
+        revision = None
+    if revision is None:
+        return f"the database {db.name} has no taskkit tables; {fix}"
+    return (
+        f"the database {db.name} is at revision {revision}, older than this taskkit "
+        f"(head {head_revision()}); {fix}"
+    )
+
+
+def unreachable(exc: BaseException) -> bool:
+    """A broker or Redis error: its module is loaded if it was raised, so none is imported.
+
+    Example::
+
+        if unreachable(exc):
+            raise CliError(f"could not reach the broker: {short(exc)}", 1)
+    """
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (
+        ("kombu.exceptions", "OperationalError"),
+        ("redis.exceptions", "RedisError"),
+    ):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            kinds.append(getattr(loaded, name))
+    return isinstance(exc, tuple(kinds))
+
+
+def short(exc: BaseException) -> str:
+    """The error's own message on one line (a database error: the driver's message).
+
+    Example::
+
+        short(OperationalError(...))   # 'connection refused'
+    """
+    if _database_error(exc):
+        from taskkit.db.classify import driver_message  # noqa: PLC0415
+
+        return driver_message(exc)
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def when(moment: datetime | None) -> str:
+    """A time for a table: local, to the second; ``-`` for none.
+
+    Example::
+
+        when(run.started_at)   # '2025-03-01 14:02:11'
+    """
+    return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,73 @@
+"""``taskkit db``: the database's schema migrations.
+
+::
+
+    taskkit db upgrade [--url URL] [--revision REV]   migrate the database (default: to head)
+    taskkit db current [--url URL]                    show the database's revision
+
+Example::
+
+    $ taskkit db upgrade
+    database sqlite:////home/me/project/.taskkit/taskkit.db is at revision 0003 (head)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from taskkit.cli._common import Group, UrlOption, database, fail, out, short
+
+__all__ = ["db_app"]
+
+db_app = typer.Typer(
+    cls=Group, help="The taskkit database: schema migrations.", no_args_is_help=True
+)
+
+
+@db_app.command("upgrade")
+def _upgrade_command(
+    url: UrlOption = None,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Bring the database to the latest schema (or to --revision)."""
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - heavy; only for this command
+
+    from taskkit.db.migrate import head_revision, upgrade  # noqa: PLC0415
+    from taskkit.errors import DatabaseUnavailable  # noqa: PLC0415
+
+    db = database(url)
+    try:
+        reached = upgrade(db.url, revision)
+    except (DatabaseUnavailable, SQLAlchemyError) as exc:
+        raise fail(f"could not upgrade {db.name}: {short(exc)}", 1) from None
+    except Exception as exc:  # alembic's CommandError: an unknown revision
+        raise fail(f"could not upgrade {db.name}: {exc}", 2) from None
+    head = " (head)" if reached == head_revision() else ""
+    out.print(f"database {db.name} is at revision [bold]{reached}[/]{head}", highlight=False)
+
+
+@db_app.command("current")
+def _current_command(url: UrlOption = None) -> None:
+    """Show the database's schema revision."""
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - heavy; only for this command
+
+    from taskkit.db.migrate import current_revision, head_revision  # noqa: PLC0415
+
+    db = database(url)
+    try:
+        revision = current_revision(db.url)
+    except SQLAlchemyError as exc:
+        raise fail(f"could not read {db.name}: {short(exc)}", 1) from None
+    head = head_revision()
+    if revision is None:
+        out.print(f"database {db.name} has no taskkit schema; run: taskkit db upgrade")
+    elif revision == head:
+        out.print(f"database {db.name} is at revision [bold]{revision}[/] (head)", highlight=False)
+    else:
+        out.print(
+            f"database {db.name} is at revision [bold]{revision}[/]; head is {head}: "
+            "run taskkit db upgrade",
+            highlight=False,
+        )
