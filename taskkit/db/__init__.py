@@ -1,19 +1,10 @@
-"""The data layer: models, sessions, migrations, and recovery helpers for database code.
+"""The data layer: sessions, migrations, and recovery helpers for database code.
 
-============================  =========================================================
-``db_retry``                  retry transient database errors, rolling the session back
-``ensure_connection``         check the connection first; ``DatabaseUnavailable`` if down
-``atomic_update``             change a row without losing a concurrent update
-``safe_bulk_insert``          insert many rows; isolate the bad ones by bisection
-``with_savepoint``            run a function in a nested transaction
-``is_transient``              which database errors a new attempt can fix
-``get_engine``, ``get_db``,   engines and sessions from ``taskkit.config.Settings``
-``session_scope``
-``upgrade``                   migrate a database to this version's schema
-============================  =========================================================
-
-The models are in ``taskkit.db.models`` (``ModelRun``, ``TrainingProgress``, ``Prediction``,
-``Dataset``). ``TransactionManager`` from ``taskkit.recovery`` works with these sessions.
+``db_retry`` (transient errors only, session rolled back), ``ensure_connection``,
+``atomic_update``, ``safe_bulk_insert``, ``with_savepoint``, ``is_transient``; engines and
+sessions from ``taskkit.config`` (``get_engine``, ``get_db``, ``session_scope``); ``upgrade``
+to this version's schema. The models are in ``taskkit.db.models``. Behaviour and decisions:
+``docs/db.md``.
 
 Example::
 

@@ -1,42 +1,10 @@
 """taskkit's tables, as SQLAlchemy 2.0 typed mappings.
 
-=====================  ===================  ==================================================
-model                  table                one row per
-=====================  ===================  ==================================================
-``ModelRun``           ``model_runs``       training run: config, status, final model, score
-``TrainingProgress``   ``training_progress``  run (unique): epoch, percentage, metrics
-``Prediction``         ``predictions``      prediction made by a run's model
-``Dataset``            ``datasets``         named dataset, optionally tied to a run
-``CheckpointRecord``   ``checkpoints``      checkpoint of a run (``DatabaseStorage``): manifest
-``CheckpointChunk``    ``checkpoint_chunks``  piece (<= 8 MiB) of a checkpoint's data
-``Batch``              ``batches``          batch sent by ``submit_batch``: task, size, chunks
-``BatchItem``          ``batch_items``      item of a batch (the ledger): claimed, done, dead
-``DeadLetter``         ``dead_letters``     item or task that exhausted its retries
-=====================  ===================  ==================================================
-
-Decisions:
-
-- ``ModelRun``, ``TrainingProgress`` and ``Dataset`` carry a ``version`` column that SQLAlchemy
-  uses for optimistic locking (``version_id_col``): an ORM update of a row that someone else
-  changed since it was loaded raises ``StaleDataError`` (which ``db_retry`` retries) instead of
-  silently overwriting; ``atomic_update`` compares and swaps on the same column.
-  ``Prediction`` rows are written once, so they have none.
-- Timestamps are timezone-aware UTC (``UTCDateTime``); a naive ``datetime.utcnow()`` is
-  accepted and taken as UTC.
-- ``ModelRun.model_state`` is JSON and ``ModelRun.model_object`` raw bytes: taskkit never
-  unpickles anything from the database. Both are deferred, so listing runs does not load
-  models, and an API returning a ``ModelRun`` does not try to encode a binary blob.
-- Checkpoints (``taskkit.checkpoint.DatabaseStorage``) keep their manifest as the JSON text it
-  was signed as (not JSONB, which reorders keys and cannot hold a NaN metric) and their data in
-  chunks, so no single value approaches PostgreSQL's 1 GB limit. A checkpoint and its chunks are
-  written in one transaction; deleting the record deletes the chunks (``ON DELETE CASCADE``).
-  Checkpoint run ids are strings (any run, not only a ``ModelRun``), so there is no foreign key.
-- ``Prediction.item_key`` is unique per run when given, so a batch that is retried after a
-  crash cannot store the same item's prediction twice.
-- The item ledger (``BatchItem``) is keyed by (batch id, item key) and has no surrogate id or
-  foreign key: it is written in bulk on the hot path of every batch, so it stays narrow. A
-  ``DeadLetter`` of a batch item is unique per (task, batch, item), so an item that fails again
-  after a crash updates its letter (attempts, last failure) instead of adding a second one.
+``ModelRun`` (``model_runs``: a training run's config, status, final model, score),
+``TrainingProgress`` (one row per run), ``Prediction``, ``Dataset``, ``CheckpointRecord`` and
+``CheckpointChunk`` (``DatabaseStorage``), ``Batch`` and ``BatchItem`` (the item ledger),
+``DeadLetter``. Versioning, timestamps, deferred blobs and the unique keys are decided in
+``docs/db.md`` ("Models").
 
 Example::
 

@@ -1,15 +1,10 @@
 """Durable per-item state: the dead-letter store and the batch item ledger. No Celery import.
 
-==============================  =============================================================
-``DeadLetterStore``             items and tasks that exhausted their retries, in the database:
-                                record, list, count per task, discard, purge
-``DeadLetterEntry``             one failure to record
-``ItemLedger``                  which items of a batch are claimed, done or dead
-``batch_progress``              a batch's counts from the ledger
-==============================  =============================================================
-
-Sending letters again is ``taskkit.tasks.replay_dead_letters`` (it drives Celery tasks);
-``docs/batch.md`` gives the decisions.
+``DeadLetterStore`` keeps items and tasks that exhausted their retries in the database (record,
+list, count per task, discard, purge); ``DeadLetterEntry`` is one failure to record;
+``ItemLedger`` knows which items of a batch are claimed, done or dead, and ``batch_progress``
+counts them. Sending letters again is ``taskkit.tasks.replay_dead_letters`` (it drives Celery
+tasks); ``docs/batch.md`` gives the decisions.
 
 Example::
 

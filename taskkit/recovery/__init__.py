@@ -1,21 +1,10 @@
 """Recovery primitives for any Python code: no Celery, no database.
 
-============================  =========================================================
-``retry``                     call again after a failure, on a schedule (sync and async)
-``delays``, ``RetryStrategy``  the wait schedule as a pure function (``next_wait``: one wait)
-``timeout``                   stop a call after N seconds
-``CircuitBreaker``            fail fast while a dependency is down; probe it back
-``RedisCircuitStorage``       one breaker state for a fleet of processes
-``RetryBudget``               cap retries to a share of calls (``RedisRetryBudget``: fleet)
-``fallback``, ``safe_execute``  turn a failure into a value
-``batch_with_retry``          per-item retry over many items
-``parallel_batch_process``    ``batch_with_retry`` over chunks in threads, input order kept
-``TransactionManager``        commit on success, roll back on error
-``events``                    subscribe to retries, give-ups and breaker changes
-============================  =========================================================
-
-Importing this package imports neither Celery nor SQLAlchemy (nor Redis, until a Redis-backed
-primitive is created).
+``retry`` (schedules: ``delays``, ``RetryStrategy``), ``timeout``, ``CircuitBreaker`` (shared
+by a fleet with ``RedisCircuitStorage``), ``RetryBudget``/``RedisRetryBudget``, ``fallback``,
+``safe_execute``, ``batch_with_retry``, ``parallel_batch_process``, ``TransactionManager`` and
+``events``. Importing this package imports neither Celery nor SQLAlchemy (nor Redis, until a
+Redis-backed primitive is created). Behaviour and decisions: ``docs/recovery.md``.
 
 Example::
 
