@@ -256,16 +256,15 @@ def test_a_prediction_the_database_refuses_keeps_the_rows_unfinished_until_store
 ) -> None:
     frame = rows_frame(20)
     rows = dataframe_rows(frame, run_id)
-    real = batch.prediction_record
+    real = batch.score_rows
 
-    def refused_for_row_4(loaded: Any, row: Any) -> dict[str, Any]:
-        record = real(loaded, row)
-        if row["id"] == "row-4":
-            record["input_data"] = {"not json": {1, 2}}
-        return record
+    def refused_for_row_4(run: int, model: Any, chunk_rows: Any) -> dict[str, Any]:
+        records = real(run, model, chunk_rows)
+        records["row-4"]["input_data"] = {"not json": {1, 2}}
+        return records
 
     with monkeypatch.context() as patch:
-        patch.setattr(batch, "prediction_record", refused_for_row_4)
+        patch.setattr(batch, "score_rows", refused_for_row_4)
         with pytest.raises(PredictionsNotStored, match=r"1 prediction\(s\) not stored: row-4"):
             predict_rows(rows, batch_id="refused")
 
@@ -301,6 +300,55 @@ def test_predictions_are_stored_before_each_ledger_write_of_a_long_chunk(
     assert summary["successful"] == 35
     assert inserted == [10, 10, 10, 5]
     assert_scored_like_the_model(run_id, frame)
+
+
+class CountingModel:
+    """A run's model that records the rows of each ``predict``/``predict_proba`` call."""
+
+    def __init__(self, model: Any, calls: list[tuple[str, int]]) -> None:
+        self.model, self.calls = model, calls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def predict(self, X: Any) -> Any:
+        self.calls.append(("predict", len(X)))
+        return self.model.predict(X)
+
+    def predict_proba(self, X: Any) -> Any:
+        self.calls.append(("predict_proba", len(X)))
+        return self.model.predict_proba(X)
+
+
+def test_each_chunk_loads_its_model_once_and_scores_its_rows_as_one_matrix(
+    run_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(predict_rows, "batch_size", 10)  # four retry rounds in a chunk of 35
+    loads: list[int] = []
+    calls: list[tuple[str, int]] = []
+    real = batch.load_model
+
+    def counting_load(run: int, **options: Any) -> Any:
+        loads.append(run)
+        return CountingModel(real(run, **options), calls)
+
+    monkeypatch.setattr(batch, "load_model", counting_load)
+    frame = rows_frame(55)
+    rows = dataframe_rows(frame, run_id)
+    rows[3]["f1"] = "x"  # dead-lettered on its own, not scored
+
+    first = predict_rows(rows[:35], batch_id="matrix")
+    second = predict_rows(rows[35:], batch_id="matrix")
+
+    assert loads == [run_id, run_id]  # one load per chunk
+    assert calls == [("predict", 34), ("predict_proba", 34), ("predict", 20), ("predict_proba", 20)]
+    assert (first["successful"], first["failed_ids"], second["successful"]) == (34, ["row-3"], 20)
+    assert_scored_like_the_model(run_id, frame.drop(index=[3]))
+
+
+def test_the_item_function_needs_its_chunk() -> None:
+    with pytest.raises(RuntimeError, match="chunk_context is only set while a chunk runs"):
+        predict_rows.run({"id": "a", "run_id": 1})
 
 
 def test_concurrent_batches_in_threads_keep_their_own_predictions(

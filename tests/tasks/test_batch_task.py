@@ -4,8 +4,10 @@ tests/batch/test_batch_worker.py."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -106,11 +108,39 @@ def unrecorded_task(self: ResilientTask) -> None:
     raise ValueError("not worth keeping")
 
 
+#: What each chunk's setup saw and left: its items, whether it was closed, flushes inside it.
+chunks: list[dict[str, Any]] = []
+
+
+class Scaled(BatchTask):
+    """Sets each chunk up once (a "model": a factor), as a model-scoring task would."""
+
+    @contextlib.contextmanager
+    def setup_chunk(self, items: Sequence[Any]) -> Iterator[dict[str, Any]]:
+        if -1 in items:
+            raise ValueError("no model for this chunk")
+        state: dict[str, Any] = {"items": list(items), "factor": 10, "open": True, "flushes": 0}
+        chunks.append(state)
+        yield state
+        state["open"] = False
+
+    def flush_items(self) -> None:
+        self.chunk_context["flushes"] += 1
+
+
+@app.task(base=Scaled, bind=True, shared=False, name="tkbatchunit.scaled", item_delay=0)
+def scaled_task(self: Scaled, item: int) -> None:
+    context = self.chunk_context
+    assert context["open"]
+    calls[item * context["factor"]] += 1
+
+
 @pytest.fixture(autouse=True)
 def database(db_url: str, engine: Engine) -> Engine:
     app.conf.taskkit_database_url = db_url
     calls.clear()
     crash_at.clear()
+    chunks.clear()
     return engine
 
 
@@ -337,3 +367,39 @@ def test_a_failed_chunk_whose_items_have_no_keys_is_dead_lettered_whole(database
     (letter,) = DeadLetterStore(engine=database).list(task=records_task.name)
     assert letter.item_key is None
     assert letter.payload == {"args": [rows], "kwargs": {"batch_id": "b-nokeys"}}
+
+
+def test_setup_chunk_runs_once_per_chunk_around_its_items_and_flushes(database: Engine) -> None:
+    summary = scaled_task([1, 2, 3], batch_id=uuid.uuid4().hex)
+
+    assert summary["successful"] == 3
+    assert calls == Counter({10: 1, 20: 1, 30: 1})  # each item saw its chunk's context
+    (chunk,) = chunks
+    assert chunk["items"] == [1, 2, 3]
+    assert chunk["open"] is False  # closed when the chunk ended
+    assert chunk["flushes"] == 1  # the last flush ran inside the chunk
+
+    submit_batch(scaled_task, list(range(100, 125)), chunk_size=10).get(timeout=30)
+    assert [len(c["items"]) for c in chunks[1:]] == [10, 10, 5]  # one setup per chunk
+
+
+def test_a_setup_that_fails_fails_the_chunk_and_dead_letters_its_items(database: Engine) -> None:
+    batch = uuid.uuid4().hex
+
+    result = scaled_task.apply(args=([4, -1, 6],), kwargs={"batch_id": batch})
+
+    assert result.failed()
+    assert calls == Counter()  # no item ran
+    dead = letters(database, batch)
+    assert set(dead) == {"4", "-1", "6"}
+    assert {(letter.error_type, letter.error_message) for letter in dead.values()} == {
+        ("ValueError", "no model for this chunk")
+    }
+    progress = batch_progress(batch, database.url.render_as_string(hide_password=False))
+    assert (progress.dead, progress.claimed) == (3, 0)
+
+
+def test_chunk_context_outside_a_chunk_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="only set while a chunk runs"):
+        scaled_task.run(1)
+    assert items_task.setup_chunk([1]).__enter__() is None  # the default: nothing to set up
