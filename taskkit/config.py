@@ -6,7 +6,8 @@ the working directory); nothing else in taskkit reads the environment for these.
 ==========================  ===============================================  ====================
 variable                    meaning                                          default
 ==========================  ===============================================  ====================
-``TASKKIT_HOME``            directory of the embedded defaults               ``./.taskkit``
+``TASKKIT_HOME``            directory of the embedded defaults               the project's
+                                                                             ``.taskkit`` (below)
 ``TASKKIT_DATABASE_URL``    SQLAlchemy URL; ``postgresql+psycopg://...``     SQLite file
                             in production                                    ``$HOME/taskkit.db``
 ``TASKKIT_DB_CONNECT_TIMEOUT``  seconds to wait for a new connection         ``10``
@@ -42,10 +43,12 @@ variable                    meaning                                          def
                             runs whose worker died (from their checkpoint)   embedded broker
 ==========================  ===============================================  ====================
 
-Decisions: the embedded default lives under the working directory (like ``.git``), never in a
-shared ``/tmp``; relative paths are resolved against the working directory when settings are
-read, so a worker and a CLI started in the same directory agree. A malformed value raises a
-``ConfigurationError`` that names the variable, instead of failing later with a driver error.
+Decisions: the embedded defaults live in the project's ``.taskkit`` folder (found like git
+finds ``.git``; the rule is in ``Settings``), never in a shared ``/tmp``, so a worker and a
+command started anywhere in the project agree. Other relative paths
+(``TASKKIT_CHECKPOINT_DIR``) are resolved against the working directory when settings are
+read. A malformed value raises a ``ConfigurationError`` that names the variable, instead of
+failing later with a driver error.
 
 Example::
 
@@ -68,13 +71,44 @@ from sqlalchemy.exc import ArgumentError
 
 from taskkit.errors import ConfigurationError
 
-__all__ = ["Settings", "get_settings", "load_settings", "reset_settings"]
+__all__ = ["Settings", "find_home", "get_settings", "load_settings", "reset_settings"]
 
 ENV_PREFIX = "TASKKIT_"
+
+#: The folder of the embedded defaults inside a project; it also marks the project's root.
+HOME_DIR = ".taskkit"
+#: A file that marks a project's root (where ``.taskkit`` goes when there is none yet).
+PROJECT_FILE = "pyproject.toml"
+
+
+def find_home(start: Path | None = None) -> Path:
+    """The default ``TASKKIT_HOME``: ``.taskkit`` in the nearest folder, from ``start`` (the
+    working directory) upwards, that holds a ``.taskkit/`` folder or a ``pyproject.toml``;
+    else ``start / ".taskkit"``. A folder that cannot be read does not mark a project.
+
+    Example::
+
+        find_home(Path("/home/me/project/notebooks"))
+        # Path('/home/me/project/.taskkit') when /home/me/project has a pyproject.toml
+    """
+    here = (start or Path.cwd()).expanduser().absolute()
+    for folder in (here, *here.parents):
+        try:
+            if (folder / HOME_DIR).is_dir() or (folder / PROJECT_FILE).is_file():
+                return folder / HOME_DIR
+        except OSError:  # a parent folder we may not read: it is not our project
+            continue
+    return here / HOME_DIR
 
 
 class Settings(BaseSettings):
     """taskkit's settings, from ``TASKKIT_*`` environment variables (see the module docs).
+
+    ``home`` (``TASKKIT_HOME``) resolves once per project: an explicit value wins (relative:
+    against the working directory); else ``.taskkit`` in the nearest folder, from the working
+    directory upwards, holding a ``.taskkit/`` folder or a ``pyproject.toml``; else
+    ``.taskkit`` in the working directory (``find_home``). The embedded database, broker,
+    results, leases and checkpoints all live under it.
 
     Build one directly to override fields in code (``Settings(database_url=...)``); use
     ``get_settings()`` for the process-wide, environment-derived one.
@@ -84,8 +118,9 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
     )
 
-    #: Directory of the embedded defaults: SQLite database, broker and results; lease files.
-    home: Path = Path(".taskkit")
+    #: Directory of the embedded defaults: SQLite database, broker and results; lease files;
+    #: checkpoints. Default: the project's ``.taskkit`` (``find_home``).
+    home: Path = Field(default_factory=find_home)
     #: SQLAlchemy database URL; empty means the embedded SQLite file under ``home``.
     database_url: str = ""
     #: Seconds to wait when opening a new database connection.
