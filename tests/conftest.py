@@ -23,6 +23,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -70,6 +71,28 @@ def rabbitmq_url() -> str:
     except Exception:
         _service_missing(f"RabbitMQ at {RABBITMQ_URL}", "rabbitmq-server -detached")
     return RABBITMQ_URL
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_this_sessions_keys() -> Iterator[None]:
+    """At session end, delete the Redis keys of this session's test apps, and only those: a
+    pytest session running at the same time keeps its leases (``tests/_support/apps.py``)."""
+    yield
+    import sys
+
+    support = sys.modules.get("tests._support.apps")
+    if support is not None:  # no test app was built, so nothing was written
+        support.delete_own_keys()
+
+
+@pytest.fixture(scope="module")
+def worker(redis_url: str, worker_app: Any) -> Iterator[object]:
+    """An in-process Celery worker (solo pool) on the folder's ``worker_app`` (a
+    ``RedisTestApp`` its conftest provides), for the tests of one module."""
+    from tests._support.workers import in_process_worker
+
+    with in_process_worker(worker_app.app) as running:
+        yield running
 
 
 @pytest.fixture

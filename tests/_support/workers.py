@@ -1,4 +1,5 @@
-"""Celery workers as subprocesses, so tests can SIGKILL a pool process or a whole worker."""
+"""Celery workers for the tests: in this process (``in_process_worker``) or as subprocesses
+(``WorkerProcess``, so a test can SIGKILL a pool process or a whole worker)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,28 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def in_process_worker(app: Any) -> Iterator[Any]:
+    """Celery's in-process test worker (solo pool, a thread of this process) consuming the
+    app's default queue; stopped when the block ends."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        app,
+        pool="solo",
+        concurrency=1,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30,
+    ) as running:
+        yield running
 
 
 def wait_for(

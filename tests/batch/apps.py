@@ -1,8 +1,9 @@
 """The Celery app and batch task the batch worker tests run, in process and in subprocesses.
 
-A real Redis broker and result backend, with a queue and key prefix of this test run's own
-(``TASKKIT_TEST_RUN`` is shared with worker subprocesses), a short visibility timeout
-(``TASKKIT_TEST_VISIBILITY``) and a short lease. ``flaky_items`` is a ``BatchTask`` over items
+Built by ``tests._support.apps.redis_test_app``: a real Redis broker and result backend, with a
+queue, key prefix and task names of this test session's own (``TASKKIT_TEST_RUN`` is shared
+with worker subprocesses), a short visibility timeout (``TASKKIT_TEST_VISIBILITY``) and a short
+lease. ``flaky_items`` is a ``BatchTask`` over items
 ``{"id": n, "nonce": trial}`` (the nonce travels with the item, so a replayed dead letter still
 knows its trial). What an item does is deterministic:
 
@@ -25,22 +26,14 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from typing import Any
 
-import redis
 from celery import signals
 from sqlalchemy import text
 
-from taskkit.config import Settings
 from taskkit.db.session import get_engine
-from taskkit.tasks import BatchTask, create_app
-from tests.conftest import REDIS_URL
-
-RUN = os.environ.setdefault("TASKKIT_TEST_RUN", uuid.uuid4().hex[:10])
-PREFIX = f"tkb-{RUN}"
-QUEUE = f"{PREFIX}-q"
-APP_NAME = "tkbatch"
+from taskkit.tasks import BatchTask
+from tests._support.apps import redis_test_app
 
 EFFECTS_DDL = (
     "CREATE TABLE IF NOT EXISTS batch_effects ("
@@ -50,29 +43,8 @@ _EFFECT = text(
     "INSERT INTO batch_effects (nonce, item) VALUES (:nonce, :item) ON CONFLICT DO NOTHING"
 )
 
-settings = Settings(
-    broker_url=REDIS_URL,
-    visibility_timeout=float(os.environ.get("TASKKIT_TEST_VISIBILITY", "30")),
-    lease_ttl=float(os.environ.get("TASKKIT_TEST_LEASE_TTL", "3")),
-    progress_interval=0.0,
-)
-app = create_app(
-    APP_NAME,
-    settings=settings,
-    task_default_queue=QUEUE,
-    broker_transport_options={"global_keyprefix": f"{PREFIX}:"},
-    result_expires=3600,
-    taskkit_outer_delay=0.05,
-    taskkit_outer_max_delay=0.2,
-    taskkit_inner_delay=0.01,
-    taskkit_inner_max_delay=0.02,
-)
-
-counter = redis.Redis.from_url(REDIS_URL)
-
-
-def key(*parts: object) -> str:
-    return ":".join([PREFIX, *map(str, parts)])
+kit = redis_test_app("tkb", lease_ttl=3.0)
+app, PREFIX, QUEUE, counter, key = kit.app, kit.prefix, kit.queue, kit.counter, kit.key
 
 
 # -- what the tests control and read ---------------------------------------------------------
@@ -116,7 +88,7 @@ def chunk_events(batch_id: str) -> list[dict[str, Any]]:
     base=BatchTask,
     bind=True,
     shared=False,
-    name=f"{APP_NAME}.flaky_items",
+    name=kit.name("flaky_items"),
     item_delay=0.02,
     item_max_delay=0.1,
     item_max_attempts=3,
@@ -161,13 +133,9 @@ def _note(batch_id: str, event: dict[str, Any]) -> None:
 def _chunk_started(
     sender: Any = None, task_id: str | None = None, kwargs: Any = None, **_: Any
 ) -> None:
-    counter.sadd(key("task_ids"), str(task_id))
-    counter.expire(key("task_ids"), 3600)
     batch_id = _batch_of(kwargs)
-    if batch_id is None or sender is None:
+    if batch_id is None or sender is None or not kit.owns(sender):
         return
-    counter.sadd(key("batches"), batch_id)
-    counter.expire(key("batches"), 3600)
     request = sender.request
     _note(
         batch_id,
@@ -187,10 +155,14 @@ def _chunk_started(
 
 @signals.task_postrun.connect(weak=False)
 def _chunk_ended(
-    task_id: str | None = None, kwargs: Any = None, state: str | None = None, **_: Any
+    sender: Any = None,
+    task_id: str | None = None,
+    kwargs: Any = None,
+    state: str | None = None,
+    **_: Any,
 ) -> None:
     batch_id = _batch_of(kwargs)
-    if batch_id is None:
+    if batch_id is None or not kit.owns(sender):
         return
     _note(
         batch_id,

@@ -1,10 +1,9 @@
 """Fixtures for the batch worker tests: PostgreSQL and a short visibility timeout for this
-process and its worker subprocesses, the side-effect table, and this run's Redis keys deleted
-when the session ends."""
+process and its worker subprocesses, and the side-effect table (this session's Redis keys are
+deleted by tests/conftest.py when it ends)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,33 +43,6 @@ def env(
     with pg_engine.begin() as connection:
         connection.exec_driver_sql("TRUNCATE batch_effects")
     reset_settings()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _delete_this_runs_keys() -> Iterator[None]:
-    """Queue, counters, leases and redelivery counts of this test run, and the results of its
-    tasks (the rest would only expire). Only this run's: another session running these tests
-    at the same time keeps its leases (``taskkit:lease:<task>:<batch>:<offset>``)."""
-    yield
-    apps = sys.modules.get("tests.batch.apps")
-    if apps is None:
-        return
-    client = apps.counter
-    task_ids = [raw.decode() for raw in client.smembers(apps.key("task_ids"))]
-    batches = {raw.decode() for raw in client.smembers(apps.key("batches"))}
-    leases = [  # taskkit:lease:<task>:<batch>:<offset>, and the same with fence
-        name
-        for name in client.scan_iter(f"taskkit:*:{apps.APP_NAME}.*")
-        if (name.decode().split(":") + [""] * 4)[3] in batches
-    ]
-    keys = [
-        *client.scan_iter(f"{apps.PREFIX}*"),
-        *leases,
-        *(f"taskkit:redeliveries:{task_id}" for task_id in task_ids),
-        *(f"celery-task-meta-{task_id}" for task_id in task_ids),
-    ]
-    for start in range(0, len(keys), 1000):
-        client.delete(*keys[start : start + 1000])
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -39,8 +39,8 @@ from taskkit.db.models import BatchItem
 from taskkit.db.session import get_engine
 from taskkit.deadletter import BatchProgress, DeadLetterStore, batch_progress
 from taskkit.tasks import replay_dead_letters, submit_batch
+from tests._support.workers import WorkerProcess, wait_for
 from tests.batch import apps
-from tests.tasks.workerproc import WorkerProcess, wait_for
 
 CONCURRENCY = 2
 

@@ -1,8 +1,9 @@
 """The Celery app and tasks the task tests run, in process and in worker subprocesses.
 
-A real Redis broker; a queue, a key prefix and counters of this test run's own (shared with
-worker subprocesses through ``TASKKIT_TEST_RUN``), so runs never see each other's messages. The
-tasks count what they do in Redis: the tests trust those counts, not logs.
+Built by ``tests._support.apps.redis_test_app``: a real Redis broker, and a queue, a key prefix,
+task names and counters of this test session's own, so sessions never see each other's
+messages or leases. The tasks count what they do in Redis: the tests trust those counts, not
+logs.
 """
 
 from __future__ import annotations
@@ -10,45 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from typing import Any
 
-import redis
-from celery import signals
+from taskkit.tasks import ResilientTask
+from tests._support.apps import redis_test_app
 
-from taskkit.config import Settings
-from taskkit.tasks import ResilientTask, create_app
-from tests.conftest import REDIS_URL
-
-RUN = os.environ.setdefault("TASKKIT_TEST_RUN", uuid.uuid4().hex[:10])
-PREFIX = f"tk-{RUN}"
-QUEUE = f"{PREFIX}-q"
-VISIBILITY = float(os.environ.get("TASKKIT_TEST_VISIBILITY", "30"))
-
-settings = Settings(
-    broker_url=REDIS_URL,
-    visibility_timeout=VISIBILITY,
-    lease_ttl=float(os.environ.get("TASKKIT_TEST_LEASE_TTL", "6")),
-    progress_interval=0.0,
-)
-app = create_app(
-    "tktest",
-    settings=settings,
-    task_default_queue=QUEUE,
-    broker_transport_options={"global_keyprefix": f"{PREFIX}:"},
-    result_expires=3600,
-    taskkit_outer_delay=0.05,
-    taskkit_outer_max_delay=0.2,
-    taskkit_inner_delay=0.01,
-    taskkit_inner_max_delay=0.02,
-    worker_send_task_events=True,
-)
-
-counter = redis.Redis.from_url(REDIS_URL)
-
-
-def key(*parts: object) -> str:
-    return ":".join([PREFIX, *map(str, parts)])
+kit = redis_test_app("tk", worker_send_task_events=True)
+app, counter, key = kit.app, kit.counter, kit.key
+PREFIX, QUEUE, deliveries = kit.prefix, kit.queue, kit.deliveries
 
 
 def bump(name: str) -> int:
@@ -66,16 +36,6 @@ def retries_seen(name: str) -> list[int]:
 def _note(task: Any, name: str) -> int:
     counter.rpush(key("retries", name), task.request.retries)
     return bump(name)
-
-
-@signals.task_prerun.connect(weak=False)
-def _count_delivery(task_id: str | None = None, **_: Any) -> None:
-    """Every time a worker starts a task (before any taskkit check), count it per task id."""
-    counter.incr(key("deliveries", task_id))
-
-
-def deliveries(task_id: str) -> int:
-    return int(counter.get(key("deliveries", task_id)) or 0)
 
 
 ERRORS = {"ConnectionError": ConnectionError, "ValueError": ValueError, "KeyError": KeyError}

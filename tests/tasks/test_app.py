@@ -10,7 +10,7 @@ from taskkit.config import Settings, load_settings
 from taskkit.errors import ConfigurationError, TaskkitWarning
 from taskkit.tasks import create_app
 from taskkit.tasks._visibility import VisibilityKeeper, check_visibility
-from tests.tasks.workerproc import WorkerProcess
+from tests._support.workers import WorkerProcess
 
 REDIS = "redis://127.0.0.1:6379/15"
 

@@ -145,8 +145,8 @@ def test_lease_url_schemes(tmp_path):
 
 
 def test_a_task_whose_lease_is_taken_over_stops_at_its_next_progress_report(worker):
+    from tests._support.workers import wait_for
     from tests.tasks import apps
-    from tests.tasks.workerproc import wait_for
 
     result = apps.long_job.delay("stolen", 4.0)
     wait_for(lambda: apps.runs("stolen") == 1, 30, "the task to start")
@@ -164,8 +164,8 @@ def test_a_task_whose_lease_is_taken_over_stops_at_its_next_progress_report(work
 
 
 def test_a_task_whose_lease_vanishes_with_no_new_owner_is_run_again(worker):
+    from tests._support.workers import wait_for
     from tests.tasks import apps
-    from tests.tasks.workerproc import wait_for
 
     result = apps.long_job.delay("vanished", 3.0)
     wait_for(lambda: apps.runs("vanished") == 1, 30, "the task to start")

@@ -14,8 +14,8 @@ from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import session_scope
 from taskkit.tasks import ProgressReport
 from taskkit.tasks._progress import ProgressWriter, Throttle
+from tests._support.workers import wait_for
 from tests.tasks import apps
-from tests.tasks.workerproc import wait_for
 
 
 def new_run(url: str) -> int:

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests._support.workers import WorkerProcess, wait_for
 from tests.tasks import apps
-from tests.tasks.workerproc import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.usefixtures("redis_url")
 

@@ -1,7 +1,8 @@
 """The Celery app and training task the training tests run, in process and in subprocesses.
 
-A real Redis broker with a queue and key prefix of this test run's own (``TASKKIT_TEST_RUN`` is
-shared with worker subprocesses). The task is the example ``run_training`` body; every epoch it
+Built by ``tests._support.apps.redis_test_app``: a real Redis broker, with a queue, key prefix
+and task names of this test session's own (``TASKKIT_TEST_RUN`` is shared with worker
+subprocesses). The task is the example ``run_training`` body; every epoch it
 starts is recorded in Redis (the tests count epochs from there), and ``config["test"]`` injects
 faults at a chosen epoch, once per run:
 
@@ -16,59 +17,20 @@ from __future__ import annotations
 import os
 import random
 import signal
-import uuid
 from typing import Any
 
 import numpy as np
-import redis
-from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
 from sklearn.linear_model import SGDClassifier
 
-from taskkit.config import Settings
-from taskkit.tasks import TrainingTask, create_app
+from taskkit.tasks import TrainingTask
 from taskkit.tasks._training import request_stop
-from tests.conftest import REDIS_URL
+from tests._support.apps import redis_test_app
 from workers.training import run_training
 
-RUN = os.environ.setdefault("TASKKIT_TEST_RUN", uuid.uuid4().hex[:10])
-PREFIX = f"tkt-{RUN}"
-QUEUE = f"{PREFIX}-q"
-
-settings = Settings(
-    broker_url=REDIS_URL,
-    visibility_timeout=float(os.environ.get("TASKKIT_TEST_VISIBILITY", "30")),
-    lease_ttl=float(os.environ.get("TASKKIT_TEST_LEASE_TTL", "6")),
-    progress_interval=0.0,
-)
-app = create_app(
-    "tktrain",
-    settings=settings,
-    task_default_queue=QUEUE,
-    broker_transport_options={"global_keyprefix": f"{PREFIX}:"},
-    result_expires=3600,
-    taskkit_outer_delay=0.05,
-    taskkit_outer_max_delay=0.2,
-    taskkit_inner_delay=0.01,
-    taskkit_inner_max_delay=0.02,
-)
-
-counter = redis.Redis.from_url(REDIS_URL)
-
-
-def key(*parts: object) -> str:
-    return ":".join([PREFIX, *map(str, parts)])
-
-
-@signals.task_prerun.connect(weak=False)
-def _count_delivery(task_id: str | None = None, **_: Any) -> None:
-    """Every time a worker starts a task (before any taskkit check), count it per task id."""
-    counter.incr(key("deliveries", task_id))
-    counter.expire(key("deliveries", task_id), 3600)
-
-
-def deliveries(task_id: str) -> int:
-    return int(counter.get(key("deliveries", task_id)) or 0)
+kit = redis_test_app("tkt")
+app, counter, key = kit.app, kit.counter, kit.key
+PREFIX, QUEUE, deliveries = kit.prefix, kit.queue, kit.deliveries
 
 
 def trial(config: dict[str, Any], run_id: int) -> str:
@@ -104,7 +66,7 @@ def fault_injector(run_id: int, config: dict[str, Any]) -> Any:
     return on_epoch
 
 
-@app.task(base=TrainingTask, bind=True, shared=False, name="tktrain.train")
+@app.task(base=TrainingTask, bind=True, shared=False, name=kit.name("train"))
 def train(self: TrainingTask, model_run_id: int, config: dict[str, Any]) -> dict[str, Any]:
     return run_training(self, config, on_epoch=fault_injector(model_run_id, config))
 
@@ -113,7 +75,7 @@ def train(self: TrainingTask, model_run_id: int, config: dict[str, Any]) -> dict
     base=TrainingTask,
     bind=True,
     shared=False,
-    name="tktrain.train_every3",
+    name=kit.name("train_every3"),
     checkpoint_every=3,
     score_metric=None,
 )
@@ -122,13 +84,13 @@ def train_every3(self: TrainingTask, model_run_id: int, config: dict[str, Any]) 
 
 
 @app.task(
-    base=TrainingTask, bind=True, shared=False, name="tktrain.train_limited", soft_time_limit=1
+    base=TrainingTask, bind=True, shared=False, name=kit.name("train_limited"), soft_time_limit=1
 )
 def train_limited(self: TrainingTask, model_run_id: int, config: dict[str, Any]) -> dict[str, Any]:
     return run_training(self, config, on_epoch=fault_injector(model_run_id, config))
 
 
-@app.task(base=TrainingTask, bind=True, shared=False, name="tktrain.draws", score_metric=None)
+@app.task(base=TrainingTask, bind=True, shared=False, name=kit.name("draws"), score_metric=None)
 def draws(self: TrainingTask, model_run_id: int, config: dict[str, Any]) -> list[list[float]]:
     """Draws from a registered Generator, the global numpy state and ``random`` every epoch."""
     seed = int(config.get("seed", 0))

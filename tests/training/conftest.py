@@ -1,21 +1,15 @@
-"""Fixtures for the training tests: this run's Redis keys go when the session ends."""
+"""Fixtures for the training tests: the app the shared ``worker`` fixture (tests/conftest.py)
+runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
+from tests._support.apps import RedisTestApp
 
-@pytest.fixture(scope="session", autouse=True)
-def _delete_this_runs_keys() -> Iterator[None]:
-    """Queue, counters, bindings and leases of this test run (results expire by themselves)."""
-    yield
+
+@pytest.fixture(scope="module")
+def worker_app() -> RedisTestApp:
     from tests.training import apps
 
-    keys = [
-        *apps.counter.scan_iter(f"{apps.PREFIX}*"),
-        *apps.counter.scan_iter("taskkit:*:tktrain.*"),
-    ]
-    if keys:
-        apps.counter.delete(*keys)
+    return apps.kit

@@ -48,7 +48,7 @@ def training_env(
     reset_settings()
 
 
-def new_run(config: dict[str, Any] | None = None, task: str = "tktrain.train") -> int:
+def new_run(config: dict[str, Any] | None = None, task: str = apps.train.name) -> int:
     with session_scope() as db:
         run = ModelRun(name="t", model_type="sgd", config=config or {}, task_name=task)
         db.add(run)

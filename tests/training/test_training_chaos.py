@@ -25,7 +25,7 @@ from taskkit.config import reset_settings
 from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
 from taskkit.tasks import load_model, resume_run, submit_run
-from tests.tasks.workerproc import WorkerProcess, wait_for
+from tests._support.workers import WorkerProcess, wait_for
 from tests.training import apps
 
 EPOCHS = 10

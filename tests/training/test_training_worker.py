@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from celery.contrib.testing.worker import start_worker
 from celery.result import AsyncResult
 from sqlalchemy import event
 
@@ -23,24 +22,10 @@ from taskkit.config import reset_settings
 from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
 from taskkit.tasks import load_model, resume_run, submit_run
-from tests.tasks.workerproc import wait_for
+from tests._support.workers import wait_for
 from tests.training import apps
 
 CONFIG = {"epochs": 6, "seed": 5, "batch_size": 200}
-
-
-@pytest.fixture(scope="module")
-def worker(redis_url: str) -> Iterator[object]:
-    with start_worker(
-        apps.app,
-        pool="solo",
-        concurrency=1,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=30,
-    ) as running:
-        yield running
-    apps.counter.delete(apps.QUEUE)
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +97,7 @@ def test_status_moves_queued_running_retrying_running_completed(
         run = db.get(ModelRun, run_id)
         assert run is not None
         assert run.error_message is None
-        assert run.task_name == "tktrain.train"
+        assert run.task_name == apps.train.name
     assert_same(load_model(run_id), reference_model(config))
 
 
