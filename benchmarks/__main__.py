@@ -8,6 +8,7 @@ import pathlib
 from benchmarks import (
     bench_batch,
     bench_checkpoint,
+    bench_cli,
     bench_db,
     bench_recovery,
     bench_tasks,
@@ -15,7 +16,15 @@ from benchmarks import (
 )
 from benchmarks._harness import commit, machine, say
 
-SECTIONS = [bench_recovery, bench_db, bench_tasks, bench_checkpoint, bench_training, bench_batch]
+SECTIONS = [
+    bench_recovery,
+    bench_db,
+    bench_tasks,
+    bench_checkpoint,
+    bench_training,
+    bench_batch,
+    bench_cli,
+]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
