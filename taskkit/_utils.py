@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -20,9 +21,11 @@ __all__ = [
     "CONTROL_FLOW",
     "TEST_MODE",
     "TestMode",
+    "call_hook",
     "check_batch_options",
     "check_int",
     "check_seconds",
+    "did_you_mean",
     "exception_tuple",
     "is_control_flow",
     "keep_identity",
@@ -74,6 +77,12 @@ def check_seconds(option: str, value: object) -> None:
         raise ConfigurationError(f"{option} must be a number of seconds > 0, got {value!r}")
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``known`` to a misspelt ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def reject_unknown(
     caller: str, given: Iterable[str], known: Collection[str], *, takes: str = ""
 ) -> None:
@@ -81,9 +90,9 @@ def reject_unknown(
     suggesting the closest known one (``item_dealy`` -> ``item_delay``)."""
     for name in sorted(given):
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigurationError(f"{caller}: unknown option {name!r}{hint}{takes}")
+            raise ConfigurationError(
+                f"{caller}: unknown option {name!r}{did_you_mean(name, known)}{takes}"
+            )
 
 
 def keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
@@ -107,6 +116,16 @@ def check_batch_options(
         known,
         takes=f" (options are passed to batch_with_retry, which takes {', '.join(sorted(known))})",
     )
+
+
+def call_hook(hook: Callable[..., object], *args: object) -> None:
+    """Call a user hook; log (never raise) what it raises: observing must never fail a call."""
+    try:
+        hook(*args)
+    except Exception:
+        logging.getLogger("taskkit").exception(
+            "taskkit: hook %r raised; ignored", getattr(hook, "__name__", hook)
+        )
 
 
 # -- the test switch ------------------------------------------------------------------------------

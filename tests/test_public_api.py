@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import taskkit
 import taskkit.errors
 from taskkit.errors import (
     CircuitBreakerError,
@@ -24,28 +28,218 @@ from taskkit.errors import (
     TimeoutExceeded,
 )
 
-PUBLIC_MODULES = [
-    "taskkit",
-    "taskkit.errors",
-    "taskkit.recovery",
-    "taskkit.recovery.events",
-    "taskkit.testing",
-    "taskkit.config",
-    "taskkit.db",
-    "taskkit.db.models",
-    "taskkit.db.session",
-    "taskkit.db.migrate",
-    "taskkit.cli",
-    "taskkit.tasks",
-    "taskkit.tasks._base",
-    "taskkit.tasks._lease",
-    "taskkit.tasks._progress",
-    "taskkit.tasks._batch",
-    "taskkit.deadletter",
-    "taskkit.deadletter._ledger",
-    "taskkit.contrib.pandas",
-    "taskkit.checkpoint",
-]
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Every public module (no ``_`` in its path) and what it exports: the curated API. A name
+#: added to or removed from a package's ``__all__`` must be added or removed here, on purpose.
+CURATED = {
+    "taskkit": {"__version__"},
+    "taskkit.errors": {
+        "CheckpointCorrupt",
+        "CheckpointError",
+        "CheckpointTampered",
+        "CheckpointWarning",
+        "CircuitBreakerError",
+        "CircuitStorageUnavailable",
+        "ConcurrentUpdateError",
+        "ConfigurationError",
+        "DatabaseUnavailable",
+        "DeadLetterNotFound",
+        "InvalidRunId",
+        "LeaseHeld",
+        "LeaseLost",
+        "PermanentError",
+        "ReplayRejected",
+        "RetryLater",
+        "RunNotFound",
+        "RunNotResumable",
+        "TaskkitError",
+        "TaskkitWarning",
+        "TimeoutExceeded",
+    },
+    "taskkit.recovery": {
+        "BatchResult",
+        "Budget",
+        "CircuitBreaker",
+        "CircuitState",
+        "CircuitStorage",
+        "RedisCircuitStorage",
+        "RedisRetryBudget",
+        "RetryBudget",
+        "RetryCallState",
+        "RetryStrategy",
+        "Retrying",
+        "TransactionManager",
+        "batch_with_retry",
+        "delays",
+        "events",
+        "fallback",
+        "next_wait",
+        "parallel_batch_process",
+        "retry",
+        "safe_execute",
+        "timeout",
+    },
+    "taskkit.recovery.events": {
+        "CircuitStateChanged",
+        "Event",
+        "GaveUp",
+        "RetryScheduled",
+        "active",
+        "emit",
+        "subscribe",
+    },
+    "taskkit.config": {"Settings", "find_home", "get_settings", "load_settings", "reset_settings"},
+    "taskkit.db": {
+        "BulkInsertResult",
+        "atomic_update",
+        "db_retry",
+        "ensure_connection",
+        "get_db",
+        "get_engine",
+        "get_sessionmaker",
+        "is_transient",
+        "safe_bulk_insert",
+        "session_scope",
+        "upgrade",
+        "with_savepoint",
+    },
+    "taskkit.db.models": {
+        "Base",
+        "Batch",
+        "BatchItem",
+        "CheckpointChunk",
+        "CheckpointRecord",
+        "Dataset",
+        "DeadLetter",
+        "ModelRun",
+        "Prediction",
+        "TrainingProgress",
+    },
+    "taskkit.db.session": {
+        "create_engine_for",
+        "dispose_engines",
+        "get_db",
+        "get_engine",
+        "get_sessionmaker",
+        "session_scope",
+    },
+    "taskkit.db.migrate": {"current_revision", "head_revision", "upgrade"},
+    "taskkit.db.classify": {
+        "describe_database",
+        "driver_message",
+        "is_disconnect",
+        "is_transient",
+        "sqlstate",
+    },
+    "taskkit.checkpoint": {
+        "Checkpoint",
+        "CheckpointInfo",
+        "CheckpointStorage",
+        "CheckpointStore",
+        "DatabaseStorage",
+        "DirectoryStorage",
+        "storage_from_settings",
+        "validate_run_id",
+    },
+    "taskkit.deadletter": {
+        "UNSERIALIZABLE",
+        "BatchProgress",
+        "DeadLetterEntry",
+        "DeadLetterStore",
+        "ItemLedger",
+        "ReplayResult",
+        "SentReplay",
+        "batch_progress",
+    },
+    "taskkit.tasks": {
+        "DEFAULT_PERMANENT_ERRORS",
+        "DEFAULT_TRANSIENT_ERRORS",
+        "PROGRESS",
+        "BatchSubmission",
+        "BatchTask",
+        "FileLeaseStore",
+        "Lease",
+        "LeaseOwner",
+        "LeaseStore",
+        "Option",
+        "ProgressReport",
+        "RedisLeaseStore",
+        "ReproducibilityWarning",
+        "ResilientTask",
+        "TaskFailure",
+        "TrainingRun",
+        "TrainingTask",
+        "create_app",
+        "load_model",
+        "options_markdown",
+        "reliable_defaults",
+        "replay_dead_letters",
+        "request_stop",
+        "resume_orphaned_runs",
+        "resume_run",
+        "run_is_alive",
+        "submit_batch",
+        "submit_run",
+    },
+    "taskkit.testing": {
+        "FakeDeadLetterStore",
+        "FakeProgressSink",
+        "MemoryCheckpointStorage",
+        "ProgressRecord",
+        "celery_config_for_tests",
+        "is_testing",
+        "no_waits",
+        "set_testing",
+        "taskkit_app",
+        "taskkit_celery_config",
+        "taskkit_checkpoints",
+        "taskkit_dead_letters",
+        "taskkit_no_waits",
+        "taskkit_progress",
+        "taskkit_worker",
+    },
+    "taskkit.testing.fakes": {
+        "FakeDeadLetterStore",
+        "FakeProgressSink",
+        "MemoryCheckpointStorage",
+        "ProgressRecord",
+    },
+    "taskkit.cli": {"app", "main"},
+    "taskkit.cli.db": {"db_app"},
+    "taskkit.cli.dlq": {"dlq_app", "letter_panel", "letter_record", "letters_table", "parse_age"},
+    "taskkit.cli.runs": {"runs_app"},
+    "taskkit.cli.train": {"train_app"},
+    "taskkit.contrib": set(),
+    "taskkit.contrib.pandas": {"RESULT_COLUMN", "process_dataframe_in_batches"},
+}
+PUBLIC_MODULES = sorted(CURATED)
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_each_public_module_exports_exactly_its_curated_names(name):
+    assert set(importlib.import_module(name).__all__) == CURATED[name]
+
+
+def test_every_public_module_is_in_the_curated_list():
+    """A new public (non-underscore) module must be added to CURATED, or made private."""
+    found = set()
+    for info in pkgutil.walk_packages(taskkit.__path__, "taskkit."):
+        parts = info.name.split(".")
+        if not any(part.startswith("_") for part in parts) and "migrations" not in parts:
+            found.add(info.name)
+    assert found | {"taskkit"} == set(CURATED)
+
+
+def test_the_docs_import_each_name_by_one_path():
+    """README and docs never import a name from two different modules."""
+    paths: dict[str, set[str]] = {}
+    pattern = re.compile(r"^\s*from (taskkit[\w.]*) import \(?([\w, ]+)", re.MULTILINE)
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for module, names in pattern.findall(page.read_text()):
+            for name in filter(None, (n.strip() for n in names.split(","))):
+                paths.setdefault(name, set()).add(module)
+    assert {name: found for name, found in paths.items() if len(found) > 1} == {}
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)

@@ -139,7 +139,7 @@ def database(url: str | None) -> Database:
     from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
 
     from taskkit.config import get_settings  # noqa: PLC0415
-    from taskkit.db import describe_database  # noqa: PLC0415
+    from taskkit.db.classify import describe_database  # noqa: PLC0415
 
     try:
         resolved = url or get_settings().database_url

@@ -26,7 +26,7 @@ Example::
 from taskkit.db._atomic import atomic_update
 from taskkit.db._bulk import BulkInsertResult, safe_bulk_insert
 from taskkit.db._retry import db_retry, ensure_connection, with_savepoint
-from taskkit.db.classify import describe_database, is_transient
+from taskkit.db.classify import is_transient
 from taskkit.db.migrate import upgrade
 from taskkit.db.session import get_db, get_engine, get_sessionmaker, session_scope
 
@@ -34,7 +34,6 @@ __all__ = [
     "BulkInsertResult",
     "atomic_update",
     "db_retry",
-    "describe_database",
     "ensure_connection",
     "get_db",
     "get_engine",

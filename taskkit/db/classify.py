@@ -8,7 +8,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 from sqlalchemy.orm.exc import StaleDataError
 
-__all__ = ["describe_database", "driver_message", "is_disconnect", "is_transient"]
+__all__ = ["describe_database", "driver_message", "is_disconnect", "is_transient", "sqlstate"]
 
 # SQLSTATE classes that mean "try again": connection exception (08), transaction rollback:
 # serialization failure and deadlock (40), insufficient resources (53), operator intervention:

@@ -29,19 +29,19 @@ from sqlalchemy.engine import URL
 
 from taskkit.db.session import get_engine
 
-__all__ = ["MIGRATIONS", "alembic_config", "current_revision", "head_revision", "upgrade"]
+__all__ = ["current_revision", "head_revision", "upgrade"]
 
 #: Where the migration scripts live.
-MIGRATIONS = Path(__file__).with_name("migrations")
+_MIGRATIONS = Path(__file__).with_name("migrations")
 
 # An arbitrary, fixed key for pg_advisory_xact_lock: "taskkit" in ASCII.
 _LOCK_KEY = 0x7461736B6B6974
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def _alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic ``Config`` for taskkit's migrations, optionally bound to ``connection``."""
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(_MIGRATIONS))
     if connection is not None:
         config.attributes["connection"] = connection
     return config
@@ -66,7 +66,7 @@ def upgrade(target: Engine | str | URL | None = None, revision: str = "head") ->
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
-        command.upgrade(alembic_config(connection), revision)
+        command.upgrade(_alembic_config(connection), revision)
         return MigrationContext.configure(connection).get_current_revision()
 
 
@@ -84,6 +84,6 @@ def current_revision(target: Engine | str | URL | None = None) -> str | None:
 
 def head_revision() -> str:
     """The latest revision this version of taskkit ships."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     assert head is not None, "taskkit ships at least one migration"
     return head

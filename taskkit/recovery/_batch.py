@@ -9,8 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
-from taskkit._utils import TEST_MODE, check_int, is_control_flow, qualified_name
-from taskkit.recovery import events
+from taskkit._utils import TEST_MODE, call_hook, check_int, is_control_flow, qualified_name
 from taskkit.recovery._budget import Budget
 from taskkit.recovery._circuit import CircuitBreaker
 from taskkit.recovery._retry import ExceptionTypes, Retrying
@@ -222,7 +221,7 @@ class _BatchRun(Generic[T, R]):
 
     def _report(self) -> None:
         if self.on_progress is not None:
-            events.call_hook(self.on_progress, self.started - len(self.pending), len(self.items))
+            call_hook(self.on_progress, self.started - len(self.pending), len(self.items))
 
     def _merge(self, first_pass: list[R], first_failures: list[int]) -> list[R]:
         if not self.recovered:

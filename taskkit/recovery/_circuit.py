@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
-from taskkit._utils import check_int, check_seconds, exception_tuple, is_control_flow, keep_identity
+from taskkit._utils import (
+    call_hook,
+    check_int,
+    check_seconds,
+    exception_tuple,
+    is_control_flow,
+    keep_identity,
+)
 from taskkit.errors import CircuitBreakerError, ConfigurationError
 from taskkit.recovery import events
 
@@ -530,7 +537,7 @@ class CircuitBreaker:
         logger.log(level, "taskkit.circuit: %r %s -> %s", self.name, old.name, new.name)
         events.emit(events.CircuitStateChanged(self.name, old.value, new.value))
         for listener in tuple(self._listeners):
-            events.call_hook(listener, self, old, new)
+            call_hook(listener, self, old, new)
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(name={self.name!r}, state={self.state.name})"

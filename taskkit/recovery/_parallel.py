@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 
-from taskkit._utils import check_batch_options, check_int
-from taskkit.recovery import events
+from taskkit._utils import call_hook, check_batch_options, check_int
 from taskkit.recovery._batch import BatchResult, batch_with_retry
 
 __all__ = ["parallel_batch_process"]
@@ -216,6 +215,6 @@ class _ParallelRun(Generic[T, R]):
         def report(chunk_done: int, _chunk_total: int) -> None:
             with lock:  # one call at a time, so the counts the hook sees never go down
                 done[index] = chunk_done
-                events.call_hook(hook, sum(done), total)
+                call_hook(hook, sum(done), total)
 
         return report

@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from taskkit._utils import (
     TEST_MODE,
+    call_hook,
     exception_tuple,
     is_control_flow,
     keep_identity,
@@ -358,7 +359,7 @@ class Retrying:
                 wait,
             )
         if self.on_retry is not None:
-            events.call_hook(
+            call_hook(
                 self.on_retry,
                 RetryCallState(
                     fn, attempt, max_attempts, error, result, wait, now - state.first_failure

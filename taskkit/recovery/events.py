@@ -20,9 +20,10 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from taskkit._utils import call_hook
 
 __all__ = [
     "CircuitStateChanged",
@@ -30,12 +31,9 @@ __all__ = [
     "GaveUp",
     "RetryScheduled",
     "active",
-    "call_hook",
     "emit",
     "subscribe",
 ]
-
-logger = logging.getLogger("taskkit.recovery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +91,3 @@ def emit(event: Event) -> None:
     """Deliver ``event`` to every subscriber, isolating their failures."""
     for handler in tuple(_subscribers):
         call_hook(handler, event)
-
-
-def call_hook(hook: Callable[..., object], *args: object) -> None:
-    """Call a user hook; log (never raise) what it raises."""
-    try:
-        hook(*args)
-    except Exception:
-        logger.exception("taskkit: hook %r raised; ignored", getattr(hook, "__name__", hook))

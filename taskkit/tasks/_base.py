@@ -74,12 +74,11 @@ from celery.exceptions import Ignore
 from celery.states import SUCCESS
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 
-from taskkit._utils import is_control_flow
+from taskkit._utils import call_hook, is_control_flow
 from taskkit.db import is_transient
 from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
 from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, PermanentError
 from taskkit.recovery import Retrying, RetryStrategy, next_wait
-from taskkit.recovery.events import call_hook
 from taskkit.tasks import _options
 from taskkit.tasks._lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
 from taskkit.tasks._progress import (

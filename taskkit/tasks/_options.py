@@ -14,12 +14,12 @@ class; ``options_markdown`` renders a class's table for the docs (``docs/tasks.m
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from taskkit._utils import did_you_mean
 from taskkit.errors import ConfigurationError
 
 __all__ = [
@@ -297,11 +297,6 @@ def install(cls: type) -> None:
             _declared.setdefault(entry.name, entry)
 
 
-def suggestion(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def reject_unknown(cls: type, given: Iterable[str]) -> None:
     """Refuse names given to ``app.task(base=cls, ...)`` that neither Celery nor ``cls``'s
     options know (a typo is silent otherwise), suggesting the closest option of ``cls``."""
@@ -314,7 +309,7 @@ def reject_unknown(cls: type, given: Iterable[str]) -> None:
             continue
         raise ConfigurationError(
             f"task {task_name}: unknown option {name!r}"
-            + suggestion(name, [*entries, *CELERY_OPTIONS])
+            + did_you_mean(name, [*entries, *CELERY_OPTIONS])
         )
 
 
@@ -328,7 +323,7 @@ def check_app_config(conf: Any) -> None:
         if option is None:
             raise ConfigurationError(
                 f"unknown app setting {key!r}"
-                + suggestion(key, [f"taskkit_{o}" for o in _declared] + sorted(APP_SETTINGS))
+                + did_you_mean(key, [f"taskkit_{o}" for o in _declared] + sorted(APP_SETTINGS))
             )
         option.validate("(app config)", conf[key])
 

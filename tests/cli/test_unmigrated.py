@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from taskkit.cli import app
-from taskkit.db import describe_database
+from taskkit.db.classify import describe_database
 from taskkit.db.migrate import head_revision, upgrade
 from tests.cli import cliapp
 from tests.conftest import pg_schema

@@ -60,10 +60,10 @@ def test_downgrade_to_base_and_back(empty_database: str):
         upgrade(engine)
         from alembic import command
 
-        from taskkit.db.migrate import alembic_config
+        from taskkit.db.migrate import _alembic_config
 
         with engine.begin() as connection:
-            command.downgrade(alembic_config(connection), "base")
+            command.downgrade(_alembic_config(connection), "base")
         assert set(sqlalchemy.inspect(engine).get_table_names()) <= {"alembic_version"}
         assert upgrade(engine) == head_revision()
     finally:
