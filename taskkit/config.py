@@ -3,45 +3,8 @@
 Every field is read from a ``TASKKIT_``-prefixed environment variable (or a ``.env`` file in
 the working directory); nothing else in taskkit reads the environment for these.
 
-==========================  ===============================================  ====================
-variable                    meaning                                          default
-==========================  ===============================================  ====================
-``TASKKIT_HOME``            directory of the embedded defaults               the project's
-                                                                             ``.taskkit`` (below)
-``TASKKIT_DATABASE_URL``    SQLAlchemy URL; ``postgresql+psycopg://...``     SQLite file
-                            in production                                    ``$HOME/taskkit.db``
-``TASKKIT_DB_CONNECT_TIMEOUT``  seconds to wait for a new connection         ``10``
-``TASKKIT_DB_POOL_SIZE``    connections kept per process (not SQLite)         ``5``
-``TASKKIT_DB_MAX_OVERFLOW``  extra connections under load (not SQLite)        ``10``
-``TASKKIT_DB_POOL_RECYCLE``  seconds before a pooled connection is replaced    ``1800``
-``TASKKIT_SQLITE_BUSY_TIMEOUT``  seconds SQLite waits for a lock               ``30``
-``TASKKIT_BROKER_URL``      Celery broker; ``redis://host:6379/0`` in        SQLite file
-                            production (``amqp://`` works too)               ``$HOME/broker.db``
-``TASKKIT_RESULT_BACKEND``  Celery result backend                            the Redis broker, or
-                                                                             ``$HOME/results.db``
-``TASKKIT_VISIBILITY_TIMEOUT``  seconds before Redis hands an unacknowledged  ``30``
-                            task to another worker (see ``taskkit.tasks``)
-``TASKKIT_EXTEND_VISIBILITY``  workers keep their running tasks' messages      ``true``
-                            invisible while they live
-``TASKKIT_LEASE_URL``       where task leases live: ``redis://...`` or         the Redis broker or
-                            ``file:///dir`` (one host only)                  results, else
-                                                                             ``$HOME/leases``
-``TASKKIT_LEASE_TTL``       seconds a lease outlives its last heartbeat       ``15``
-``TASKKIT_PROGRESS_INTERVAL``  least seconds between two progress writes     ``1``
-``TASKKIT_CHECKPOINT_DIR``  directory of checkpoint files, one directory     ``$HOME/checkpoints``
-                            per run (``taskkit.checkpoint``)
-``TASKKIT_CHECKPOINT_STORAGE``  ``directory`` (files) or ``database`` (the   ``directory``
-                            taskkit database, in chunks)
-``TASKKIT_CHECKPOINT_KEEP_LAST``  newest checkpoints kept per run             ``3``
-``TASKKIT_CHECKPOINT_KEEP_BEST``  checkpoints marked best kept per run        ``1``
-``TASKKIT_SECRET_KEY``      HMAC key that signs checkpoint manifests; a      unset (checksums
-                            checkpoint without a valid signature is          only, with a
-                            never unpickled                                  warning)
-``TASKKIT_REQUIRE_SIGNED_CHECKPOINTS``  refuse to open a checkpoint store    ``false``
-                            without ``TASKKIT_SECRET_KEY``
-``TASKKIT_RESUME_ORPHANED_RUNS``  a starting worker re-enqueues training     on with the
-                            runs whose worker died (from their checkpoint)   embedded broker
-==========================  ===============================================  ====================
+Every setting, its variable and its default are listed in ``docs/configuration.md`` (a test
+checks that page against the fields below).
 
 Decisions: the embedded defaults live in the project's ``.taskkit`` folder (found like git
 finds ``.git``; the rule is in ``Settings``), never in a shared ``/tmp``, so a worker and a

@@ -7,8 +7,15 @@ inside that package (what several packages share lives in ``taskkit._utils`` or 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import grimp
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def private_owner(module: str) -> str | None:
@@ -41,3 +48,23 @@ def test_the_rule_sees_a_crossing():
     assert private_owner("taskkit.db._retry") == "taskkit.db"
     assert private_owner("taskkit.db.models") is None
     assert private_owner("taskkit._utils") == "taskkit"
+
+
+def test_lint_imports_breaks_on_an_upward_import(tmp_path: Path):
+    """The contracts are live: the data layer importing the Celery layer fails ``lint-imports``."""
+    for part in ("taskkit", "workers"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    with (tmp_path / "taskkit" / "db" / "models.py").open("a") as models:
+        models.write("\nimport taskkit.tasks  # the deliberate upward import\n")
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports"))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout
+    assert "Layers: each imports only from the layers below it BROKEN" in done.stdout
+    assert "taskkit.db is not allowed to import taskkit.tasks" in done.stdout

@@ -15,11 +15,15 @@ import pytest
 import taskkit
 import taskkit.errors
 from taskkit.errors import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointTampered,
     CircuitBreakerError,
     CircuitStorageUnavailable,
     ConcurrentUpdateError,
     ConfigurationError,
     DatabaseUnavailable,
+    InvalidRunId,
     LeaseHeld,
     LeaseLost,
     PermanentError,
@@ -321,10 +325,19 @@ ERROR_SAMPLES = [
     ConcurrentUpdateError("ModelRun", 7, 5),
     LeaseHeld("train:run-1", "task t1 on host pid 9"),
     LeaseLost("train:run-1", 4),
+    CheckpointError("could not be written (OSError: disk full)", "run-1", 3),
+    CheckpointError("the store is closed", "run-1", None),
+    CheckpointError("something", None, None),
+    CheckpointCorrupt("its data is truncated: 10 bytes, the manifest says 20", "run-1", 4),
+    CheckpointTampered("its signature does not match", "run-1", 5),
+    InvalidRunId("../x", "contains '..' (a parent directory)"),
+    InvalidRunId(None, "must be a str or an int, not NoneType"),
 ]
 
 
-@pytest.mark.parametrize("error", ERROR_SAMPLES, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "error", ERROR_SAMPLES, ids=lambda e: f"{type(e).__name__}-{str(e.args[-1])[:20]}"
+)
 def test_every_error_survives_pickle_and_celerys_json_results(error):
     """A task's failure comes back to the caller as the same class, message and attributes."""
     import pickle

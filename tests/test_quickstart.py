@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests._support.commands import clean_env, run_command
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 BIN = pathlib.Path(sys.executable).parent
@@ -60,9 +62,8 @@ def project(tmp_path: pathlib.Path) -> pathlib.Path:
 
 @pytest.fixture
 def env(project: pathlib.Path) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TASKKIT_")}
     return {
-        **clean,
+        **clean_env(),
         # Explicit, as the README exports it: the test must not depend on how an unset home
         # is resolved.
         "TASKKIT_HOME": str(project / ".taskkit"),
@@ -73,9 +74,7 @@ def env(project: pathlib.Path) -> dict[str, str]:
 
 
 def run(args: list[str], env: dict[str, str], cwd: pathlib.Path) -> str:
-    done = subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
+    done = run_command(args, cwd=cwd, env=env, timeout=TIMEOUT)
     assert done.returncode == 0, (
         f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     )

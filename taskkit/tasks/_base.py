@@ -1,45 +1,11 @@
 """``ResilientTask``: a Celery task with taskkit's retry ladder, lease, progress and records.
 
-The ladder, for an exception raised by the task body:
-
-=================  =============================================================================
-control flow       ``self.retry(...)``, ``Ignore``, ``Reject``, time limits: passed to Celery as is
-permanent          ``PermanentError``, ``ValueError``, ``TypeError``, ``permanent_errors``, and
-                   SQL integrity/data/programming errors: the task fails at once, no retry
-transient          connection errors, timeouts, transient database errors (``taskkit.db``),
-                   Redis connection errors, ``transient_errors``: retried in process
-                   (``inner_max_attempts``, short exponential waits), then as below
-anything else      (and transient errors once the inner ladder is spent) re-queued with
-                   ``self.retry``: exponential backoff from ``outer_delay``, full jitter, capped
-                   at ``outer_max_delay``, up to ``max_retries``; an error's ``retry_after`` is
-                   honoured. ``retry_unknown_errors=False`` fails unknown errors at once instead.
-=================  =============================================================================
-
-A terminal failure is logged at ERROR with task name, id, arguments, error, traceback and
-attempts, stored in the result backend (with ``result_extended``), and passed to
-``record_failure``, which stores it in the dead-letter queue (``taskkit.deadletter``), from where
-it can be replayed (``dead_letter=False`` on a task, or ``TASKKIT_DEAD_LETTER=false``, turns
-that off); ``BatchTask`` dead-letters the items instead.
-
-Worker loss: ``acks_late`` with Celery's ``retry_on_worker_lost``: a copy of a task whose worker
-process died is sent again after ``default_retry_delay`` seconds and counts as a retry, so a
-task that kills its worker every time stops after ``max_retries``. A message redelivered by the
-broker (``redelivered``) is checked first: a task that already succeeded is not run again, and
-one redelivered more than ``max_retries`` times (its whole worker died each time) fails instead
-of looping; the count lives in Redis, next to the leases.
-
-Lease (``lease_key``): before the body runs, the task takes an exclusive lease on a stable key
-(an argument such as a run id, namespaced by the task name) with a heartbeat and a fencing token
-(``self.lease``). A second copy of the same task id while the owner lives is dropped (a watcher
-copy is re-sent after ``lease_ttl`` so nothing is lost if the owner dies later); another task
-for the same key fails with ``LeaseHeld``; a dead owner's lease is taken over at once. An owner
-whose lease was taken over stops at its next ``self.progress``: silently (``Ignore``) when the
-new owner is a copy of the same task, which will store the result, or with ``LeaseLost``. A
-lease that vanished with nobody holding it (the lease store restarted or evicted it) re-queues
-the task, like a transient error.
-
-Hooks you override (``on_failure``, ``on_retry``, ``on_success``, ``after_return``,
-``on_progress``, ``record_failure``) are isolated: what they raise is logged, never fails the task.
+The ladder (control flow passes, permanent errors fail at once, transient errors retry in
+process, then anything else is re-queued with backoff) is drawn once in ``docs/design.md``;
+redelivery, worker loss and leases are in ``docs/tasks.md``, the options in its table
+(``taskkit_options`` below). Hooks you override (``on_failure``, ``on_retry``, ``on_success``,
+``after_return``, ``on_progress``, ``record_failure``) are isolated: what they raise is logged,
+never fails the task.
 
 Example::
 

@@ -7,40 +7,11 @@ everywhere in taskkit) and returns the seed's summary::
     {"total": 1000, "successful": 990, "failed": 10, "failed_ids": [...],
      "batch_id": "...", "skipped": 0}
 
-Items are keyed (``item_key``) and tracked in the item ledger (``taskkit.deadletter``): claimed
-before they run, marked done in batches of ``ledger_flush_every``, and marked dead together
-with their dead letters (``taskkit.deadletter``) when they exhaust their retries. A delivery of
-the same chunk after a crash or a retry skips what is finished, so successful + dead-lettered
-= total, and an item runs twice only if its worker died between running it and the next flush:
-make the item function idempotent per key (an upsert, a unique key). ``skipped`` counts items
-an earlier delivery finished.
-
-A chunk that fails for good as a whole (its worker died ``max_retries`` times, the database
-was down too long) dead-letters each of its unfinished items with that error, so no item is
-ever left unaccounted for. Without the ledger (``ledger=False``: faster, nothing skipped on
-redelivery) that means every item of the chunk.
-
-Decisions:
-
-- Calling the task takes ``(items, batch_id=None, keys=None, offset=0)``, not the item
-  function's arguments; ``self.request`` inside the item function is the batch's. The batch
-  id defaults to the task id, so a plain ``task.delay(items)`` is still one ledger batch.
-- ``item_key``: None (default) uses the item itself when it is a ``str`` or ``int``,
-  ``item["id"]`` for a mapping with an ``"id"``, else the item's position (``"#12"``); a string
-  names a mapping key or attribute; a callable computes it. Keys are stored as strings of at
-  most 255 characters and must be unique within a batch (``ConfigurationError`` otherwise).
-- Item errors follow the task's classification: permanent errors (``ValueError``,
-  ``permanent_errors``...) dead-letter the item at once; any other ``Exception`` is tried up to
-  ``item_max_attempts`` times in all, waiting ``item_delay * item_backoff**n`` between tries.
-  (``item_max_retries``, retries after the first try, is its deprecated alias.)
-- ``setup_chunk(items)`` is a context manager around each delivery of a chunk (load a model,
-  score all the items at once); what it yields is ``self.chunk_context`` in the item function.
-- The result holds counts and keys, not the items' return values: item functions store what
-  they make (as the seed's ``save_result`` does), so a summary never carries 10,000 results
-  through the result backend.
-- A chunk takes a lease on (task, batch, offset), so two copies of the same chunk never run
-  at once.
-- ``max_retries`` defaults to 5 for a batch: each worker loss during a long chunk costs one.
+Items are keyed (``item_key``) and tracked in the item ledger (``taskkit.deadletter``), so a
+redelivered chunk skips what is finished and successful + dead-lettered = total; an item runs
+twice only if its worker died between running it and the next ledger flush, so make the item
+function idempotent per key. ``setup_chunk`` wraps each delivery of a chunk. The decisions
+(keys, error classification, chunk failures, leases) are in ``docs/batch.md``.
 
 Example::
 

@@ -1,38 +1,13 @@
 """``TrainingTask``: a ResilientTask for epoch loops that checkpoint, resume and report.
 
-The task body opens a run context with ``self.training(total_epochs)``; the context:
-
-- restores the newest valid checkpoint of the run (``CheckpointStore``, the run id is the
-  task's ``run_arg`` argument, ``model_run_id`` by default): ``restore()`` returns the saved
-  state, ``epochs()`` yields from the epoch *after* the checkpoint (the seed redoes it);
-- puts the random state in every checkpoint and restores it before the first epoch: the
-  generators registered with ``run.rng(name, seed)``, the legacy global ``np.random`` state
-  and Python's ``random``, so a resumed run ends bit-identical to an uninterrupted one;
-- ``report(epoch, metrics, state)`` writes progress (``TrainingProgress`` and the Celery
-  ``PROGRESS`` state) and checkpoints by policy: every ``checkpoint_every`` epochs, on a new
-  best ``score_metric``, and at the last epoch;
-- checkpoints on the way out too: when the body raises (the ladder then retries from it), on
-  Celery's soft time limit, and on SIGTERM (warm shutdown), after which the run hands itself
-  over: it re-sends its own task and stops, so another worker continues at the next epoch;
-- ``complete(model)`` stores the final model and best score on the ``ModelRun``, marks it
-  ``completed`` and deletes checkpoints by policy (the final one is kept by default).
-
-The ``ModelRun`` status moves queued -> running -> (retrying) -> completed or failed, with the
-error message. The run's lease (``lease_key`` defaults to ``run_arg``) guarantees one live
-trainer per run; a copy of the task that arrives after the run completed returns the stored
-result, and one that ``taskkit resume`` superseded drops itself.
-
-Decisions:
-
-- Between two checkpoints (``checkpoint_every > 1``) ``report`` keeps a serialized copy of the
-  last reported state in memory, so a failure, a time limit or SIGTERM in the middle of an epoch
-  saves the last *completed* epoch, never a half-updated model. ``checkpoint_on_interrupt=False``
-  skips that copy for states too large to hold twice.
-- A run that lost its lease never writes a checkpoint: another trainer owns the run.
-- SIGTERM: a pool process (prefork) gets its own handler while it runs a training task; the
-  worker's main process forwards a warm shutdown to the pool processes running training tasks.
-  A pool process killed before its task started is handled as any lost worker process.
-- The soft time limit fails the run (status ``failed``); ``taskkit resume`` continues it.
+The task body opens a run context with ``self.training(total_epochs)`` (``TrainingRun``):
+``restore()`` gives the newest valid checkpoint's state, ``epochs()`` yields from the epoch after
+it, ``rng(name, seed)`` registers a generator whose state every checkpoint carries (with
+``np.random``'s and ``random``'s), ``report(epoch, metrics, state)`` writes progress and
+checkpoints by policy, and ``complete(model)`` stores the final model. A failure, a soft time
+limit or SIGTERM checkpoints the last *completed* epoch; SIGTERM then hands the run over to
+another worker. The policy, the ``ModelRun`` statuses and the decisions are in
+``docs/training.md``.
 
 Example::
 

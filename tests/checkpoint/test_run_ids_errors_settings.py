@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -70,31 +69,6 @@ def test_a_store_refuses_an_unsafe_run_id_before_touching_the_disk(tmp_path: Pat
         CheckpointStore("../x", storage=DirectoryStorage(tmp_path / "c"), secret_key="k")
     assert not (tmp_path / "c").exists()
     assert not (tmp_path / "x").exists()
-
-
-ERRORS = [
-    CheckpointError("could not be written (OSError: disk full)", "run-1", 3),
-    CheckpointError("the store is closed", "run-1", None),
-    CheckpointError("something", None, None),
-    CheckpointCorrupt("its data is truncated: 10 bytes, the manifest says 20", "run-1", 4),
-    CheckpointTampered("its signature does not match", "run-1", 5),
-    InvalidRunId("../x", "contains '..' (a parent directory)"),
-    InvalidRunId(None, "must be a str or an int, not NoneType"),
-]
-
-
-@pytest.mark.parametrize("error", ERRORS, ids=lambda e: f"{type(e).__name__}-{e.args[-1]}")
-def test_checkpoint_errors_survive_pickle_and_celerys_json_results(error):
-    from celery import Celery
-    from celery.backends.base import BaseBackend
-    from celery.utils.serialization import get_pickleable_exception
-
-    backend = BaseBackend(app=Celery("errors", set_as_current=False), serializer="json")
-    stored = backend.prepare_exception(get_pickleable_exception(error), "json")
-    for copy in (pickle.loads(pickle.dumps(error)), backend.exception_to_python(stored)):
-        assert type(copy) is type(error)
-        assert str(copy) == str(error)
-        assert vars(copy) == vars(error)
 
 
 def test_error_messages_and_the_tree():

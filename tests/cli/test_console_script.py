@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
+
+from tests._support.commands import clean_env, taskkit
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).with_name("taskkit")
 
 
-def _taskkit(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SCRIPT), *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKKIT_")}
-    return {**env, **extra}
+def _taskkit(*args: str, env: dict[str, str], cwd: Path = REPO) -> CompletedProcess[str]:
+    return taskkit(*args, cwd=cwd, env=env)
 
 
 def test_help_lists_the_commands(tmp_path: Path):
-    result = _taskkit("--help", env=_clean_env(), cwd=tmp_path)
+    result = _taskkit("--help", env=clean_env(), cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
     for command in ("train", "runs", "resume", "db"):
@@ -44,7 +32,7 @@ def test_train_with_nothing_configured_uses_the_example_app_and_task(database: s
     embedded SQLite broker, and workers.training.train_model."""
     config = tmp_path / "run.yaml"
     config.write_text("epochs: 3\nseed: 1\n")
-    env = _clean_env(TASKKIT_HOME=str(tmp_path / "home"), TASKKIT_DATABASE_URL=database)
+    env = clean_env(TASKKIT_HOME=str(tmp_path / "home"), TASKKIT_DATABASE_URL=database)
 
     submitted = _taskkit("train", str(config), "--name", "smoke", env=env)
     listed = _taskkit("runs", "list", env=env)

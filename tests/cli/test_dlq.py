@@ -17,7 +17,8 @@ from taskkit.cli import dlq as cli_dlq
 from taskkit.cli._common import CliError
 from taskkit.cli.dlq import parse_age
 from taskkit.config import reset_settings
-from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
+from taskkit.deadletter import DeadLetterStore
+from tests._support.letters import letter_entry
 from tests.cli import dlqapp
 
 pytestmark = pytest.mark.redis
@@ -46,24 +47,11 @@ def add(database: str) -> AddLetter:
         ago: timedelta = timedelta(0),
         status: str = "dead",
     ) -> int:
-        error = error or KeyError("price")
-        store.record(
-            [
-                DeadLetterEntry(
-                    task_name=task,
-                    payload={"id": key} if payload is None else payload,
-                    error_type=type(error).__name__,
-                    error_message=str(error),
-                    traceback=f"Traceback (most recent call last):\n{type(error).__name__}: "
-                    f"{error}\n",
-                    attempts=attempts,
-                    batch_id=batch,
-                    item_key=key,
-                    task_id=f"task-{key or task}",
-                    failed_at=datetime.now(UTC) - ago,
-                )
-            ]
-        )
+        entry = letter_entry(
+            task, payload, batch=batch, key=key, error=error, attempts=attempts,
+            at=datetime.now(UTC) - ago, task_id=f"task-{key or task}",
+        )  # fmt: skip
+        store.record([entry])
         letter_id = max(letter.id for letter in store.list(task=task, status=None))
         if status == "discarded":
             store.discard([letter_id])

@@ -5,14 +5,15 @@ else the working directory. The embedded database, broker and checkpoints follow
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
 from taskkit.config import find_home, load_settings, reset_settings
+from tests._support.commands import taskkit
 
 SCRIPT = Path(sys.executable).with_name("taskkit")
 
@@ -95,17 +96,8 @@ def test_an_explicit_taskkit_home_wins(
     assert load_settings(home=tmp_path / "code").home == tmp_path / "code"
 
 
-def _taskkit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKKIT_")}
-    return subprocess.run(
-        [str(SCRIPT), *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def _taskkit(*args: str, cwd: Path) -> CompletedProcess[str]:
+    return taskkit(*args, cwd=cwd)
 
 
 def test_a_command_from_a_subfolder_uses_the_projects_database(project: Path):

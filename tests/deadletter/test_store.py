@@ -28,6 +28,7 @@ from taskkit.deadletter import (
 from taskkit.deadletter._json import jsonable
 from taskkit.errors import ConfigurationError, DeadLetterNotFound, ReplayRejected
 from taskkit.tasks import BatchTask, ResilientTask, create_app, replay_dead_letters
+from tests._support.letters import letter_entry
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 SCORE = "tkdl.score_items"
@@ -62,28 +63,9 @@ def store(db_url: str, engine: Engine, at_t0: Clock) -> DeadLetterStore:
     return DeadLetterStore(db_url, clock=at_t0, queue="")
 
 
-def entry(
-    task: str = SCORE,
-    payload: Any = None,
-    *,
-    batch: str | None = "b1",
-    key: str | None = "a",
-    error: BaseException | None = None,
-    attempts: int = 1,
-    at: datetime = T0,
-) -> DeadLetterEntry:
-    error = error or KeyError("price")
-    return DeadLetterEntry(
-        task_name=task,
-        payload={"id": key} if payload is None else payload,
-        error_type=type(error).__name__,
-        error_message=str(error),
-        traceback=f"Traceback (most recent call last):\n{type(error).__name__}: {error}\n",
-        attempts=attempts,
-        batch_id=batch,
-        item_key=key,
-        failed_at=at,
-    )
+def entry(task: str = SCORE, payload: Any = None, **fields: Any) -> DeadLetterEntry:
+    fields.setdefault("at", T0)
+    return letter_entry(task, payload, **fields)
 
 
 def ids_of(letters: list[DeadLetter]) -> list[int]:

@@ -3,11 +3,11 @@ run by pytest in a subprocess, where the plugin loads from its entry point as a 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from tests._support.commands import clean_env, run_command
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "testing.md"
 BLOCK = re.compile(r'```python title="(?P<path>[^"]+)"\n(?P<code>.*?)```', re.DOTALL)
@@ -27,15 +27,11 @@ def test_the_example_passes_as_a_users_suite(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(code)
     (tmp_path / "shop" / "__init__.py").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKKIT_")}
-    env.update({"PYTHONPATH": str(tmp_path), "TASKKIT_HOME": str(tmp_path / ".taskkit")})
-    done = subprocess.run(
+    env = clean_env(PYTHONPATH=str(tmp_path), TASKKIT_HOME=str(tmp_path / ".taskkit"))
+    done = run_command(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
         cwd=tmp_path,
-        check=False,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
