@@ -87,6 +87,7 @@ STATUS_STYLES = {"dead": "bold red", "replayed": "green", "discarded": "dim"}
 STATUS_CHOICES = ("dead", "replayed", "discarded", "any")
 #: Characters of an error message in the ``list`` table (``show`` has all of it).
 MESSAGE_WIDTH = 48
+TASK_WIDTH = 24
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
 TaskOption = Annotated[
@@ -304,7 +305,8 @@ def letters_table(letters: Sequence[DeadLetter]) -> Table:
             justify="right" if numeric else "left",
             overflow="ellipsis" if column == "MESSAGE" else "fold",
             no_wrap=numeric or column in ("MESSAGE", "LAST FAILURE", "STATUS"),
-            min_width=min(len(column), 8),
+            # the task name is what a reader looks for: the message gives way to it first
+            min_width=TASK_WIDTH if column == "TASK" else min(len(column), 8),
         )
     for letter in letters:  # the letters' text is data: never read as markup
         table.add_row(
