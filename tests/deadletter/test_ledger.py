@@ -1,0 +1,305 @@
+"""``ItemLedger`` and ``batch_progress`` on SQLite and PostgreSQL: a redelivered chunk skips the
+items already done or dead, dead items and their letters are written in one transaction,
+``claims`` counts deliveries, batches never share rows, and claims and marks larger than one
+statement's worth of keys work."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, exc, select
+
+from taskkit.db.models import Batch, BatchItem, DeadLetter
+from taskkit.deadletter import (
+    BatchProgress,
+    DeadLetterEntry,
+    DeadLetterStore,
+    ItemLedger,
+    batch_progress,
+)
+from taskkit.deadletter._ledger import _CHUNK
+
+TASK = "tkledger.score_items"
+
+
+@pytest.fixture
+def batch_id() -> str:
+    return f"batch-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def ledger(batch_id: str, engine: Engine) -> ItemLedger:
+    return ItemLedger(batch_id, engine)
+
+
+def dead(batch_id: str, *keys: str) -> list[DeadLetterEntry]:
+    """The dead-letter entries of ``keys``, failed with their row's ``ValueError``."""
+    return [
+        DeadLetterEntry.from_exception(
+            TASK,
+            {"id": key},
+            ValueError(f"bad row {key}"),
+            attempts=3,
+            batch_id=batch_id,
+            item_key=key,
+        )
+        for key in keys
+    ]
+
+
+def rows(engine: Engine, batch_id: str) -> dict[str, tuple[str, int]]:
+    """``{key: (status, claims)}`` of the batch's ledger rows."""
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(BatchItem.item_key, BatchItem.status, BatchItem.claims).where(
+                BatchItem.batch_id == batch_id
+            )
+        )
+        return {key: (status, claims) for key, status, claims in found}
+
+
+def letters(engine: Engine, batch_id: str) -> dict[str, tuple[str, str, int]]:
+    """``{item key: (task, error type, attempts)}`` of the batch's dead letters."""
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(
+                DeadLetter.item_key,
+                DeadLetter.task_name,
+                DeadLetter.error_type,
+                DeadLetter.attempts,
+            ).where(DeadLetter.batch_id == batch_id)
+        )
+        return {key: (task, error, attempts) for key, task, error, attempts in found}
+
+
+def record_batch(engine: Engine, batch_id: str, total: int) -> None:
+    """The ``batches`` row ``submit_batch`` writes."""
+    with engine.begin() as connection:
+        connection.execute(
+            Batch.__table__.insert().values(id=batch_id, task_name=TASK, total=total, chunks=1)
+        )
+
+
+# -- claims and redeliveries ----------------------------------------------------------------------
+
+
+def test_a_first_claim_finds_nothing_finished_and_claims_every_key(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    assert ledger.claim(["a", "b", "c"]) == {}
+
+    assert rows(engine, batch_id) == {"a": ("claimed", 1), "b": ("claimed", 1), "c": ("claimed", 1)}
+    assert ledger.statuses(["a", "b", "c", "unknown"]) == dict.fromkeys("abc", "claimed")
+
+
+def test_a_redelivery_reports_the_done_keys_so_they_are_skipped(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    ledger.claim(["a", "b", "c"])
+    ledger.finish(done=["a", "c"])
+
+    finished = ledger.claim(["a", "b", "c"])
+
+    assert finished == {"a": "done", "c": "done"}
+    to_run = [key for key in ["a", "b", "c"] if key not in finished]
+    assert to_run == ["b"]
+    assert rows(engine, batch_id) == {"a": ("done", 1), "b": ("claimed", 2), "c": ("done", 1)}
+
+
+def test_claims_count_the_deliveries_of_an_unfinished_item(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    for _ in range(3):  # three deliveries: two workers died before any flush
+        assert ledger.claim(["a", "b"]) == {}
+    ledger.finish(done=["a"])
+    ledger.claim(["a", "b", "c"])  # a fourth, with an item the earlier ones did not have
+
+    assert rows(engine, batch_id) == {"a": ("done", 3), "b": ("claimed", 4), "c": ("claimed", 1)}
+
+
+def test_the_same_keys_in_two_batches_never_collide(engine: Engine, batch_id: str):
+    first = ItemLedger(batch_id, engine)
+    second = ItemLedger(batch_id + "-2", engine)
+    first.claim(["1", "2"])
+    first.finish(done=["1"], dead=dead(batch_id, "2"))
+
+    assert second.claim(["1", "2"]) == {}
+
+    assert rows(engine, batch_id) == {"1": ("done", 1), "2": ("dead", 1)}
+    assert rows(engine, batch_id + "-2") == {"1": ("claimed", 1), "2": ("claimed", 1)}
+    assert letters(engine, batch_id + "-2") == {}
+    assert second.statuses(["1", "2"]) == {"1": "claimed", "2": "claimed"}
+
+
+@pytest.mark.parametrize("bad", ["", "b" * 65])
+def test_a_batch_id_must_fit_its_column(bad: str, engine: Engine):
+    with pytest.raises(ValueError, match="batch id must be 1 to 64 characters"):
+        ItemLedger(bad, engine)
+
+
+def test_finishing_nothing_writes_nothing(ledger: ItemLedger, engine: Engine, batch_id: str):
+    ledger.finish()
+
+    assert rows(engine, batch_id) == {}
+
+
+# -- dead items and their letters: one transaction ------------------------------------------------
+
+
+def test_dead_items_are_marked_with_their_letters(
+    ledger: ItemLedger, engine: Engine, batch_id: str, db_url: str
+):
+    store = DeadLetterStore(db_url, queue="")
+    ledger.claim(["a", "b", "c"])
+
+    ledger.finish(done=["a"], dead=dead(batch_id, "b", "c"), store=store)
+
+    assert rows(engine, batch_id) == {"a": ("done", 1), "b": ("dead", 1), "c": ("dead", 1)}
+    assert letters(engine, batch_id) == {
+        "b": (TASK, "ValueError", 3),
+        "c": (TASK, "ValueError", 3),
+    }
+    assert store.depth() == {TASK: 2}
+    assert ledger.claim(["a", "b", "c"]) == {"a": "done", "b": "dead", "c": "dead"}
+
+
+def test_a_dead_item_that_was_never_claimed_gets_its_ledger_row(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    """An item that failed before its chunk's claim (a bad key, a refused payload) is still
+    dead in the ledger, so a redelivery skips it."""
+    ledger.finish(dead=dead(batch_id, "x"))
+
+    assert rows(engine, batch_id) == {"x": ("dead", 1)}
+    assert set(letters(engine, batch_id)) == {"x"}
+
+
+def test_record_false_marks_dead_items_without_writing_letters(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    """A task whose ``dead_letter`` option is off still finishes its items."""
+    ledger.claim(["a"])
+
+    ledger.finish(dead=dead(batch_id, "a"), record=False)
+
+    assert rows(engine, batch_id) == {"a": ("dead", 1)}
+    assert letters(engine, batch_id) == {}
+
+
+@pytest.fixture
+def failing_letter_writes(engine: Engine) -> Iterator[None]:
+    """A trigger that refuses every insert into ``dead_letters`` (this run's database or
+    schema only), so the letters' write fails after the ledger's marks in the same transaction."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(
+                "CREATE FUNCTION tk_refuse_letter() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'letters refused' USING ERRCODE = 'check_violation'; "
+                "END $$"
+            )
+            connection.exec_driver_sql(
+                "CREATE TRIGGER tk_refuse_letter BEFORE INSERT ON dead_letters "
+                "FOR EACH ROW EXECUTE FUNCTION tk_refuse_letter()"
+            )
+        else:
+            connection.exec_driver_sql(
+                "CREATE TRIGGER tk_refuse_letter BEFORE INSERT ON dead_letters "
+                "BEGIN SELECT RAISE(ABORT, 'letters refused'); END"
+            )
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql("DROP TRIGGER tk_refuse_letter ON dead_letters")
+                connection.exec_driver_sql("DROP FUNCTION tk_refuse_letter()")
+            else:
+                connection.exec_driver_sql("DROP TRIGGER tk_refuse_letter")
+
+
+def test_a_failed_letter_write_leaves_neither_letters_nor_marks(
+    ledger: ItemLedger, engine: Engine, batch_id: str, failing_letter_writes: None
+):
+    ledger.claim(["a", "b"])
+
+    with pytest.raises(exc.IntegrityError, match="letters refused"):
+        ledger.finish(done=["a"], dead=dead(batch_id, "b", "never-claimed"))
+
+    assert rows(engine, batch_id) == {"a": ("claimed", 1), "b": ("claimed", 1)}
+    assert letters(engine, batch_id) == {}
+    assert ledger.claim(["a", "b"]) == {}  # both run again on the next delivery
+
+
+# -- batch_progress -------------------------------------------------------------------------------
+
+
+def test_progress_of_a_batch_sent_by_submit_batch(
+    ledger: ItemLedger, engine: Engine, batch_id: str, db_url: str
+):
+    record_batch(engine, batch_id, total=6)
+    assert batch_progress(batch_id, db_url) == BatchProgress(batch_id, 6, 0, 0, 0)
+    assert batch_progress(batch_id, db_url).pending == 6
+
+    ledger.claim(["a", "b", "c", "d", "e"])
+    ledger.finish(done=["a", "b"], dead=dead(batch_id, "c"))
+
+    progress = batch_progress(batch_id, db_url)
+    assert progress == BatchProgress(batch_id, total=6, done=2, dead=1, claimed=2)
+    assert (progress.finished, progress.pending) == (3, 1)
+
+
+def test_progress_of_a_batch_with_no_batches_row(
+    ledger: ItemLedger, engine: Engine, batch_id: str, db_url: str
+):
+    """A ``BatchTask`` called directly (not through ``submit_batch``) has no known total."""
+    ledger.claim(["a", "b", "c"])
+    ledger.finish(done=["a"], dead=dead(batch_id, "b"))
+
+    progress = batch_progress(batch_id, db_url)
+
+    assert progress == BatchProgress(batch_id, total=None, done=1, dead=1, claimed=1)
+    assert (progress.finished, progress.pending) == (2, None)
+    assert batch_progress("no-such-batch", db_url) == BatchProgress("no-such-batch", None, 0, 0, 0)
+
+
+def test_progress_counts_one_batch_only(engine: Engine, batch_id: str, db_url: str):
+    ItemLedger(batch_id, engine).claim(["a", "b"])
+    other = ItemLedger(batch_id + "-2", engine)
+    other.claim(["a", "b", "c"])
+    other.finish(done=["a", "b", "c"])
+
+    assert batch_progress(batch_id, db_url) == BatchProgress(batch_id, None, 0, 0, 2)
+
+
+# -- more keys than one statement takes ------------------------------------------------------------
+
+
+def test_claims_and_marks_of_more_keys_than_one_statement_takes(
+    ledger: ItemLedger, engine: Engine, batch_id: str, db_url: str
+):
+    keys = [f"item-{i:05d}" for i in range(2 * _CHUNK + 7)]
+    record_batch(engine, batch_id, total=len(keys) + 10)
+    assert ledger.claim(keys) == {}
+
+    done = keys[: _CHUNK + 3]  # across the first statement's boundary
+    dead_keys = keys[-(_CHUNK + 1) :]  # across the last one's
+    ledger.finish(done=done, dead=dead(batch_id, *dead_keys))
+    finished = ledger.claim([*keys, *(f"new-{i}" for i in range(10))])
+
+    assert finished == {**dict.fromkeys(done, "done"), **dict.fromkeys(dead_keys, "dead")}
+    ledger_rows = rows(engine, batch_id)
+    assert len(ledger_rows) == len(keys) + 10
+    assert {k for k, (status, claims) in ledger_rows.items() if claims == 2} == set(keys) - set(
+        done
+    ) - set(dead_keys)
+    assert set(letters(engine, batch_id)) == set(dead_keys)
+    assert ledger.statuses(keys) == {**dict.fromkeys(keys, "claimed"), **finished}
+    assert batch_progress(batch_id, db_url) == BatchProgress(
+        batch_id,
+        total=len(keys) + 10,
+        done=len(done),
+        dead=len(dead_keys),
+        claimed=len(keys) - len(done) - len(dead_keys) + 10,
+    )
