@@ -11,6 +11,7 @@ import difflib
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -30,6 +31,7 @@ __all__ = [
     "is_control_flow",
     "keep_identity",
     "keyword_only",
+    "mask_password",
     "qualified_name",
     "reject_unknown",
 ]
@@ -126,6 +128,19 @@ def call_hook(hook: Callable[..., object], *args: object) -> None:
         logging.getLogger("taskkit").exception(
             "taskkit: hook %r raised; ignored", getattr(hook, "__name__", hook)
         )
+
+
+_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@/\s]+@")
+
+
+def mask_password(url: str) -> str:
+    """``url`` with every password replaced by ``***`` (``redis://:***@host``); for anything
+    shown to people: reprs, logs, errors, CLI output.
+
+    >>> mask_password("postgresql+psycopg://app:s3cret@db:5432/app")
+    'postgresql+psycopg://app:***@db:5432/app'
+    """
+    return _PASSWORD.sub(r"\1:***@", url)
 
 
 # -- the test switch ------------------------------------------------------------------------------

@@ -24,14 +24,16 @@ Example::
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from taskkit._utils import mask_password
 from taskkit.errors import ConfigurationError
 
 __all__ = ["Settings", "find_home", "get_settings", "load_settings", "reset_settings"]
@@ -141,6 +143,11 @@ class Settings(BaseSettings):
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().absolute()
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() end up in logs and tracebacks: never with a URL's password
+        for name, value in super().__repr_args__():
+            yield name, mask_password(value) if name in _URL_FIELDS and value else value
+
     @field_validator("secret_key")
     @classmethod
     def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -203,6 +210,9 @@ class Settings(BaseSettings):
     def embedded_broker(self) -> bool:
         """Whether the broker is the embedded SQLite file (nothing else running)."""
         return self.broker_url.startswith("sqla+sqlite://")
+
+
+_URL_FIELDS = frozenset({"database_url", "broker_url", "result_backend", "lease_url"})
 
 
 def _scheme(url: str) -> str:

@@ -47,6 +47,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from taskkit.db import db_retry, get_engine
 from taskkit.db.models import Batch, BatchItem
 from taskkit.deadletter._store import DeadLetterEntry, DeadLetterStore, write_rows
+from taskkit.errors import ConfigurationError
 
 __all__ = ["BatchProgress", "ItemLedger", "batch_progress"]
 
@@ -136,6 +137,11 @@ class ItemLedger:
         ``store`` (its broker queue, if set)."""
         if not done and not dead:
             return
+        keyless = [entry.task_name for entry in dead if entry.item_key is None]
+        if keyless:  # str(None) would mark an item named "None" dead
+            raise ConfigurationError(
+                f"a dead item of batch {self.batch_id!r} has no item_key ({keyless[0]})"
+            )
         now = datetime.now(UTC)
         rows = [entry.row() for entry in dead] if record else []
         with _transaction(self.engine) as connection:

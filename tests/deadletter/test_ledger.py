@@ -5,6 +5,7 @@ statement's worth of keys work."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from taskkit.deadletter import (
     batch_progress,
 )
 from taskkit.deadletter._ledger import _CHUNK
+from taskkit.errors import ConfigurationError
 
 TASK = "tkledger.score_items"
 
@@ -174,6 +176,20 @@ def test_a_dead_item_that_was_never_claimed_gets_its_ledger_row(
 
     assert rows(engine, batch_id) == {"x": ("dead", 1)}
     assert set(letters(engine, batch_id)) == {"x"}
+
+
+def test_a_dead_entry_without_an_item_key_is_refused_and_nothing_is_written(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    """A keyless entry would otherwise mark an item named "None" dead."""
+    [keyless] = dead(batch_id, "k")
+    keyless = dataclasses.replace(keyless, item_key=None)
+
+    with pytest.raises(ConfigurationError, match="has no item_key"):
+        ledger.finish(done=["a"], dead=[keyless])
+
+    assert rows(engine, batch_id) == {}
+    assert letters(engine, batch_id) == {}
 
 
 def test_record_false_marks_dead_items_without_writing_letters(
