@@ -9,7 +9,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm.exc import StaleDataError
 
-from taskkit.db import describe_database, is_transient
+from taskkit.db import is_transient
+from taskkit.db.classify import describe_database
 
 
 class DriverError(Exception):
