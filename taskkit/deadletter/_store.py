@@ -1,7 +1,8 @@
 """``DeadLetterStore``: the ``dead_letters`` table: record, list, count, mark, discard, purge.
 
-Recording is an upsert on (task, batch, item), so an item that fails again after a crash
-updates its letter instead of adding a second one. Sending letters again is
+Recording is an upsert on (task, batch, item) for items and on (task, task id) for whole
+tasks, so an item or a task that fails again after a crash updates its letter instead of adding
+a second one. Sending letters again is
 ``taskkit.tasks.replay_dead_letters``; this module selects and marks them and imports no Celery.
 """
 
@@ -387,14 +388,30 @@ class DeadLetterStore:
 
 
 def write_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """Upsert letters on (task, batch, item): a repeat adds its attempts and moves the last
-    failure; a letter that was replayed or discarded is dead again. In the caller's transaction.
+    """Upsert letters: an item on (task, batch, item key), a whole task on (task, task id). A
+    repeat adds its attempts and moves the last failure; a letter that was replayed or
+    discarded is dead again. In the caller's transaction.
+
+    Decision: a whole task's letter has no batch and no item key (NULL), and SQL unique
+    constraints treat NULLs as distinct, so the table's constraint never merges two failures of
+    one task; every redelivered failure was a new letter, and replaying them all ran the task
+    once per copy. Rather than a sentinel in those columns (which every reader would have to
+    know about) or a schema change, a whole task's letter is keyed by its task id here: an
+    update of the letter with that task id, else an insert, under a lock on that key
+    (PostgreSQL: a transaction advisory lock; SQLite: its single writer). A failure without a
+    task id (recorded by hand) has nothing to merge on and stays a letter of its own.
 
     Example::
 
         with engine.begin() as connection:
             write_rows(connection, [entry.row() for entry in entries])
     """
+    whole = [row for row in rows if _whole_task(row)]
+    if whole:
+        _write_whole_tasks(connection, whole)
+        rows = [row for row in rows if not _whole_task(row)]
+        if not rows:
+            return
     dialect = connection.dialect.name
     if dialect not in ("postgresql", "sqlite"):
         connection.execute(_TABLE.insert(), rows)
@@ -417,6 +434,43 @@ def write_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:
     returning = statement.returning(_TABLE.c.id, sort_by_parameter_order=True)
     for row, letter_id in zip(rows, connection.scalars(returning, rows), strict=True):
         row["id"] = letter_id  # published with the letter, for `taskkit dlq show/replay ID`
+
+
+def _whole_task(row: dict[str, Any]) -> bool:
+    return row["batch_id"] is None and row["item_key"] is None and row["task_id"] is not None
+
+
+def _write_whole_tasks(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Upsert the letters of whole tasks on (task name, task id); see ``write_rows``."""
+    for row in rows:
+        key = (row["task_name"], row["task_id"])
+        if connection.dialect.name == "postgresql":
+            # Two failures of one task id at once: the second waits for the first's commit.
+            connection.execute(
+                select(func.pg_advisory_xact_lock(func.hashtextextended(f"{key!r}", 0)))
+            )
+        letter_id = connection.scalar(
+            update(DeadLetter)
+            .where(
+                DeadLetter.task_name == row["task_name"],
+                DeadLetter.task_id == row["task_id"],
+                DeadLetter.batch_id.is_(None),
+                DeadLetter.item_key.is_(None),
+            )
+            .values(
+                attempts=DeadLetter.attempts + row["attempts"],
+                last_failed_at=row["last_failed_at"],
+                error_type=row["error_type"],
+                error_message=row["error_message"],
+                traceback=row["traceback"],
+                payload=row["payload"],
+                status="dead",
+            )
+            .returning(DeadLetter.id)
+        )
+        if letter_id is None:
+            letter_id = connection.scalar(_TABLE.insert().values(row).returning(_TABLE.c.id))
+        row["id"] = letter_id
 
 
 def _missing_table(error: BaseException) -> bool:

@@ -1,10 +1,12 @@
 """Sending dead letters again into the app's registered tasks: all or nothing.
 
-Every selected letter is checked first (still ``dead``, the target task registered, a batch
-item going into a ``BatchTask``, the payload still valid for the target: the task's signature
-for a whole task, ``BatchTask.validate_item`` for an item); if one fails, ``ReplayRejected``
-names it and nothing is sent or changed. Items go out as one new batch per target task
-(``replay-<hex>``, the original item keys; another batch when a key repeats).
+Every selected letter is checked first (still ``dead``; the target one of the app's taskkit
+tasks, or listed in its ``taskkit_replay_allow`` setting, and never Celery's own ``celery.*``;
+a batch item going into a ``BatchTask``; the payload still valid for the target: the task's
+signature for a whole task, ``BatchTask.validate_item`` for an item); if one fails,
+``ReplayRejected`` names it and why, and nothing is sent or changed. Items go out as one new
+batch per target task (``replay-<hex>``, the original item keys; another batch when a key
+repeats).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from taskkit.deadletter import (
     SentReplay,
 )
 from taskkit.errors import ConfigurationError, ReplayRejected
+from taskkit.tasks._base import ResilientTask
 
 __all__ = ["replay_dead_letters"]
 
@@ -118,13 +121,10 @@ def _plan(app: Any, letters: list[DeadLetter], into: str | None) -> list[_Plan]:
     # per target, batches of items whose keys are unique (a batch refuses a repeated key)
     items: dict[str, list[tuple[set[str | None], list[DeadLetter]]]] = defaultdict(list)
     plans: list[_Plan] = []
+    allowed = _allow_list(app)
     for letter in letters:
         target = into or letter.task_name
-        task = app.tasks.get(target)
-        if task is None:
-            raise ReplayRejected(
-                f"task {target!r} is not registered in app {app.main!r}", [letter.id]
-            )
+        task = _target(app, target, allowed, letter)
         if isinstance(letter.payload, dict) and UNSERIALIZABLE in letter.payload:
             raise ReplayRejected(
                 "its payload was not JSON when it failed, so it cannot be sent again", [letter.id]
@@ -161,6 +161,43 @@ def _plan(app: Any, letters: list[DeadLetter], into: str | None) -> list[_Plan]:
         for _, group in batches
     )
     return plans
+
+
+def _allow_list(app: Any) -> frozenset[str]:
+    """The app's ``taskkit_replay_allow``: names of tasks that are not taskkit tasks which a
+    replay may still send to (never Celery's own)."""
+    listed = app.conf.get("taskkit_replay_allow") or ()
+    if isinstance(listed, str) or not all(isinstance(name, str) for name in listed):
+        raise ConfigurationError(
+            f"taskkit_replay_allow must be a list of task names, not {listed!r}"
+        )
+    return frozenset(listed)
+
+
+def _target(app: Any, name: str, allowed: frozenset[str], letter: DeadLetter) -> Any:
+    """The task ``name`` of ``app`` a letter may be sent to, or ``ReplayRejected`` saying why.
+
+    Decision: a replay sends what a database row says to a task the row names, so whoever can
+    write the ``dead_letters`` table chooses both. Only the app's own taskkit tasks
+    (``ResilientTask`` and its subclasses, whose arguments the checks below verify) and the
+    names listed in ``taskkit_replay_allow`` are targets; Celery's own tasks (``celery.*``:
+    ``celery.map`` calls any task with arguments from the row) never are, listed or not.
+    """
+    if name.startswith("celery.") or name == "celery":
+        raise ReplayRejected(
+            f"{name!r} is Celery's own task; replay only sends to the app's taskkit tasks",
+            [letter.id],
+        )
+    task = app.tasks.get(name)
+    if task is None:
+        raise ReplayRejected(f"task {name!r} is not registered in app {app.main!r}", [letter.id])
+    if not isinstance(task, ResilientTask) and name not in allowed:
+        raise ReplayRejected(
+            f"task {name!r} is not a taskkit task (a ResilientTask) of app {app.main!r}; list it "
+            "in the app's taskkit_replay_allow setting to replay into it",
+            [letter.id],
+        )
+    return task
 
 
 def _check_task_payload(task: Any, letter: DeadLetter) -> None:

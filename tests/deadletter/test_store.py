@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -147,7 +148,48 @@ def test_the_same_key_in_another_batch_or_task_is_another_letter(store: DeadLett
     assert len(store.list()) == 3
 
 
-def test_failures_of_a_whole_task_are_one_letter_each(store: DeadLetterStore):
+def test_failures_of_a_whole_task_merge_into_one_letter_per_task_id(
+    store: DeadLetterStore, at_t0: Clock
+):
+    """Issue 14 item 9: NULL batch/item made every redelivered failure a new letter."""
+    payload = {"args": ["h1"], "kwargs": {}}
+    later = T0 + timedelta(minutes=5)
+    store.record([entry(PING, payload, batch=None, key=None, task_id="t-1", attempts=4)])
+    [first] = store.list()
+    store.discard([first.id])
+    store.record([entry(PING, payload, batch=None, key=None, task_id="t-1", at=later, attempts=1)])
+    store.record([entry(PING, payload, batch=None, key=None, task_id="t-2")])
+
+    letters = store.list(status=None)
+    assert [(x.task_id, x.attempts, x.status) for x in letters] == [
+        ("t-2", 1, "dead"),
+        ("t-1", 5, "dead"),  # failed again: waiting again, its last failure moved
+    ]
+    assert letters[1].id == first.id
+    assert (letters[1].first_failed_at, letters[1].last_failed_at) == (T0, later)
+    assert (letters[1].batch_id, letters[1].item_key) == (None, None)
+
+
+def test_whole_task_failures_recorded_at_once_for_one_task_id_are_one_letter(
+    store: DeadLetterStore,
+):
+    """Concurrent redeliveries of one task id failing at the same moment (threads, each its own
+    transaction) still make one letter."""
+    payload = {"args": ["h1"], "kwargs": {}}
+
+    def fail() -> None:
+        store.record([entry(PING, payload, batch=None, key=None, task_id="t-race")])
+
+    threads = [threading.Thread(target=fail) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [(x.task_id, x.attempts) for x in store.list()] == [("t-race", 6)]
+
+
+def test_whole_task_failures_without_a_task_id_stay_apart(store: DeadLetterStore):
     payload = {"args": ["h1"], "kwargs": {}}
     store.record([entry(PING, payload, batch=None, key=None)])
     store.record([entry(PING, payload, batch=None, key=None)])
@@ -689,6 +731,74 @@ def test_an_item_letter_into_a_task_that_is_not_a_batch_task_is_refused(
 
     assert raised.value.letter_ids == refused.ids[:1]
     refused.unchanged()
+
+
+#: Letters naming Celery's built-in tasks, with payloads that fit their signatures: celery.map
+#: would call PING with arguments from the row, past replay's argument check.
+BUILTIN_LETTERS = {
+    "celery.map": {"args": [{"task": PING, "args": [], "kwargs": {}}, [["h1"]]], "kwargs": {}},
+    "celery.group": {"args": [[], "result", "group-id", []], "kwargs": {}},
+    "celery.backend_cleanup": {"args": [], "kwargs": {}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_LETTERS))
+def test_a_letter_naming_a_celery_builtin_is_refused(
+    name: str, replays: DeadLetterStore, refused: Refusal
+):
+    """Issue 14 item 6: letters whose task_name was celery.* were sent."""
+    replays.record([entry(name, BUILTIN_LETTERS[name], batch=None, key=None, task_id="t-b")])
+    [letter] = replays.list(task=name)
+
+    with pytest.raises(ReplayRejected, match=f"{name!r} is Celery's own task") as raised:
+        replay(replays, all=True)
+
+    assert raised.value.letter_ids == [letter.id]
+    assert replays.get(letter.id).status == "dead"
+    refused.unchanged()
+
+
+def test_replay_into_celery_map_is_refused(replays: DeadLetterStore, refused: Refusal):
+    replays.record([entry(PING, BUILTIN_LETTERS["celery.map"], batch=None, key=None)])
+    [letter] = replays.list(task=PING)
+
+    with pytest.raises(ReplayRejected, match="'celery.map' is Celery's own task"):
+        replay(replays, [letter.id], into="celery.map")
+
+    refused.unchanged()
+
+
+def _plain(host: str) -> str:
+    return host
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_replay_into_a_task_that_is_not_a_taskkit_task_needs_the_allow_list(
+    allowed: bool, app: Celery, replays: DeadLetterStore, redis_client: redis.Redis, prefix: str
+):
+    plain = app.task(name="tkdl.plain", shared=False)(_plain)
+    if allowed:
+        app.conf.taskkit_replay_allow = ["tkdl.plain", "celery.map"]
+    replays.record([entry("tkdl.plain", {"args": ["h1"], "kwargs": {}}, batch=None, key=None)])
+    replays.record([entry("celery.map", BUILTIN_LETTERS["celery.map"], batch=None, key=None)])
+    [letter] = replays.list(task="tkdl.plain")
+    [builtin] = replays.list(task="celery.map")
+
+    with pytest.raises(ReplayRejected, match="'celery.map' is Celery's own task"):
+        replay(replays, [builtin.id])  # never, even when listed
+    if not allowed:
+        with pytest.raises(
+            ReplayRejected, match="'tkdl.plain' is not a taskkit task .* taskkit_replay_allow"
+        ):
+            replay(replays, [letter.id])
+        assert sent_tasks(redis_client, prefix) == []
+        return
+    result = replay(replays, [letter.id])
+
+    assert [(name, args) for name, _, args, _ in sent_tasks(redis_client, prefix)] == [
+        (plain.name, ["h1"])
+    ]
+    assert result.letter_ids == [letter.id]
 
 
 def test_a_task_letter_whose_arguments_no_longer_fit_is_refused(
