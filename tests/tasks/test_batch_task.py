@@ -5,6 +5,7 @@ tests/batch/test_batch_worker.py."""
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -83,6 +84,12 @@ def no_ledger_task(self: BatchTask, item: int) -> None:
     calls[item] += 1
     if item in ALWAYS:
         raise RuntimeError("broken")
+
+
+@app.task(base=BatchTask, bind=True, shared=False, name="tkbatchunit.free", item_delay=0)
+def records_free_task(self: BatchTask, item: dict[str, Any]) -> None:
+    """Items without an id: keyed by position and content."""
+    calls[item["n"]] += 1
 
 
 @app.task(
@@ -249,13 +256,36 @@ def test_item_keys_from_a_field_must_be_unique(database: Engine) -> None:
         records_task([{"sku": "x" * 300}])
 
 
-def test_default_keys_use_the_item_its_id_or_its_position(database: Engine) -> None:
+def test_default_keys_use_the_item_its_id_or_its_position_and_content(database: Engine) -> None:
     task = items_task
     assert task.key_of(5, 0) == 5
     assert task.key_of("abc", 0) == "abc"
     assert task.key_of({"id": 9, "x": 1}, 0) == 9
-    assert task.key_of([1, 2], 4) == "#4"
-    assert task.key_of(True, 2) == "#2"
+    key = task.key_of([1, 2], 4)
+    assert re.fullmatch(r"#4:[0-9a-f]{16}", key)
+    assert task.key_of((1, 2), 4) == key  # what the JSON message turns a tuple into
+    assert task.key_of([1, 3], 4) != key
+    assert task.key_of({"a": 1, "b": 2}, 0) == task.key_of({"b": 2, "a": 1}, 0)  # canonical
+    assert re.fullmatch(r"#2:[0-9a-f]{16}", task.key_of(True, 2))
+
+
+def test_a_reused_batch_id_runs_new_items_at_the_same_positions(database: Engine) -> None:
+    """Issue 14 item 8: positional keys (#0, #1) made a second "nightly" batch with the same
+    batch id skip its new items as done."""
+    first = records_free_task([{"n": 1}, {"n": 2}], batch_id="nightly")
+    again = records_free_task([{"n": 1}, {"n": 2}], batch_id="nightly")  # a redelivery
+    second = records_free_task([{"n": 3}, {"n": 4}, {"n": 1}], batch_id="nightly")
+
+    assert (first["successful"], again["skipped"]) == (2, 2)
+    assert (second["successful"], second["skipped"]) == (3, 0)
+    assert calls == Counter({1: 2, 2: 1, 3: 1, 4: 1})  # {"n": 1} moved to position 2: new item
+
+
+def test_equal_items_without_ids_in_one_batch_are_each_run(database: Engine) -> None:
+    summary = records_free_task([{"n": 7}, {"n": 7}], batch_id=uuid.uuid4().hex)
+
+    assert summary["successful"] == 2
+    assert calls == Counter({7: 2})
 
 
 def test_without_the_ledger_items_still_reach_the_dead_letter_queue(database: Engine) -> None:
