@@ -6,7 +6,8 @@ a batch item going into a ``BatchTask``; the payload still valid for the target:
 signature for a whole task, ``BatchTask.validate_item`` for an item); if one fails,
 ``ReplayRejected`` names it and why, and nothing is sent or changed. Items go out as one new
 batch per target task (``replay-<hex>``, the original item keys; another batch when a key
-repeats).
+repeats). A ``TrainingTask``'s letter resumes its failed run (``resume_run``, as ``taskkit
+resume`` does) instead of sending its arguments again, which the worker would drop.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from taskkit.db.models import DeadLetter
+from taskkit.db.models import DeadLetter, ModelRun
+from taskkit.db.session import session_scope
 from taskkit.deadletter import (
     UNSERIALIZABLE,
     DeadLetterStore,
     ReplayResult,
     SentReplay,
 )
-from taskkit.errors import ConfigurationError, ReplayRejected
+from taskkit.errors import ConfigurationError, ReplayRejected, RunNotResumable
 from taskkit.tasks._base import ResilientTask
+from taskkit.tasks._runs import resume_run
+from taskkit.tasks._training import TrainingTask
 
 __all__ = ["replay_dead_letters"]
 
@@ -78,14 +82,17 @@ def replay_dead_letters(
     selected = store.letters_for_replay(
         ids, task=task, batch_id=batch_id, error_type=error_type, older_than=older_than
     )
+    # Resuming a training run writes its row in a transaction of its own, which SQLite's one
+    # writer cannot grant while this one holds the letters: those go after the commit too.
     with selected as (session, letters):
         plans = _plan(app, letters, into)
-        if not eager:
-            sent = [plan.send() for plan in plans]
-            store.mark_replayed(sent, session)
-    if eager:
-        sent = [plan.send() for plan in plans]
-        store.mark_replayed(sent)
+        now = [plan for plan in plans if not eager and plan.run_id is None]
+        sent = [plan.send() for plan in now]
+        store.mark_replayed(sent, session)
+    later = [plan.send() for plan in plans if eager or plan.run_id is not None]
+    if later:
+        store.mark_replayed(later)
+    sent += later
     return ReplayResult([i for message in sent for i in message.letter_ids], sent)
 
 
@@ -94,9 +101,23 @@ class _Plan:
     task: Any
     letters: list[DeadLetter]
     items: bool
+    #: A training run to resume (a TrainingTask's letter) instead of sending the arguments.
+    run_id: int | None = None
 
     def send(self) -> SentReplay:
         ids = [letter.id for letter in self.letters]
+        if self.run_id is not None:
+            app = self.task.app
+            try:
+                task_id = resume_run(
+                    app,
+                    self.run_id,
+                    require_checkpoint=False,
+                    database_url=app.conf.get("taskkit_database_url"),
+                )
+            except RunNotResumable as exc:  # changed since the check (a resume, a worker)
+                raise ReplayRejected(f"cannot resume it: {exc}", ids) from exc
+            return SentReplay(self.task.name, task_id, None, ids)
         if self.items:
             batch_id = f"replay-{uuid.uuid4().hex[:24]}"
             result = self.task.apply_async(
@@ -153,14 +174,59 @@ def _plan(app: Any, letters: list[DeadLetter], into: str | None) -> list[_Plan]:
             else:
                 batches.append(({letter.item_key}, [letter]))
         else:
-            plans.append(_Plan(task, [letter], items=False))
             _check_task_payload(task, letter)
+            run_id = _training_run(task, letter, into) if isinstance(task, TrainingTask) else None
+            plans.append(_Plan(task, [letter], items=False, run_id=run_id))
     plans.extend(
         _Plan(app.tasks[target], group, items=True)
         for target, batches in items.items()
         for _, group in batches
     )
     return plans
+
+
+def _training_run(task: Any, letter: DeadLetter, into: str | None) -> int:
+    """The failed run a ``TrainingTask``'s letter resumes, or ``ReplayRejected``.
+
+    Decision: a training task's arguments name a run, and the run belongs to the task id of its
+    current attempt; the same arguments sent again under a new task id are dropped by the
+    worker as a stale copy, and the run stays failed. So a training letter is replayed as
+    ``taskkit resume`` does (``resume_run``: the run is handed to a new task id and continues
+    from its last valid checkpoint, or from the start when it has none), and only a ``failed``
+    run is: a completed one needs nothing, and a queued or running one has a trainer.
+    """
+    if into is not None and into != letter.task_name:
+        raise ReplayRejected(
+            f"{letter.task_name!r} failed on a training run, which resumes into its own task, "
+            f"not {into!r}",
+            [letter.id],
+        )
+    payload = letter.payload
+    try:
+        run_id = task._argument(
+            tuple(payload.get("args", ())), dict(payload.get("kwargs", {})), task.run_arg
+        )
+    except ConfigurationError as exc:
+        raise ReplayRejected(str(exc), [letter.id]) from exc
+    if not isinstance(run_id, int) or isinstance(run_id, bool):
+        raise ReplayRejected(f"its {task.run_arg!r} is not a run id: {run_id!r}", [letter.id])
+    with session_scope(task.app.conf.get("taskkit_database_url")) as session:
+        run = session.get(ModelRun, run_id)
+        status = None if run is None else run.status
+        run_task = None if run is None else run.task_name
+    if run is None:
+        raise ReplayRejected(f"run {run_id} does not exist any more", [letter.id])
+    if run_task != task.name:
+        raise ReplayRejected(
+            f"run {run_id} belongs to task {run_task!r}, not {task.name!r}", [letter.id]
+        )
+    if status != "failed":
+        raise ReplayRejected(
+            f"run {run_id} is {status}; only a failed run is resumed by a replay "
+            "(discard the letter, or see: taskkit runs show)",
+            [letter.id],
+        )
+    return run_id
 
 
 def _allow_list(app: Any) -> frozenset[str]:
