@@ -77,7 +77,8 @@ class DatabaseStorage:
             record.manifest = info.to_json().decode()
 
     def infos(self, run_id: str) -> list[CheckpointInfo]:
-        """The run's manifests, oldest step first; an unreadable one is skipped with a warning."""
+        """The run's manifests, oldest step first; an unreadable one, or one whose step is not
+        its record's, is skipped with a warning."""
         run_id = validate_run_id(run_id)
         with session_scope(self.database_url) as db:
             rows = db.execute(
@@ -88,15 +89,20 @@ class DatabaseStorage:
         found = []
         for step, text in rows:
             try:
-                found.append(CheckpointInfo.from_json(text))
+                info = CheckpointInfo.from_json(text)
             except ValueError as exc:
-                warnings.warn(
-                    CheckpointWarning(
-                        f"checkpoint manifest of run {run_id!r}, step {step} in the database "
-                        f"is unreadable, ignored: {exc}"
-                    ),
-                    stacklevel=2,
+                _warn(
+                    f"checkpoint manifest of run {run_id!r}, step {step} in the database "
+                    f"is unreadable, ignored: {exc}"
                 )
+                continue
+            if info.step != step:
+                _warn(
+                    f"checkpoint manifest of run {run_id!r}, step {step} in the database "
+                    f"describes step {info.step} (copied?); ignored"
+                )
+                continue
+            found.append(info)
         return sorted(found, key=lambda info: info.step)
 
     def read(self, run_id: str, step: int) -> Buffer:
@@ -160,6 +166,10 @@ class DatabaseStorage:
         """Nothing to do: a checkpoint is one transaction, so a crash leaves no partial rows."""
         validate_run_id(run_id)
         return 0
+
+
+def _warn(message: str) -> None:
+    warnings.warn(CheckpointWarning(message), stacklevel=3)
 
 
 def _rechunk(buffers: Sequence[Buffer], size: int) -> Iterator[Buffer]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
 import socket
-import threading
+import stat
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +17,15 @@ from typing import Protocol, runtime_checkable
 
 from taskkit.checkpoint._codec import Buffer, writable_buffer
 from taskkit.checkpoint._info import CheckpointInfo, validate_run_id
-from taskkit.errors import CheckpointWarning
+from taskkit.errors import CheckpointCorrupt, CheckpointError, CheckpointWarning, ConfigurationError
+
+_flock: Callable[[int, int], None] | None
+try:
+    import fcntl
+
+    _flock, _LOCK_EX, _LOCK_NB = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_NB
+except ImportError:  # pragma: no cover - Windows: no flock; writers are told apart by age only
+    _flock, _LOCK_EX, _LOCK_NB = None, 0, 0
 
 __all__ = ["CheckpointStorage", "DirectoryStorage"]
 
@@ -114,22 +123,24 @@ def _manifest_name(step: int) -> str:
 
 
 _STORED = re.compile(r"step-(\d+)\.(ckpt|json)")
-# A temp file: .<final name>~<host>~<pid>~<token>.tmp (the writer, so a cleaner can tell
-# whether it is still alive; the token pairs the data and manifest temps of one write).
+# A temp file: .<final name>~<host>~<pid>~<token>.tmp. Host and pid are for people reading the
+# folder; whether the writer is alive is told by its lock file (below), never by the pid, which
+# means nothing in another PID namespace (containers sharing a volume and a host name).
 _TEMP = re.compile(
     r"\.step-(?P<step>\d+)\.(?:ckpt|json)~(?P<host>[^~]*)~(?P<pid>\d+)~(?P<token>\w+)\.tmp"
 )
+# A writer's lock file: .step-<step>~<host>~<pid>~<token>.lock, flock()ed by the writer from
+# before its first temp file exists until after its last one is gone; the OS releases the lock
+# when the writer dies, however it dies.
+_LOCK = re.compile(r"\.step-(?P<step>\d+)~(?P<host>[^~]*)~(?P<pid>\d+)~(?P<token>\w+)\.lock")
 _HOST = re.sub(r"[~/\\\s]", "_", socket.gethostname()) or "localhost"
-# Temp files of another host cannot be checked for a live writer: they are orphans once they
-# have not changed for this long.
-_FOREIGN_GRACE = 3600.0
+# Without flock (Windows), a temp file is an orphan once it has not changed for this long.
+_UNLOCKED_GRACE = 3600.0
 # Largest single os.write: some platforms refuse writes of 2 GiB or more.
 _MAX_WRITE = 1 << 30
-
-# Tokens of the writes in progress in this process (a temp file of this pid with another
-# token is left from a failed write of this process).
-_active: set[str] = set()
-_active_lock = threading.Lock()
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
 
 
 class DirectoryStorage:
@@ -140,9 +151,13 @@ class DirectoryStorage:
     manifest last, so a crash at any point leaves either the whole checkpoint or none (plus
     temp files or a data file without manifest, which ``remove_orphans`` deletes).
 
-    Temp files are named after their writer (host, pid), and ``remove_orphans`` removes only
-    those whose writer is gone (a dead pid on this host; unchanged for an hour on another), so
-    a store opened by a CLI while a worker writes does not delete the worker's temp files.
+    Hygiene: folders are created ``0700`` and files ``0600``; a run folder, a data file or a
+    manifest that is a symbolic link is refused, never followed (``O_NOFOLLOW``); a manifest
+    whose step differs from its file name is skipped with a ``CheckpointWarning``. A writer holds
+    an ``flock`` on a lock file of its own for as long as its temp files exist, and
+    ``remove_orphans`` removes only taskkit's own temp files whose writer's lock is free (the OS
+    frees it when the writer dies, in any container), so a store opened by a CLI while a worker
+    writes does not delete the worker's temp files. The folder itself may be a symbolic link.
 
     Example::
 
@@ -153,6 +168,7 @@ class DirectoryStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         #: The directory under which each run has a directory of its own.
         self.root = Path(root).expanduser().absolute()
+        _check_root(self.root)
 
     def __repr__(self) -> str:
         return f"DirectoryStorage({str(self.root)!r})"
@@ -160,6 +176,17 @@ class DirectoryStorage:
     def run_dir(self, run_id: str) -> Path:
         """The directory of a run (which may not exist yet)."""
         return self.root / validate_run_id(run_id)
+
+    def _open_run_dir(self, run_id: str) -> int | None:
+        """An fd of the run's directory (None when it does not exist); a symlink is refused."""
+        directory = self.run_dir(run_id)
+        try:
+            return os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            _refuse_run_dir(directory, run_id, exc)
+            raise
 
     # -- writing --------------------------------------------------------------------------
 
@@ -172,18 +199,23 @@ class DirectoryStorage:
     ) -> None:
         """Write data, then manifest, each via temp file + fsync + rename + directory fsync."""
         directory = self.run_dir(run_id)
-        _makedirs_durably(directory)
+        _check_root(self.root)
+        for _ in range(2):  # before creating it (a dangling link) and after (a link to a folder)
+            fd = self._open_run_dir(run_id)  # refuses a symlinked run folder
+            if fd is not None:
+                os.close(fd)
+                break
+            _makedirs_durably(directory)
         data_path = directory / _data_name(step)
         manifest_path = directory / _manifest_name(step)
-        if manifest_path.exists() or data_path.exists():
+        if _lexists(manifest_path) or _lexists(data_path):
             # Replacing a step: the old manifest goes first, so no manifest ever describes
             # data other than its own, even after a crash in between.
             _unlink(manifest_path)
             _unlink(data_path)
             _fsync_dir(directory)
         token = secrets.token_hex(6)
-        with _active_lock:
-            _active.add(token)
+        lock = _hold_lock(directory, step, token)
         temp_data: Path | None = None
         temp_manifest: Path | None = None
         data_placed = False
@@ -205,42 +237,72 @@ class DirectoryStorage:
                 _unlink(data_path)  # its manifest was never written
             raise
         finally:
-            with _active_lock:
-                _active.discard(token)
+            _release_lock(*lock)
 
     # -- reading --------------------------------------------------------------------------
 
     def infos(self, run_id: str) -> list[CheckpointInfo]:
-        """The run's manifests, oldest step first; an unreadable one is skipped with a warning."""
-        directory = self.run_dir(run_id)
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
+        """The run's manifests, oldest step first; an unreadable one, a symbolic link, or one
+        whose step is not its file name's, is skipped with a warning."""
+        dir_fd = self._open_run_dir(run_id)
+        if dir_fd is None:
             return []
+        directory = self.run_dir(run_id)
         found = []
-        for name in names:
-            match = _STORED.fullmatch(name)
-            if match is None or match[2] != "json":
-                continue
-            path = directory / name
-            try:
-                text = path.read_bytes()
-            except FileNotFoundError:
-                continue  # deleted since the listing
-            try:
-                found.append(CheckpointInfo.from_json(text))
-            except ValueError as exc:
-                # Manifests are replaced atomically, so this is disk damage or a hand edit.
-                warnings.warn(
-                    CheckpointWarning(f"checkpoint manifest {path} is unreadable, ignored: {exc}"),
-                    stacklevel=2,
-                )
+        try:
+            for name in os.listdir(dir_fd):
+                match = _STORED.fullmatch(name)
+                if match is None or match[2] != "json":
+                    continue
+                path = directory / name
+                try:
+                    text = _read_file(name, dir_fd)
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                except OSError as exc:
+                    problem = (
+                        "is a symbolic link, not followed"
+                        if exc.errno == errno.ELOOP
+                        else f"could not be read ({exc.strerror})"
+                    )
+                    _warn(f"checkpoint manifest {path} {problem}; ignored")
+                    continue
+                try:
+                    info = CheckpointInfo.from_json(text)
+                except ValueError as exc:
+                    # Manifests are replaced atomically, so this is disk damage or a hand edit.
+                    _warn(f"checkpoint manifest {path} is unreadable, ignored: {exc}")
+                    continue
+                if info.step != int(match[1]):
+                    _warn(
+                        f"checkpoint manifest {path} describes step {info.step}, not the step "
+                        f"of its name (copied or renamed?); ignored"
+                    )
+                    continue
+                found.append(info)
+        finally:
+            os.close(dir_fd)
         return sorted(found, key=lambda info: info.step)
 
     def read(self, run_id: str, step: int) -> Buffer:
-        """The data file's bytes, read into one writable buffer; ``FileNotFoundError`` if none."""
-        path = self.run_dir(run_id) / _data_name(step)
-        with open(path, "rb", buffering=0) as file:
+        """The data file's bytes, read into one writable buffer; ``FileNotFoundError`` if none,
+        ``CheckpointCorrupt`` if it is a symbolic link."""
+        dir_fd = self._open_run_dir(run_id)
+        name = _data_name(step)
+        if dir_fd is None:
+            raise FileNotFoundError(errno.ENOENT, "no checkpoint data", str(self.run_dir(run_id)))
+        try:
+            try:
+                fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _BINARY, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise CheckpointCorrupt(
+                    "its data file is a symbolic link; refusing to follow it", run_id, step
+                ) from exc
+        finally:
+            os.close(dir_fd)
+        with open(fd, "rb", buffering=0) as file:
             size = os.fstat(file.fileno()).st_size
             view = writable_buffer(size)
             done = 0
@@ -257,6 +319,10 @@ class DirectoryStorage:
 
     def delete(self, run_id: str, step: int) -> None:
         """Delete the manifest, then the data; the run's directory too once it is empty."""
+        dir_fd = self._open_run_dir(run_id)  # refuses a symlinked run folder
+        if dir_fd is None:
+            return
+        os.close(dir_fd)
         directory = self.run_dir(run_id)
         removed = _unlink(directory / _manifest_name(step))
         removed = _unlink(directory / _data_name(step)) or removed
@@ -266,30 +332,47 @@ class DirectoryStorage:
             directory.rmdir()  # only succeeds when nothing is left
 
     def runs(self) -> list[str]:
-        """Names of the run directories under ``root``."""
+        """Names of the run directories under ``root`` (symbolic links are not runs)."""
         try:
             entries = list(os.scandir(self.root))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(e.name for e in entries if e.is_dir() and _is_run_id(e.name))
+        return sorted(
+            e.name for e in entries if e.is_dir(follow_symlinks=False) and _is_run_id(e.name)
+        )
 
     def remove_orphans(self, run_id: str) -> int:
-        """Delete temp files of dead writers and data files without a manifest; return the count.
+        """Delete taskkit's temp files whose writer is gone, and data files without a manifest;
+        return the count. Files of other names are never touched.
 
+        A writer is gone when its lock file is missing or can be locked (the OS released it).
         A data file without a manifest is kept while a live writer's temp files for its step
         exist (it is between its two renames).
         """
-        directory = self.run_dir(run_id)
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
+        dir_fd = self._open_run_dir(run_id)  # refuses a symlinked run folder
+        if dir_fd is None:
             return 0
-        removed = 0
+        os.close(dir_fd)
+        directory = self.run_dir(run_id)
+        names = os.listdir(directory)
+        writers: dict[str, list[str]] = {}  # token -> its temp and lock files
         for name in names:
-            if name.endswith(".tmp"):
-                match = _TEMP.fullmatch(name)
-                if match is None or not _writer_alive(match, directory / name):
+            match = _TEMP.fullmatch(name) or _LOCK.fullmatch(name)
+            if match is not None:
+                writers.setdefault(match["token"], []).append(name)
+        removed = 0
+        for files in writers.values():
+            locks = [name for name in files if _LOCK.fullmatch(name)]
+            dead, fd = _lock_if_dead(directory, locks[0] if locks else None, files[0])
+            if not dead:
+                continue
+            try:
+                # Temp files first, the lock file last, while holding it.
+                for name in sorted(files, key=lambda n: n in locks):
                     removed += _unlink(directory / name)
+            finally:
+                if fd is not None:
+                    os.close(fd)
         manifests: set[int] = set()
         data: set[int] = set()
         for name in names:
@@ -299,7 +382,7 @@ class DirectoryStorage:
         for step in sorted(data - manifests):
             # Look for a live writer first and for the manifest second: a writer renames its
             # temp manifest onto the manifest, so one of the two is always there to be seen.
-            if self._live_writer(directory, step) or (directory / _manifest_name(step)).exists():
+            if self._live_writer(directory, step) or _lexists(directory / _manifest_name(step)):
                 continue
             removed += _unlink(directory / _data_name(step))
         if removed:
@@ -309,10 +392,60 @@ class DirectoryStorage:
     @staticmethod
     def _live_writer(directory: Path, step: int) -> bool:
         for name in os.listdir(directory):
-            match = _TEMP.fullmatch(name)
-            if match and int(match["step"]) == step and _writer_alive(match, directory / name):
-                return True
+            match = _LOCK.fullmatch(name)
+            if match and int(match["step"]) == step:
+                dead, fd = _lock_if_dead(directory, name, name)
+                if fd is not None:
+                    os.close(fd)
+                if not dead:
+                    return True
         return False
+
+
+def _check_root(root: Path) -> None:
+    """``ConfigurationError`` naming the path when ``root`` is, or lies under, a file."""
+    path = root
+    while True:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            if path.parent == path:
+                return
+            path = path.parent
+            continue
+        except NotADirectoryError:
+            path = path.parent
+            continue
+        except OSError:
+            return  # no permission to look: the first write says what is wrong
+        if stat.S_ISDIR(mode):
+            return
+        raise ConfigurationError(
+            f"checkpoint folder {str(root)!r} cannot be used: {str(path)!r} is not a directory "
+            "(set TASKKIT_CHECKPOINT_DIR to a folder)"
+        )
+
+
+def _refuse_run_dir(directory: Path, run_id: str, exc: OSError) -> None:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        try:
+            is_link = stat.S_ISLNK(os.lstat(directory).st_mode)
+        except OSError:
+            is_link = False
+        what = "is a symbolic link" if is_link else "is not a directory"
+        raise CheckpointError(
+            f"its folder {str(directory)!r} {what}; refusing to follow or use it", run_id
+        ) from exc
+
+
+def _warn(message: str) -> None:
+    warnings.warn(CheckpointWarning(message), stacklevel=3)
+
+
+def _read_file(name: str, dir_fd: int) -> bytes:
+    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _BINARY, dir_fd=dir_fd)
+    with open(fd, "rb") as file:
+        return file.read()
 
 
 def _is_run_id(name: str) -> bool:
@@ -323,29 +456,75 @@ def _is_run_id(name: str) -> bool:
     return True
 
 
-def _writer_alive(match: re.Match[str], path: Path) -> bool:
-    """Whether the process that is writing this temp file may still be running."""
-    pid = int(match["pid"])
-    if match["host"] != _HOST:
+def _lock_name(step: int, token: str) -> str:
+    return f".step-{step:08d}~{_HOST}~{os.getpid()}~{token}.lock"
+
+
+def _hold_lock(directory: Path, step: int, token: str) -> tuple[int, Path]:
+    """Create and ``flock`` this write's lock file; held until ``_release_lock``.
+
+    A cleaner may delete a lock file it could lock (between our open and our flock): then the
+    file we hold is no longer the one named, and we make it again.
+    """
+    path = directory / _lock_name(step, token)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
         try:
-            return time.time() - path.stat().st_mtime < _FOREIGN_GRACE
-        except FileNotFoundError:
-            return False
-    if pid == os.getpid():
-        with _active_lock:
-            return match["token"] in _active
+            if _flock is not None:
+                _flock(fd, _LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                named = os.lstat(path)
+            except FileNotFoundError:
+                named = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return fd, path
+        os.close(fd)
+
+
+def _release_lock(fd: int, path: Path) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+        _unlink(path)  # while still held: no cleaner can think this writer dead before
+    finally:
+        os.close(fd)
+
+
+def _lock_if_dead(directory: Path, lock: str | None, temp: str) -> tuple[bool, int | None]:
+    """Whether the writer of ``lock`` (its lock file's name; None: there is none) is gone, and
+    then its lock, held (an fd to close once its files are deleted).
+
+    No lock file means its writer finished or died: a writer locks before its first temp file
+    exists and unlinks the lock after its last one is gone. Without ``flock`` (Windows), a
+    writer is taken for gone once ``temp`` has not changed for an hour.
+    """
+    if _flock is None:
+        try:
+            age = time.time() - (directory / temp).stat().st_mtime
+        except FileNotFoundError:
+            return True, None
+        return age >= _UNLOCKED_GRACE, None
+    if lock is None:
+        return True, None
+    try:
+        fd = os.open(directory / lock, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        return True, None
     except OSError:
-        return True  # exists, owned by another user
-    return True
+        return False, None  # cannot tell: keep
+    try:
+        _flock(fd, _LOCK_EX | _LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False, None  # held: the writer lives
+    return True, fd
 
 
 def _write_temp(directory: Path, final_name: str, token: str, chunks: Sequence[Buffer]) -> Path:
     path = directory / f".{final_name}~{_HOST}~{os.getpid()}~{token}.tmp"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o600)
     try:
         for chunk in chunks:
             view = memoryview(chunk)
@@ -361,6 +540,10 @@ def _write_temp(directory: Path, final_name: str, token: str, chunks: Sequence[B
         raise
     os.close(fd)
     return path
+
+
+def _lexists(path: Path) -> bool:
+    return os.path.lexists(path)
 
 
 def _unlink(path: Path) -> bool:
@@ -392,7 +575,7 @@ def _makedirs_durably(directory: Path) -> None:
         path = path.parent
     for path in reversed(missing):
         try:
-            path.mkdir()
+            path.mkdir(mode=0o700)
         except FileExistsError:
             if not path.is_dir():
                 raise

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +111,9 @@ CRASHING_WRITER = textwrap.dedent(
 @pytest.mark.parametrize(
     ("crash_at", "left"),
     [
-        ("data-fsync", [".step-00000002.ckpt"]),
-        ("manifest-rename", [".step-00000002.json", "step-00000002.ckpt"]),
+        # the temp files, with the dead writer's lock file (.step-00000002~host~pid~token.lock)
+        ("data-fsync", [".step-00000002.ckpt", ".step-00000002"]),
+        ("manifest-rename", [".step-00000002.json", "step-00000002.ckpt", ".step-00000002"]),
     ],
 )
 def test_what_a_crashed_write_leaves_is_removed_when_the_run_is_opened(
@@ -143,42 +143,33 @@ def temp_name(step: int, kind: str, pid: int, host: str = _HOST, token: str = "a
     return f".step-{step:08d}.{kind}~{host}~{pid}~{token}.tmp"
 
 
-def test_a_live_writers_files_are_left_alone(root):
-    """A store opened (by a CLI, say) while a worker writes must not delete the worker's files."""
+def lock_name(step: int, pid: int, host: str = _HOST, token: str = "ab12") -> str:
+    return f".step-{step:08d}~{host}~{pid}~{token}.lock"
+
+
+def test_temp_files_are_kept_exactly_while_their_writers_lock_is_held(root):
+    """Whoever's names they carry (this process, another host), taskkit's temp files go once
+    no one holds their writer's lock; a held lock keeps them, in this process too."""
+    import fcntl
+
     run_dir = root / "run-1"
     run_dir.mkdir(parents=True)
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    mine = temp_name(1, "ckpt", os.getpid(), token="aa")  # a finished write of this process
+    foreign = temp_name(2, "ckpt", 1, host="elsewhere", token="bb")
+    foreign_lock = lock_name(2, 1, host="elsewhere", token="bb")  # its writer died: lock free
+    held = temp_name(3, "json", 1, host="elsewhere", token="cc")
+    held_lock = lock_name(3, 1, host="elsewhere", token="cc")
+    for name in (mine, foreign, foreign_lock, held, held_lock, "step-00000003.ckpt"):
+        (run_dir / name).write_bytes(b"x")
+    fd = os.open(run_dir / held_lock, os.O_RDONLY)
     try:
-        # The worker is between its two renames: data in place, manifest still a temp file.
-        files = [
-            temp_name(3, "json", writer.pid),
-            "step-00000003.ckpt",
-            temp_name(4, "ckpt", writer.pid),
-        ]
-        for name in files:
-            (run_dir / name).write_bytes(b"x")
-        open_store(root)
-        assert sorted(os.listdir(run_dir)) == sorted(files)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert DirectoryStorage(root).remove_orphans("run-1") == 3
+        assert sorted(os.listdir(run_dir)) == sorted([held, held_lock, "step-00000003.ckpt"])
     finally:
-        writer.kill()
-        writer.wait()
+        os.close(fd)
     assert DirectoryStorage(root).remove_orphans("run-1") == 3
     assert os.listdir(run_dir) == []
-
-
-def test_temp_files_of_this_process_and_of_other_hosts(root):
-    run_dir = root / "run-1"
-    run_dir.mkdir(parents=True)
-    mine = temp_name(1, "ckpt", os.getpid())  # no write of this process has that token
-    fresh_foreign = temp_name(2, "ckpt", 1, host="elsewhere")
-    old_foreign = temp_name(3, "ckpt", 1, host="elsewhere")
-    stray = "leftover.tmp"
-    for name in (mine, fresh_foreign, old_foreign, stray):
-        (run_dir / name).write_bytes(b"x")
-    two_hours_ago = time.time() - 7200
-    os.utime(run_dir / old_foreign, (two_hours_ago, two_hours_ago))
-    assert DirectoryStorage(root).remove_orphans("run-1") == 3
-    assert os.listdir(run_dir) == [fresh_foreign]  # its writer may still be at work
 
 
 def test_a_failed_write_removes_its_temp_file_even_without_a_store(root, monkeypatch):
@@ -225,3 +216,188 @@ def test_a_data_file_is_read_into_one_writable_buffer(root):
     assert not memoryview(data).readonly
     with pytest.raises(FileNotFoundError):
         store.storage.read("run-1", 1)
+
+
+# -- storage hygiene (issue 14, item 5) ------------------------------------------------------
+
+
+def test_opening_a_store_deletes_only_taskkits_own_temp_files(root):
+    """Someone's ``model.tmp`` in a run folder is theirs: only taskkit's temp names may go."""
+    run_dir = root / "run-1"
+    run_dir.mkdir(parents=True)
+    dead = temp_name(3, "ckpt", 1)  # a taskkit temp whose writer holds no lock: dead
+    others = ["leftover.tmp", "model.tmp", ".step-00000001.ckpt.tmp"]
+    for name in (dead, *others):
+        (run_dir / name).write_bytes(b"x")
+    open_store(root)
+    assert sorted(os.listdir(run_dir)) == sorted(others)
+
+
+def test_a_symlinked_run_folder_is_refused_and_its_target_left_alone(root, tmp_path):
+    from taskkit.errors import CheckpointError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / temp_name(3, "ckpt", 1)
+    victim.write_bytes(b"precious")
+    root.mkdir()
+    (root / "run-1").symlink_to(elsewhere, target_is_directory=True)
+
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        open_store(root)
+    storage = DirectoryStorage(root)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        storage.write("run-1", 1, [b"data"], lambda: pytest.fail("no manifest"))
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        storage.infos("run-1")
+    assert os.listdir(elsewhere) == [victim.name]
+    assert victim.read_bytes() == b"precious"
+    assert storage.runs() == []  # a link is not a run
+
+
+def test_a_symlinked_data_file_or_manifest_is_not_followed(root, tmp_path):
+    import warnings
+
+    from taskkit.errors import CheckpointCorrupt, CheckpointWarning
+
+    store = open_store(root)
+    store.save({"v": 1}, step=1)
+    store.save({"v": 2}, step=2)
+    run_dir = root / "run-1"
+    # Step 2's data becomes a link to a file elsewhere (with the very same bytes).
+    outside = tmp_path / "outside.ckpt"
+    outside.write_bytes((run_dir / "step-00000002.ckpt").read_bytes())
+    (run_dir / "step-00000002.ckpt").unlink()
+    (run_dir / "step-00000002.ckpt").symlink_to(outside)
+    with pytest.raises(CheckpointCorrupt, match="symbolic link"):
+        store.load(2)
+    with pytest.warns(CheckpointWarning, match="step 2 is unusable"):
+        assert store.load_latest().state == {"v": 1}
+    # A manifest that is a link is not read at all.
+    outside_manifest = tmp_path / "outside.json"
+    outside_manifest.write_bytes((run_dir / "step-00000001.json").read_bytes())
+    (run_dir / "step-00000001.json").unlink()
+    (run_dir / "step-00000001.json").symlink_to(outside_manifest)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps = [info.step for info in store.list()]
+    assert 1 not in steps
+    assert any("symbolic link" in str(w.message) for w in caught)
+
+
+def test_files_are_private_to_the_owner(root):
+    store = open_store(root)
+    store.save({"v": 1}, step=1)
+    run_dir = root / "run-1"
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+    assert root.stat().st_mode & 0o777 == 0o700
+    for name in os.listdir(run_dir):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_a_temp_file_named_after_a_live_pid_of_a_dead_writer_is_removed(root):
+    """PIDs mean nothing across PID namespaces: pid 1 is alive here, the writer was not."""
+    run_dir = root / "run-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / temp_name(3, "ckpt", 1)).write_bytes(b"x")
+    (run_dir / "step-00000003.ckpt").write_bytes(b"x")  # data between the two renames
+    assert DirectoryStorage(root).remove_orphans("run-1") == 2
+    assert os.listdir(run_dir) == []
+
+
+BLOCKED_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from taskkit.checkpoint import DirectoryStorage
+
+    root, go = sys.argv[1], Path(sys.argv[2])
+    # Another PID namespace (a container sharing the volume and the host name): the pid in the
+    # temp names means nothing on this side.
+    fake_pid = int(sys.argv[3])
+    os.getpid = lambda: fake_pid
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".json"):
+            print("between renames", flush=True)
+            while not go.exists():
+                time.sleep(0.01)
+        real_replace(src, dst)
+
+    os.replace = replace
+    from taskkit.checkpoint._info import CheckpointInfo
+    info = CheckpointInfo(run_id="run-1", step=3, size=4, sha256="0" * 64)
+    DirectoryStorage(root).write("run-1", 3, [b"data"], lambda: info)
+    print("done", flush=True)
+    """
+)
+
+
+def unused_pid() -> int:
+    pid = 4_000_000
+    while Path(f"/proc/{pid}").exists():
+        pid -= 1
+    return pid
+
+
+def test_a_live_writer_in_another_pid_namespace_is_seen_alive_by_its_lock(root, tmp_path):
+    """A store opened (by a CLI, in another container) while a worker writes must not delete
+    the worker's files, whatever pid the worker's names carry; once it dies, they go."""
+    script, go = tmp_path / "writer.py", tmp_path / "go"
+    script.write_text(BLOCKED_WRITER)
+    writer = subprocess.Popen(
+        [sys.executable, str(script), str(root), str(go), str(unused_pid())],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = root / "run-1"
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "between renames\n"
+        before = sorted(os.listdir(run_dir))
+        assert "step-00000003.ckpt" in before
+        assert any(n.startswith(".step-00000003.json~") for n in before)
+        open_store(root)  # removes orphans: none, the writer lives
+        assert sorted(os.listdir(run_dir)) == before
+        writer.kill()
+        writer.wait()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert DirectoryStorage(root).remove_orphans("run-1") >= 2
+    assert os.listdir(run_dir) == []
+
+
+def test_a_live_writer_finishes_after_a_cleaner_looked(root, tmp_path):
+    script, go = tmp_path / "writer.py", tmp_path / "go"
+    script.write_text(BLOCKED_WRITER)
+    writer = subprocess.Popen(
+        [sys.executable, str(script), str(root), str(go), str(unused_pid())],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "between renames\n"
+        assert DirectoryStorage(root).remove_orphans("run-1") == 0
+        go.touch()
+        assert writer.stdout.readline() == "done\n"
+        assert writer.wait(30) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert sorted(os.listdir(root / "run-1")) == ["step-00000003.ckpt", "step-00000003.json"]
+
+
+def test_a_checkpoint_folder_under_a_file_is_a_clear_error(tmp_path):
+    from taskkit.errors import ConfigurationError
+
+    a_file = tmp_path / "passwd"
+    a_file.write_text("root:x:0:0\n")
+    with pytest.raises(ConfigurationError, match=f"{a_file}.*not a directory"):
+        DirectoryStorage(a_file / "ck")
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        DirectoryStorage(a_file)

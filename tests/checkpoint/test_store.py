@@ -467,3 +467,14 @@ def test_a_new_process_loads_what_this_one_saved_and_the_other_way_round(make_st
     assert checkpoint.info.step == 6
     assert checkpoint.state["epoch"] == 6
     assert np.array_equal(checkpoint.state["weights"], state["weights"])
+
+
+def test_a_manifest_copied_under_another_step_is_skipped_not_counted_twice(make_store, raw):
+    """A manifest's step must be the step it is stored under (issue 14, item 5)."""
+    store = make_store()
+    store.save({"v": 1}, step=1)
+    raw.put("run-1", 5, raw.data("run-1", 1), raw.manifest("run-1", 1))
+    with pytest.warns(CheckpointWarning, match="describes step 1"):
+        assert [info.step for info in store.list()] == [1]
+    with pytest.warns(CheckpointWarning, match="describes step 1"):
+        assert store.load_latest().state == {"v": 1}
