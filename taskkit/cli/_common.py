@@ -13,11 +13,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.segment import Segment
 from typer.core import TyperGroup
 
 from taskkit.errors import ConfigurationError, DatabaseUnavailable, TaskkitError
@@ -32,16 +34,48 @@ __all__ = [
     "database",
     "err",
     "fail",
+    "missing_file",
     "out",
+    "printable",
     "reported",
     "short",
     "unreachable",
     "when",
 ]
 
+#: Control characters (C0 but newline and tab, DEL, C1) as visible escapes: ``\x1b`` -> ``\\x1b``.
+_ESCAPES = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if chr(code) not in "\n\t"
+}
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every control character but newline and tab shown as an escape, so data
+    (a run name, an error, a traceback) cannot move the cursor or clear the screen.
+
+    Example::
+
+        printable("a\x1b[2Jb")   # 'a\\x1b[2Jb'
+    """
+    return text.translate(_ESCAPES)
+
+
+class _SafeConsole(Console):
+    """A console whose printed text passes through ``printable``: every command's output, its
+    tables and panels included, whatever data they show. Rich's own control segments (a live
+    view's cursor moves) and its styles are kept."""
+
+    def render(self, renderable: Any, options: Any = None) -> Iterator[Segment]:
+        for segment in super().render(renderable, options):
+            if segment.control or segment.text.isprintable():
+                yield segment
+            else:
+                yield Segment(printable(segment.text), segment.style)
+
+
 #: The one console of standard output, and the one of standard error.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+out = _SafeConsole(soft_wrap=True)
+err = _SafeConsole(stderr=True, soft_wrap=True)
 
 #: The app ``--app`` and ``TASKKIT_APP`` default to (``make worker`` runs it).
 DEFAULT_APP = "workers.app"
@@ -126,9 +160,11 @@ class Database:
     from_option: bool = False
 
 
-def database(url: str | None) -> Database:
+def database(url: str | None, *, must_exist: bool = True) -> Database:
     """``--url``, else ``TASKKIT_DATABASE_URL``, else the embedded SQLite file of
-    ``TASKKIT_HOME``; a bad URL or setting exits 2.
+    ``TASKKIT_HOME``; a bad URL or setting exits 2. A SQLite file that does not exist exits 2
+    with the hint to migrate, and is not created (only ``db upgrade`` passes
+    ``must_exist=False``).
 
     Example::
 
@@ -143,11 +179,32 @@ def database(url: str | None) -> Database:
 
     try:
         resolved = url or get_settings().database_url
-        return Database(resolved, describe_database(make_url(resolved)), url is not None)
+        db = Database(resolved, describe_database(make_url(resolved)), url is not None)
     except ConfigurationError as exc:
         raise fail(str(exc), 2) from None
     except ArgumentError:
         raise fail("--url is not a database URL (dialect+driver://host/name)", 2) from None
+    if must_exist and missing_file(db):
+        raise fail(_unmigrated(db, exists=False), 2)
+    return db
+
+
+def missing_file(db: Database) -> bool:
+    """Whether ``db`` is a SQLite file that does not exist (opening it would create it).
+
+    Example::
+
+        if missing_file(database(None, must_exist=False)): ...
+    """
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - loaded by database() already
+
+    parsed = make_url(db.url)
+    name = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or name in ("", ":memory:"):
+        return False
+    if name.startswith("file:") or parsed.query.get("uri"):
+        return False  # a URI filename: SQLite's own rules (mode=ro, memory, ...)
+    return not Path(name).expanduser().exists()
 
 
 @contextmanager
@@ -207,13 +264,13 @@ def _missing_tables(exc: BaseException) -> bool:
     return False
 
 
-def _unmigrated(db: Database) -> str:
+def _unmigrated(db: Database, *, exists: bool = True) -> str:
     """The one line for a database that lacks taskkit's tables, naming it and the fix."""
     from taskkit.db.migrate import current_revision, head_revision  # noqa: PLC0415
 
     fix = "run: taskkit db upgrade" + (" --url URL" if db.from_option else "")
     try:
-        revision = current_revision(db.url)
+        revision = current_revision(db.url) if exists else None
     except Exception:  # the line below is still right, and more use than this error
         revision = None
     if revision is None:

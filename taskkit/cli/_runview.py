@@ -22,7 +22,16 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from taskkit.cli._common import CliError, Database, fail, out, reported, short, when
+from taskkit.cli._common import (
+    CliError,
+    Database,
+    fail,
+    out,
+    printable,
+    reported,
+    short,
+    when,
+)
 from taskkit.errors import DatabaseUnavailable, RunNotFound
 
 if TYPE_CHECKING:
@@ -31,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FINAL",
     "RunView",
+    "check_run_id",
     "follow",
     "list_runs",
     "read_run",
@@ -107,13 +117,15 @@ def _view(run: ModelRun, progress: TrainingProgress | None) -> RunView:
     updated = [run.updated_at] if run.updated_at is not None else []
     if progress is not None and progress.updated_at is not None:
         updated.append(progress.updated_at)
+    # Control characters shown as escapes before the tables measure the text (the console
+    # escapes whatever else it prints, but a table sized for the raw text would cut it).
     return RunView(
         id=run.id,
-        name=run.name,
-        status=run.status,
-        task_id=run.task_id,
-        task_name=run.task_name,
-        error=run.error_message,
+        name=printable(run.name),
+        status=printable(run.status),
+        task_id=None if run.task_id is None else printable(run.task_id),
+        task_name=None if run.task_name is None else printable(run.task_name),
+        error=None if run.error_message is None else printable(run.error_message),
         created_at=run.created_at,
         started_at=run.started_at,
         completed_at=run.completed_at,
@@ -133,6 +145,7 @@ def read_run(run_id: int, database_url: str | None = None) -> RunView:
     from taskkit.db.models import ModelRun, TrainingProgress  # noqa: PLC0415
     from taskkit.db.session import session_scope  # noqa: PLC0415
 
+    check_run_id(run_id)
     with session_scope(database_url) as session:
         run = session.get(ModelRun, run_id)
         if run is None:
@@ -141,6 +154,17 @@ def read_run(run_id: int, database_url: str | None = None) -> RunView:
             select(TrainingProgress).filter_by(model_run_id=run_id)
         ).one_or_none()
         return _view(run, progress)
+
+
+#: Ids are 64-bit signed integers in every database taskkit supports.
+_MAX_ID = 2**63 - 1
+
+
+def check_run_id(run_id: int) -> None:
+    """``RunNotFound`` for an id no database row can have (asking SQLite or PostgreSQL for it
+    fails as an overflow, which would read as a database outage)."""
+    if not 1 <= run_id <= _MAX_ID:
+        raise RunNotFound(run_id)
 
 
 def list_runs(

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from taskkit.cli._common import Group, UrlOption, database, fail, out, short
+from taskkit.cli._common import Group, UrlOption, database, fail, missing_file, out, short
 
 __all__ = ["db_app"]
 
@@ -37,7 +37,7 @@ def _upgrade_command(
     from taskkit.db.migrate import head_revision, upgrade  # noqa: PLC0415
     from taskkit.errors import DatabaseUnavailable  # noqa: PLC0415
 
-    db = database(url)
+    db = database(url, must_exist=False)
     try:
         reached = upgrade(db.url, revision)
     except (DatabaseUnavailable, SQLAlchemyError) as exc:
@@ -55,11 +55,13 @@ def _current_command(url: UrlOption = None) -> None:
 
     from taskkit.db.migrate import current_revision, head_revision  # noqa: PLC0415
 
-    db = database(url)
+    db = database(url, must_exist=False)
     try:
-        revision = current_revision(db.url)
+        revision = None if missing_file(db) else current_revision(db.url)
     except SQLAlchemyError as exc:
         raise fail(f"could not read {db.name}: {short(exc)}", 1) from None
+    except ImportError as exc:  # the URL's driver is not installed
+        raise fail(f"could not read {db.name}: {short(exc)}", 2) from None
     head = head_revision()
     if revision is None:
         out.print(f"database {db.name} has no taskkit schema; run: taskkit db upgrade")

@@ -47,7 +47,7 @@ from taskkit.cli._launch import (
     safe_url,
     task_name_for,
 )
-from taskkit.cli._runview import follow, run_reported
+from taskkit.cli._runview import check_run_id, follow, run_reported
 from taskkit.errors import RunNotResumable
 
 __all__ = ["train_app"]
@@ -134,6 +134,7 @@ def _resume_command(
     """Re-enqueue a failed or interrupted run; it continues from its last valid checkpoint."""
     db = database(url)
     with run_reported(db):
+        check_run_id(run_id)
         celery_app = load_app(app_spec)
         check_services(celery_app)
     options: dict[str, Any] = {"queue": queue} if queue else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,19 @@ from typing import Any
 from celery import Celery, signals
 
 from taskkit.config import Settings, get_settings
+from taskkit.errors import TaskkitWarning
 from taskkit.tasks._options import check_app_config
 from taskkit.tasks._visibility import VisibilityKeeper, check_visibility, uses_visibility_timeout
 
 __all__ = ["create_app", "reliable_defaults"]
+
+#: The app setting holding the lease store's URL. Celery hides or masks settings by name when
+#: it prints its config (``celery.app.utils.filter_hidden_settings``): a name with "backend"
+#: gets its URL password masked. ``taskkit_lease_url=`` is accepted and stored under this name.
+LEASE_SETTING = "taskkit_lease_backend"
+
+#: Serializers that turn a message into code execution for whoever can publish one.
+UNSAFE_CONTENT = frozenset({"pickle", "application/x-python-serialize"})
 
 #: Seconds between the Redis transport's sweeps for messages of dead workers.
 RESTORE_INTERVAL = 5
@@ -46,7 +56,9 @@ def reliable_defaults(settings: Settings) -> dict[str, Any]:
         "result_extended": True,
         "result_expires": 7 * 24 * 3600,
         "taskkit_extend_visibility": settings.extend_visibility,
-        "taskkit_lease_url": settings.lease_url,
+        # Under a name Celery masks (its "backend" rule): `celery report`, `inspect conf` and
+        # Flower show the lease URL without its password, as they show broker_url.
+        LEASE_SETTING: settings.lease_url,
         "taskkit_lease_ttl": settings.lease_ttl,
         "taskkit_progress_interval": settings.progress_interval,
         "taskkit_database_url": settings.database_url,
@@ -109,6 +121,9 @@ def create_app(
     # one); your own transport options are kept for any broker.
     transport = conf.pop("broker_transport_options", {}) if uses_visibility_timeout(app) else {}
     transport.update(config.pop("broker_transport_options", {}))
+    if "taskkit_lease_url" in config:
+        config[LEASE_SETTING] = config.pop("taskkit_lease_url")
+    _warn_unsafe_content(config)
     conf.update(config)
     if transport:
         conf["broker_transport_options"] = transport
@@ -119,10 +134,28 @@ def create_app(
     return app
 
 
+def _warn_unsafe_content(config: dict[str, Any]) -> None:
+    """Warn when the app would accept task messages that run code when decoded (pickle)."""
+    accepted = config.get("accept_content") or ()
+    serializers = [
+        config.get("task_serializer"),
+        *([accepted] if isinstance(accepted, str) else accepted),
+    ]
+    unsafe = sorted({str(s) for s in serializers if s in UNSAFE_CONTENT})
+    if unsafe:
+        warnings.warn(
+            f"create_app: task messages in {', '.join(unsafe)} are accepted; a pickle message "
+            "lets anyone who can publish to the broker run code in the workers. "
+            "Keep task_serializer and accept_content to json.",
+            TaskkitWarning,
+            stacklevel=3,
+        )
+
+
 @signals.worker_init.connect(weak=False)
 def _check_at_worker_start(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
-    if app is not None and app.conf.get("taskkit_lease_url") is not None:
+    if app is not None and app.conf.get(LEASE_SETTING) is not None:
         check_visibility(app)
 
 
@@ -135,7 +168,7 @@ POOL_CHECK_INTERVAL = 0.5
 @signals.worker_ready.connect(weak=False)
 def _check_pool_processes_often(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
-    if app is None or app.conf.get("taskkit_lease_url") is None:
+    if app is None or app.conf.get(LEASE_SETTING) is None:
         return  # not an app made by create_app
     pool = getattr(getattr(sender, "pool", None), "_pool", None)
     maintain = getattr(pool, "maintain_pool", None)

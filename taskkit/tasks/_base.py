@@ -36,11 +36,13 @@ from typing import Any, ClassVar, cast
 import redis.exceptions
 from celery import Task, signals
 from celery._state import _task_stack  # type: ignore[attr-defined]
+from celery.app.task import Context
 from celery.exceptions import Ignore
 from celery.states import SUCCESS
+from celery.utils.saferepr import saferepr
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 
-from taskkit._utils import call_hook, is_control_flow
+from taskkit._utils import call_hook, did_you_mean, is_control_flow
 from taskkit.db import is_transient
 from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
 from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, PermanentError
@@ -80,6 +82,12 @@ DEFAULT_PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     ProgrammingError,
 )
 
+#: What a sensitive argument (``sensitive_args``) shows instead of its value.
+REDACTED = "[redacted]"
+
+#: Longest repr of a task's arguments in one log line; the rest is cut, saying how much.
+MAX_LOGGED_ARGUMENTS = 2048
+
 #: Hooks a subclass may override; each override is wrapped so its errors are only logged.
 ISOLATED_HOOKS = ("on_failure", "on_retry", "on_success", "after_return", "on_progress")
 
@@ -98,6 +106,8 @@ class TaskFailure:
     #: Deliveries of the task (Celery retries + 1).
     attempts: int
     failed_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: Names of the arguments shown as ``REDACTED`` in ``args``/``kwargs`` (``sensitive_args``).
+    redacted: tuple[str, ...] = ()
 
 
 @dataclass
@@ -179,6 +189,7 @@ class ResilientTask(Task[Any, Any]):
     progress_events: bool
     sleep: Callable[[float], object] | None
     dead_letter: bool
+    sensitive_args: tuple[str, ...]
 
     _inner: ClassVar[Retrying]
     _transient: ClassVar[tuple[type[BaseException], ...]]
@@ -218,6 +229,48 @@ class ResilientTask(Task[Any, Any]):
             sleep=cls.sleep,
         )
         cls._argument_index = {p: i for i, p in enumerate(_run_parameters(cls))}
+        _check_sensitive_args(cls)
+
+    # -- sensitive arguments ------------------------------------------------------------------
+
+    def redact(
+        self, args: Any, kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any], tuple[str, ...]]:
+        """``args`` and ``kwargs`` with each ``sensitive_args`` value replaced by ``REDACTED``,
+        and the names replaced."""
+        positional, named = list(args or ()), dict(kwargs or {})
+        hidden: set[str] = set()
+        for name in self.sensitive_args:
+            if name in named:
+                named[name] = REDACTED
+                hidden.add(name)
+            index = self._argument_index.get(name)
+            if index is not None and index < len(positional):
+                positional[index] = REDACTED
+                hidden.add(name)
+        return tuple(positional), named, tuple(sorted(hidden))
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *more: Any, **options: Any) -> Any:
+        """Celery's ``apply_async``; with ``sensitive_args`` the message's ``argsrepr`` and
+        ``kwargsrepr`` (what task events, Flower and the worker's log lines show) are redacted."""
+        if self.sensitive_args and "argsrepr" not in options and "kwargsrepr" not in options:
+            shown_args, shown_kwargs, _ = self.redact(args, kwargs)
+            options["argsrepr"] = saferepr(shown_args, 1024)
+            options["kwargsrepr"] = saferepr(shown_kwargs, 1024)
+        return super().apply_async(args, kwargs, *more, **options)
+
+    @property
+    def backend(self) -> Any:
+        """The result backend; with ``sensitive_args`` the arguments it stores
+        (``result_extended``) are redacted."""
+        backend = self._backend if self._backend is not None else self.app.backend
+        if not self.sensitive_args:
+            return backend
+        return _RedactingBackend(backend, self)
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        self._backend = value
 
     # -- classification -----------------------------------------------------------------------
 
@@ -401,7 +454,8 @@ class ResilientTask(Task[Any, Any]):
         return f"{self.name}:{self._argument(args, kwargs, self.lease_key)}"
 
     def lease_store(self) -> LeaseStore:
-        url = self.app.conf.get("taskkit_lease_url") or self.app.conf.broker_url
+        conf = self.app.conf
+        url = conf.get("taskkit_lease_backend") or conf.get("taskkit_lease_url") or conf.broker_url
         key = (id(self.app), url)
         store = self._lease_stores.get(key)
         if store is None:
@@ -515,7 +569,8 @@ class ResilientTask(Task[Any, Any]):
             [
                 DeadLetterEntry(
                     task_name=failure.task_name,
-                    payload={"args": list(failure.args), "kwargs": failure.kwargs},
+                    payload={"args": list(failure.args), "kwargs": failure.kwargs}
+                    | ({"redacted": list(failure.redacted)} if failure.redacted else {}),
                     error_type=failure.error_type,
                     error_message=failure.error,
                     traceback=failure.traceback,
@@ -544,6 +599,61 @@ def _called_directly(
         _task_stack.pop()
 
 
+class _RedactingBackend:
+    """A task's result backend whose stored requests carry redacted arguments (Celery stores
+    ``request.args``/``request.kwargs`` with ``result_extended``, not the reprs)."""
+
+    def __init__(self, backend: Any, task: ResilientTask) -> None:
+        self._backend = backend
+        self._task = task
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._backend, name)
+        if callable(value) and (name == "store_result" or name.startswith("mark_as_")):
+            return functools.partial(self._with_redacted_request, value)
+        return value
+
+    def _with_redacted_request(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        args = tuple(self._redacted(a) for a in args)
+        kwargs = {k: self._redacted(v) for k, v in kwargs.items()}
+        return method(*args, **kwargs)
+
+    def _redacted(self, value: Any) -> Any:
+        if not isinstance(value, Context):
+            return value
+        copy = Context(vars(value))
+        copy.args, copy.kwargs, _ = self._task.redact(value.args, value.kwargs)
+        copy.args = list(copy.args)
+        return copy
+
+
+def _check_sensitive_args(cls: type[ResilientTask]) -> None:
+    """Refuse a ``sensitive_args`` name the task does not take (a typo would leak it)."""
+    raw = next((k.__dict__["run"] for k in cls.__mro__ if "run" in k.__dict__), None)
+    try:
+        parameters = inspect.signature(raw).parameters.values() if raw is not None else []
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return  # **kwargs takes any name
+    known = list(cls._argument_index)
+    for name in cls.sensitive_args:
+        if name not in known:
+            raise ConfigurationError(
+                f"task {cls.name}: sensitive_args names {name!r}, which is not an argument "
+                f"of the task" + did_you_mean(name, known)
+            )
+
+
+def _arguments_repr(args: Any, kwargs: Any, limit: int = MAX_LOGGED_ARGUMENTS) -> str:
+    """``args=... kwargs=...`` for a log line, cut to ``limit`` characters, saying how much was
+    cut."""
+    text = f"args={args!r} kwargs={kwargs!r}"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} characters cut]"
+
+
 def _run_parameters(cls: type) -> list[str]:
     """Names of the arguments a caller passes to the task, in order (``self`` left out)."""
     raw = next((k.__dict__["run"] for k in cls.__mro__ if "run" in k.__dict__), None)
@@ -570,25 +680,26 @@ def _record_terminal_failure(
 ) -> None:
     if not isinstance(sender, ResilientTask):
         return
+    shown_args, shown_kwargs, redacted = sender.redact(args, kwargs)
     failure = TaskFailure(
         task_name=sender.name,
         task_id=str(task_id),
-        args=tuple(args or ()),
-        kwargs=dict(kwargs or {}),
+        args=shown_args,
+        kwargs=shown_kwargs,
         error_type=type(exception).__name__,
         error=str(exception),
         traceback=str(getattr(einfo, "traceback", "") or ""),
         attempts=int(getattr(sender.request, "retries", 0) or 0) + 1,
+        redacted=redacted,
     )
     logger.error(
-        "taskkit: task %s[%s] failed for good after %d attempt(s): %s: %s; args=%r kwargs=%r",
+        "taskkit: task %s[%s] failed for good after %d attempt(s): %s: %s; %s",
         failure.task_name,
         failure.task_id,
         failure.attempts,
         failure.error_type,
         failure.error,
-        failure.args,
-        failure.kwargs,
+        _arguments_repr(failure.args, failure.kwargs),
         extra={"taskkit_failure": failure},
     )
     call_hook(sender.record_failure, failure)

@@ -122,6 +122,10 @@ def _exceptions(value: Any) -> bool:
     return all(isinstance(e, type) and issubclass(e, BaseException) for e in items)
 
 
+def _names(value: Any) -> bool:
+    return isinstance(value, tuple | list) and all(isinstance(v, str) and v for v in value)
+
+
 def _as_tuple(value: Any) -> tuple[Any, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (value,)
 
@@ -168,6 +172,11 @@ RESILIENT_OPTIONS: tuple[Option, ...] = (
            "The in-process wait function (tests inject a recorder); None: `time.sleep`."),
     Option("dead_letter", True, boolean, "True or False",
            "Store a terminal failure in the dead-letter queue (`TASKKIT_DEAD_LETTER`)."),
+    Option("sensitive_args", (), _names, "a tuple of argument names",
+           "Arguments (by name, positional or keyword) shown as `[redacted]` in logs, task "
+           "events, the result backend and dead letters (whose payload lists them under "
+           "`redacted`).",
+           _as_tuple),
 )  # fmt: skip
 
 #: Every ResilientTask option and its default.
@@ -201,6 +210,7 @@ APP_SETTINGS = frozenset(
     {
         "taskkit_extend_visibility",
         "taskkit_lease_url",
+        "taskkit_lease_backend",
         "taskkit_database_url",
         "taskkit_resume_orphaned_runs",
         "taskkit_dead_letter_queue",
