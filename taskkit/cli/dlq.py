@@ -6,9 +6,10 @@
                      [--newer-than AGE] [--status S] [--limit N] [--json]
     taskkit dlq show ID [--json]
     taskkit dlq replay (ID... | --task T | --batch B | --error-type E | --older-than AGE | --all)
-                       [--into TASK] [--app APP]
+                       [--into TASK] [--app APP] [--yes]
     taskkit dlq discard ID...
     taskkit dlq purge (ID... | --older-than AGE | --retention) [--task T] [--status S] [--yes]
+                      (--status: handled (default), dead, replayed, discarded, any)
     taskkit dlq depth [--json]
 
 Every command takes ``--url`` (default: the project's database, see ``docs/cli.md``). An
@@ -28,7 +29,12 @@ Decisions:
 - ``--json`` is for scripts: ``list`` writes one JSON object per line, ``show`` and ``depth``
   one object; times are ISO 8601 in UTC. Tables are for people: local times, short messages.
 - ``purge`` deletes for good, so it asks first; without a terminal to ask on it needs
-  ``--yes``. ``discard`` keeps the letter (status ``discarded``) and does not ask.
+  ``--yes``. By default it deletes handled letters only (``replayed`` or ``discarded``): a
+  ``dead`` letter is a failure nobody has looked at, deleted only with ``--status dead`` (or
+  ``any``). ``discard`` keeps the letter (status ``discarded``) and does not ask.
+- ``replay --all`` sends every waiting letter again, which cannot be taken back: it asks
+  first too, and needs ``--yes`` without a terminal. Ids and filters do not ask (they name
+  what they send).
 
 Example::
 
@@ -171,8 +177,37 @@ def _with_app_hint(
 
 
 def _interactive() -> bool:
-    """Whether a person can answer the ``purge`` question (tests replace this)."""
+    """Whether a person can answer the ``purge`` or ``replay --all`` question (tests replace
+    this)."""
     return sys.stdin.isatty()
+
+
+def _ask(question: str, refused: str) -> bool:
+    """Ask ``question`` (no by default); Ctrl-C or the end of input there exits 130."""
+    try:
+        return typer.confirm(question, default=False)
+    except typer.Abort:
+        raise CliError(f"interrupted; {refused}", 130) from None
+
+
+def _confirm_replay_all(store: DeadLetterStore, db: Database, into: str | None) -> bool:
+    """``replay --all`` asks first, as ``purge`` does: it sends every waiting letter, perhaps
+    thousands, and what they do cannot be taken back. Without a terminal it needs ``--yes``.
+    Nothing waiting: says so, no question."""
+    count = sum(store.depth().values())
+    if count == 0:
+        out.print(escape(f"no dead letters (status dead) in {db.name}"), highlight=False)
+        return False
+    if not _interactive():
+        raise CliError(
+            "replay --all sends every dead letter again: add --yes (no terminal to ask on)"
+        )
+    target = f" into {into}" if into else ""
+    question = f"send {_plural(count, 'dead letter')} (status dead) again{target}, from {db.name}?"
+    if _ask(question, "nothing was sent"):
+        return True
+    out.print("nothing was sent", highlight=False)
+    return False
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -433,6 +468,9 @@ def _replay_command(
             show_default=False,
         ),
     ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Do not ask for confirmation (--all asks).")
+    ] = False,
     app_spec: AppOption = DEFAULT_APP,
     url: UrlOption = None,
 ) -> None:
@@ -458,6 +496,8 @@ def _replay_command(
         from taskkit.tasks import replay_dead_letters  # noqa: PLC0415 - heavy; only here
 
         store = _store(db.url, celery_app)
+        if replay_all and not yes and not _confirm_replay_all(store, db, into):
+            return
         try:
             result = replay_dead_letters(
                 ids or None,
@@ -519,8 +559,13 @@ def _purge_command(
     ] = False,
     task: TaskOption = None,
     status: Annotated[
-        str, typer.Option(help="Only letters with this status: dead, replayed, discarded, any.")
-    ] = "any",
+        str | None,
+        typer.Option(
+            help="Only letters with this status: handled (replayed or discarded, the default), "
+            "dead (waiting: never handled), replayed, discarded, any.",
+            show_default=False,
+        ),
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     url: UrlOption = None,
 ) -> None:
@@ -531,9 +576,9 @@ def _purge_command(
         age = _age(older_than, "--older-than")
         if [bool(ids), age is not None, retention].count(True) != 1:
             raise CliError("purge what? give letter ids, --older-than AGE or --retention (one)")
-        if ids and (task is not None or status != "any"):
+        if ids and (task is not None or status is not None):
             raise CliError("--task and --status go with --older-than or --retention, not ids")
-        wanted = _status(status)
+        wanted = _purge_status(status or "handled")
         age_text = older_than
         if retention:
             from taskkit.config import get_settings  # noqa: PLC0415 - heavy; only here
@@ -545,21 +590,38 @@ def _purge_command(
             raise CliError("purge deletes letters for good: add --yes (no terminal to ask on)")
         store = _store(db.url)
         if not yes:
-            which = "" if ids else _criteria(wanted, task, older_than=age_text)
+            which = "" if ids else _criteria(_status_words(wanted), task, older_than=age_text)
             count = _count(store, ids, age, task, wanted)
             if count == 0:
                 out.print(escape(f"no dead letters{which} in {db.name}"), highlight=False)
                 return
             question = f"delete {_plural(count, 'dead letter')}{which} from {db.name}?"
-            try:
-                confirmed = typer.confirm(question, default=False)
-            except typer.Abort:  # Ctrl-C or the end of input at the question
-                raise CliError("interrupted; nothing was deleted", 130) from None
-            if not confirmed:
+            if not _ask(question, "nothing was deleted"):
                 out.print("nothing was deleted", highlight=False)
                 return
-        deleted = store.purge(ids=ids or None, older_than=age, task=task, status=wanted)
+        if ids or wanted is None:
+            deleted = store.purge(ids=ids or None, older_than=age, task=task)
+        else:  # one status at a time: the store's purge takes one
+            deleted = sum(store.purge(older_than=age, task=task, status=one) for one in wanted)
     out.print(f"deleted {_plural(deleted, 'dead letter')} from {escape(db.name)}", highlight=False)
+
+
+#: ``purge --status``: ``handled`` (the default) is a letter someone dealt with.
+HANDLED = ("replayed", "discarded")
+
+
+def _purge_status(status: str) -> tuple[str, ...] | None:
+    """The statuses ``purge`` deletes: ``handled`` = replayed or discarded; None for ``any``."""
+    if status == "handled":
+        return HANDLED
+    if status not in STATUS_CHOICES:
+        choices = ", ".join(("handled", *STATUS_CHOICES))
+        raise CliError(f"--status {status!r} is not one of {choices}")
+    return None if status == "any" else (status,)
+
+
+def _status_words(statuses: tuple[str, ...] | None) -> str | None:
+    return None if statuses is None else " or ".join(statuses)
 
 
 def _count(
@@ -567,7 +629,7 @@ def _count(
     ids: list[int],
     age: timedelta | None,
     task: str | None,
-    status: str | None,
+    status: tuple[str, ...] | None,
 ) -> int:
     """How many letters ``purge`` would delete (to ask about); unknown ids raise."""
     if ids:
@@ -589,7 +651,7 @@ def _count(
     if task is not None:
         query = query.where(DeadLetter.task_name == task)
     if status is not None:
-        query = query.where(DeadLetter.status == status)
+        query = query.where(DeadLetter.status.in_(status))
     with store.engine.connect() as connection:
         return int(connection.scalar(query) or 0)
 

@@ -214,6 +214,7 @@ APP_SETTINGS = frozenset(
         "taskkit_database_url",
         "taskkit_resume_orphaned_runs",
         "taskkit_dead_letter_queue",
+        "taskkit_replay_allow",
     }
 )
 

@@ -268,6 +268,13 @@ def _target(app: Any, name: str, allowed: frozenset[str], letter: DeadLetter) ->
 
 def _check_task_payload(task: Any, letter: DeadLetter) -> None:
     payload = letter.payload
+    if isinstance(payload, dict) and payload.get("redacted"):
+        names = ", ".join(map(str, payload["redacted"]))
+        raise ReplayRejected(
+            f"its sensitive arguments ({names}) were redacted when it failed, so it cannot be "
+            "sent again; send the task anew with them",
+            [letter.id],
+        )
     if not isinstance(payload, dict) or not set(payload) <= {"args", "kwargs"}:
         raise ReplayRejected(
             "a task's payload must be {'args': [...], 'kwargs': {...}}", [letter.id]

@@ -17,7 +17,7 @@ from taskkit.cli import dlq as cli_dlq
 from taskkit.cli._common import CliError
 from taskkit.cli.dlq import parse_age
 from taskkit.config import reset_settings
-from taskkit.deadletter import DeadLetterStore
+from taskkit.deadletter import DeadLetterStore, SentReplay
 from tests._support.letters import letter_entry
 from tests.cli import dlqapp
 
@@ -390,12 +390,79 @@ def test_dlq_replay_all(runner: CliRunner, add: AddLetter, letters: DeadLetterSt
     add(key="b", status="discarded")
     add(key="c", ago=timedelta(days=3))
 
-    result = dlq(runner, "replay", "--all", *APP)
+    result = dlq(runner, "replay", "--all", "--yes", *APP)
 
     assert result.exit_code == 0, result.output
     [(_, _, args, _)] = sent()
     assert args == [[{"id": "a"}, {"id": "c"}]]
     assert sorted(statuses(letters).values()) == ["discarded", "replayed", "replayed"]
+
+
+def test_dlq_replay_all_without_yes_and_no_terminal_exits_2_and_sends_nothing(
+    runner: CliRunner, add: AddLetter, letters: DeadLetterStore
+):
+    """Issue 14 item 13: `dlq replay --all` sent every letter without asking."""
+    a = add(key="a")
+
+    result = dlq(runner, "replay", "--all", *APP)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        "error: replay --all sends every dead letter again: add --yes (no terminal to ask on)\n"
+    )
+    assert sent() == []
+    assert statuses(letters) == {a: "dead"}
+
+
+@pytest.mark.parametrize(("answer", "replayed"), [("y\n", True), ("n\n", False), ("\n", False)])
+def test_dlq_replay_all_asks_first_on_a_terminal(
+    runner: CliRunner,
+    add: AddLetter,
+    letters: DeadLetterStore,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: str,
+    replayed: bool,
+):
+    monkeypatch.setattr(cli_dlq, "_interactive", lambda: True)
+    a, b = add(key="a"), add(key="b")
+    c = add(key="c", status="discarded")
+
+    result = dlq(runner, "replay", "--all", *APP, input=answer)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("send 2 dead letters (status dead) again, from ")
+    if replayed:
+        assert "replayed 2 dead letters in 1 message" in result.stdout
+        assert statuses(letters) == {a: "replayed", b: "replayed", c: "discarded"}
+    else:
+        assert result.stdout.endswith("nothing was sent\n")
+        assert sent() == []
+        assert statuses(letters) == {a: "dead", b: "dead", c: "discarded"}
+
+
+def test_dlq_replay_all_on_a_terminal_with_nothing_waiting_does_not_ask(
+    runner: CliRunner, add: AddLetter, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(cli_dlq, "_interactive", lambda: True)
+    add(key="a", status="discarded")
+
+    result = dlq(runner, "replay", "--all", *APP)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("no dead letters (status dead) in ")
+
+
+def test_dlq_replay_into_celery_map_exits_2_and_sends_nothing(
+    runner: CliRunner, add: AddLetter, letters: DeadLetterStore
+):
+    a = add(PING, {"args": [{"task": PING}, [["h1"]]], "kwargs": {}}, batch=None, key=None)
+
+    result = dlq(runner, "replay", str(a), "--into", "celery.map", *APP)
+
+    assert result.exit_code == 2, result.output
+    assert "'celery.map' is Celery's own task" in result.stderr
+    assert sent() == []
+    assert statuses(letters) == {a: "dead"}
 
 
 def test_dlq_replay_with_nothing_selected_says_so_and_exits_0(runner: CliRunner, add: AddLetter):
@@ -472,7 +539,7 @@ def test_dlq_replay_of_a_letter_whose_task_the_app_lacks_exits_2_naming_app_and_
     a = add(key="a")
     gone = add("jobs.retired", key="z")
 
-    result = dlq(runner, "replay", "--all", *APP)
+    result = dlq(runner, "replay", "--all", "--yes", *APP)
 
     assert result.exit_code == 2, result.output
     assert result.stderr == (
@@ -621,7 +688,9 @@ def test_dlq_purge_older_than_an_age_of_a_task_and_status(
     by_status = dlq(
         runner, "purge", "--older-than", "7d", "--task", SCORE, "--status", "discarded", "--yes"
     )
-    by_task = dlq(runner, "purge", "--older-than", "7d", "--task", SCORE, "--yes")
+    by_task = dlq(
+        runner, "purge", "--older-than", "7d", "--task", SCORE, "--status", "dead", "--yes"
+    )
 
     assert by_status.exit_code == 0, by_status.output
     assert by_status.stdout.startswith("deleted 1 dead letter from ")
@@ -638,16 +707,38 @@ def test_dlq_purge_retention_uses_the_setting(
     eight = add(key="8d", ago=timedelta(days=8))
     six = add(key="6d", ago=timedelta(days=6))
 
-    default = dlq(runner, "purge", "--retention", "--yes")
+    default = dlq(runner, "purge", "--retention", "--status", "dead", "--yes")
     monkeypatch.setenv("TASKKIT_DEAD_LETTER_RETENTION_DAYS", "7")
     reset_settings()
-    seven = dlq(runner, "purge", "--retention", "--yes")
+    seven = dlq(runner, "purge", "--retention", "--status", "any", "--yes")
 
     assert default.exit_code == 0, default.output
     assert default.stdout.startswith("deleted 1 dead letter from ")
     assert seven.exit_code == 0, seven.output
     assert statuses(letters) == {six: "dead"}
     assert eight not in statuses(letters)
+
+
+def test_dlq_purge_by_age_deletes_only_handled_letters_unless_told(
+    runner: CliRunner, add: AddLetter, letters: DeadLetterStore
+):
+    """Issue 14 item 13: `dlq purge` deleted never-handled `dead` letters by default."""
+    waiting = add(key="a", ago=timedelta(days=10))
+    discarded = add(key="b", ago=timedelta(days=10), status="discarded")
+    replayed = add(key="c", ago=timedelta(days=10))
+    letters.mark_replayed([SentReplay(SCORE, "t-r", None, [replayed])])
+
+    handled = dlq(runner, "purge", "--older-than", "1d", "--yes")
+
+    assert handled.exit_code == 0, handled.output
+    assert handled.stdout.startswith("deleted 2 dead letters from ")
+    assert statuses(letters) == {waiting: "dead"}
+    assert discarded not in statuses(letters)
+
+    dead = dlq(runner, "purge", "--older-than", "1d", "--status", "dead", "--yes")
+
+    assert dead.exit_code == 0, dead.output
+    assert statuses(letters) == {}
 
 
 def test_dlq_purge_without_yes_and_no_terminal_exits_2_and_deletes_nothing(
@@ -712,7 +803,9 @@ def test_dlq_purge_on_a_terminal_with_nothing_to_delete_does_not_ask(
     result = dlq(runner, "purge", "--retention")
 
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("no dead letters (older than the retention of 30d) in ")
+    assert result.stdout.startswith(
+        "no dead letters (status replayed or discarded, older than the retention of 30d) in "
+    )
 
 
 @pytest.mark.parametrize(

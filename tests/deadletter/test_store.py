@@ -801,6 +801,19 @@ def test_replay_into_a_task_that_is_not_a_taskkit_task_needs_the_allow_list(
     assert result.letter_ids == [letter.id]
 
 
+def test_the_replay_allow_list_is_an_app_setting_of_task_names(
+    db_url: str, engine: Engine, redis_url: str, prefix: str
+):
+    app = make_app(db_url, redis_url, prefix, taskkit_replay_allow=["tkdl.plain"])
+    assert app.conf.taskkit_replay_allow == ["tkdl.plain"]
+    store = DeadLetterStore(db_url, app=app, queue="")
+    store.record([entry(PING, {"args": ["h1"], "kwargs": {}}, batch=None, key=None)])
+    app.conf.taskkit_replay_allow = "tkdl.plain"
+
+    with pytest.raises(ConfigurationError, match="taskkit_replay_allow must be a list"):
+        replay(store, all=True)
+
+
 def test_a_task_letter_whose_arguments_no_longer_fit_is_refused(
     replays: DeadLetterStore, refused: Refusal
 ):
@@ -808,6 +821,22 @@ def test_a_task_letter_whose_arguments_no_longer_fit_is_refused(
     [letter] = replays.list(task=PING)
 
     with pytest.raises(ReplayRejected, match="no longer fits 'tkdl.ping'") as raised:
+        replay(replays, all=True)
+
+    assert raised.value.letter_ids == [letter.id]
+    refused.unchanged()
+
+
+def test_a_task_letter_whose_arguments_were_redacted_is_refused(
+    replays: DeadLetterStore, refused: Refusal
+):
+    payload = {"args": ["h1"], "kwargs": {"timeout": "[redacted]"}, "redacted": ["timeout"]}
+    replays.record([entry(PING, payload, batch=None, key=None)])
+    [letter] = replays.list(task=PING)
+
+    with pytest.raises(
+        ReplayRejected, match=r"sensitive arguments \(timeout\) were redacted"
+    ) as raised:
         replay(replays, all=True)
 
     assert raised.value.letter_ids == [letter.id]
