@@ -88,6 +88,9 @@ class CheckpointInfo:
     sklearn: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     is_best: bool = False
+    #: The identity of the run it belongs to (``ModelRun.uid``), when the store has one; a
+    #: store of another identity never restores it.
+    run_uid: str | None = None
     signature: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +147,7 @@ class CheckpointInfo:
             sklearn=get("sklearn", (str,), optional=True),
             metrics=dict(get("metrics", (dict,))),
             is_best=get("is_best", (bool,)),
+            run_uid=get("run_uid", (str,), optional=True),
             signature=get("signature", (str,), optional=True),
         )
 
@@ -160,11 +164,14 @@ class CheckpointInfo:
         """What the signature covers: canonical JSON of every field except ``signature``.
 
         Sorted keys, no whitespace, ASCII: the same bytes on every machine, and the same after
-        a JSON round trip. It includes ``run_id``, ``step``, ``size`` and ``sha256``, so
-        neither the data nor the checkpoint's place (run, step) can be swapped.
+        a JSON round trip. It includes ``run_id``, ``run_uid``, ``step``, ``size`` and
+        ``sha256``, so neither the data nor the checkpoint's place (run, identity, step) can be
+        swapped. A manifest without ``run_uid`` signs the bytes it always did.
         """
         fields = self.to_dict()
         del fields["signature"]
+        if fields["run_uid"] is None:
+            del fields["run_uid"]  # signatures made before run identities stay valid
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return b"taskkit-checkpoint-v1\n" + canonical.encode("ascii")
 

@@ -6,6 +6,7 @@ import builtins
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
 import warnings
@@ -39,6 +40,8 @@ logger = logging.getLogger("taskkit.checkpoint")
 #: zlib level of ``compress=True``: joblib's choice; model weights barely compress at any level,
 #: so a higher one mostly costs time.
 DEFAULT_ZLIB_LEVEL = 3
+
+_RUN_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{7,63}")
 
 # The "not signed" warning is given once per process, not once per store (one per task).
 _unsigned_warned = False
@@ -115,8 +118,12 @@ class CheckpointStore:
         require_signature: bool | None = None,
         background: bool = False,
         settings: Settings | None = None,
+        run_uid: str | None = None,
     ) -> None:
-        self._run_id = _validate_run_id(run_id)
+        #: The run's identity (``ModelRun.uid``): part of the storage key and of every manifest.
+        self.run_uid = _check_run_uid(run_uid)
+        key = run_id if run_uid is None else f"{_validate_run_id(run_id)}-{run_uid}"
+        self._run_id = _validate_run_id(key)
         settings = settings or get_settings()
         if format not in FORMATS:
             raise ConfigurationError(f"format must be one of {FORMATS}, got {format!r}")
@@ -164,7 +171,7 @@ class CheckpointStore:
 
     @property
     def run_id(self) -> str:
-        """The run's id, as a string."""
+        """The run's key in the storage: its id as a string, then ``-<run_uid>`` if it has one."""
         return self._run_id
 
     @property
@@ -258,6 +265,7 @@ class CheckpointStore:
             sklearn=sklearn,
             metrics=metrics,
             is_best=bool(is_best),
+            run_uid=self.run_uid,
         )
 
     def _finish(self, template: CheckpointInfo, sha256: str) -> CheckpointInfo:
@@ -431,13 +439,30 @@ class CheckpointStore:
     def list(self) -> builtins.list[CheckpointInfo]:
         """Manifests of the run's complete checkpoints, oldest step first (data not verified).
 
+        With a ``run_uid``, a manifest of another run identity (copied in, or left by another
+        database's run of the same id) is skipped with a ``CheckpointWarning``: never restored.
+
         Example::
 
             for info in store.list():
                 print(info.step, info.metrics, info.is_best)
         """
         self._settle()
-        return self.storage.infos(self._run_id)
+        infos = self.storage.infos(self._run_id)
+        if self.run_uid is None:
+            return infos
+        mine = [info for info in infos if info.run_uid == self.run_uid]
+        for info in infos:
+            if info.run_uid != self.run_uid:
+                warnings.warn(
+                    CheckpointWarning(
+                        f"checkpoint run {self._run_id!r}, step {info.step} belongs to another "
+                        f"run (identity {info.run_uid!r}, not {self.run_uid!r}); it is never "
+                        "restored: the run starts without it"
+                    ),
+                    stacklevel=3,
+                )
+        return mine
 
     def latest(self) -> CheckpointInfo | None:
         """The newest manifest, or None (the data is not verified: see ``load_latest``).
@@ -549,23 +574,34 @@ class CheckpointStore:
 
     # -- deleting ---------------------------------------------------------------------------
 
-    def cleanup(self, keep_final: bool = True) -> None:
-        """After a run succeeded: delete every checkpoint but the newest (or all of them).
+    def cleanup(self, keep_final: bool = True, *, keep_best: int | None = None) -> None:
+        """After a run succeeded: keep what retention says a finished run needs, the final
+        checkpoint and the ``keep_best`` newest saved with ``is_best=True`` (default: the
+        store's ``keep_best``), and delete the rest; ``keep_final=False`` deletes them all.
 
-        Protection does not apply: the run is over.
+        Protection and ``keep_last`` do not apply: the run is over.
 
         Example::
 
             result = train()
-            store.cleanup()                  # keep the final checkpoint only
+            store.cleanup()                  # the final checkpoint and the best one(s)
+            store.cleanup(keep_best=0)       # the final checkpoint only
             store.cleanup(keep_final=False)  # or nothing at all
         """
+        if keep_best is None:
+            keep_best = self.keep_best if keep_final else 0
+        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
+            raise ConfigurationError(f"keep_best must be >= 0, got {keep_best!r}")
         self.wait()
         infos = self.storage.infos(self._run_id)
-        if keep_final:
-            infos = infos[:-1]
+        keep: set[int] = set()
+        if keep_final and infos:
+            keep.add(infos[-1].step)
+        if keep_best:
+            keep.update([info.step for info in reversed(infos) if info.is_best][:keep_best])
         for info in infos:
-            self.storage.delete(self._run_id, info.step)
+            if info.step not in keep:
+                self.storage.delete(self._run_id, info.step)
 
     def delete_all(self) -> None:
         """Delete every checkpoint of the run (to start it over from scratch).
@@ -600,6 +636,16 @@ def _key_bytes(key: str | bytes | SecretStr | None) -> bytes | None:
     if key is not None and not isinstance(key, bytes):
         raise ConfigurationError(f"secret_key must be str or bytes, not {type(key).__name__}")
     return key or None  # an empty key signs nothing
+
+
+def _check_run_uid(run_uid: object) -> str | None:
+    if run_uid is None:
+        return None
+    if not isinstance(run_uid, str) or not _RUN_UID.fullmatch(run_uid):
+        raise ConfigurationError(
+            f"run_uid must be 8-64 letters, digits or '-' (a ModelRun.uid), got {run_uid!r}"
+        )
+    return run_uid
 
 
 def _zlib_level(compress: bool | int) -> int | None:

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -73,12 +74,21 @@ class Base(DeclarativeBase):
         return f"<{type(self).__name__} id={key!r}>"
 
 
+def _new_run_uid() -> str:
+    """A new run identity: 32 hex digits of a random UUID."""
+    return uuid.uuid4().hex
+
+
 class ModelRun(Base):
     """One training run: what was asked (``config``), where it is (``status``), what it made."""
 
     __tablename__ = "model_runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The run's unique identity (32 hex digits of a random UUID), never reused, unlike ``id``
+    #: (SQLite hands out a deleted highest id again; another database starts from 1): its
+    #: checkpoints are kept and signed under it.
+    uid: Mapped[str] = mapped_column(String(32), unique=True, default=_new_run_uid)
     name: Mapped[str] = mapped_column(String(255))
     model_type: Mapped[str] = mapped_column(String(100))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import logging
 import pickle
 import uuid
@@ -315,7 +316,7 @@ def resume_run(
             status, task_name, config = run.status, run.task_name, dict(run.config or {})
             task = _resumable_task(app, run_id, status, task_name, lease_alive)
             if require_checkpoint:
-                _require_checkpoint(task, run_id)
+                _require_checkpoint(task, run_id, run.uid)
             run.status = "queued"
             run.task_id = task_id
             run.error_message = None
@@ -342,9 +343,18 @@ def _resumable_task(
     return app.tasks[task_name]
 
 
-def _require_checkpoint(task: Any, run_id: int) -> None:
-    opener = getattr(task, "checkpoint_store", CheckpointStore)
-    with opener(run_id) as store:
+def _require_checkpoint(task: Any, run_id: int, run_uid: str) -> None:
+    """The run's checkpoints, where its task keeps them: under the run's identity (read from
+    this database, which may not be the task's configured one); an override of
+    ``checkpoint_store`` without ``run_uid`` is called as before."""
+    opener = getattr(task, "checkpoint_store", None)
+    if opener is None:
+        store = CheckpointStore(run_id, run_uid=run_uid)
+    elif "run_uid" in inspect.signature(opener).parameters:
+        store = opener(run_id, run_uid=run_uid)
+    else:
+        store = opener(run_id)
+    with store:
         if store.latest() is None:
             raise RunNotResumable(run_id, "has no checkpoint to resume from", "no_checkpoint")
 

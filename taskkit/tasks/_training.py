@@ -41,9 +41,12 @@ from billiard.process import current_process
 from celery import signals
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.worker import state as worker_state
+from sqlalchemy import select
 
 from taskkit.checkpoint import CheckpointStore
-from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, TaskkitWarning
+from taskkit.db.models import ModelRun
+from taskkit.db.session import session_scope
+from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, RunNotFound, TaskkitWarning
 from taskkit.tasks import _runs as runs
 from taskkit.tasks._base import ResilientTask, _run_stack
 from taskkit.tasks._options import Alias, Option, boolean, one_of, optional_name, positive_int
@@ -225,14 +228,26 @@ class TrainingTask(ResilientTask):
             )
         return TrainingRun(self, stack[-1].run_id, total_epochs, checkpoint_every=checkpoint_every)
 
-    def checkpoint_store(self, run_id: Any) -> CheckpointStore:
-        """The store for one run (override to choose storage, format or retention)."""
+    def checkpoint_store(self, run_id: Any, *, run_uid: str | None = None) -> CheckpointStore:
+        """The store for one run, keyed by its identity (``run_uid``, default the run's
+        ``ModelRun.uid`` in the task's database): a run never resumes another run's checkpoint,
+        even one that had the same id. Override to choose storage, format or retention, and
+        pass ``run_uid`` on to ``CheckpointStore``."""
         return CheckpointStore(
             run_id,
+            run_uid=run_uid or self.run_uid(run_id),
             format=self.checkpoint_format,
             compress=self.checkpoint_compress,
             background=self.checkpoint_background,
         )
+
+    def run_uid(self, run_id: Any) -> str:
+        """The unique identity of run ``run_id`` (``RunNotFound`` if there is no such run)."""
+        with session_scope(self._database_url) as session:
+            uid = session.scalar(select(ModelRun.uid).where(ModelRun.id == run_id))
+        if uid is None:
+            raise RunNotFound(run_id)
+        return str(uid)
 
     # -- status hooks (isolated by ResilientTask: a database error here is only logged) --------
 

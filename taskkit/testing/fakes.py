@@ -11,7 +11,7 @@ Example::
     from taskkit.testing.fakes import MemoryCheckpointStorage
 
     storage = MemoryCheckpointStorage()
-    with CheckpointStore("exp-1", storage=storage, secret_key="test") as store:
+    with CheckpointStore("exp-1", storage=storage, secret_key="a-test-key-16-bytes") as store:
         store.save({"w": 1}, step=0)
     assert storage.steps("exp-1") == [0]
 """
@@ -63,7 +63,7 @@ class FakeDeadLetterStore(DeadLetterStore):
         self.clock = clock
         self._letters: dict[int, DeadLetter] = {}
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     def record(self, entries: Iterable[DeadLetterEntry], *, connection: Any = None) -> int:
         """Store ``entries`` at once (``connection`` is accepted and ignored); returns how many."""
@@ -80,11 +80,50 @@ class FakeDeadLetterStore(DeadLetterStore):
                 for name in ("last_failed_at", "error_type", "error_message", "traceback"):
                     setattr(same, name, row[name])
                 same.task_id, same.payload, same.status = row["task_id"], row["payload"], "dead"
+            self._lock.notify_all()
         return len(rows)
 
+    def wait_for(
+        self, count: int = 1, *, timeout: float = 10.0, **filters: Any
+    ) -> builtins.list[DeadLetter]:
+        """The letters matching ``filters`` (as ``list`` takes them) once there are ``count``;
+        ``TimeoutError`` after ``timeout`` seconds. Celery stores a task's failure in the result
+        backend *before* its failure handlers run, so a test that saw ``.get()`` raise waits here
+        for the letter rather than reading ``list`` at once.
+
+        Example::
+
+            with pytest.raises(ValueError):
+                tasks.price.delay("???").get(timeout=10)
+            (letter,) = taskkit_dead_letters.wait_for(task=tasks.price.name)
+        """
+        found: builtins.list[DeadLetter] = []
+
+        def enough() -> bool:
+            nonlocal found
+            found = self.list(**filters)
+            return len(found) >= count
+
+        with self._lock:
+            if not self._lock.wait_for(enough, timeout):
+                raise TimeoutError(
+                    f"{len(found)} of {count} dead letter(s) matching {filters} after {timeout} s"
+                )
+        return found
+
     def _same_item(self, row: dict[str, Any]) -> DeadLetter | None:
-        if row["batch_id"] is None or row["item_key"] is None:
-            return None  # NULLs never conflict, as in the table's unique index
+        if row["batch_id"] is None and row["item_key"] is None:
+            # a whole task: one letter per task id, as the database store merges them
+            if row["task_id"] is None:
+                return None
+            for letter in self._letters.values():
+                if (
+                    letter.batch_id is None
+                    and letter.item_key is None
+                    and ((letter.task_name, letter.task_id) == (row["task_name"], row["task_id"]))
+                ):
+                    return letter
+            return None
         for letter in self._letters.values():
             if (letter.task_name, letter.batch_id, letter.item_key) == (
                 row["task_name"],
@@ -200,7 +239,7 @@ class MemoryCheckpointStorage(CheckpointStorage):
     Example::
 
         storage = MemoryCheckpointStorage()
-        store = CheckpointStore("exp-1", storage=storage, secret_key="test")
+        store = CheckpointStore("exp-1", storage=storage, secret_key="a-test-key-16-bytes")
         store.save({"w": 1}, step=0)
         assert storage.steps("exp-1") == [0] and storage.writes == 1
     """

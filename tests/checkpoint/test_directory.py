@@ -50,6 +50,7 @@ def test_one_directory_per_run_with_a_data_file_and_a_json_manifest(root):
         "sklearn",
         "metrics",
         "is_best",
+        "run_uid",
         "signature",
     }
     assert store.storage.runs() == ["run-1"]

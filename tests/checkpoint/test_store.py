@@ -240,6 +240,27 @@ def test_cleanup_after_success_keeps_the_final_checkpoint_or_nothing(make_store)
     assert store.storage.runs() == []
 
 
+def test_cleanup_after_success_keeps_the_best_k_and_the_final(make_store):
+    """Completion keeps what retention says: a best at step 0 survives (issue 14, item 4)."""
+    store = make_store(keep_last=5, keep_best=2)
+    for step in range(6):
+        store.save({"step": step}, step=step, is_best=step in (0, 1, 3))
+    store.cleanup()
+    assert steps(store) == [1, 3, 5]
+    store.cleanup(keep_best=0)
+    assert steps(store) == [5]
+
+
+def test_cleanup_with_keep_best_one_keeps_the_epoch_0_best(make_store):
+    store = make_store(keep_best=1)
+    store.save({"step": 0}, step=0, is_best=True)
+    for step in range(1, 4):
+        store.save({"step": step}, step=step)
+    store.cleanup()
+    assert steps(store) == [0, 3]
+    assert store.load(0).state == {"step": 0}
+
+
 def test_delete_all(make_store):
     store = make_store()
     other = make_store("other-run")
@@ -478,3 +499,33 @@ def test_a_manifest_copied_under_another_step_is_skipped_not_counted_twice(make_
         assert [info.step for info in store.list()] == [1]
     with pytest.warns(CheckpointWarning, match="describes step 1"):
         assert store.load_latest().state == {"v": 1}
+
+
+RUN_UID = "0123456789abcdef0123456789abcdef"
+
+
+def test_a_run_identity_keys_the_store_and_is_signed_in_every_manifest(make_store, raw):
+    """Issue 14, item 3: the identity is in the storage key and in the signed manifest."""
+    from taskkit.errors import CheckpointTampered
+
+    store = make_store(7, run_uid=RUN_UID)
+    assert store.run_id == f"7-{RUN_UID}"
+    info = store.save({"v": 1}, step=1)
+    assert info.run_uid == RUN_UID
+    assert f'"run_uid":"{RUN_UID}"'.encode() in info.signed_bytes()
+    assert make_store(7).list() == []  # the bare id is another namespace
+    manifest = raw.manifest(store.run_id, 1)
+    manifest["run_uid"] = "f" * 32
+    raw.put(store.run_id, 1, raw.data(store.run_id, 1), manifest)
+    with pytest.warns(CheckpointWarning, match="belongs to another run"):
+        assert store.load_latest() is None  # never restored: the run starts fresh
+    forged = make_store(7, run_uid="f" * 32)
+    raw.put(forged.run_id, 1, raw.data(store.run_id, 1), manifest)
+    with pytest.raises(CheckpointTampered):
+        forged.load_latest()  # the same fields, but the signature covers run_uid
+
+
+@pytest.mark.parametrize("bad", ["", "x", "a/b", "../" + "a" * 10, 12345678])
+def test_a_bad_run_uid_is_a_configuration_error(make_store, bad):
+    with pytest.raises(ConfigurationError, match="run_uid"):
+        make_store(7, run_uid=bad)

@@ -16,9 +16,12 @@ pytestmark = pytest.mark.redis
 
 
 def _save_checkpoint(run_id: int, epoch: int) -> None:
-    from taskkit.checkpoint import CheckpointStore
+    # Where the run's task keeps it: under the run's identity (from TASKKIT_DATABASE_URL).
+    from taskkit.db.session import session_scope
 
-    with CheckpointStore(run_id) as store:
+    with session_scope() as session:
+        run_uid = session.get(ModelRun, run_id).uid  # type: ignore[union-attr]
+    with cliapp.app.tasks[cliapp.TRAIN].checkpoint_store(run_id, run_uid=run_uid) as store:
         store.save({"seen": epoch + 1}, step=epoch, metrics={"score": 0.5})
 
 

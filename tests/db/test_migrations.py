@@ -129,3 +129,33 @@ def test_console_script_migrates_the_embedded_default(tmp_path: Path):
     assert database.exists()
     assert f"sqlite:///{database}" in result.stdout
     assert differences(f"sqlite:///{database}") == []
+
+
+def test_0005_gives_every_existing_run_an_identity_of_its_own(empty_database: str):
+    from alembic import command
+
+    from taskkit.db.migrate import _alembic_config
+
+    engine = create_engine_for(empty_database)
+    try:
+        with engine.begin() as connection:
+            command.upgrade(_alembic_config(connection), "0004")
+        with engine.begin() as connection:
+            for name in ("a", "b"):
+                connection.execute(
+                    sqlalchemy.text(
+                        "INSERT INTO model_runs (name, model_type, config, status, usage_count,"
+                        " created_at, updated_at, version) VALUES (:name, 'sgd', '{}', 'failed',"
+                        " 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 1)"
+                    ),
+                    {"name": name},
+                )
+        assert upgrade(engine) == head_revision()
+        with engine.connect() as connection:
+            uids = connection.execute(sqlalchemy.text("SELECT uid FROM model_runs")).scalars()
+            uids = list(uids)
+    finally:
+        engine.dispose()
+    assert len(uids) == 2
+    assert len(set(uids)) == 2
+    assert all(isinstance(u, str) and len(u) == 32 for u in uids)

@@ -3,6 +3,7 @@ storage, so signatures and checksums are checked as on files)."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -21,7 +22,7 @@ def entry(task="jobs.fetch", item=None, error="ValueError"):
 
 def test_a_checkpoint_round_trips_through_the_memory_storage():
     storage = MemoryCheckpointStorage()
-    with CheckpointStore("exp-1", storage=storage, secret_key="k") as store:
+    with CheckpointStore("exp-1", storage=storage, secret_key="a-test-key-16-bytes") as store:
         store.save({"w": [1, 2]}, step=0)
         store.save({"w": [3]}, step=1)
         assert store.load_latest().state == {"w": [3]}
@@ -31,11 +32,11 @@ def test_a_checkpoint_round_trips_through_the_memory_storage():
 
 def test_a_tampered_checkpoint_is_refused_on_load():
     storage = MemoryCheckpointStorage()
-    with CheckpointStore("exp-1", storage=storage, secret_key="k") as store:
+    with CheckpointStore("exp-1", storage=storage, secret_key="a-test-key-16-bytes") as store:
         store.save({"w": 1}, step=0)
     storage.tamper("exp-1", 0)
     with (
-        CheckpointStore("exp-1", storage=storage, secret_key="k") as store,
+        CheckpointStore("exp-1", storage=storage, secret_key="a-test-key-16-bytes") as store,
         pytest.raises(TaskkitError),
     ):
         store.load(0)
@@ -66,3 +67,36 @@ def test_the_dead_letter_fake_records_updates_counts_discards_and_purges():
     assert store.purge(task="jobs.other") == 1
     assert store.purge() == 2
     assert store.list(status=None) == []
+
+
+def whole_task_failure(task_id: str | None) -> DeadLetterEntry:
+    return DeadLetterEntry(
+        "jobs.fetch", {"args": [1], "kwargs": {}}, "ValueError", "bad", task_id=task_id
+    )
+
+
+def test_the_dead_letter_fake_merges_whole_task_failures_per_task_id_as_the_store_does():
+    store = FakeDeadLetterStore()
+    store.record([whole_task_failure("t1"), whole_task_failure("t1"), whole_task_failure("t2")])
+
+    letters = store.list(task="jobs.fetch")
+    assert sorted((letter.task_id, letter.attempts) for letter in letters) == [("t1", 2), ("t2", 1)]
+
+
+def test_wait_for_returns_a_letter_recorded_by_another_thread():
+    store = FakeDeadLetterStore()
+    recorder = threading.Timer(0.01, store.record, args=([whole_task_failure("t1")],))
+    recorder.start()
+
+    (letter,) = store.wait_for(task="jobs.fetch", timeout=10)
+
+    assert letter.task_id == "t1"
+    recorder.join()
+
+
+def test_wait_for_names_what_it_waited_for_when_it_times_out():
+    store = FakeDeadLetterStore()
+    store.record([whole_task_failure("t1")])
+
+    with pytest.raises(TimeoutError, match=r"1 of 2 dead letter\(s\) matching"):
+        store.wait_for(2, task="jobs.fetch", timeout=0.01)

@@ -41,7 +41,7 @@ def training_env(
     default_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     monkeypatch.setenv("TASKKIT_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("TASKKIT_SECRET_KEY", "training-tests")
+    monkeypatch.setenv("TASKKIT_SECRET_KEY", "training-tests-key")
     reset_settings()
     apps.app.conf.taskkit_database_url = default_database
     yield default_database
@@ -60,6 +60,11 @@ def train(config: dict[str, Any], task: Any = apps.train) -> tuple[int, Any]:
     config = {**config, "nonce": uuid.uuid4().hex}
     run_id = new_run(config, task.name)
     return run_id, task(run_id, config)
+
+
+def store_of(run_id: int, task: Any = apps.train) -> CheckpointStore:
+    """The run's checkpoint store, as its task opens it (keyed by the run's identity)."""
+    return task.checkpoint_store(run_id)  # type: ignore[no-any-return]
 
 
 def coefficients(run_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +98,9 @@ def test_a_fresh_run_completes_stores_its_model_and_keeps_the_final_checkpoint()
         assert set(progress.metrics) == {"score", "loss", "best_score"}
         assert progress.metrics["best_score"] == run.final_score
     assert load_model(run_id).coef_.shape == (1, 10)
-    assert [info.step for info in CheckpointStore(run_id).list()] == [7]
+    kept = store_of(run_id).list()
+    assert kept[-1].step == 7
+    assert {info.step for info in kept[:-1]} <= {info.step for info in kept if info.is_best}
 
 
 @pytest.mark.parametrize("task", [apps.train, apps.train_every3], ids=["every1", "every3"])
@@ -108,7 +115,7 @@ def test_a_run_resumed_after_a_failure_continues_at_the_next_epoch_and_ends_iden
         task(run_id, config)
     # The failure struck before epoch `fail_at` trained: the last completed epoch was saved,
     # whatever the checkpoint interval.
-    assert CheckpointStore(run_id).latest().step == fail_at - 1  # type: ignore[union-attr]
+    assert store_of(run_id).latest().step == fail_at - 1  # type: ignore[union-attr]
     result = task(run_id, config)
 
     assert result["resumed_from"] == fail_at
@@ -156,7 +163,7 @@ def test_a_run_killed_in_another_process_resumes_in_a_new_process_bit_identical(
 
     killed = run_in_new_process()
     assert killed.returncode == -9, killed.stderr
-    assert CheckpointStore(run_id).latest().step == kill_at - 1  # type: ignore[union-attr]
+    assert store_of(run_id).latest().step == kill_at - 1  # type: ignore[union-attr]
     resumed = run_in_new_process()
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed_from={kill_at}" in resumed.stdout
@@ -194,7 +201,7 @@ def test_a_soft_time_limit_checkpoints_the_last_completed_epoch() -> None:
     with pytest.raises(SoftTimeLimitExceeded):
         apps.train_every3(run_id, config)
 
-    assert CheckpointStore(run_id).latest().step == 3  # type: ignore[union-attr]
+    assert store_of(run_id).latest().step == 3  # type: ignore[union-attr]
 
 
 def test_a_checkpoint_signed_with_another_key_is_refused_and_the_run_stops(
@@ -206,7 +213,7 @@ def test_a_checkpoint_signed_with_another_key_is_refused_and_the_run_stops(
     run_id = new_run(config)
     with pytest.raises(KeyError):
         apps.train(run_id, config)
-    monkeypatch.setenv("TASKKIT_SECRET_KEY", "somebody-else")
+    monkeypatch.setenv("TASKKIT_SECRET_KEY", "somebody-else-key!")
     reset_settings()
 
     with pytest.raises(CheckpointTampered):
@@ -256,3 +263,113 @@ def test_bad_training_options_are_refused_with_the_option_named() -> None:
         _ = app.tasks[name]
     with pytest.raises(ConfigurationError, match="total_epochs must be an integer >= 1"):
         apps.train(new_run(), {"epochs": 0})
+
+
+@apps.app.task(base=TrainingTask, bind=True, shared=False, name=apps.kit.name("best_first"))
+def best_first(self: TrainingTask, model_run_id: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Scores that only get worse: the best epoch is epoch 0."""
+    with self.training(total_epochs=int(config["epochs"])) as run:
+        state = run.restore() or {"epoch": -1}
+        for epoch in run.epochs():
+            state = {"epoch": epoch}
+            run.report(epoch, {"score": 1.0 / (epoch + 1)}, state)
+        return run.complete(state)
+
+
+def test_a_completed_run_keeps_its_best_checkpoint_and_its_final_one() -> None:
+    """keep_best holds at completion too: a best at epoch 0 survives (issue 14, item 4)."""
+    run_id = new_run({"epochs": 5}, best_first.name)
+    result = best_first(run_id, {"epochs": 5})
+    assert result["best_score"] == 1.0
+    kept = store_of(run_id, best_first).list()
+    assert [(info.step, info.is_best) for info in kept] == [(0, True), (4, False)]
+    assert store_of(run_id, best_first).load(0).state["state"] == {"epoch": 0}
+
+
+# -- run identity (issue 14, item 3) -----------------------------------------------------------
+
+
+def test_a_new_run_that_gets_a_deleted_runs_id_trains_from_epoch_0(training_env: str) -> None:
+    """SQLite reuses the highest id after a delete: the new run must not resume the old one's
+    checkpoint."""
+    if not training_env.startswith("sqlite"):
+        pytest.skip("PostgreSQL never hands out an id twice")
+    old = cfg(test={"fail_at": 4})
+    run_id = new_run(old)
+    with pytest.raises(KeyError):
+        apps.train(run_id, old)
+    assert store_of(run_id).latest().step == 3  # type: ignore[union-attr]
+    with session_scope() as db:
+        db.query(TrainingProgress).filter_by(model_run_id=run_id).delete()
+        db.delete(db.get(ModelRun, run_id))
+
+    new = cfg()
+    assert new_run(new) == run_id  # the same integer id, another run
+    result = apps.train(run_id, new)
+
+    assert result["resumed_from"] is None
+    assert apps.epochs_started(new) == list(range(8))
+    reference, _ = train(CONFIG)
+    assert_same_model(run_id, reference)
+
+
+def test_two_databases_sharing_one_checkpoint_folder_never_share_a_run(
+    training_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second (or recreated) database numbers its runs from 1 again, over the same folder."""
+    if not training_env.startswith("sqlite"):
+        pytest.skip("the two databases are SQLite files of their own; once is enough")
+    from taskkit.db.migrate import upgrade
+    from taskkit.db.session import create_engine_for
+
+    def use_database(name: str) -> str:
+        url = f"sqlite:///{tmp_path / name}"
+        engine = create_engine_for(url)
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
+        monkeypatch.setenv("TASKKIT_DATABASE_URL", url)
+        reset_settings()
+        apps.app.conf.taskkit_database_url = url
+        return url
+
+    use_database("a.db")
+    first = cfg(test={"fail_at": 4})
+    run_a = new_run(first)
+    with pytest.raises(KeyError):
+        apps.train(run_a, first)
+
+    use_database("b.db")
+    second = cfg()
+    run_b = new_run(second)
+    assert run_b == run_a == 1
+    result = apps.train(run_b, second)
+
+    assert result["resumed_from"] is None
+    assert apps.epochs_started(second) == list(range(8))
+
+
+def test_a_checkpoint_of_another_run_identity_is_not_restored(training_env: str) -> None:
+    """Copied into the run's folder, a checkpoint signed with the right key but saved for
+    another run identity is skipped with a warning; the run starts fresh."""
+    from taskkit.errors import CheckpointWarning
+
+    donor = cfg(test={"fail_at": 4})
+    donor_id = new_run(donor)
+    with pytest.raises(KeyError):
+        apps.train(donor_id, donor)
+    victim = cfg()
+    victim_id = new_run(victim)
+    source = store_of(donor_id)
+    target = store_of(victim_id)
+    assert source.run_id != target.run_id
+    for info in source.list():
+        data = source.storage.read(source.run_id, info.step)
+        target.storage.write(target.run_id, info.step, [data], lambda info=info: info)
+
+    with pytest.warns(CheckpointWarning, match="another run"):
+        result = apps.train(victim_id, victim)
+
+    assert result["resumed_from"] is None
+    assert apps.epochs_started(victim) == list(range(8))

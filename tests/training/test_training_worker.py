@@ -17,7 +17,6 @@ import pytest
 from celery.result import AsyncResult
 from sqlalchemy import event
 
-from taskkit.checkpoint import CheckpointStore
 from taskkit.config import reset_settings
 from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
@@ -33,7 +32,7 @@ def training_env(
     worker: object, default_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[None]:
     monkeypatch.setenv("TASKKIT_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("TASKKIT_SECRET_KEY", "training-tests")
+    monkeypatch.setenv("TASKKIT_SECRET_KEY", "training-tests-key")
     reset_settings()
     apps.app.conf.taskkit_database_url = default_database
     yield
@@ -138,7 +137,7 @@ def test_a_soft_time_limit_fails_the_run_and_resume_continues_it(
         run = db.get(ModelRun, run_id)
         assert run is not None
         assert "soft time limit exceeded" in (run.error_message or "")
-    assert CheckpointStore(run_id).latest().step == 2  # type: ignore[union-attr]
+    assert apps.train.checkpoint_store(run_id).latest().step == 2  # type: ignore[union-attr]
 
     new_task_id = resume_run(apps.app, run_id)
 
