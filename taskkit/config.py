@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from taskkit._keys import KeyRing, check_key, home_key, read_key_file
 from taskkit._utils import mask_password
 from taskkit.errors import ConfigurationError
 
@@ -122,10 +123,14 @@ class Settings(BaseSettings):
     checkpoint_keep_last: int = Field(3, ge=1)
     #: Checkpoints saved with ``is_best=True`` a run keeps besides the newest ones.
     checkpoint_keep_best: int = Field(1, ge=0)
-    #: HMAC key that signs checkpoint manifests; an empty value means none.
+    #: HMAC key (at least 16 bytes) that signs checkpoints and stored models. Unset (and no
+    #: ``secret_key_file``): taskkit makes a random key once in ``home / "secret.key"``.
     secret_key: SecretStr | None = None
-    #: Refuse to open a checkpoint store when no ``secret_key`` is set.
-    require_signed_checkpoints: bool = False
+    #: A file holding the signing key (instead of ``secret_key``; not both).
+    secret_key_file: Path | None = None
+    #: Older keys, comma-separated, still accepted when verifying (key rotation); never used to
+    #: sign.
+    secret_keys_old: SecretStr | None = None
     #: A starting worker re-enqueues training runs left running by a worker that died. None:
     #: on with the embedded broker, which never redelivers a dead worker's message (Redis and
     #: RabbitMQ do, so it is off there).
@@ -143,12 +148,22 @@ class Settings(BaseSettings):
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().absolute()
 
+    @field_validator("secret_key_file", mode="before")
+    @classmethod
+    def _no_empty_path(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("secret_key_file")
+    @classmethod
+    def _absolute_key_file(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().absolute()
+
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # repr() and str() end up in logs and tracebacks: never with a URL's password
         for name, value in super().__repr_args__():
             yield name, mask_password(value) if name in _URL_FIELDS and value else value
 
-    @field_validator("secret_key")
+    @field_validator("secret_key", "secret_keys_old")
     @classmethod
     def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
         # TASKKIT_SECRET_KEY= (set but empty) must not sign with an empty key.
@@ -200,6 +215,42 @@ class Settings(BaseSettings):
             shared = [u for u in (self.broker_url, self.result_backend) if _is_redis(u)]
             self.__dict__["lease_url"] = shared[0] if shared else (self.home / "leases").as_uri()
         return self
+
+    def signing_keys(self) -> KeyRing:
+        """The keys that sign and verify checkpoints and stored models (``KeyRing``).
+
+        ``secret_key``, else ``secret_key_file``, else the key taskkit makes once under
+        ``home``; then ``secret_keys_old``. A key shorter than 16 bytes, or both a key and a
+        key file, is a ``ConfigurationError`` naming the variable (never showing the key).
+
+        Example::
+
+            ring = get_settings().signing_keys()
+        """
+        if self.secret_key is not None and self.secret_key_file is not None:
+            raise ConfigurationError(
+                f"{ENV_PREFIX}SECRET_KEY and {ENV_PREFIX}SECRET_KEY_FILE are both set: set one"
+            )
+        if self.secret_key is not None:
+            source = f"{ENV_PREFIX}SECRET_KEY"
+            current = check_key(self.secret_key.get_secret_value().encode(), source)
+        elif self.secret_key_file is not None:
+            source = f"{ENV_PREFIX}SECRET_KEY_FILE"
+            try:
+                current = read_key_file(self.secret_key_file, source)
+            except FileNotFoundError:
+                raise ConfigurationError(
+                    f"{source}: the key file {str(self.secret_key_file)!r} does not exist"
+                ) from None
+        else:
+            source = f"the key made in {self.home}"
+            current = home_key(self.home)
+        old = []
+        if self.secret_keys_old is not None:
+            for text in self.secret_keys_old.get_secret_value().split(","):
+                if text.strip():
+                    old.append(check_key(text.strip().encode(), f"{ENV_PREFIX}SECRET_KEYS_OLD"))
+        return KeyRing((current, *old), source)
 
     @property
     def broker_uses_redis(self) -> bool:

@@ -26,10 +26,12 @@
     └── CheckpointError                 a checkpoint could not be written, found or loaded;
         │                               carries ``run_id`` and ``step``
         ├── CheckpointCorrupt           data missing, truncated or not matching its checksum
+        │   └── CheckpointFormatError   (also a ValueError) bytes or a manifest taskkit did
+        │                               not write: a malformed frame, stream or manifest
         └── CheckpointTampered          (see above: also a PermanentError)
 
     TaskkitWarning                      root of taskkit's warnings (a setting that is suspicious)
-    ├── CheckpointWarning               a checkpoint was skipped, or checkpoints are not signed
+    ├── CheckpointWarning               a checkpoint was skipped (corrupt, or not its run's)
     └── ReproducibilityWarning          (``taskkit.tasks``) an estimator with random_state=None
 
 Errors carry context as attributes (the breaker's ``name``, the seconds left), so a log line
@@ -50,6 +52,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointCorrupt",
     "CheckpointError",
+    "CheckpointFormatError",
     "CheckpointTampered",
     "CheckpointWarning",
     "CircuitBreakerError",
@@ -335,6 +338,12 @@ class CheckpointCorrupt(CheckpointError):
     """
 
 
+class CheckpointFormatError(CheckpointCorrupt, ValueError):
+    """Bytes that are not what taskkit writes: a malformed checkpoint frame, compressed stream
+    or manifest (also a ``ValueError``, as these were before). Nothing was unpickled from them.
+    """
+
+
 class CheckpointTampered(CheckpointError, PermanentError):
     """A checkpoint's signature does not match, or it is unsigned while a secret key is set.
 
@@ -344,4 +353,4 @@ class CheckpointTampered(CheckpointError, PermanentError):
 
 
 class CheckpointWarning(TaskkitWarning):
-    """A checkpoint was skipped (corrupt: an older one is used), or checkpoints are not signed."""
+    """A checkpoint was skipped (corrupt: an older one is used), or not its run's."""

@@ -17,6 +17,7 @@ import taskkit.errors
 from taskkit.errors import (
     CheckpointCorrupt,
     CheckpointError,
+    CheckpointFormatError,
     CheckpointTampered,
     CircuitBreakerError,
     CircuitStorageUnavailable,
@@ -41,6 +42,7 @@ CURATED = {
     "taskkit.errors": {
         "CheckpointCorrupt",
         "CheckpointError",
+        "CheckpointFormatError",
         "CheckpointTampered",
         "CheckpointWarning",
         "CircuitBreakerError",
@@ -143,7 +145,9 @@ CURATED = {
         "CheckpointStore",
         "DatabaseStorage",
         "DirectoryStorage",
+        "seal",
         "storage_from_settings",
+        "unseal",
         "validate_run_id",
     },
     "taskkit.deadletter": {
@@ -330,6 +334,7 @@ ERROR_SAMPLES = [
     CheckpointError("something", None, None),
     CheckpointCorrupt("its data is truncated: 10 bytes, the manifest says 20", "run-1", 4),
     CheckpointTampered("its signature does not match", "run-1", 5),
+    CheckpointFormatError("not a taskkit checkpoint frame (wrong magic bytes)"),
     InvalidRunId("../x", "contains '..' (a parent directory)"),
     InvalidRunId(None, "must be a str or an int, not NoneType"),
 ]

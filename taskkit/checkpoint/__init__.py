@@ -20,6 +20,7 @@ Example::
 
 from taskkit.checkpoint._database import DatabaseStorage
 from taskkit.checkpoint._info import Checkpoint, CheckpointInfo, validate_run_id
+from taskkit.checkpoint._seal import seal, unseal
 from taskkit.checkpoint._storage import CheckpointStorage, DirectoryStorage
 from taskkit.checkpoint._store import CheckpointStore, storage_from_settings
 
@@ -30,6 +31,8 @@ __all__ = [
     "CheckpointStore",
     "DatabaseStorage",
     "DirectoryStorage",
+    "seal",
     "storage_from_settings",
+    "unseal",
     "validate_run_id",
 ]

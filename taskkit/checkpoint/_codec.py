@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeAlias
 
+from taskkit.errors import CheckpointFormatError, TaskkitError
+
 __all__ = [
     "Buffer",
     "Digest",
@@ -143,20 +145,30 @@ def _deflate(payload: Payload, level: int) -> Payload:
 def decode(data: bytearray | memoryview, fmt: str, compression: str | None) -> Any:
     """The state stored in ``data`` (already verified). Arrays are views of ``data`` when possible.
 
-    ``ValueError`` when the bytes are not what ``fmt``/``compression`` say.
+    ``CheckpointFormatError`` (a ``ValueError``) when the bytes are not what ``fmt``/
+    ``compression`` say, whatever is wrong with them (tested by fuzzing: tests/checkpoint/
+    test_fuzz.py); the unpickler's own error, if any, is its ``__cause__``.
     """
-    view = memoryview(data)
-    if compression == "zlib":
-        view = memoryview(_inflate(view))
-    elif compression is not None:
-        raise ValueError(f"unknown compression {compression!r}")
-    if fmt == "pickle":
-        return _unframe(view)
-    if fmt == "joblib":
-        import joblib  # noqa: PLC0415
+    try:
+        view = memoryview(data)
+        if compression == "zlib":
+            view = memoryview(_inflate(view))
+        elif compression is not None:
+            raise CheckpointFormatError(f"unknown compression {compression!r}")
+        if fmt == "pickle":
+            return _unframe(view)
+        if fmt == "joblib":
+            import joblib  # noqa: PLC0415
 
-        return joblib.load(io.BytesIO(view))
-    raise ValueError(f"unknown checkpoint format {fmt!r}")
+            return joblib.load(io.BytesIO(view))
+        raise CheckpointFormatError(f"unknown checkpoint format {fmt!r}")
+    except TaskkitError:
+        raise
+    except Exception as exc:  # zlib.error, UnpicklingError, EOFError, ... from bad bytes
+        raise CheckpointFormatError(
+            f"the stored bytes cannot be decoded as {fmt}"
+            f"{'' if compression is None else ' + ' + compression}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _inflate(view: memoryview) -> bytearray:
@@ -167,30 +179,37 @@ def _inflate(view: memoryview) -> bytearray:
         out += decompressor.decompress(view[start : start + _INFLATE_STEP])
     out += decompressor.flush()
     if not decompressor.eof or decompressor.unused_data:
-        raise ValueError("the zlib stream is truncated or followed by other bytes")
+        raise CheckpointFormatError("the zlib stream is truncated or followed by other bytes")
     return out
 
 
 def _unframe(view: memoryview) -> Any:
     if view.nbytes < _HEADER.size:
-        raise ValueError("too short for a taskkit checkpoint frame")
+        raise CheckpointFormatError("too short for a taskkit checkpoint frame")
     magic, count, head_len = _HEADER.unpack_from(view, 0)
     if magic != _MAGIC:
-        raise ValueError("not a taskkit checkpoint frame (wrong magic bytes)")
+        raise CheckpointFormatError("not a taskkit checkpoint frame (wrong magic bytes)")
     offset = _HEADER.size
-    if offset + 8 * count > view.nbytes:
-        raise ValueError("frame header is cut short")
+    # every length is checked against the bytes there are before it is used
+    if count > view.nbytes or offset + 8 * count > view.nbytes:
+        raise CheckpointFormatError("frame header is cut short")
     lengths = struct.unpack_from(f"<{count}Q", view, offset)
     offset += 8 * count
+    if head_len > view.nbytes - offset:
+        raise CheckpointFormatError("frame length mismatch: the pickle is cut short")
     head = view[offset : offset + head_len]
     offset += head_len
     buffers = []
     for length in lengths:
         offset += -offset % _ALIGN
+        if length > view.nbytes - offset:
+            raise CheckpointFormatError("frame length mismatch: a buffer is cut short")
         buffers.append(view[offset : offset + length])
         offset += length
     if offset != view.nbytes:
-        raise ValueError(f"frame length mismatch: {offset} bytes described, {view.nbytes} stored")
+        raise CheckpointFormatError(
+            f"frame length mismatch: {offset} bytes described, {view.nbytes} stored"
+        )
     return pickle.loads(head, buffers=buffers)
 
 

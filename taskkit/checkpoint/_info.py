@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from taskkit.errors import InvalidRunId
+from taskkit.errors import CheckpointFormatError, InvalidRunId
 
 __all__ = ["FORMATS", "Checkpoint", "CheckpointInfo", "plain_metrics", "validate_run_id"]
 
@@ -104,7 +104,8 @@ class CheckpointInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointInfo:
-        """The info in ``data`` (a parsed manifest), checked field by field; ``ValueError`` if not.
+        """The info in ``data`` (a parsed manifest), checked field by field;
+        ``CheckpointFormatError`` (a ``ValueError``) if not.
 
         Unknown keys are ignored (they are not signed, so they cannot change what is loaded).
 
@@ -113,27 +114,29 @@ class CheckpointInfo:
             info = CheckpointInfo.from_dict(json.loads(path.read_text()))
         """
         if not isinstance(data, dict):
-            raise ValueError(f"a manifest is a JSON object, not {type(data).__name__}")
+            raise CheckpointFormatError(f"a manifest is a JSON object, not {type(data).__name__}")
 
         def get(name: str, kinds: tuple[type, ...], optional: bool = False) -> Any:
             if name not in data:
                 if optional:
                     return None
-                raise ValueError(f"manifest has no {name!r}")
+                raise CheckpointFormatError(f"manifest has no {name!r}")
             value = data[name]
             if value is None and optional:
                 return None
             # bool is an int: a step of True is not a step
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-                raise ValueError(f"manifest field {name!r} has the wrong type: {value!r}")
+                raise CheckpointFormatError(
+                    f"manifest field {name!r} has the wrong type: {value!r}"
+                )
             return value
 
         sha256 = get("sha256", (str,))
         if not _SHA256.fullmatch(sha256):
-            raise ValueError(f"manifest field 'sha256' is not a hex SHA-256: {sha256!r}")
+            raise CheckpointFormatError(f"manifest field 'sha256' is not a hex SHA-256: {sha256!r}")
         step, size = get("step", (int,)), get("size", (int,))
         if step < 0 or size < 0:
-            raise ValueError(f"manifest has a negative step or size: {step}, {size}")
+            raise CheckpointFormatError(f"manifest has a negative step or size: {step}, {size}")
         return cls(
             run_id=get("run_id", (str,)),
             step=step,
@@ -157,8 +160,13 @@ class CheckpointInfo:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CheckpointInfo:
-        """Parse a manifest file's content; ``ValueError`` when it is not a valid manifest."""
-        return cls.from_dict(json.loads(text))
+        """Parse a manifest file's content; ``CheckpointFormatError`` (a ``ValueError``) when it
+        is not a valid manifest (not UTF-8, not JSON, too deeply nested, wrong fields)."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointFormatError(f"a manifest is JSON: {exc}") from None
+        return cls.from_dict(data)
 
     def signed_bytes(self) -> bytes:
         """What the signature covers: canonical JSON of every field except ``signature``.

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import builtins
-import hashlib
-import hmac
 import logging
 import re
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -19,16 +17,17 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from taskkit.checkpoint._codec import Digest, Payload, decode, encode, library_versions, sha256_of
+from taskkit._keys import KeyRing, check_key
+from taskkit.checkpoint._codec import Digest, Payload, encode, library_versions
 from taskkit.checkpoint._database import DatabaseStorage
 from taskkit.checkpoint._info import FORMATS, Checkpoint, CheckpointInfo, plain_metrics
 from taskkit.checkpoint._info import validate_run_id as _validate_run_id
+from taskkit.checkpoint._seal import sign_info, unseal
 from taskkit.checkpoint._storage import CheckpointStorage, DirectoryStorage
 from taskkit.config import Settings, get_settings
 from taskkit.errors import (
     CheckpointCorrupt,
     CheckpointError,
-    CheckpointTampered,
     CheckpointWarning,
     ConfigurationError,
 )
@@ -42,10 +41,6 @@ logger = logging.getLogger("taskkit.checkpoint")
 DEFAULT_ZLIB_LEVEL = 3
 
 _RUN_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{7,63}")
-
-# The "not signed" warning is given once per process, not once per store (one per task).
-_unsigned_warned = False
-_unsigned_lock = threading.Lock()
 
 
 def storage_from_settings(settings: Settings | None = None) -> CheckpointStorage:
@@ -71,11 +66,12 @@ class CheckpointStore:
       (``DirectoryStorage``), or one transaction (``DatabaseStorage``). A failed save (a full
       disk) leaves the earlier checkpoints as they were, removes its temp files and raises
       ``CheckpointError`` naming the run and step.
-    - **Verified before unpickling.** Loading checks size and SHA-256 of the stored bytes, and
-      with a secret key the HMAC-SHA256 signature of the manifest, before anything is
-      unpickled. ``load_latest`` skips a corrupt (truncated, missing) newest checkpoint with a
-      ``CheckpointWarning`` and takes the newest valid one, but raises ``CheckpointTampered``
-      for a bad signature instead of falling back past it.
+    - **Signed, and verified before unpickling.** Every manifest carries an HMAC-SHA256
+      signature; loading checks it, then size and SHA-256 of the stored bytes, before anything
+      is unpickled (``taskkit.checkpoint.unseal``). Loading fails closed: an unsigned or
+      wrongly signed checkpoint raises ``CheckpointTampered`` (no silent fallback past it);
+      ``load_latest`` skips only a corrupt (truncated, missing) newest checkpoint, with a
+      ``CheckpointWarning``, and takes the newest valid one.
     - **Retention.** After each durable save the run keeps its ``keep_last`` newest
       checkpoints, its ``keep_best`` newest ones saved with ``is_best=True``, and any step passed
       to ``protect`` (the one the run resumed from); the rest are deleted.
@@ -85,9 +81,12 @@ class CheckpointStore:
       ``save``/``wait`` after a failed background write raises its error.
 
     ``None`` arguments come from ``settings`` (default ``get_settings()``): the storage
-    (``storage_from_settings``), ``checkpoint_keep_last``, ``checkpoint_keep_best``,
-    ``secret_key``, ``require_signed_checkpoints``. ``compress`` is False, True (zlib level 3)
-    or a zlib level 1-9. Opening a store removes what crashed writes of the run left behind.
+    (``storage_from_settings``), ``checkpoint_keep_last``, ``checkpoint_keep_best``, and the
+    keys (``settings.signing_keys()``: ``TASKKIT_SECRET_KEY``, ``TASKKIT_SECRET_KEY_FILE`` or
+    the key taskkit makes once under ``TASKKIT_HOME``, plus ``TASKKIT_SECRET_KEYS_OLD``). A
+    ``secret_key`` given here (at least 16 bytes) signs instead, and ``old_keys`` still verify.
+    ``compress`` is False, True (zlib level 3) or a zlib level 1-9. Opening a store removes
+    what crashed writes of the run left behind.
 
     Example::
 
@@ -114,8 +113,8 @@ class CheckpointStore:
         compress: bool | int = False,
         keep_last: int | None = None,
         keep_best: int | None = None,
-        secret_key: str | bytes | SecretStr | None = None,
-        require_signature: bool | None = None,
+        secret_key: str | bytes | SecretStr | KeyRing | None = None,
+        old_keys: Sequence[str | bytes | SecretStr] = (),
         background: bool = False,
         settings: Settings | None = None,
         run_uid: str | None = None,
@@ -135,18 +134,7 @@ class CheckpointStore:
             raise ConfigurationError(f"keep_last must be >= 1, got {self.keep_last!r}")
         if isinstance(self.keep_best, bool) or self.keep_best < 0:
             raise ConfigurationError(f"keep_best must be >= 0, got {self.keep_best!r}")
-        self._key = _key_bytes(settings.secret_key if secret_key is None else secret_key)
-        required = (
-            settings.require_signed_checkpoints if require_signature is None else require_signature
-        )
-        if required and self._key is None:
-            raise ConfigurationError(
-                "signed checkpoints are required (require_signature / "
-                "TASKKIT_REQUIRE_SIGNED_CHECKPOINTS) but no secret key is set: set "
-                "TASKKIT_SECRET_KEY or pass secret_key="
-            )
-        if self._key is None:
-            _warn_unsigned_once()
+        self._keys = _key_ring(secret_key, old_keys, settings)
         self.storage: CheckpointStorage = (
             storage if storage is not None else storage_from_settings(settings)
         )
@@ -176,8 +164,8 @@ class CheckpointStore:
 
     @property
     def signed(self) -> bool:
-        """Whether a secret key signs and verifies this store's checkpoints."""
-        return self._key is not None
+        """Always True: every checkpoint is signed and verified (kept for older callers)."""
+        return True
 
     # -- saving -----------------------------------------------------------------------------
 
@@ -269,10 +257,7 @@ class CheckpointStore:
         )
 
     def _finish(self, template: CheckpointInfo, sha256: str) -> CheckpointInfo:
-        info = _replace(template, sha256=sha256)
-        if self._key is not None:
-            info = _replace(info, signature=_sign(self._key, info))
-        return info
+        return sign_info(_replace(template, sha256=sha256), self._keys)
 
     def _write(self, step: int, payload: Payload, manifest: Callable[[], CheckpointInfo]) -> None:
         try:
@@ -493,7 +478,7 @@ class CheckpointStore:
 
         A corrupt one (data missing, truncated, checksum wrong) is skipped with a
         ``CheckpointWarning`` naming its step and what is wrong. A tampered one (signature wrong
-        or missing while a key is set) raises ``CheckpointTampered``: no silent fallback past it.
+        or missing) raises ``CheckpointTampered``: no silent fallback past it.
 
         Example::
 
@@ -514,63 +499,15 @@ class CheckpointStore:
         return None
 
     def _load(self, info: CheckpointInfo) -> Checkpoint:
-        self._verify_manifest(info)
         step = info.step
-        try:
-            data = self.storage.read(self._run_id, step)
-        except FileNotFoundError as exc:
-            raise CheckpointCorrupt("its data is missing", self._run_id, step) from exc
-        if isinstance(data, bytes) or memoryview(data).readonly:
-            data = bytearray(data)  # arrays made over it must be writable
-        size = memoryview(data).nbytes
-        if size != info.size:
-            what = "truncated" if size < info.size else "longer than recorded"
-            raise CheckpointCorrupt(
-                f"its data is {what}: {size} bytes, the manifest says {info.size}",
-                self._run_id,
-                step,
-            )
-        if not hmac.compare_digest(sha256_of(data), info.sha256):
-            raise CheckpointCorrupt(
-                "its data does not match the SHA-256 in its manifest", self._run_id, step
-            )
-        try:
-            state = decode(data, info.format, info.compression)
-        except Exception as exc:
-            python, numpy, sklearn = library_versions()
-            raise CheckpointError(
-                f"verified, but could not be loaded ({type(exc).__name__}: {exc}); saved with "
-                f"Python {info.python}, numpy {info.numpy}, scikit-learn {info.sklearn}; this "
-                f"process has Python {python}, numpy {numpy}, scikit-learn {sklearn}",
-                self._run_id,
-                step,
-            ) from exc
+        state = unseal(
+            info,
+            lambda: self.storage.read(self._run_id, step),
+            run_id=self._run_id,
+            kind="checkpoint",
+            keys=self._keys,
+        )
         return Checkpoint(state=state, info=info)
-
-    def _verify_manifest(self, info: CheckpointInfo) -> None:
-        step = info.step
-        if self._key is not None:
-            if info.signature is None:
-                raise CheckpointTampered(
-                    "it is not signed, but a secret key is set: refusing to unpickle it (it was "
-                    "saved without TASKKIT_SECRET_KEY, or its signature was removed)",
-                    self._run_id,
-                    step,
-                )
-            if not hmac.compare_digest(_sign(self._key, info), info.signature):
-                raise CheckpointTampered(
-                    "its signature does not match: the manifest or the data was changed, or it "
-                    "was signed with another key; refusing to unpickle it",
-                    self._run_id,
-                    step,
-                )
-        if info.run_id != self._run_id:
-            error = CheckpointTampered if self._key is not None else CheckpointCorrupt
-            raise error(
-                f"its manifest belongs to run {info.run_id!r}; refusing to load it",
-                self._run_id,
-                step,
-            )
 
     # -- deleting ---------------------------------------------------------------------------
 
@@ -624,18 +561,30 @@ def _replace(info: CheckpointInfo, **changes: Any) -> CheckpointInfo:
     return CheckpointInfo(**fields)
 
 
-def _sign(key: bytes, info: CheckpointInfo) -> str:
-    return hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
+def _key_ring(
+    secret_key: str | bytes | SecretStr | KeyRing | None,
+    old_keys: Sequence[str | bytes | SecretStr],
+    settings: Settings,
+) -> KeyRing:
+    """The keys of a store: ``secret_key`` (and ``old_keys``) when given, else the settings'."""
+    if isinstance(secret_key, KeyRing):
+        return secret_key
+    if secret_key is None:
+        ring = settings.signing_keys()
+        extra = tuple(_key_bytes(k, "old_keys") for k in old_keys)
+        return KeyRing(ring.keys + extra, ring.source) if extra else ring
+    current = _key_bytes(secret_key, "secret_key")
+    return KeyRing((current, *(_key_bytes(k, "old_keys") for k in old_keys)), "secret_key=")
 
 
-def _key_bytes(key: str | bytes | SecretStr | None) -> bytes | None:
+def _key_bytes(key: object, name: str) -> bytes:
     if isinstance(key, SecretStr):
         key = key.get_secret_value()
     if isinstance(key, str):
         key = key.encode()
-    if key is not None and not isinstance(key, bytes):
-        raise ConfigurationError(f"secret_key must be str or bytes, not {type(key).__name__}")
-    return key or None  # an empty key signs nothing
+    if not isinstance(key, bytes):
+        raise ConfigurationError(f"{name} must be str or bytes, not {type(key).__name__}")
+    return check_key(key, name)
 
 
 def _check_run_uid(run_uid: object) -> str | None:
@@ -656,20 +605,3 @@ def _zlib_level(compress: bool | int) -> int | None:
     if isinstance(compress, int) and 1 <= compress <= 9:
         return compress
     raise ConfigurationError(f"compress must be True, False or a zlib level 1-9, got {compress!r}")
-
-
-def _warn_unsigned_once() -> None:
-    global _unsigned_warned
-    with _unsigned_lock:
-        if _unsigned_warned:
-            return
-        _unsigned_warned = True
-    warnings.warn(
-        CheckpointWarning(
-            "checkpoints are only checksummed, not signed: anyone who can write to the "
-            "checkpoint storage can make this process unpickle their data. Set "
-            "TASKKIT_SECRET_KEY to sign them (and TASKKIT_REQUIRE_SIGNED_CHECKPOINTS=1 to "
-            "insist on it)."
-        ),
-        stacklevel=3,
-    )

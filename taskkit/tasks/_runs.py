@@ -11,9 +11,11 @@ interrupted run with a new task id (the old attempt's copies are then stale and 
 themselves); ``resume_orphaned_runs`` does that, at worker start, for runs whose worker died
 on a broker that never redelivers (the embedded SQLite broker).
 
-The final model is stored on ``ModelRun.model_object`` as pickle bytes, with its sha256 (and an
-HMAC-SHA256 when ``TASKKIT_SECRET_KEY`` is set) in ``ModelRun.model_state``; ``load_model``
-verifies both before it unpickles, so a tampered row is refused, never executed.
+The final model is stored on ``ModelRun.model_object`` in taskkit's pickle frame, with a signed
+manifest (``CheckpointInfo``: size, sha256, HMAC-SHA256 under the signing key) in
+``ModelRun.model_state``; ``load_model`` verifies it with the same function as checkpoints
+(``taskkit.checkpoint.unseal``) before it unpickles, so a tampered or forged row is refused,
+never executed.
 
 Example::
 
@@ -26,11 +28,8 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import inspect
 import logging
-import pickle
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,8 +38,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm.exc import StaleDataError
 
-from taskkit.checkpoint import CheckpointStore
-from taskkit.config import get_settings
+from taskkit.checkpoint import CheckpointInfo, CheckpointStore, seal, unseal
 from taskkit.db import db_retry
 from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import session_scope
@@ -166,8 +164,8 @@ def mark_completed(
     database_url: str | None = None,
 ) -> None:
     """``completed``: stores the final model (sealed, see ``load_model``) and the best score."""
-    data = pickle.dumps(model, protocol=5)
-    _store_completed(run_id, data, _seal(run_id, data), best_score, database_url)
+    data, info = seal(model, str(run_id), kind="model")
+    _store_completed(run_id, data, info.to_dict(), best_score, database_url)
 
 
 @_status_write
@@ -188,27 +186,12 @@ def _store_completed(
         run.completed_at = _now()
 
 
-def _signature(run_id: int, sha256: str) -> str | None:
-    key = get_settings().secret_key
-    if key is None:
-        return None
-    message = f"taskkit-model:{run_id}:{sha256}".encode()
-    return hmac.new(key.get_secret_value().encode(), message, hashlib.sha256).hexdigest()
-
-
-def _seal(run_id: int, data: bytes) -> dict[str, Any]:
-    sha256 = hashlib.sha256(data).hexdigest()
-    return {
-        "format": "pickle",
-        "size": len(data),
-        "sha256": sha256,
-        "signature": _signature(run_id, sha256),
-    }
-
-
 def load_model(run_id: int, *, database_url: str | None = None) -> Any:
-    """The final model of a completed run, verified (sha256, and HMAC when a key is set)
-    before it is unpickled.
+    """The final model of a completed run, verified before it is unpickled: its manifest's
+    signature (``TASKKIT_SECRET_KEY``, the key file, or the key made under ``TASKKIT_HOME``;
+    old keys too), its run, size and sha256, by the same function that verifies checkpoints.
+    ``CheckpointTampered`` otherwise (also for a model stored by taskkit before models were
+    signed: train or ``mark_completed`` it again).
 
     Example::
 
@@ -219,19 +202,15 @@ def load_model(run_id: int, *, database_url: str | None = None) -> Any:
         run = _get(session, run_id)
         if run.status != "completed" or run.model_object is None:
             raise RunNotResumable(run_id, f"has no final model (status {run.status})", "no_model")
-        data, seal = bytes(run.model_object), dict(run.model_state or {})
-    sha256 = hashlib.sha256(data).hexdigest()
-    if not hmac.compare_digest(sha256, str(seal.get("sha256", ""))):
+        data, manifest = bytes(run.model_object), run.model_state
+    try:
+        info = CheckpointInfo.from_dict(manifest)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
         raise CheckpointTampered(
-            f"run {run_id}: the stored model does not match its checksum; refusing to load it"
-        )
-    expected = _signature(run_id, sha256)
-    if expected is not None and not hmac.compare_digest(expected, str(seal.get("signature"))):
-        raise CheckpointTampered(
-            f"run {run_id}: the stored model's signature does not match TASKKIT_SECRET_KEY; "
-            "refusing to load it"
-        )
-    return pickle.loads(data)
+            f"the final model of run {run_id}: it has no valid signed manifest (changed, or "
+            "stored by a taskkit that did not sign models); refusing to unpickle it"
+        ) from None
+    return unseal(info, data, run_id=str(run_id), kind="model")
 
 
 def submit_run(

@@ -19,15 +19,7 @@ from sqlalchemy import event, select
 
 from taskkit.checkpoint import CheckpointStorage, CheckpointStore, DatabaseStorage, DirectoryStorage
 
-SECRET = "test-secret-key"
-
-
-@pytest.fixture(autouse=True)
-def _unsigned_warning_already_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The once-per-process "not signed" warning is tested on its own (test_signing.py)."""
-    from taskkit.checkpoint import _store
-
-    monkeypatch.setattr(_store, "_unsigned_warned", True)
+SECRET = "test-secret-key-16b"
 
 
 class Raw:

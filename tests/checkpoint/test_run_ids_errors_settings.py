@@ -66,7 +66,9 @@ def test_safe_run_ids(run_id, expected):
 
 def test_a_store_refuses_an_unsafe_run_id_before_touching_the_disk(tmp_path: Path):
     with pytest.raises(InvalidRunId, match="'../x'"):
-        CheckpointStore("../x", storage=DirectoryStorage(tmp_path / "c"), secret_key="k")
+        CheckpointStore(
+            "../x", storage=DirectoryStorage(tmp_path / "c"), secret_key="a-test-key-16-bytes"
+        )
     assert not (tmp_path / "c").exists()
     assert not (tmp_path / "x").exists()
 
@@ -94,7 +96,8 @@ def test_checkpoint_settings_defaults(monkeypatch, tmp_path: Path):
         "TASKKIT_HOME",
         "TASKKIT_CHECKPOINT_DIR",
         "TASKKIT_SECRET_KEY",
-        "TASKKIT_REQUIRE_SIGNED_CHECKPOINTS",
+        "TASKKIT_SECRET_KEY_FILE",
+        "TASKKIT_SECRET_KEYS_OLD",
     ):
         monkeypatch.delenv(name, raising=False)
     settings = load_settings()
@@ -102,7 +105,8 @@ def test_checkpoint_settings_defaults(monkeypatch, tmp_path: Path):
     assert settings.checkpoint_storage == "directory"
     assert (settings.checkpoint_keep_last, settings.checkpoint_keep_best) == (3, 1)
     assert settings.secret_key is None
-    assert settings.require_signed_checkpoints is False
+    assert settings.secret_key_file is None
+    assert settings.secret_keys_old is None
 
 
 def test_checkpoint_settings_from_the_environment(monkeypatch, tmp_path: Path):
@@ -112,16 +116,14 @@ def test_checkpoint_settings_from_the_environment(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("TASKKIT_CHECKPOINT_STORAGE", "database")
     monkeypatch.setenv("TASKKIT_CHECKPOINT_KEEP_LAST", "5")
     monkeypatch.setenv("TASKKIT_CHECKPOINT_KEEP_BEST", "0")
-    monkeypatch.setenv("TASKKIT_SECRET_KEY", "s3cret")
-    monkeypatch.setenv("TASKKIT_REQUIRE_SIGNED_CHECKPOINTS", "true")
+    monkeypatch.setenv("TASKKIT_SECRET_KEY", "s3cret-s3cret-s3cret")
     settings = load_settings()
     assert settings.checkpoint_dir == tmp_path / "ckpts"  # relative: against the working dir
     assert settings.checkpoint_storage == "database"
     assert (settings.checkpoint_keep_last, settings.checkpoint_keep_best) == (5, 0)
     assert settings.secret_key is not None
-    assert settings.secret_key.get_secret_value() == "s3cret"
+    assert settings.secret_key.get_secret_value() == "s3cret-s3cret-s3cret"
     assert "s3cret" not in repr(settings)
-    assert settings.require_signed_checkpoints is True
     monkeypatch.setenv("TASKKIT_SECRET_KEY", "")
     assert load_settings().secret_key is None  # set but empty: no key, not an empty key
     # the home default follows TASKKIT_HOME when TASKKIT_CHECKPOINT_DIR is not set

@@ -34,7 +34,7 @@ def database(
         "TASKKIT_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
         "TASKKIT_APP": "tests.cli.cliapp",
         # signed checkpoints: no "only checksummed" warning (warnings are errors here)
-        "TASKKIT_SECRET_KEY": "tkcli-test-key",
+        "TASKKIT_SECRET_KEY": "tkcli-test-key-16b",
     }
     for name, value in variables.items():
         monkeypatch.setenv(name, value)

@@ -30,7 +30,7 @@ def unmigrated(
         monkeypatch.setenv("TASKKIT_DATABASE_URL", url)
         monkeypatch.setenv("TASKKIT_APP", "tests.cli.cliapp")
         monkeypatch.setenv("TASKKIT_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-        monkeypatch.setenv("TASKKIT_SECRET_KEY", "tkcli-test-key")
+        monkeypatch.setenv("TASKKIT_SECRET_KEY", "tkcli-test-key-16b")
         reset_settings()
         yield url
         monkeypatch.undo()

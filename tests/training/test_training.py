@@ -22,7 +22,7 @@ from taskkit.checkpoint import CheckpointStore
 from taskkit.config import reset_settings
 from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import session_scope
-from taskkit.errors import CheckpointTampered, ConfigurationError, RunNotFound
+from taskkit.errors import CheckpointCorrupt, CheckpointTampered, ConfigurationError, RunNotFound
 from taskkit.tasks import ReproducibilityWarning, TrainingTask, load_model
 from taskkit.tasks._runs import mark_completed, screen_attempt
 from tests.training import apps
@@ -248,7 +248,8 @@ def test_a_stored_model_whose_bytes_were_changed_is_refused() -> None:
         assert run is not None
         assert run.model_object is not None
         run.model_object = run.model_object.replace(b"weights", b"weighty")
-    with pytest.raises(CheckpointTampered, match="does not match its checksum"):
+    # the same check as a checkpoint's: the data no longer matches its signed manifest
+    with pytest.raises(CheckpointCorrupt, match="final model of run .*does not match the SHA-256"):
         load_model(run_id)
 
 
