@@ -45,6 +45,23 @@ logger = logging.getLogger("taskkit.deadletter")
 #: The states of a letter: waiting, sent again, put aside for the record.
 STATUSES = ("dead", "replayed", "discarded")
 _TABLE = cast(Table, DeadLetter.__table__)
+#: The largest id a row can have (a 64-bit integer column).
+_MAX_ID = 2**63 - 1
+
+
+def _fits(letter_id: int) -> bool:
+    """Whether a row can have this id: asking the database for one past a 64-bit integer fails
+    as an overflow, which would read as an outage instead of "no such letter"."""
+    return 1 <= letter_id <= _MAX_ID
+
+
+def _letter_ids(ids: Sequence[int]) -> list[int]:
+    """``ids`` as ints; ``DeadLetterNotFound`` at once for those no row can have."""
+    wanted = [int(i) for i in ids]
+    impossible = sorted(i for i in wanted if not _fits(i))
+    if impossible:
+        raise DeadLetterNotFound(impossible)
+    return wanted
 
 
 @dataclass(frozen=True)
@@ -202,7 +219,7 @@ class DeadLetterStore:
     def get(self, letter_id: int) -> DeadLetter:
         """The letter with this id; ``DeadLetterNotFound`` if there is none."""
         with Session(self.engine, expire_on_commit=False) as session:
-            letter = session.get(DeadLetter, letter_id)
+            letter = session.get(DeadLetter, letter_id) if _fits(int(letter_id)) else None
         if letter is None:
             raise DeadLetterNotFound(letter_id)
         return letter
@@ -262,7 +279,7 @@ class DeadLetterStore:
         """
         with Session(self._writer(), expire_on_commit=False) as session, session.begin():
             if ids is not None:
-                wanted = [int(i) for i in ids]
+                wanted = _letter_ids(ids)
                 query = select(DeadLetter).where(DeadLetter.id.in_(wanted))
                 letters = list(session.scalars(_locked(query.order_by(DeadLetter.id))))
                 missing = sorted(set(wanted) - {letter.id for letter in letters})
@@ -309,7 +326,7 @@ class DeadLetterStore:
     def discard(self, ids: Sequence[int]) -> int:
         """Mark letters ``discarded`` (kept for the record, never replayed); returns how many.
         ``DeadLetterNotFound`` (and no change) if an id is unknown."""
-        wanted = [int(i) for i in ids]
+        wanted = _letter_ids(ids)
         with self.engine.begin() as connection:
             found = set(connection.scalars(select(DeadLetter.id).where(DeadLetter.id.in_(wanted))))
             missing = sorted(set(wanted) - found)
@@ -334,7 +351,7 @@ class DeadLetterStore:
         of one task or status."""
         with self.engine.begin() as connection:
             if ids is not None:
-                wanted = [int(i) for i in ids]
+                wanted = _letter_ids(ids)
                 found = set(
                     connection.scalars(select(DeadLetter.id).where(DeadLetter.id.in_(wanted)))
                 )
@@ -383,7 +400,7 @@ class DeadLetterStore:
             _check_status(status)
             query = query.where(DeadLetter.status == status)
         if ids is not None:
-            query = query.where(DeadLetter.id.in_([int(i) for i in ids]))
+            query = query.where(DeadLetter.id.in_([i for i in map(int, ids) if _fits(i)]))
         return query
 
 

@@ -184,9 +184,12 @@ def taskkit_checkpoints(monkeypatch: pytest.MonkeyPatch) -> MemoryCheckpointStor
 
     storage = MemoryCheckpointStorage()
 
-    def checkpoint_store(task: TrainingTask, run_id: Any) -> CheckpointStore:
+    def checkpoint_store(
+        task: TrainingTask, run_id: Any, *, run_uid: str | None = None
+    ) -> CheckpointStore:
         return CheckpointStore(
             run_id,
+            run_uid=run_uid or task.run_uid(run_id),  # the run's identity, as the real one
             storage=storage,
             format=task.checkpoint_format,
             compress=task.checkpoint_compress,

@@ -64,3 +64,18 @@ def test_an_id_past_the_databases_integers_is_no_such_run(
 
     assert result.exit_code == 3, result.output
     assert f"training run {run_id} does not exist" in result.stderr.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["dlq", "show"], ["dlq", "discard"], ["dlq", "replay", "--app", "tests.cli.dlqapp"]],
+    ids=["show", "discard", "replay"],
+)
+@pytest.mark.parametrize("letter_id", [str(2**63), str(2**64 + 5)])
+def test_a_letter_id_past_the_databases_integers_is_no_such_letter(
+    runner: CliRunner, database: str, command: list[str], letter_id: str
+):
+    result = runner.invoke(app, [*command[:2], letter_id, *command[2:]])
+
+    assert result.exit_code == 3, result.output
+    assert letter_id in result.stderr
