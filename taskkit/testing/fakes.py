@@ -296,15 +296,24 @@ class MemoryCheckpointStorage(CheckpointStorage):
         return 0
 
     def steps(self, run_id: str | int) -> list[int]:
-        """The run's checkpointed steps (epochs), oldest first."""
-        return [info.step for info in self.infos(str(run_id))]
+        """The run's checkpointed steps (epochs), oldest first. ``run_id`` is a run's id (its
+        store is keyed ``<id>-<uid>`` by ``TrainingTask``) or a store's full key."""
+        return [info.step for info in self.infos(self._key(run_id))]
 
     def tamper(self, run_id: str | int, step: int) -> None:
         """Flip a byte of a stored checkpoint, to test that loading refuses it."""
-        key = (str(run_id), step)
+        key = (self._key(run_id), step)
         data = bytearray(self._data[key])
         data[-1] ^= 0xFF
         self._data[key] = bytes(data)
+
+    def _key(self, run_id: str | int) -> str:
+        """The storage key of run ``run_id``: itself, or the one ``<run_id>-<uid>`` key."""
+        wanted = str(run_id)
+        keyed = [key for key in self.runs() if key.startswith(f"{wanted}-")]
+        if wanted in self.runs() or len(keyed) != 1:
+            return wanted
+        return keyed[0]
 
 
 @dataclass(frozen=True)

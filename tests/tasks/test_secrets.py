@@ -3,9 +3,14 @@ sensitive in logs, dead letters, task events and the result backend; long argume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ from taskkit.config import Settings
 from taskkit.errors import ConfigurationError
 from taskkit.tasks import ResilientTask, TaskFailure, create_app
 from tests._support.commands import clean_env, run_command
+from tests._support.workers import wait_for
 
 SECRET = "SuperSecret"
 URLS = {
@@ -144,6 +150,32 @@ def worker_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return kit
 
 
+@contextlib.contextmanager
+def listening(app: Any, events: list[dict[str, Any]]) -> Iterator[None]:
+    """Collect the app's events in a thread for the block. Redis delivers events by PUBLISH, to
+    subscribers only: the block starts once a probe event has come back, so none is missed."""
+    receiver = app.events.Receiver(
+        app.connection(), handlers={"*": events.append}, app=app, node_id=f"probe-{uuid.uuid4()}"
+    )
+    thread = threading.Thread(
+        target=receiver.capture, kwargs={"limit": None, "wakeup": False}, daemon=True
+    )
+    thread.start()
+    try:
+        with app.events.default_dispatcher() as dispatcher:
+
+            def probed() -> bool:
+                dispatcher.send("taskkit-probe")
+                time.sleep(0.05)
+                return any(e.get("type") == "taskkit-probe" for e in events)
+
+            wait_for(probed, 10, "the event receiver to subscribe")
+        yield
+    finally:
+        receiver.should_stop = True
+        thread.join(timeout=10)
+
+
 def test_sensitive_arguments_are_redacted_everywhere(worker, worker_app, caplog):
     from taskkit.deadletter import DeadLetterStore
 
@@ -158,19 +190,13 @@ def test_sensitive_arguments_are_redacted_everywhere(worker, worker_app, caplog)
     type(kit.login).record_failure = keep
     events: list[dict[str, Any]] = []
     try:
-        with caplog.at_level(logging.DEBUG):
-            with kit.app.connection() as conn:
-                receiver = kit.app.events.Receiver(conn, handlers={"*": events.append}, app=kit.app)
-                result = kit.login.apply_async(
-                    ("ann", "hunter2"), {"api_key": "k-123456", "blob": "visible"}
-                )
-                with pytest.raises(ValueError):
-                    result.get(timeout=30)
-                for _ in receiver.itercapture(limit=None, timeout=2, wakeup=False):
-                    if any(e.get("type") == "task-failed" for e in events):
-                        break
-    except TimeoutError:
-        pass
+        with caplog.at_level(logging.DEBUG), listening(kit.app, events):
+            result = kit.login.apply_async(
+                ("ann", "hunter2"), {"api_key": "k-123456", "blob": "visible"}
+            )
+            with pytest.raises(ValueError):
+                result.get(timeout=30)
+            wait_for(lambda: any(e.get("type") == "task-failed" for e in events), 10, "task-failed")
     finally:
         type(kit.login).record_failure = original
     secrets = ("hunter2", "k-123456")
