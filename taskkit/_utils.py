@@ -28,6 +28,7 @@ __all__ = [
     "check_seconds",
     "did_you_mean",
     "exception_tuple",
+    "fits_row_id",
     "is_control_flow",
     "keep_identity",
     "keyword_only",
@@ -141,6 +142,16 @@ def mask_password(url: str) -> str:
     'postgresql+psycopg://app:***@db:5432/app'
     """
     return _PASSWORD.sub(r"\1:***@", url)
+
+
+#: Row ids are 64-bit signed integers in every database taskkit supports.
+_MAX_ROW_ID = 2**63 - 1
+
+
+def fits_row_id(value: int) -> bool:
+    """Whether a database row can have this id. Asking SQLite or PostgreSQL for one past a
+    64-bit integer fails as an overflow, which would read as an outage, not "no such row"."""
+    return 1 <= value <= _MAX_ROW_ID
 
 
 # -- the test switch ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from taskkit._utils import fits_row_id
 from taskkit.cli._common import (
     CliError,
     Database,
@@ -156,14 +157,9 @@ def read_run(run_id: int, database_url: str | None = None) -> RunView:
         return _view(run, progress)
 
 
-#: Ids are 64-bit signed integers in every database taskkit supports.
-_MAX_ID = 2**63 - 1
-
-
 def check_run_id(run_id: int) -> None:
-    """``RunNotFound`` for an id no database row can have (asking SQLite or PostgreSQL for it
-    fails as an overflow, which would read as a database outage)."""
-    if not 1 <= run_id <= _MAX_ID:
+    """``RunNotFound`` for an id no database row can have."""
+    if not fits_row_id(run_id):
         raise RunNotFound(run_id)
 
 

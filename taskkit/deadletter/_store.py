@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
+from taskkit._utils import fits_row_id
 from taskkit.config import get_settings
 from taskkit.db import db_retry, get_engine
 from taskkit.db.classify import describe_database, sqlstate
@@ -45,20 +46,12 @@ logger = logging.getLogger("taskkit.deadletter")
 #: The states of a letter: waiting, sent again, put aside for the record.
 STATUSES = ("dead", "replayed", "discarded")
 _TABLE = cast(Table, DeadLetter.__table__)
-#: The largest id a row can have (a 64-bit integer column).
-_MAX_ID = 2**63 - 1
-
-
-def _fits(letter_id: int) -> bool:
-    """Whether a row can have this id: asking the database for one past a 64-bit integer fails
-    as an overflow, which would read as an outage instead of "no such letter"."""
-    return 1 <= letter_id <= _MAX_ID
 
 
 def _letter_ids(ids: Sequence[int]) -> list[int]:
     """``ids`` as ints; ``DeadLetterNotFound`` at once for those no row can have."""
     wanted = [int(i) for i in ids]
-    impossible = sorted(i for i in wanted if not _fits(i))
+    impossible = sorted(i for i in wanted if not fits_row_id(i))
     if impossible:
         raise DeadLetterNotFound(impossible)
     return wanted
@@ -219,7 +212,7 @@ class DeadLetterStore:
     def get(self, letter_id: int) -> DeadLetter:
         """The letter with this id; ``DeadLetterNotFound`` if there is none."""
         with Session(self.engine, expire_on_commit=False) as session:
-            letter = session.get(DeadLetter, letter_id) if _fits(int(letter_id)) else None
+            letter = session.get(DeadLetter, letter_id) if fits_row_id(int(letter_id)) else None
         if letter is None:
             raise DeadLetterNotFound(letter_id)
         return letter
@@ -400,7 +393,7 @@ class DeadLetterStore:
             _check_status(status)
             query = query.where(DeadLetter.status == status)
         if ids is not None:
-            query = query.where(DeadLetter.id.in_([i for i in map(int, ids) if _fits(i)]))
+            query = query.where(DeadLetter.id.in_([i for i in map(int, ids) if fits_row_id(i)]))
         return query
 
 
