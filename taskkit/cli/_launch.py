@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from taskkit._utils import mask_password
 from taskkit.cli._common import CliError
 
 __all__ = [
@@ -24,7 +25,6 @@ __all__ = [
     "find_task",
     "load_app",
     "load_config",
-    "safe_url",
     "task_name_for",
 ]
 
@@ -186,7 +186,7 @@ def find_task(app: Any, name: str, spec: str) -> Any:
 def check_services(app: Any) -> None:
     """Fail fast (exit 1) when the app's broker, or its Redis result backend, does not answer:
     before a run is created, not after a 20-second reconnect loop."""
-    broker = safe_url(app.conf.broker_url)
+    broker = mask_password(str(app.conf.broker_url))
     try:
         with app.connection_for_write(connect_timeout=5) as connection:
             connection.ensure_connection(max_retries=0)
@@ -198,18 +198,10 @@ def check_services(app: Any) -> None:
     try:
         ping()
     except Exception as exc:
-        backend = safe_url(app.conf.result_backend)
+        backend = mask_password(str(app.conf.result_backend))
         raise CliError(
             f"could not reach the result backend {backend}: {_one_line(exc)}", 1
         ) from None
-
-
-def safe_url(url: object) -> str:
-    """A broker or backend URL without its password."""
-    # deferred: kombu loads with the app, so `taskkit db` and `taskkit runs` do without it
-    from kombu.utils.url import maybe_sanitize_url  # noqa: PLC0415
-
-    return str(maybe_sanitize_url(str(url)))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -62,6 +62,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from taskkit._utils import mask_password
 from taskkit.cli import _common
 from taskkit.cli._common import (
     DEFAULT_APP,
@@ -73,7 +74,7 @@ from taskkit.cli._common import (
     out,
     when,
 )
-from taskkit.cli._launch import check_services, find_task, load_app, safe_url
+from taskkit.cli._launch import check_services, find_task, load_app
 from taskkit.errors import DeadLetterNotFound, ReplayRejected
 
 if TYPE_CHECKING:
@@ -492,7 +493,7 @@ def _replay_command(
         if into is not None:
             find_task(celery_app, into, app_spec)
         check_services(celery_app)
-    with _reported(db, safe_url(celery_app.conf.broker_url)):
+    with _reported(db, mask_password(str(celery_app.conf.broker_url))):
         from taskkit.tasks import replay_dead_letters  # noqa: PLC0415 - heavy; only here
 
         store = _store(db.url, celery_app)

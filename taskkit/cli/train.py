@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from taskkit._utils import mask_password
 from taskkit.cli._common import (
     DEFAULT_APP,
     AppOption,
@@ -44,7 +45,6 @@ from taskkit.cli._launch import (
     find_task,
     load_app,
     load_config,
-    safe_url,
     task_name_for,
 )
 from taskkit.cli._runview import check_run_id, follow, run_reported
@@ -110,7 +110,7 @@ def _train_command(
     options: dict[str, Any] = {"queue": queue} if queue else {}
     from taskkit.tasks import submit_run  # noqa: PLC0415 - celery and the tasks: only here
 
-    with run_reported(db, safe_url(celery_app.conf.broker_url)):
+    with run_reported(db, mask_password(str(celery_app.conf.broker_url))):
         run_id, task_id = submit_run(
             training_task, config, name=run_name, database_url=db.url, **options
         )
@@ -140,7 +140,7 @@ def _resume_command(
     options: dict[str, Any] = {"queue": queue} if queue else {}
     from taskkit.tasks import resume_run  # noqa: PLC0415 - celery and the tasks: only here
 
-    with _resume_reported(db, safe_url(celery_app.conf.broker_url)):
+    with _resume_reported(db, mask_password(str(celery_app.conf.broker_url))):
         task_id = resume_run(
             celery_app,
             run_id,
