@@ -77,15 +77,21 @@ def check_key(key: bytes, setting: str) -> bytes:
     return key
 
 
-def read_key_file(path: Path, setting: str, *, follow_symlinks: bool = True) -> bytes:
+def read_key_file(
+    path: Path, setting: str, *, follow_symlinks: bool = True, private: bool = False
+) -> bytes:
     """The key in ``path`` (surrounding whitespace stripped), checked by ``check_key``.
 
     A missing or unreadable file is a ``ConfigurationError`` naming ``setting`` and the path.
+    ``private``: the file must belong to this process's user and be readable by nobody else
+    (the key taskkit made itself): whoever could plant or read it could sign checkpoints.
     """
     flags = os.O_RDONLY | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
         try:
+            if private:
+                _check_private(os.fstat(fd), path, setting)
             data = os.read(fd, 64 * 1024)
         finally:
             os.close(fd)
@@ -98,6 +104,17 @@ def read_key_file(path: Path, setting: str, *, follow_symlinks: bool = True) -> 
     return check_key(data.strip(), f"{setting} ({path})")
 
 
+def _check_private(stat: os.stat_result, path: Path, setting: str) -> None:
+    if os.name == "nt":  # no POSIX owner and mode bits to check
+        return
+    if stat.st_uid != os.geteuid() or stat.st_mode & 0o077:
+        raise ConfigurationError(
+            f"{setting}: the key file {str(path)!r} must belong to this user and be readable by "
+            f"nobody else (it is mode {stat.st_mode & 0o777:o}, owner uid {stat.st_uid}); "
+            "remove it to have a new key made, or set TASKKIT_SECRET_KEY_FILE"
+        )
+
+
 def home_key(home: Path) -> bytes:
     """The key in ``home / "secret.key"``, made (32 random bytes, as hex) if there is none.
 
@@ -108,7 +125,7 @@ def home_key(home: Path) -> bytes:
     path = home / KEY_FILE_NAME
     setting = "the key taskkit made in TASKKIT_HOME"
     try:
-        return read_key_file(path, setting, follow_symlinks=False)
+        return read_key_file(path, setting, follow_symlinks=False, private=True)
     except FileNotFoundError:
         pass
     try:
@@ -136,4 +153,4 @@ def home_key(home: Path) -> bytes:
             f"({exc.strerror or exc}): set TASKKIT_SECRET_KEY or TASKKIT_SECRET_KEY_FILE, or "
             "make TASKKIT_HOME writable"
         ) from None
-    return read_key_file(path, setting, follow_symlinks=False)
+    return read_key_file(path, setting, follow_symlinks=False, private=True)

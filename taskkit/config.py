@@ -222,35 +222,14 @@ class Settings(BaseSettings):
         ``secret_key``, else ``secret_key_file``, else the key taskkit makes once under
         ``home``; then ``secret_keys_old``. A key shorter than 16 bytes, or both a key and a
         key file, is a ``ConfigurationError`` naming the variable (never showing the key).
+        The keys are read once per combination of these settings in a process (a checkpoint
+        store, a sealed model and a load each need them): restart workers to rotate.
 
         Example::
 
             ring = get_settings().signing_keys()
         """
-        if self.secret_key is not None and self.secret_key_file is not None:
-            raise ConfigurationError(
-                f"{ENV_PREFIX}SECRET_KEY and {ENV_PREFIX}SECRET_KEY_FILE are both set: set one"
-            )
-        if self.secret_key is not None:
-            source = f"{ENV_PREFIX}SECRET_KEY"
-            current = check_key(self.secret_key.get_secret_value().encode(), source)
-        elif self.secret_key_file is not None:
-            source = f"{ENV_PREFIX}SECRET_KEY_FILE"
-            try:
-                current = read_key_file(self.secret_key_file, source)
-            except FileNotFoundError:
-                raise ConfigurationError(
-                    f"{source}: the key file {str(self.secret_key_file)!r} does not exist"
-                ) from None
-        else:
-            source = f"the key made in {self.home}"
-            current = home_key(self.home)
-        old = []
-        if self.secret_keys_old is not None:
-            for text in self.secret_keys_old.get_secret_value().split(","):
-                if text.strip():
-                    old.append(check_key(text.strip().encode(), f"{ENV_PREFIX}SECRET_KEYS_OLD"))
-        return KeyRing((current, *old), source)
+        return _signing_keys(self.secret_key, self.secret_key_file, self.home, self.secret_keys_old)
 
     @property
     def broker_uses_redis(self) -> bool:
@@ -261,6 +240,39 @@ class Settings(BaseSettings):
     def embedded_broker(self) -> bool:
         """Whether the broker is the embedded SQLite file (nothing else running)."""
         return self.broker_url.startswith("sqla+sqlite://")
+
+
+@functools.lru_cache(maxsize=8)
+def _signing_keys(
+    secret_key: SecretStr | None,
+    secret_key_file: Path | None,
+    home: Path,
+    secret_keys_old: SecretStr | None,
+) -> KeyRing:
+    if secret_key is not None and secret_key_file is not None:
+        raise ConfigurationError(
+            f"{ENV_PREFIX}SECRET_KEY and {ENV_PREFIX}SECRET_KEY_FILE are both set: set one"
+        )
+    if secret_key is not None:
+        source = f"{ENV_PREFIX}SECRET_KEY"
+        current = check_key(secret_key.get_secret_value().encode(), source)
+    elif secret_key_file is not None:
+        source = f"{ENV_PREFIX}SECRET_KEY_FILE"
+        try:
+            current = read_key_file(secret_key_file, source)
+        except FileNotFoundError:
+            raise ConfigurationError(
+                f"{source}: the key file {str(secret_key_file)!r} does not exist"
+            ) from None
+    else:
+        source = f"the key made in {home}"
+        current = home_key(home)
+    old = []
+    if secret_keys_old is not None:
+        for text in secret_keys_old.get_secret_value().split(","):
+            if text.strip():
+                old.append(check_key(text.strip().encode(), f"{ENV_PREFIX}SECRET_KEYS_OLD"))
+    return KeyRing((current, *old), source)
 
 
 _URL_FIELDS = frozenset({"database_url", "broker_url", "result_backend", "lease_url"})

@@ -277,6 +277,24 @@ def test_with_no_key_configured_checkpoints_are_signed_with_a_key_made_once(
     assert key_file.read_bytes() == key  # made once, then reused
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o602])
+def test_a_home_key_others_could_read_or_have_planted_is_refused(tmp_path, mode):
+    """Whoever can read the key can sign checkpoints: taskkit's own key must be private."""
+    from taskkit._keys import home_key
+
+    home = tmp_path / "home"
+    home.mkdir()
+    planted = home / "secret.key"
+    planted.write_text("an-attackers-key-of-enough-length\n")
+    planted.chmod(mode)
+
+    with pytest.raises(ConfigurationError, match="must belong to this user") as refused:
+        home_key(home)
+    assert "an-attackers-key" not in str(refused.value)
+    planted.chmod(0o600)
+    assert home_key(home) == b"an-attackers-key-of-enough-length"  # private: the operator's
+
+
 def test_processes_racing_to_make_the_key_agree_on_one(tmp_path):
     """Eight processes create the home key at the same moment: all end up with the same key."""
     import subprocess
