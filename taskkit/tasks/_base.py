@@ -628,7 +628,16 @@ class _RedactingBackend:
 
 
 def _check_sensitive_args(cls: type[ResilientTask]) -> None:
-    """Refuse a ``sensitive_args`` name the task does not take (a typo would leak it)."""
+    """Refuse a ``sensitive_args`` name the task does not take (a typo would leak it), and
+    ``sensitive_args`` on a task whose message is not its function's arguments (a
+    ``BatchTask`` sends a list of items: redacting an item argument would hide the batch, and
+    its items' dead letters would still hold them)."""
+    if cls.sensitive_args and cls.body is not ResilientTask.body:
+        raise ConfigurationError(
+            f"task {cls.name}: sensitive_args is not supported on a batch task (its message "
+            "carries the items, not the function's arguments); pass a reference to the secret "
+            "instead"
+        )
     raw = next((k.__dict__["run"] for k in cls.__mro__ if "run" in k.__dict__), None)
     try:
         parameters = inspect.signature(raw).parameters.values() if raw is not None else []

@@ -89,10 +89,12 @@ def replay_dead_letters(
         now = [plan for plan in plans if not eager and plan.run_id is None]
         sent = [plan.send() for plan in now]
         store.mark_replayed(sent, session)
-    later = [plan.send() for plan in plans if eager or plan.run_id is not None]
-    if later:
-        store.mark_replayed(later)
-    sent += later
+    for plan in plans:
+        if eager or plan.run_id is not None:
+            # marked one by one: if a later send is refused, those already sent stay marked
+            message = plan.send()
+            store.mark_replayed([message])
+            sent.append(message)
     return ReplayResult([i for message in sent for i in message.letter_ids], sent)
 
 

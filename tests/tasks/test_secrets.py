@@ -119,6 +119,22 @@ def test_sensitive_args_must_be_argument_names():
     assert task.redact((), {"password": "pw"}) == ((), {"password": "[redacted]"}, ("password",))
 
 
+def test_sensitive_args_on_a_batch_task_is_refused():
+    """Its message is a list of items: redacting "the item" would hide the whole batch and the
+    items' own dead letters would keep them."""
+    from taskkit.tasks import BatchTask
+
+    def score(self, item):
+        return item
+
+    app = create_app("s", broker_url="memory://", result_backend="cache+memory://")
+    app.finalize()
+    with pytest.raises(ConfigurationError, match="not supported on a batch task"):
+        app.task(base=BatchTask, bind=True, shared=False, name="b1", sensitive_args=("item",))(
+            score
+        )
+
+
 def _kit():
     from tests._support.apps import redis_test_app
 
