@@ -231,6 +231,8 @@ def reported(db: Database, broker: str | None = None) -> Iterator[None]:
             raise fail(_unmigrated(db), 2) from None
         if isinstance(exc, ConfigurationError):
             raise fail(str(exc), 2) from None
+        if isinstance(exc, ImportError):  # the database URL's driver is not installed
+            raise fail(f"could not use database {db.name}: {short(exc)}", 2) from None
         if _database_error(exc):
             raise fail(f"could not use database {db.name}: {short(exc)}", 1) from None
         if isinstance(exc, TaskkitError):  # a checkpoint store that cannot be read, ...

@@ -41,11 +41,22 @@ def test_db_upgrade_still_creates_the_file(tmp_path: Path):
     assert (tmp_path / "new" / "x.db").exists()
 
 
-@pytest.mark.parametrize("command", ["current", "upgrade"])
-def test_a_missing_database_driver_is_one_line(command: str):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["db", "current"],
+        ["db", "upgrade"],
+        ["runs", "list"],
+        ["runs", "show", "1"],
+        ["dlq", "list"],
+        ["dlq", "depth"],
+    ],
+    ids=" ".join,
+)
+def test_a_missing_database_driver_is_one_line(command: list[str]):
     url = "mysql://app:hunter2@127.0.0.1:1/prod"
 
-    result = CliRunner().invoke(app, ["db", command, "--url", url])
+    result = CliRunner().invoke(app, [*command, "--url", url])
 
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
