@@ -96,7 +96,7 @@ def taskkit_app(
     celery_app: Celery,
     taskkit_celery_config: Mapping[str, Any],
     monkeypatch: pytest.MonkeyPatch,
-) -> Celery:
+) -> Iterator[Celery]:
     """The app under test: pytest-celery's ``celery_app`` with ``taskkit_celery_config``, whose
     database is also the process default for the test (``submit_run`` and the CLI find it).
 
@@ -113,7 +113,10 @@ def taskkit_app(
     celery_app.conf.update(taskkit_celery_config)
     monkeypatch.setenv("TASKKIT_DATABASE_URL", str(taskkit_celery_config["taskkit_database_url"]))
     reset_settings()
-    return celery_app
+    yield celery_app
+    # the cached settings name the test's database: the next reader gets them afresh, once
+    # monkeypatch has put the environment back
+    reset_settings()
 
 
 @pytest.fixture
@@ -133,8 +136,6 @@ def taskkit_worker(
     """
     from celery.contrib.testing.worker import start_worker
 
-    from taskkit.config import reset_settings
-
     for module in celery_includes:
         taskkit_app.loader.import_task_module(module)
     parameters = {"perform_ping_check": False, **celery_worker_parameters}
@@ -143,7 +144,6 @@ def taskkit_worker(
         start_worker(taskkit_app, pool=celery_worker_pool, **parameters) as worker,
     ):
         yield worker
-    reset_settings()
 
 
 @pytest.fixture
