@@ -214,14 +214,20 @@ class PredictionTask(BatchTask):
 
 
 def _stored(db: Any, records: list[dict[str, Any]]) -> set[tuple[int, str]]:
-    """Which ``(model_run_id, item_key)`` of ``records`` already have a prediction."""
-    if not records:
-        return set()
-    keys = [record["item_key"] for record in records]
-    query = select(Prediction.model_run_id, Prediction.item_key).where(
-        Prediction.item_key.in_(keys)
-    )
-    return {(run_id, key) for run_id, key in db.execute(query)}
+    """Which ``(model_run_id, item_key)`` of ``records`` already have a prediction: one query
+    per run and 500 keys, on the ``(model_run_id, item_key)`` unique index."""
+    keys_by_run: dict[int, list[str]] = {}
+    for record in records:
+        keys_by_run.setdefault(record["model_run_id"], []).append(record["item_key"])
+    found: set[tuple[int, str]] = set()
+    for run_id, keys in keys_by_run.items():
+        for start in range(0, len(keys), 500):
+            query = select(Prediction.item_key).where(
+                Prediction.model_run_id == run_id,
+                Prediction.item_key.in_(keys[start : start + 500]),
+            )
+            found.update((run_id, key) for key in db.scalars(query))
+    return found
 
 
 @app.task(base=PredictionTask, bind=True, shared=False, name="workers.batch.predict_rows")
