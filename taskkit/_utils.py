@@ -98,6 +98,7 @@ def reject_unknown(
             )
 
 
+@functools.cache
 def keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
     """The names of ``fn``'s keyword-only parameters: what a ``**options`` passed to it may name."""
     return frozenset(

@@ -171,8 +171,10 @@ class FakeDeadLetterStore(DeadLetterStore):
                 and (newer_than is None or age < newer_than)
             )
 
+        with self._lock:  # a worker thread may be recording
+            letters = builtins.list(self._letters.values())
         found = sorted(
-            (letter for letter in self._letters.values() if matches(letter)),
+            (letter for letter in letters if matches(letter)),
             key=lambda letter: (_aware(letter.last_failed_at), letter.id),
         )
         return found if limit is None else found[:limit]
@@ -182,16 +184,19 @@ class FakeDeadLetterStore(DeadLetterStore):
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
         counts: dict[str, int] = {}
-        for letter in self._letters.values():
+        with self._lock:
+            letters = builtins.list(self._letters.values())
+        for letter in letters:
             if letter.status == status:
                 counts[letter.task_name] = counts.get(letter.task_name, 0) + 1
         return dict(sorted(counts.items()))
 
     def discard(self, ids: Sequence[int]) -> int:
         """Mark letters ``discarded``; ``DeadLetterNotFound`` (and no change) for an unknown id."""
-        letters = self._existing(ids)
-        for letter in letters:
-            letter.status = "discarded"
+        with self._lock:
+            letters = self._existing(ids)
+            for letter in letters:
+                letter.status = "discarded"
         return len(letters)
 
     def purge(
@@ -204,12 +209,13 @@ class FakeDeadLetterStore(DeadLetterStore):
     ) -> int:
         """Delete letters by ``ids``, or those older than ``older_than`` (default: every
         letter, the fake has no retention setting), optionally of one task or status."""
-        if ids is not None:
-            doomed = self._existing(ids)
-        else:
-            doomed = self.list(task=task, status=status, older_than=older_than)
-        for letter in doomed:
-            del self._letters[letter.id]
+        with self._lock:
+            if ids is not None:
+                doomed = self._existing(ids)
+            else:
+                doomed = self.list(task=task, status=status, older_than=older_than)
+            for letter in doomed:
+                del self._letters[letter.id]
         return len(doomed)
 
     def _existing(self, ids: Sequence[int]) -> builtins.list[DeadLetter]:
