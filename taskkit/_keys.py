@@ -25,6 +25,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from taskkit._utils import fsync_dir
 from taskkit.errors import ConfigurationError
 
 __all__ = ["KEY_FILE_NAME", "MIN_KEY_BYTES", "KeyRing", "check_key", "home_key", "read_key_file"]
@@ -142,11 +143,7 @@ def home_key(home: Path) -> bytes:
                 os.link(temp, path)  # its key is the key
         finally:
             temp.unlink(missing_ok=True)
-        directory = os.open(home, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_dir(home)
     except OSError as exc:
         raise ConfigurationError(
             f"no signing key is configured and taskkit cannot make one in {str(home)!r} "

@@ -11,9 +11,11 @@ import difflib
 import functools
 import inspect
 import logging
+import os
 import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from taskkit.errors import ConfigurationError
@@ -29,6 +31,7 @@ __all__ = [
     "did_you_mean",
     "exception_tuple",
     "fits_row_id",
+    "fsync_dir",
     "is_control_flow",
     "keep_identity",
     "keyword_only",
@@ -153,6 +156,18 @@ def fits_row_id(value: int) -> bool:
     """Whether a database row can have this id. Asking SQLite or PostgreSQL for one past a
     64-bit integer fails as an overflow, which would read as an outage, not "no such row"."""
     return 1 <= value <= _MAX_ROW_ID
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a new or renamed file's name survives a
+    crash). Nothing to do on Windows, where directories cannot be opened."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- the test switch ------------------------------------------------------------------------------

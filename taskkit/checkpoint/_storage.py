@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from taskkit._utils import fsync_dir
 from taskkit.checkpoint._codec import Buffer, writable_buffer
 from taskkit.checkpoint._info import CheckpointInfo, validate_run_id
 from taskkit.errors import CheckpointCorrupt, CheckpointError, CheckpointWarning, ConfigurationError
@@ -213,7 +214,7 @@ class DirectoryStorage:
             # data other than its own, even after a crash in between.
             _unlink(manifest_path)
             _unlink(data_path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         token = secrets.token_hex(6)
         lock = _hold_lock(directory, step, token)
         temp_data: Path | None = None
@@ -225,10 +226,10 @@ class DirectoryStorage:
             temp_manifest = _write_temp(directory, manifest_path.name, token, [info.to_json()])
             os.replace(temp_data, data_path)
             temp_data, data_placed = None, True
-            _fsync_dir(directory)  # the data's name is durable before the manifest names it
+            fsync_dir(directory)  # the data's name is durable before the manifest names it
             os.replace(temp_manifest, manifest_path)
             temp_manifest, data_placed = None, False
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except BaseException:
             for path in (temp_data, temp_manifest):
                 if path is not None:
@@ -327,7 +328,7 @@ class DirectoryStorage:
         removed = _unlink(directory / _manifest_name(step))
         removed = _unlink(directory / _data_name(step)) or removed
         if removed:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         with contextlib.suppress(OSError):
             directory.rmdir()  # only succeeds when nothing is left
 
@@ -386,7 +387,7 @@ class DirectoryStorage:
                 continue
             removed += _unlink(directory / _data_name(step))
         if removed:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return removed
 
     @staticmethod
@@ -554,16 +555,6 @@ def _unlink(path: Path) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened (nor need to be synced) on Windows
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _makedirs_durably(directory: Path) -> None:
     """Create ``directory`` and its missing parents, each entry made durable in its parent."""
     missing = []
@@ -579,4 +570,4 @@ def _makedirs_durably(directory: Path) -> None:
         except FileExistsError:
             if not path.is_dir():
                 raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
