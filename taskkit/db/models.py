@@ -108,6 +108,9 @@ class ModelRun(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
+    #: When the trainer holding the run's lease last renewed it (every third of the lease
+    #: ttl); written outside the version check, so it never conflicts with a status write.
+    heartbeat_at: Mapped[datetime | None]
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
