@@ -103,8 +103,9 @@ class Settings(BaseSettings):
     broker_url: str = ""
     #: Celery result backend; empty means the Redis broker itself, or a SQLite file.
     result_backend: str = ""
-    #: Seconds after which the Redis transport redelivers an unacknowledged message. Short, so a
-    #: dead worker's tasks are taken over quickly; live workers extend it (next setting).
+    #: Seconds after which the Redis transport (and the embedded ``taskkit+sqlite`` broker)
+    #: redelivers an unacknowledged message. Short, so a dead worker's tasks are taken over
+    #: quickly; live workers extend it (next setting).
     visibility_timeout: float = Field(30.0, ge=5)
     #: Workers refresh the delivery time of every message they hold, so a running or waiting
     #: task is never redelivered while its worker lives.
@@ -202,7 +203,9 @@ class Settings(BaseSettings):
             # under home (resolved like it), never a shared /tmp
             self.__dict__["checkpoint_dir"] = self.home / "checkpoints"
         if not self.broker_url:
-            self.__dict__["broker_url"] = f"sqla+sqlite:///{self.home / 'broker.db'}"
+            # taskkit's own SQLite transport (taskkit.broker): it redelivers the messages of a
+            # killed worker. Not broker.db: kombu's SQLAlchemy tables there are incompatible.
+            self.__dict__["broker_url"] = f"taskkit+sqlite:///{self.home / 'queue.db'}"
         if not self.result_backend:
             self.__dict__["result_backend"] = (
                 self.broker_url
@@ -238,8 +241,12 @@ class Settings(BaseSettings):
 
     @property
     def embedded_broker(self) -> bool:
-        """Whether the broker is the embedded SQLite file (nothing else running)."""
-        return self.broker_url.startswith("sqla+sqlite://")
+        """Whether the broker is an SQLite file on this host (nothing else running).
+
+        True for taskkit's own ``taskkit+sqlite://`` (the default) and for kombu's
+        ``sqla+sqlite://``, which still works but never redelivers a killed worker's messages.
+        """
+        return self.broker_url.startswith(("taskkit+sqlite://", "sqla+sqlite://"))
 
 
 @functools.lru_cache(maxsize=8)

@@ -145,7 +145,7 @@ def test_an_empty_environment_puts_the_embedded_files_under_the_home(project: Pa
     home = project / ".taskkit"
     assert settings.home == home
     assert settings.database_url == f"sqlite:///{home / 'taskkit.db'}"
-    assert settings.broker_url == f"sqla+sqlite:///{home / 'broker.db'}"
+    assert settings.broker_url == f"taskkit+sqlite:///{home / 'queue.db'}"
     assert settings.embedded_broker
     assert not settings.broker_uses_redis
     assert settings.result_backend == f"db+sqlite:///{home / 'results.db'}"
@@ -196,7 +196,7 @@ def test_the_embedded_defaults_follow_an_explicit_home_but_not_explicit_urls(
 
     home = project / "state"
     assert settings.database_url == "postgresql+psycopg://app@db/app"
-    assert settings.broker_url == f"sqla+sqlite:///{home / 'broker.db'}"
+    assert settings.broker_url == f"taskkit+sqlite:///{home / 'queue.db'}"
     assert settings.result_backend == f"db+sqlite:///{home / 'results.db'}"
     assert settings.checkpoint_dir == home / "checkpoints"
 

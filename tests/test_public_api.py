@@ -219,6 +219,7 @@ CURATED = {
     "taskkit.cli.runs": {"runs_app"},
     "taskkit.cli.train": {"train_app"},
     "taskkit.contrib": set(),
+    "taskkit.broker": {"SCHEME", "Channel", "Transport"},
     "taskkit.contrib.pandas": {"RESULT_COLUMN", "process_dataframe_in_batches"},
 }
 PUBLIC_MODULES = sorted(CURATED)

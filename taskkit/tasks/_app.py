@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+import taskkit.broker  # registers the taskkit+sqlite:// transport with kombu
 from taskkit.config import Settings, get_settings
 from taskkit.errors import TaskkitWarning
 from taskkit.tasks._options import check_app_config
@@ -78,6 +79,9 @@ def reliable_defaults(settings: Settings) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
         }
         conf["result_backend_transport_options"] = {"retry_policy": {"timeout": 30.0}}
+    elif settings.broker_url.startswith(f"{taskkit.broker.SCHEME}+"):
+        # The embedded broker redelivers by age too, and the keeper extends it the same way.
+        conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout}
     return conf
 
 

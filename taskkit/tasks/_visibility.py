@@ -1,6 +1,7 @@
-"""The Redis visibility timeout, made safe: live workers keep their messages invisible.
+"""The visibility timeout, made safe: live workers keep their messages invisible.
 
-The Redis transport moves a delivered-but-unacknowledged message back to its queue once it is
+The Redis transport (and taskkit's embedded ``taskkit+sqlite`` broker, ``taskkit.broker``)
+moves a delivered-but-unacknowledged message back to its queue once it is
 ``visibility_timeout`` seconds old, whether its worker is dead or just busy (a long task, or a
 retry waiting for its countdown). Celery's default (one hour) makes a dead worker's tasks wait
 an hour; a short one runs long tasks several times.
@@ -8,7 +9,9 @@ an hour; a short one runs long tasks several times.
 taskkit uses a short timeout (``TASKKIT_VISIBILITY_TIMEOUT``, 30 s) *and* a keeper thread in
 every worker that re-stamps the delivery time of each message the worker holds, every third
 of the timeout. A live worker's messages therefore never come back; a dead worker's come back
-within the timeout plus one restore sweep (5 s), on any surviving worker.
+within the timeout (plus one restore sweep, 5 s, on Redis), on any surviving worker. The keeper
+is the worker's heartbeat for the broker: it covers every message the worker holds, running or
+reserved and not yet started (prefetched), which have no task lease yet.
 
 Without the keeper (``TASKKIT_EXTEND_VISIBILITY=false``, or a transport it does not know),
 ``check_visibility`` clamps the outer retry waits under the timeout and warns about time limits
@@ -39,7 +42,7 @@ SAFE_SHARE = 0.9
 def uses_visibility_timeout(app: Celery) -> bool:
     """Whether the broker redelivers by age (Redis, SQS) rather than on connection loss."""
     scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+", 1)[0]
-    return scheme in {"redis", "rediss", "sentinel", "sqs"}
+    return scheme in {"redis", "rediss", "sentinel", "sqs", "taskkit"}
 
 
 def visibility_timeout(app: Celery) -> float:
@@ -86,10 +89,13 @@ def check_visibility(app: Celery) -> list[str]:
 
 
 class VisibilityKeeper(bootsteps.StartStopStep):
-    """Consumer step: re-stamp the delivery time of every message this worker holds.
+    """Consumer step: the worker's heartbeat for the broker, for every message it holds.
 
-    Runs on its own thread, so it keeps going while a ``solo`` pool runs a task on the main
-    thread. It only updates entries that still exist (``ZADD XX``): an acknowledged message is
+    Every third of the visibility timeout it re-stamps the delivery time of each message this
+    worker holds, running or reserved-but-not-started; a dead worker stops beating and its
+    messages come back. Runs on its own thread, so it keeps going while a ``solo`` pool runs a
+    task on the main thread. It only updates messages still held (Redis ``ZADD XX``; on the
+    embedded broker, rows whose receipt is still this worker's): an acknowledged message is
     never brought back.
     """
 
@@ -126,7 +132,11 @@ class VisibilityKeeper(bootsteps.StartStopStep):
 
 
 def extend_held_messages(consumer: Any) -> int:
-    """Stamp every message the consumer holds as delivered now; return how many were stamped."""
+    """Stamp every message the consumer holds as delivered now; return how many were stamped.
+
+    A channel with an ``extend_visibility(tags)`` method (``taskkit.broker``) does it itself;
+    otherwise the Redis unacked index is updated.
+    """
     task_consumer = getattr(consumer, "task_consumer", None)
     channel = getattr(task_consumer, "channel", None)
     qos = getattr(channel, "qos", None)
@@ -143,6 +153,9 @@ def extend_held_messages(consumer: Any) -> int:
         return 0
     if not tags:
         return 0
+    extend = getattr(channel, "extend_visibility", None)
+    if extend is not None:
+        return int(extend(tags))
     now = time.time()
     with channel.conn_or_acquire() as client:
         client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now), xx=True)

@@ -42,4 +42,4 @@ def test_train_with_nothing_configured_uses_the_example_app_and_task(database: s
     assert listed.returncode == 0, listed.stderr
     [row] = listed.stdout.splitlines()[1:]
     assert row.split()[1:4] == ["smoke", "queued", "0/3"]
-    assert (tmp_path / "home" / "broker.db").exists()
+    assert (tmp_path / "home" / "queue.db").exists()

@@ -76,7 +76,7 @@ def test_settings_in_a_subfolder_use_the_projects_files(
     home = project / ".taskkit"
     assert settings.home == home
     assert settings.database_url == f"sqlite:///{home / 'taskkit.db'}"
-    assert settings.broker_url == f"sqla+sqlite:///{home / 'broker.db'}"
+    assert settings.broker_url == f"taskkit+sqlite:///{home / 'queue.db'}"
     assert settings.result_backend == f"db+sqlite:///{home / 'results.db'}"
     assert settings.lease_url == (home / "leases").as_uri()
     assert settings.checkpoint_dir == home / "checkpoints"

@@ -37,10 +37,11 @@ def test_reliable_defaults_on_redis():
 def test_embedded_default_uses_files_under_home(tmp_path):
     settings = Settings(home=tmp_path / "tk")
     app = create_app("e", settings=settings)
-    assert app.conf.broker_url == f"sqla+sqlite:///{tmp_path / 'tk' / 'broker.db'}"
+    assert app.conf.broker_url == f"taskkit+sqlite:///{tmp_path / 'tk' / 'queue.db'}"
     assert app.conf.result_backend == f"db+sqlite:///{tmp_path / 'tk' / 'results.db'}"
     assert settings.lease_url == (tmp_path / "tk" / "leases").as_uri()
-    assert not app.conf.broker_transport_options  # nothing Redis-specific
+    # nothing Redis-specific; the embedded broker takes its visibility timeout
+    assert app.conf.broker_transport_options == {"visibility_timeout": settings.visibility_timeout}
 
 
 def test_leases_default_to_a_redis_every_worker_shares():
@@ -112,7 +113,7 @@ def test_embedded_default_runs_a_task_end_to_end_through_a_worker_subprocess(tmp
         counted = app.send_task("workers.tasks.count_to", args=(3, 0.05))
         assert counted.get(timeout=60) == 3
         assert counted.state == "SUCCESS"
-        assert (home / "broker.db").exists()
+        assert (home / "queue.db").exists()
         assert (home / "results.db").exists()
     finally:
         worker.stop()
