@@ -4,6 +4,10 @@
 ``TrainingProgress`` row); ``runs_table`` and ``run_panel`` draw them with rich; ``watch``
 follows one run, one database read per interval, until it is completed or failed. The data
 layer (SQLAlchemy, the models) is imported by the functions that read.
+
+A ``running`` run whose trainer has not renewed its lease for longer than the lease ttl
+(``TASKKIT_LEASE_TTL``) is shown ``running (stale)``: its worker died or is cut off, and its
+elapsed time stops at its last heartbeat. ``RunView.is_stale`` has the rule.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ __all__ = [
     "run_panel",
     "run_reported",
     "runs_table",
+    "stale_notes",
     "watch",
 ]
 
@@ -89,11 +94,48 @@ class RunView:
     metrics: dict[str, Any] = field(default_factory=dict)
     #: A passing problem (the database did not answer this time) shown under the run.
     note: str | None = None
+    #: When the trainer holding the run's lease last renewed it (None: never, or before 0006).
+    heartbeat_at: datetime | None = None
+    #: Seconds without a heartbeat after which a running run is stale (``TASKKIT_LEASE_TTL``).
+    lease_ttl: float = 15.0
 
     @property
     def finished(self) -> bool:
         """Completed or failed."""
         return self.status in FINAL
+
+    @property
+    def last_seen(self) -> datetime | None:
+        """The last sign of life: the heartbeat; without one (a run trained by a taskkit older
+        than the heartbeat, or not started), the last update of the run or its progress, else
+        its start."""
+        return self.heartbeat_at or self.updated_at or self.started_at
+
+    def heartbeat_age(self, now: datetime | None = None) -> float | None:
+        """Seconds since ``last_seen`` at ``now`` (default: the current time), or None."""
+        seen = self.last_seen
+        if seen is None:
+            return None
+        return max(0.0, ((now or datetime.now(UTC)) - seen).total_seconds())
+
+    def is_stale(self, now: datetime | None = None) -> bool:
+        """Whether the run says ``running`` but its lease has expired at ``now``: no heartbeat
+        for longer than ``lease_ttl`` (the trainer renews every third of it).
+
+        Only ``running`` goes stale: a ``retrying`` run waits out its retry countdown (up to
+        the task's ``outer_max_delay``, 10 minutes by default) with no lease held, so silence
+        is expected there; ``queued`` has no trainer yet. The ttl is the CLI's setting: a task
+        with a longer ``lease_ttl`` of its own beats less often than this expects.
+        """
+        if self.status != "running":
+            return False
+        age = self.heartbeat_age(now)
+        return age is not None and age > self.lease_ttl
+
+    @property
+    def stale(self) -> bool:
+        """``is_stale()`` now."""
+        return self.is_stale()
 
     @property
     def best_score(self) -> float | None:
@@ -107,7 +149,7 @@ class RunView:
         return None
 
 
-def _view(run: ModelRun, progress: TrainingProgress | None) -> RunView:
+def _view(run: ModelRun, progress: TrainingProgress | None, lease_ttl: float) -> RunView:
     configured = (run.config or {}).get("epochs")
     total = progress.total_epochs if progress is not None else None
     if total is None and isinstance(configured, int) and not isinstance(configured, bool):
@@ -136,7 +178,15 @@ def _view(run: ModelRun, progress: TrainingProgress | None) -> RunView:
         total_epochs=total,
         percent=float(percent or 0.0),
         metrics=dict(progress.metrics or {}) if progress is not None else {},
+        heartbeat_at=run.heartbeat_at,
+        lease_ttl=lease_ttl,
     )
+
+
+def _lease_ttl() -> float:
+    from taskkit.config import get_settings  # noqa: PLC0415 - settings load for reading only
+
+    return float(get_settings().lease_ttl)
 
 
 def read_run(run_id: int, database_url: str | None = None) -> RunView:
@@ -154,7 +204,7 @@ def read_run(run_id: int, database_url: str | None = None) -> RunView:
         progress = session.scalars(
             select(TrainingProgress).filter_by(model_run_id=run_id)
         ).one_or_none()
-        return _view(run, progress)
+        return _view(run, progress, _lease_ttl())
 
 
 def check_run_id(run_id: int) -> None:
@@ -180,16 +230,29 @@ def list_runs(
     )
     if status is not None:
         query = query.where(ModelRun.status == status)
+    ttl = _lease_ttl()
     with session_scope(database_url) as session:
-        return [_view(run, progress) for run, progress in session.execute(query).all()]
+        return [_view(run, progress, ttl) for run, progress in session.execute(query).all()]
 
 
 # -- drawing ----------------------------------------------------------------------------------
 
 
-def status_text(status: str) -> Text:
-    """The status, coloured."""
-    return Text(status, style=STATUS_STYLES.get(status, ""))
+def status_text(status: str, *, stale: bool = False) -> Text:
+    """The status, coloured; ``running (stale)`` for a stale run."""
+    text = Text(status, style=STATUS_STYLES.get(status, ""))
+    if stale:
+        text.append(" (stale)", style="bold red")
+    return text
+
+
+def _ago(seconds: float) -> str:
+    whole = int(seconds)
+    if whole < 120:
+        return f"{whole} s ago"
+    if whole < 7200:
+        return f"{whole // 60} min ago"
+    return f"{whole // 3600} h ago"
 
 
 def _number(value: Any) -> str:
@@ -210,12 +273,13 @@ def runs_table(views: list[RunView]) -> Table:
     for column in ("ID", "NAME", "STATUS", "EPOCH", "PROGRESS", "BEST", "UPDATED"):
         numeric = column in ("ID", "EPOCH", "PROGRESS", "BEST")
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    now = datetime.now(UTC)
     for view in views:
         best = view.best_score
         table.add_row(
             str(view.id),
             Text(view.name),
-            status_text(view.status),
+            status_text(view.status, stale=view.is_stale(now)),
             _epochs(view),
             f"{view.percent:.0f}%",
             "-" if best is None else _number(best),
@@ -224,10 +288,43 @@ def runs_table(views: list[RunView]) -> Table:
     return table
 
 
-def _elapsed(view: RunView) -> str:
+def stale_notes(views: list[RunView], now: datetime | None = None) -> list[str]:
+    """One line per stale run, printed under the ``runs list`` table: its last heartbeat and
+    what to do. (A heartbeat column would not fit 80 columns beside ``running (stale)``.)
+
+    Example::
+
+        stale_notes(list_runs())   # ['run 7 is stale: last heartbeat 90 s ago (lease ...']
+    """
+    now = now or datetime.now(UTC)
+    return [
+        f"run {view.id} is stale: {_last_beat(view, now)} (lease ttl {view.lease_ttl:g} s); "
+        f"its worker is gone or cut off; resume it: taskkit resume {view.id}"
+        for view in views
+        if view.is_stale(now)
+    ]
+
+
+def _last_beat(view: RunView, now: datetime) -> str:
+    what = "last heartbeat" if view.heartbeat_at is not None else "no heartbeat; last update"
+    age = view.heartbeat_age(now)
+    return f"{what} {'-' if age is None else _ago(age)}"
+
+
+def _elapsed(view: RunView, now: datetime | None = None) -> str:
+    """Start to completion; to ``now`` while the run goes on; to its last sign of life when it
+    is stale (the clock of a dead run does not tick)."""
     if view.started_at is None:
         return "-"
-    end = view.completed_at or (None if view.finished else datetime.now(UTC))
+    now = now or datetime.now(UTC)
+    if view.completed_at is not None:
+        end: datetime | None = view.completed_at
+    elif view.finished:
+        end = None
+    elif view.is_stale(now):
+        end = view.last_seen
+    else:
+        end = now
     if end is None:
         return "-"
     seconds = max(0, int((end - view.started_at).total_seconds()))
@@ -235,19 +332,34 @@ def _elapsed(view: RunView) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def run_panel(view: RunView) -> RenderableType:
-    """The ``runs show`` view: fields, a progress bar, metrics."""
+def _heartbeat_row(view: RunView, now: datetime, stale: bool) -> list[tuple[str, Text]]:
+    if view.status not in ("running", "retrying"):
+        return []
+    if view.last_seen is None:
+        return [("heartbeat", Text("-"))]
+    text = Text(_last_beat(view, now))
+    if stale:
+        text.append(f" (stale: lease ttl {view.lease_ttl:g} s)", style="bold red")
+    return [("heartbeat", text)]
+
+
+def run_panel(view: RunView, now: datetime | None = None) -> RenderableType:
+    """The ``runs show`` view: fields, a progress bar, metrics; a running or retrying run
+    also its last heartbeat, and ``stale`` once the lease has expired."""
+    now = now or datetime.now(UTC)
+    stale = view.is_stale(now)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
     best = view.best_score
     rows: list[tuple[str, str | Text | RenderableType]] = [
         ("run", f"{view.id} {view.name}"),
-        ("status", status_text(view.status)),
+        ("status", status_text(view.status, stale=stale)),
         ("task", f"{view.task_name or '-'} [{view.task_id or '-'}]"),
         ("started", when(view.started_at)),
         ("completed", when(view.completed_at)),
-        ("elapsed", _elapsed(view)),
+        ("elapsed", _elapsed(view, now)),
+        *_heartbeat_row(view, now, stale),
         *([("error", Text(view.error, style="red"))] if view.error else []),
         ("epoch", _epochs(view)),
         ("progress", _bar(view)),
@@ -279,7 +391,9 @@ def _metrics(metrics: dict[str, Any]) -> str:
 
 def _line(view: RunView) -> str:
     """One line per change when the output is not a terminal (a log, a pipe)."""
-    line = f"run {view.id}: {view.status}, epoch {_epochs(view)}, {view.percent:.0f}%"
+    # No heartbeat age here: it changes every second, and this prints a line per change.
+    status = f"{view.status} (stale)" if view.stale else view.status
+    line = f"run {view.id}: {status}, epoch {_epochs(view)}, {view.percent:.0f}%"
     return f"{line} ({view.note})" if view.note else line
 
 

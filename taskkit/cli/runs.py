@@ -5,6 +5,9 @@
     taskkit runs list [--status S] [--limit N]          the newest runs, newest first
     taskkit runs show RUN_ID [--watch] [--interval S]   one run: status, epoch, metrics, progress
 
+A running run whose trainer has not renewed its lease for the lease ttl is ``running (stale)``
+(see ``taskkit.cli._runview``).
+
 Example::
 
     $ taskkit runs show 7 --watch
@@ -18,7 +21,15 @@ import typer
 from rich.markup import escape
 
 from taskkit.cli._common import Group, UrlOption, database, out
-from taskkit.cli._runview import follow, list_runs, read_run, run_panel, run_reported, runs_table
+from taskkit.cli._runview import (
+    follow,
+    list_runs,
+    read_run,
+    run_panel,
+    run_reported,
+    runs_table,
+    stale_notes,
+)
 
 __all__ = ["runs_app"]
 
@@ -38,7 +49,8 @@ def _list_command(
     limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 20,
     url: UrlOption = None,
 ) -> None:
-    """The newest training runs, newest first."""
+    """The newest training runs, newest first; a run whose worker stopped beating is
+    ``running (stale)``, with its last heartbeat under the table."""
     db = database(url)
     with run_reported(db):
         views = list_runs(db.url, status=status, limit=limit)
@@ -47,6 +59,8 @@ def _list_command(
         out.print(escape(f"no runs{which} in {db.name}"), highlight=False)
         return
     out.print(runs_table(views))
+    for note in stale_notes(views):
+        out.print(escape(note), style="yellow", highlight=False)
 
 
 @runs_app.command("show")
@@ -60,7 +74,8 @@ def _show_command(
     ] = 1.0,
     url: UrlOption = None,
 ) -> None:
-    """One run: status, task, times, error, epoch, metrics and a progress bar."""
+    """One run: status, task, times, last heartbeat (``stale`` once the lease expired), error,
+    epoch, metrics and a progress bar."""
     db = database(url)
     with run_reported(db):
         if watch_run:

@@ -10,7 +10,9 @@ the work (a redelivered message, a resubmitted run) looks at the lease before it
 The owner's heartbeat renews the lease every third of its ``ttl``; if the owner dies, the lease
 expires ``ttl`` seconds after its last heartbeat. Every acquisition gets a fencing token larger
 than all before it for that key, so a writer can refuse work stamped with an older token, and
-an owner that finds its lease taken over (``lost``) stops at its next progress report.
+an owner that finds its lease taken over (``lost``) stops at its next progress report. Hooks
+registered with ``Lease.on_beat`` run after each successful renewal (``TrainingTask`` records
+the run's heartbeat in the database there).
 
 Two stores behind one small interface:
 
@@ -38,7 +40,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +48,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 
+from taskkit._utils import mask_password
 from taskkit.errors import ConfigurationError, LeaseLost
 
 __all__ = [
@@ -125,6 +128,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._released = False
+        self._beat_hooks: tuple[Callable[[Lease], object], ...] = ()
 
     def check(self) -> None:
         """Raise ``LeaseLost`` if the lease was taken over; cheap (no round trip)."""
@@ -138,7 +142,35 @@ class Lease:
         if not self._renew(self):
             self.lost = True
             logger.error("taskkit: lease %r (token %d) was lost", self.key, self.token)
-        return not self.lost
+            return False
+        self._run_beat_hooks()
+        return True
+
+    def on_beat(self, hook: Callable[[Lease], object]) -> None:
+        """Call ``hook(lease)`` after each successful renewal (on the heartbeat thread; every
+        third of ``ttl``), also on a ``FileLeaseStore``, whose renewal itself does nothing.
+
+        A hook that raises is logged as a warning and the lease carries on: a hook (a
+        database write) must never cost the lease. Keep hooks short; the next renewal waits
+        for them.
+
+        Example::
+
+            lease.on_beat(lambda lease: print("still mine:", lease.key))
+        """
+        self._beat_hooks = (*self._beat_hooks, hook)
+
+    def _run_beat_hooks(self) -> None:
+        for hook in self._beat_hooks:
+            try:
+                hook(self)
+            except Exception as exc:
+                logger.warning(
+                    "taskkit: lease %r beat hook %s failed: %s",
+                    self.key,
+                    getattr(hook, "__qualname__", hook),
+                    mask_password(str(exc)),  # a database error may quote its URL
+                )
 
     def release(self) -> None:
         """Stop the heartbeat and give the lease up (only if it is still ours). Idempotent:

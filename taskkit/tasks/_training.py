@@ -32,7 +32,8 @@ import random
 import signal
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, cast
 
@@ -41,8 +42,9 @@ from billiard.process import current_process
 from celery import signals
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.worker import state as worker_state
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from taskkit._utils import mask_password
 from taskkit.checkpoint import CheckpointStore
 from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
@@ -58,6 +60,7 @@ __all__ = [
     "request_stop",
     "resume_orphaned_runs",
     "run_is_alive",
+    "write_heartbeat",
 ]
 
 logger = logging.getLogger("taskkit.tasks")
@@ -262,6 +265,84 @@ class TrainingTask(ResilientTask):
         runs.mark_failed(run_id, _describe(exc), database_url=self._database_url)
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def write_heartbeat(
+    run_id: Any, *, database_url: str | None = None, now: Callable[[], datetime] = _utcnow
+) -> None:
+    """Record that run ``run_id``'s trainer is alive: ``ModelRun.heartbeat_at = now()``.
+
+    One UPDATE outside the ORM's version check, with ``updated_at`` left as it was: a heartbeat
+    every few seconds neither conflicts with a status write nor counts as a change of the run.
+    ``taskkit runs`` calls a running run ``stale`` once its heartbeat is older than the lease
+    ttl.
+
+    Example::
+
+        write_heartbeat(7)   # what a TrainingTask does at start and at each lease renewal
+    """
+    with session_scope(database_url) as session:
+        session.execute(
+            update(ModelRun)
+            .where(ModelRun.id == run_id)
+            .values(heartbeat_at=now(), updated_at=ModelRun.updated_at)
+            .execution_options(synchronize_session=False)
+        )
+
+
+class _HeartbeatWriter:
+    """Writes a run's heartbeat on a thread of its own each time the lease beats.
+
+    The lease's heartbeat thread only sets an event: a slow database (a busy SQLite file, a
+    PostgreSQL outage) must not delay the next lease renewal past the ttl. Beats that come
+    while a write is under way are merged into one write. A failed write is a warning; the
+    next beat tries again.
+    """
+
+    def __init__(self, run_id: Any, database_url: str | None) -> None:
+        self.run_id = run_id
+        self.database_url = database_url
+        self._due = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"taskkit-heartbeat-{run_id}", daemon=True
+        )
+        self._thread.start()
+
+    def beat(self, _lease: object = None) -> None:
+        self._due.set()
+
+    def close(self) -> None:
+        # Not joined: a write stuck on the database must not hold the task's end up.
+        self._closed = True
+        self._due.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            if self._closed:
+                return
+            try:
+                write_heartbeat(self.run_id, database_url=self.database_url)
+            except Exception as exc:
+                _heartbeat_failed(self.run_id, exc)
+
+
+def _heartbeat_failed(run_id: Any, exc: Exception) -> None:
+    # One line, no traceback: during an outage this comes every few seconds. A database
+    # error's message may quote its URL.
+    message = mask_password(str(exc)).strip().splitlines()
+    logger.warning(
+        "taskkit: run %s: could not record its heartbeat: %s: %s",
+        run_id,
+        type(exc).__name__,
+        message[0] if message else "",
+    )
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, SoftTimeLimitExceeded):
         return "soft time limit exceeded; checkpointed, continue with: taskkit resume"
@@ -302,16 +383,27 @@ class TrainingRun:
         self._saved_epoch: int | None = None
         self._pending: tuple[int, bytes, dict[str, Any]] | None = None
         self._warned_random_state = False
+        self._heartbeat: _HeartbeatWriter | None = None
 
     # -- context --------------------------------------------------------------------------------
 
     def __enter__(self) -> TrainingRun:
         request = self.task.request
+        database_url = self.task._database_url
+        # The heartbeat first: a run shown running is never without one (stale at once).
+        try:
+            write_heartbeat(self.run_id, database_url=database_url)
+        except Exception as exc:  # mark_running says whether the database is really gone
+            _heartbeat_failed(self.run_id, exc)
         runs.mark_running(
             self.run_id,
             None if request.called_directly else request.id,
-            database_url=self.task._database_url,
+            database_url=database_url,
         )
+        lease = self.task.lease
+        if lease is not None:
+            self._heartbeat = _HeartbeatWriter(self.run_id, database_url)
+            lease.on_beat(self._heartbeat.beat)
         checkpoint = self.store.load_latest()
         if checkpoint is not None:
             payload = checkpoint.state
@@ -341,6 +433,8 @@ class TrainingRun:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.close()
         try:
             if exc is not None and self._should_save_on(exc):
                 self._save_pending(f"{type(exc).__name__}")
