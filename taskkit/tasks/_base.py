@@ -159,8 +159,13 @@ class ResilientTask(Task[Any, Any]):
     retry_on_worker_lost = True
     track_started = True
     max_retries = 3
-    #: Seconds before the copy of a task whose worker process died runs again.
+    #: Seconds before a retry without a countdown, and before the copy of a task whose pool
+    #: process died runs again on a broker other than Redis (on Redis it runs at once, ahead of
+    #: the queue: ``Request``).
     default_retry_delay = 2
+    #: The worker's request class: a retry after a lost pool process goes to the front of a
+    #: Redis queue (``taskkit.tasks._requeue``).
+    Request = "taskkit.tasks._requeue:FrontRequeueRequest"
 
     # taskkit's options: one table (``taskkit_options``, rendered in docs/tasks.md), merged
     # with a subclass's own. A value set on a task (decorator keyword or subclass attribute)
