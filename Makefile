@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck bench docs worker clean
 
-# make worker APP=myproject.tasks CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info ARGS=-E
+# make worker APP=myproject.tasks CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info EVENTS=1
 APP ?= $(or $(TASKKIT_APP),workers.app)
 ARGS ?=
+# EVENTS=1 sends task events (-E) for Flower and `celery events` (or TASKKIT_WORKER_EVENTS=1).
+EVENTS ?=
 CONCURRENCY ?= 2
 QUEUES ?= celery
 LOGLEVEL ?= info
@@ -38,7 +40,7 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
 worker: $(STAMP)
-	$(BIN)/celery -A $(APP) worker --concurrency=$(CONCURRENCY) --queues=$(QUEUES) --loglevel=$(LOGLEVEL) $(ARGS)
+	$(BIN)/celery -A $(APP) worker --concurrency=$(CONCURRENCY) --queues=$(QUEUES) --loglevel=$(LOGLEVEL) $(if $(filter 1 true yes,$(EVENTS)),-E) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site

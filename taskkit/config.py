@@ -143,6 +143,13 @@ class Settings(BaseSettings):
     dead_letter_retention_days: float = Field(30.0, gt=0)
     #: Also publish every new dead letter (JSON) to this broker queue, for consumers. None: off.
     dead_letter_queue: str | None = None
+    #: Workers send task events (``celery worker -E``) and clients send ``task-sent``, so
+    #: Flower and ``celery events`` see every task; ``task-progress`` events go with them.
+    worker_events: bool = False
+    #: RabbitMQ: seconds a worker may hold a running task's message unacknowledged, asked for
+    #: with the ``x-consumer-timeout`` consumer argument (RabbitMQ 3.12+; older ones apply
+    #: their node-wide ``consumer_timeout``). 0: ask for nothing, the broker's own applies.
+    consumer_timeout: float = Field(86400.0, ge=0, le=2_000_000)
 
     @field_validator("home", "checkpoint_dir")
     @classmethod

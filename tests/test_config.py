@@ -72,6 +72,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "dead_letter": ("0", False),
     "dead_letter_retention_days": ("7.5", 7.5),
     "dead_letter_queue": ("taskkit.dead", "taskkit.dead"),
+    "worker_events": ("1", True),
+    "consumer_timeout": ("0", 0.0),
 }
 
 
@@ -183,6 +185,8 @@ def test_an_empty_environment_has_the_documented_defaults(project: Path):
         "dead_letter": True,
         "dead_letter_retention_days": 30.0,
         "dead_letter_queue": None,
+        "worker_events": False,
+        "consumer_timeout": 86400.0,
     }
 
 

@@ -13,6 +13,7 @@ import taskkit.broker  # registers the taskkit+sqlite:// transport with kombu
 from taskkit.config import Settings, get_settings
 from taskkit.errors import TaskkitWarning
 from taskkit.tasks._options import check_app_config
+from taskkit.tasks._rabbitmq import ConsumerTimeout, amqp_defaults
 from taskkit.tasks._visibility import VisibilityKeeper, check_visibility, uses_visibility_timeout
 
 __all__ = ["create_app", "reliable_defaults"]
@@ -70,6 +71,9 @@ def reliable_defaults(settings: Settings) -> dict[str, Any]:
             if settings.resume_orphaned_runs is None
             else settings.resume_orphaned_runs
         ),
+        # Flower and `celery events` see tasks only when workers (and clients) send events.
+        "worker_send_task_events": settings.worker_events,
+        "task_send_sent_event": settings.worker_events,
     }
     if settings.broker_uses_redis:
         conf["broker_transport_options"] = {
@@ -121,6 +125,7 @@ def create_app(
         include=list(include),
     )
     conf = reliable_defaults(settings)
+    conf.update(amqp_defaults(str(app.conf.broker_url or ""), settings.consumer_timeout))
     # The Redis options fit only a Redis broker (``broker_url=`` may have replaced the settings'
     # one); your own transport options are kept for any broker.
     transport = conf.pop("broker_transport_options", {}) if uses_visibility_timeout(app) else {}
@@ -135,6 +140,7 @@ def create_app(
     check_app_config(app.conf)
     check_visibility(app)
     app.steps["consumer"].add(VisibilityKeeper)
+    app.steps["consumer"].add(ConsumerTimeout)
     return app
 
 

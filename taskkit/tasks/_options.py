@@ -215,6 +215,7 @@ APP_SETTINGS = frozenset(
         "taskkit_resume_orphaned_runs",
         "taskkit_dead_letter_queue",
         "taskkit_replay_allow",
+        "taskkit_consumer_timeout",
     }
 )
 
