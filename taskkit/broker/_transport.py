@@ -366,7 +366,9 @@ class Transport(virtual.Transport):
     Channel = Channel
     can_parse_url = True
     default_port = 0
-    driver_type = "sql"
+    # Not kombu's "sql": Celery turns every event dispatcher off on that driver type
+    # (EventDispatcher.DISABLED_TRANSPORTS), and this transport routes topic and fanout events.
+    driver_type = "sqlite"
     driver_name = "sqlite"
     polling_interval = POLLING_INTERVAL
     connection_errors = (*virtual.Transport.connection_errors, sqlite3.OperationalError)

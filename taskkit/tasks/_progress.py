@@ -5,7 +5,10 @@ and, at most once per ``progress_interval`` seconds (the first and the last repo
 
 1. stores the Celery state ``PROGRESS`` with the meta progress-bar clients expect:
    ``{"current", "total", "percent", "description", "metrics"}``;
-2. sends a ``task-progress`` event (for Flower and ``celery events`` monitors);
+2. sends a ``task-progress`` event (for Flower and ``celery events`` monitors), whether or not
+   the worker sends task events (``-E``, ``TASKKIT_WORKER_EVENTS``): a monitor that turns
+   events on at run time (``celery control enable_events``) sees progress at once. It carries
+   the meta below; the ``progress_events`` option turns it off for a task;
 3. for a training run (the task names its run-id argument in ``progress_run_arg``), hands the
    report to the process's ``ProgressWriter``, which upserts the run's ``TrainingProgress`` row
    on a background thread.
