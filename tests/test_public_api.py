@@ -179,6 +179,8 @@ CURATED = {
         "TrainingRun",
         "TrainingTask",
         "create_app",
+        "duplicate_count",
+        "duplicate_dropped",
         "load_model",
         "options_markdown",
         "reliable_defaults",

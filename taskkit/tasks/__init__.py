@@ -15,6 +15,8 @@
 ``resume_run``, ``load_model``  interrupted run; the verified final model
 ``BatchTask``,               task base over a list of items: per-item retry, item ledger,
 ``submit_batch``             dead letters; split a batch into chunks and gather one summary
+``duplicate_count``,         deliveries the lease dropped as duplicates, and the signal sent
+``duplicate_dropped``        for each (the hook for metrics)
 ===========================  ====================================================================
 
 Redelivery, visibility timeout and takeover: with Redis as the broker, a worker that dies
@@ -23,7 +25,9 @@ worker once they are ``TASKKIT_VISIBILITY_TIMEOUT`` (30 s) old, and the other wo
 sweep runs every 5 s, so a dead worker's task runs again within about 35 s. Live workers
 re-stamp the messages they hold every 10 s, so a long task, or a retry waiting for its
 countdown, is never handed out while its worker lives. A pool process that dies is noticed by
-its worker at once and the task is sent again (``retry_on_worker_lost``).
+its worker at once and the task runs again (``retry_on_worker_lost``; on Redis at once, ahead of
+the queue). A delivery whose lease another live task holds is a duplicate: dropped (state
+``IGNORED``), counted, never a failure or a dead letter.
 
 Example::
 
@@ -47,6 +51,7 @@ from taskkit.tasks._base import (
     TaskFailure,
 )
 from taskkit.tasks._batch import BatchSubmission, BatchTask, submit_batch
+from taskkit.tasks._duplicates import duplicate_count, duplicate_dropped
 from taskkit.tasks._lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
 from taskkit.tasks._options import Option, options_markdown
 from taskkit.tasks._progress import PROGRESS, ProgressReport
@@ -80,6 +85,8 @@ __all__ = [
     "TrainingRun",
     "TrainingTask",
     "create_app",
+    "duplicate_count",
+    "duplicate_dropped",
     "load_model",
     "options_markdown",
     "reliable_defaults",

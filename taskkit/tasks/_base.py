@@ -38,16 +38,17 @@ from celery import Task, signals
 from celery._state import _task_stack  # type: ignore[attr-defined]
 from celery.app.task import Context
 from celery.exceptions import Ignore
-from celery.states import SUCCESS
+from celery.states import IGNORED, SUCCESS
 from celery.utils.saferepr import saferepr
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 
 from taskkit._utils import call_hook, did_you_mean, is_control_flow
 from taskkit.db import is_transient
 from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
-from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, PermanentError
+from taskkit.errors import ConfigurationError, LeaseLost, PermanentError
 from taskkit.recovery import Retrying, RetryStrategy, next_wait
 from taskkit.tasks import _options
+from taskkit.tasks._duplicates import record_duplicate
 from taskkit.tasks._lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
 from taskkit.tasks._progress import (
     PROGRESS,
@@ -481,20 +482,35 @@ class ResilientTask(Task[Any, Any]):
                 return lease
             holder = store.holder(key)
         if holder is not None and holder.task_id != request.id:
-            raise LeaseHeld(key, holder.describe())
+            # Another task does this work (taskkit.tasks._duplicates): drop this one, no watcher.
+            record_duplicate(self, request.id, key, holder)
+            self._store_ignored(request, key, holder)
+            raise Ignore()
         # A copy of this very task while its owner still runs it. Drop this copy, and send a
         # watcher after a lease period: if the owner dies it takes over, if it succeeded the
         # redelivery check drops it.
-        logger.warning(
-            "taskkit: %s[%s] is already running (%s); dropping this copy",
-            self.name,
-            request.id,
-            holder.describe() if holder else "unknown",
-        )
+        if request.get("taskkit_watcher"):
+            logger.info(
+                "taskkit: %s[%s] is still running (%s); watching again",
+                self.name,
+                request.id,
+                holder.describe() if holder else "unknown",
+            )
+        else:
+            record_duplicate(self, request.id, key, holder)
         self.signature_from_request(
             request, countdown=self.lease_ttl, retries=request.retries
         ).apply_async(headers=cast(dict[str, str], {"taskkit_watcher": True}))
         raise Ignore()
+
+    def _store_ignored(self, request: Any, key: str, holder: LeaseOwner) -> None:
+        """Store ``IGNORED`` as the dropped duplicate's state (its result would stay STARTED),
+        with the lease key and the holder as its meta."""
+        meta = {"duplicate_of": holder.task_id, "lease": key, "holder": holder.describe()}
+        try:
+            self.backend.store_result(request.id, meta, IGNORED, request=request)
+        except Exception:
+            logger.warning("taskkit: could not store the state of %s", request.id, exc_info=True)
 
     @property
     def lease(self) -> Lease | None:

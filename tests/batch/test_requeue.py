@@ -1,4 +1,4 @@
-"""A chunk whose pool process is SIGKILLed runs again before the chunks still queued.
+"""Redelivered chunks: a killed chunk runs again first; a duplicate chunk is not a failure.
 
 One worker subprocess (prefork, concurrency 2) on the real Redis broker, a batch of 52 one-item
 chunks whose item sleeps a few seconds: two chunks run, 50 wait in the queue. The pool process
@@ -6,6 +6,10 @@ running one chunk is killed; the next chunk to start must be the killed one, not
 (Celery's own worker-lost retry sends it to the back of the queue, behind all of them). The
 order of the chunk starts is read from Redis, where the workers write it (``tests.batch.apps``);
 no timing is asserted (the seconds are measured by ``benchmarks/bench_batch.py``).
+
+A second delivery of a chunk under another task id, while the first runs, finds the chunk's
+lease (task, batch, offset) held: it is dropped as a duplicate (``taskkit.tasks._duplicates``),
+its items are not dead-lettered, and each item runs once.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from taskkit.tasks import submit_batch
+from taskkit.deadletter import DeadLetterStore
+from taskkit.tasks import duplicate_count, submit_batch
 from tests._support.workers import WorkerProcess, wait_for
 from tests.batch import apps
 
@@ -87,3 +92,45 @@ def test_a_killed_chunk_runs_again_before_the_queued_chunks(
     assert first["retries"] == victim["retries"] + 1  # a worker-lost retry, counted
     assert first["pid"] != victim["pid"]
     assert running == {e["offset"] for e in starts(batch_id)[:2]}
+
+    # The copy ran the chunk (it took the dead process's lease over), it was not dropped.
+    wait_for(
+        lambda: any(
+            e["event"] == "end" and e["offset"] == victim["offset"]
+            for e in apps.chunk_events(batch_id)
+        ),
+        PAUSE + 30,
+        "the killed chunk's second run to end",
+    )
+    (end,) = [
+        e
+        for e in apps.chunk_events(batch_id)
+        if e["event"] == "end" and e["offset"] == victim["offset"]
+    ]
+    assert end["state"] == "SUCCESS"
+    assert apps.runs(items[victim["offset"]]["nonce"]) == {victim["offset"]: 2}
+
+
+def test_a_duplicate_chunk_delivery_is_dropped_and_dead_letters_nothing(
+    worker: WorkerProcess, queue: str, env: dict[str, str]
+) -> None:
+    nonce = uuid.uuid4().hex[:8]
+    items = [{"id": n, "nonce": nonce, "pause": 1.5} for n in (1, 2, 3)]
+    batch_id = uuid.uuid4().hex
+    arguments = {"batch_id": batch_id, "offset": 0}
+    before = duplicate_count(apps.flaky_items)
+    owner = apps.flaky_items.apply_async((items,), arguments, queue=queue)
+    wait_for(lambda: starts(batch_id), 30, "the chunk to start")
+
+    duplicate = apps.flaky_items.apply_async((items,), arguments, queue=queue)
+
+    wait_for(lambda: duplicate.state == "IGNORED", 30, "the duplicate to be dropped")
+    summary = owner.get(timeout=60)
+    assert (summary["successful"], summary["failed"], summary["skipped"]) == (3, 0, 0)
+    assert duplicate.state == "IGNORED"
+    assert duplicate.info["duplicate_of"] == owner.id
+    assert duplicate_count(apps.flaky_items) == before + 1
+    store = DeadLetterStore(env["TASKKIT_DATABASE_URL"])
+    assert store.list(batch_id=batch_id, status=None) == []
+    assert store.list(task=apps.flaky_items.name, status=None) == []
+    assert apps.runs(nonce) == {1: 1, 2: 1, 3: 1}

@@ -172,14 +172,3 @@ def test_a_copy_of_a_task_whose_owner_is_alive_is_dropped_and_nothing_runs_twice
     time.sleep(8)
     assert apps.runs("dup") == 1
     assert done("dup") == 1
-
-
-def test_another_task_for_a_leased_key_fails_with_lease_held(workers, tmp_path):
-    start(workers, tmp_path, "held", concurrency=2)
-    owner = apps.long_job.delay("held", 4.0)
-    wait_for(lambda: apps.runs("held") == 1, 30, "the task to start")
-    intruder = apps.long_job.delay("held", 0.1)
-    with pytest.raises(Exception, match="is held by a live task"):
-        intruder.get(timeout=30)
-    assert owner.get(timeout=60) == 1
-    assert apps.runs("held") == 1
