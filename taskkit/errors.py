@@ -16,6 +16,8 @@
     │   └── InvalidRunId                a checkpoint run id that is not a safe directory name
     ├── DatabaseUnavailable             also a ``ConnectionError``: the database did not answer;
     │                                   names the host, never the password
+    ├── BrokerUnavailable               also a ``ConnectionError``: the broker or the result
+    │                                   backend did not answer a submit; nothing was sent
     ├── ConcurrentUpdateError           ``atomic_update`` lost the compare-and-swap every time
     ├── LeaseLost                       a task's exclusive lease was taken over: stop writing
     ├── RunNotResumable                 a run cannot be resumed now; ``kind`` says why
@@ -50,6 +52,7 @@ Example::
 from __future__ import annotations
 
 __all__ = [
+    "BrokerUnavailable",
     "CheckpointCorrupt",
     "CheckpointError",
     "CheckpointFormatError",
@@ -193,6 +196,51 @@ class DatabaseUnavailable(TaskkitError, ConnectionError):
         self.database = database
         #: Connection attempts made before giving up.
         self.attempts = attempts
+
+
+class BrokerUnavailable(TaskkitError, ConnectionError):
+    """The broker or the result backend did not answer when taskkit sent work to it.
+
+    Raised by taskkit's submit paths (``submit_run``, ``resume_run``, ``submit_batch``,
+    ``replay_dead_letters``) within about two seconds, instead of Celery's reconnect loops,
+    with nothing half-made: no run or batch row, letters still waiting (the call's docstring
+    says what it leaves). A ``ConnectionError`` too, so retry policies treat it as transient.
+
+    ``url`` is shown as given: callers pass it through ``taskkit._utils.mask_password``, so the
+    message names the host and never the password. ``service`` is ``"broker"`` or
+    ``"result backend"``; the transport's error is the ``__cause__``.
+
+    Example::
+
+        try:
+            submit_run(train_model, {"epochs": 20})
+        except BrokerUnavailable as exc:
+            print(f"try again later: {exc.service} {exc.url} is down")
+    """
+
+    def __init__(self, url: str, reason: str, service: str = "broker", detail: str = "") -> None:
+        setting = (
+            "TASKKIT_BROKER_URL (or the app's broker_url)"
+            if service == "broker"
+            else "TASKKIT_RESULT_BACKEND (or the app's result_backend)"
+        )
+        message = (
+            f"the {service} {url} is unavailable ({reason}); {detail or 'nothing was sent'}. "
+            f"Check that it is running and reachable from this host, and the URL in {setting}"
+        )
+        # OSError reads a 2-3 argument call as (errno, strerror, filename): pass the message
+        # alone, then make args the constructor's arguments as for every other error.
+        super().__init__(message)
+        self.args = (url, reason, service, detail)
+        self._describe(message)
+        #: The broker's or backend's URL, password masked.
+        self.url = url
+        #: What failed, in one line (the transport's error).
+        self.reason = reason
+        #: ``"broker"`` or ``"result backend"``.
+        self.service = service
+        #: What was done despite the outage (a batch's chunks sent before it), else empty.
+        self.detail = detail
 
 
 class ConcurrentUpdateError(TaskkitError):

@@ -26,6 +26,16 @@ LEASE_SETTING = "taskkit_lease_backend"
 #: Serializers that turn a message into code execution for whoever can publish one.
 UNSAFE_CONTENT = frozenset({"pickle", "application/x-python-serialize"})
 
+#: The Redis result backend's reconnects (a submitter's subscription to its result, a write's
+#: retries): give up after about a second, not Celery's 20 tries a second apart.
+BACKEND_RETRY_POLICY: dict[str, float] = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+    "timeout": 1.0,
+}
+
 #: Seconds between the Redis transport's sweeps for messages of dead workers.
 RESTORE_INTERVAL = 5
 
@@ -57,6 +67,14 @@ def reliable_defaults(settings: Settings) -> dict[str, Any]:
         "task_publish_retry": True,
         "result_extended": True,
         "result_expires": 7 * 24 * 3600,
+        # A Redis result backend that is down fails a submitter in about a second (the retry
+        # policy above, a 2 s connect timeout instead of the OS's minutes), while a worker keeps
+        # retrying a result write for about a minute: Celery retries those (and result reads)
+        # over the short policy, with backoff from 0.1 s to 10 s, 10 times.
+        "redis_socket_connect_timeout": 2.0,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 10,
+        "result_backend_base_sleep_between_retries_ms": 100,
         "taskkit_extend_visibility": settings.extend_visibility,
         # Under a name Celery masks (its "backend" rule): `celery report`, `inspect conf` and
         # Flower show the lease URL without its password, as they show broker_url.
@@ -82,7 +100,7 @@ def reliable_defaults(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": RESTORE_INTERVAL,
             "unacked_restore_throttle": 1,
         }
-        conf["result_backend_transport_options"] = {"retry_policy": {"timeout": 30.0}}
+        conf["result_backend_transport_options"] = {"retry_policy": dict(BACKEND_RETRY_POLICY)}
     elif settings.broker_url.startswith(f"{taskkit.broker.SCHEME}+"):
         # The embedded broker redelivers by age too, and the keeper extends it the same way.
         conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout}

@@ -56,7 +56,7 @@ from taskkit.deadletter import (
     ItemLedger,
     batch_progress,
 )
-from taskkit.errors import ConfigurationError, LeaseLost
+from taskkit.errors import BrokerUnavailable, ConfigurationError, LeaseLost
 from taskkit.recovery import batch_with_retry
 from taskkit.tasks._base import ResilientTask, TaskFailure
 from taskkit.tasks._options import (
@@ -68,6 +68,7 @@ from taskkit.tasks._options import (
     non_negative_int,
     positive_int,
 )
+from taskkit.tasks._submit import PUBLISH_RETRY_POLICY, check_reachable, sending
 
 __all__ = ["BatchSubmission", "BatchTask", "submit_batch"]
 
@@ -564,6 +565,11 @@ def submit_batch(
     ``options`` go to ``apply_async`` (``queue``, ``priority``...). Item keys are checked
     for uniqueness across the whole batch before anything is sent.
 
+    ``BrokerUnavailable`` within about two seconds when the broker or the result backend is
+    down, and no ``batches`` row is left: both are asked to answer before the row is written,
+    and a send that fails in an outage deletes it again. (Chunks a broker took before failing
+    partway still run under the batch id; the error says so.)
+
     Decision: a group, not a chord. The summary is merged where you wait for it, so there is
     no callback task to register and no chord counter to lose; progress is in the ledger.
 
@@ -583,6 +589,7 @@ def submit_batch(
     starts = list(range(0, len(items), chunk_size))
     engine = get_engine(task.app.conf.get("taskkit_database_url"))
     batches = cast(Table, Batch.__table__)
+    check_reachable(task.app)
     with engine.begin() as connection:  # first: a database that is down sends nothing
         connection.execute(
             batches.insert(),
@@ -596,7 +603,17 @@ def submit_batch(
         )
         for start in starts
     ]
-    result = cast(GroupResult, group(signatures).apply_async())
+    publish: dict[str, Any] = (
+        {} if "retry_policy" in options else {"retry_policy": PUBLISH_RETRY_POLICY}
+    )
+    partly = f"chunks sent before the failure, if any, still run under batch {batch_id!r}"
+    try:
+        with sending(task.app, detail=f"the batch was not recorded; {partly}"):
+            result = cast(GroupResult, group(signatures).apply_async(**publish))
+    except BrokerUnavailable:
+        with engine.begin() as connection:
+            connection.execute(batches.delete().where(batches.c.id == batch_id))
+        raise
     with engine.begin() as connection:
         connection.execute(
             batches.update().where(batches.c.id == batch_id).values(group_id=result.id)

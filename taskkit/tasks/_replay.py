@@ -31,6 +31,7 @@ from taskkit.deadletter import (
 from taskkit.errors import ConfigurationError, ReplayRejected, RunNotResumable
 from taskkit.tasks._base import ResilientTask
 from taskkit.tasks._runs import resume_run
+from taskkit.tasks._submit import PUBLISH_RETRY_POLICY, check_reachable, sending
 from taskkit.tasks._training import TrainingTask
 
 __all__ = ["replay_dead_letters"]
@@ -60,6 +61,11 @@ def replay_dead_letters(
     a failed send leaves them ``dead``, and a crash after sending can repeat a replay (which
     the batch's ledger and an idempotent item function absorb) but never lose one.
 
+    ``BrokerUnavailable`` within about two seconds when the broker or the result backend is
+    down: both are asked to answer before any letter is read, and a send that fails in an
+    outage leaves its letters ``dead`` (those of sends before it are left as the paragraph
+    above says).
+
     Example::
 
         from taskkit.tasks import replay_dead_letters
@@ -79,6 +85,7 @@ def replay_dead_letters(
     # Eager apps (tests) run the replayed tasks inside send(), and those write to this
     # database: send after the commit there.
     eager = bool(app.conf.get("task_always_eager"))
+    check_reachable(app)
     selected = store.letters_for_replay(
         ids, task=task, batch_id=batch_id, error_type=error_type, older_than=older_than
     )
@@ -122,19 +129,24 @@ class _Plan:
             return SentReplay(self.task.name, task_id, None, ids)
         if self.items:
             batch_id = f"replay-{uuid.uuid4().hex[:24]}"
-            result = self.task.apply_async(
-                args=([letter.payload for letter in self.letters],),
-                kwargs={
-                    "batch_id": batch_id,
-                    "keys": [letter.item_key for letter in self.letters],
-                },
-            )
+            with sending(self.task.app):
+                result = self.task.apply_async(
+                    args=([letter.payload for letter in self.letters],),
+                    kwargs={
+                        "batch_id": batch_id,
+                        "keys": [letter.item_key for letter in self.letters],
+                    },
+                    retry_policy=PUBLISH_RETRY_POLICY,
+                )
             return SentReplay(self.task.name, result.id, batch_id, ids)
         (letter,) = self.letters
         payload = letter.payload
-        result = self.task.apply_async(
-            args=tuple(payload.get("args", ())), kwargs=dict(payload.get("kwargs", {}))
-        )
+        with sending(self.task.app):
+            result = self.task.apply_async(
+                args=tuple(payload.get("args", ())),
+                kwargs=dict(payload.get("kwargs", {})),
+                retry_policy=PUBLISH_RETRY_POLICY,
+            )
         return SentReplay(self.task.name, result.id, None, ids)
 
 

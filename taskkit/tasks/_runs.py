@@ -33,9 +33,9 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.orm.exc import StaleDataError
 
 from taskkit.checkpoint import CheckpointInfo, CheckpointStore, seal, unseal
@@ -43,10 +43,12 @@ from taskkit.db import db_retry
 from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import session_scope
 from taskkit.errors import (
+    BrokerUnavailable,
     CheckpointTampered,
     RunNotFound,
     RunNotResumable,
 )
+from taskkit.tasks._submit import PUBLISH_RETRY_POLICY, check_reachable, sending
 
 __all__ = [
     "ACTIVE",
@@ -226,13 +228,19 @@ def submit_run(
     returns ``(run_id, task_id)``. ``options`` go to ``apply_async`` (queue, countdown...).
 
     The row is committed, with the task id, before the message is sent, so a worker never
-    sees a run it cannot find; if sending fails the run is marked failed and the error raised.
+    sees a run it cannot find. Before that, the broker and the result backend are asked to
+    answer (``check_reachable``): when either is down, ``BrokerUnavailable`` comes within about
+    two seconds and no row is made. If the send itself then fails because one went down, the
+    row is deleted again (a run the broker never saw is not a run) and ``BrokerUnavailable``
+    raised; any other send error marks the run failed with it ("could not be sent: ...") and
+    is raised.
 
     Example::
 
         run_id, task_id = submit_run(train_model, {"epochs": 20}, name="baseline")
     """
     task_id = str(uuid.uuid4())
+    check_reachable(task.app)
     with session_scope(database_url) as session:
         run = ModelRun(
             name=name or f"{task.name}",
@@ -245,7 +253,7 @@ def submit_run(
         session.add(run)
         session.flush()
         run_id = run.id
-    _send(task, run_id, config, task_id, database_url, options)
+    _send(task, run_id, config, task_id, database_url, options, before=None)
     return run_id, task_id
 
 
@@ -256,12 +264,44 @@ def _send(
     task_id: str,
     database_url: str | None,
     options: dict[str, Any],
+    *,
+    before: tuple[str, str | None, str | None] | None,
 ) -> None:
+    """Send the run's task; on an outage undo the hand-over to ``task_id``: delete the new run
+    (``before`` None) or put back its ``(status, task_id, error_message)``."""
+    options.setdefault("retry_policy", PUBLISH_RETRY_POLICY)
     try:
-        task.apply_async(args=(run_id, config), task_id=task_id, **options)
+        with sending(task.app):
+            task.apply_async(args=(run_id, config), task_id=task_id, **options)
+    except BrokerUnavailable:
+        _undo_hand_over(run_id, task_id, before, database_url)
+        raise
     except Exception as exc:
         mark_failed(run_id, f"could not be sent: {exc}", database_url=database_url)
         raise
+
+
+@_status_write
+def _undo_hand_over(
+    run_id: int,
+    task_id: str,
+    before: tuple[str, str | None, str | None] | None,
+    database_url: str | None,
+) -> None:
+    """Only while the row is still as the failed send left it (``queued`` under ``task_id``):
+    a worker that got the message after all owns it then."""
+    runs = cast(Table, ModelRun.__table__)
+    still_ours = (runs.c.id == run_id) & (runs.c.task_id == task_id) & (runs.c.status == "queued")
+    with session_scope(database_url) as session:
+        if before is None:
+            session.execute(runs.delete().where(still_ours))
+        else:
+            status, owner, error = before
+            session.execute(
+                runs.update()
+                .where(still_ours)
+                .values(status=status, task_id=owner, error_message=error)
+            )
 
 
 def resume_run(
@@ -283,12 +323,15 @@ def resume_run(
     transaction that compares the row's version: a worker or another resume that changed the
     run meanwhile makes this one fail (``RunNotResumable``, kind ``running``) instead of
     sending a second trainer. Any older copy of the run's task still queued then drops itself.
+    ``BrokerUnavailable`` when the broker or the result backend is down: the run is left as it
+    was (status, task id, error).
 
     Example::
 
         task_id = resume_run(app, 7)
     """
     task_id = str(uuid.uuid4())
+    check_reachable(app)
     try:
         with session_scope(database_url) as session:
             run = _get(session, run_id)
@@ -296,6 +339,7 @@ def resume_run(
             task = _resumable_task(app, run_id, status, task_name, lease_alive)
             if require_checkpoint:
                 _require_checkpoint(task, run_id, run.uid)
+            before = (status, run.task_id, run.error_message)
             run.status = "queued"
             run.task_id = task_id
             run.error_message = None
@@ -303,7 +347,7 @@ def resume_run(
         raise RunNotResumable(
             run_id, "changed while it was being resumed (a worker or another resume)", "running"
         ) from None
-    _send(task, run_id, config, task_id, database_url, options)
+    _send(task, run_id, config, task_id, database_url, options, before=before)
     logger.info("taskkit: run %s re-enqueued as task %s", run_id, task_id)
     return task_id
 
