@@ -10,6 +10,7 @@ from benchmarks import (
     bench_checkpoint,
     bench_cli,
     bench_db,
+    bench_outage,
     bench_recovery,
     bench_tasks,
     bench_training,
@@ -23,6 +24,7 @@ SECTIONS = [
     bench_checkpoint,
     bench_training,
     bench_batch,
+    bench_outage,
     bench_cli,
 ]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CURATED = {
     "taskkit": {"__version__"},
     "taskkit.errors": {
+        "BrokerUnavailable",
         "CheckpointCorrupt",
         "CheckpointError",
         "CheckpointFormatError",
