@@ -185,7 +185,7 @@ def database(url: str | None, *, must_exist: bool = True) -> Database:
     except ArgumentError:
         raise fail("--url is not a database URL (dialect+driver://host/name)", 2) from None
     if must_exist and missing_file(db):
-        raise fail(_unmigrated(db, exists=False), 2)
+        raise fail(f"the database {db.name} has no taskkit tables; {_fix(db)}", 2)
     return db
 
 
@@ -213,12 +213,17 @@ def reported(db: Database, broker: str | None = None) -> Iterator[None]:
     ``CliError`` its own code, bad settings 2, a database without the taskkit tables 2, a
     database or broker that does not answer 1, Ctrl-C 130, another taskkit error 1.
 
+    First the database's schema revision is checked (once per database and process): a
+    database not at this taskkit's head (never migrated, older, or migrated by a newer
+    taskkit) is one line and exit 2 before the command does anything.
+
     Example::
 
         with reported(db):
             runs = list_runs(db.url)
     """
     try:
+        _check_schema(db)
         yield
     except typer.Exit:  # already reported
         raise
@@ -227,8 +232,10 @@ def reported(db: Database, broker: str | None = None) -> Iterator[None]:
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None
     except Exception as exc:
-        if _missing_tables(exc):
-            raise fail(_unmigrated(db), 2) from None
+        problem = _unmigrated(db) if _missing_tables(exc) else None
+        if problem is not None:
+            _current.discard(db.url)
+            raise fail(problem, 2) from None
         if isinstance(exc, ConfigurationError):
             raise fail(str(exc), 2) from None
         if isinstance(exc, ImportError):  # the database URL's driver is not installed
@@ -250,37 +257,53 @@ def _database_error(exc: BaseException) -> bool:
     return loaded is not None and isinstance(exc, loaded.SQLAlchemyError)
 
 
+#: Databases whose schema revision this process found at head (checked once each).
+_current: set[str] = set()
+
+
+def _check_schema(db: Database) -> None:
+    """``CliError`` (2) naming the database and the fix when it is not at this taskkit's head."""
+    if db.url in _current:
+        return
+    from taskkit.db.migrate import schema_status  # noqa: PLC0415 - heavy; only for commands
+
+    problem = schema_status(db.url).problem(_fix(db))
+    if problem is not None:
+        raise CliError(problem, 2)
+    _current.add(db.url)
+
+
 def _missing_tables(exc: BaseException) -> bool:
-    """A table is missing (SQLite's "no such table", PostgreSQL's 42P01), here or in the
-    errors it was raised from: the database was never migrated, or not to this version."""
+    """A table or column is missing (SQLite's "no such table", PostgreSQL's 42P01, 42703),
+    here or in the errors it was raised from: the database was never migrated, or not to this
+    version (or migrated away while the command ran)."""
     seen: BaseException | None = exc
     for _ in range(5):
         if seen is None:
             return False
         if _database_error(seen):
-            from taskkit.db.classify import sqlstate  # noqa: PLC0415 - loaded with SQLAlchemy
+            from taskkit.db.classify import is_missing_schema  # noqa: PLC0415 - with SQLAlchemy
 
-            if sqlstate(seen) == "42P01" or "no such table" in str(seen):
+            if is_missing_schema(seen):
                 return True
         seen = seen.__cause__ or seen.__context__
     return False
 
 
-def _unmigrated(db: Database, *, exists: bool = True) -> str:
-    """The one line for a database that lacks taskkit's tables, naming it and the fix."""
-    from taskkit.db.migrate import current_revision, head_revision  # noqa: PLC0415
+def _fix(db: Database) -> str:
+    return "run: taskkit db upgrade" + (" --url URL" if db.from_option else "")
 
-    fix = "run: taskkit db upgrade" + (" --url URL" if db.from_option else "")
+
+def _unmigrated(db: Database) -> str | None:
+    """The one line for a database that lacks taskkit's tables, naming it and the fix; None
+    when its revision is this taskkit's head after all (a table dropped by hand: the
+    database's own error says more)."""
+    from taskkit.db.migrate import schema_status  # noqa: PLC0415
+
     try:
-        revision = current_revision(db.url) if exists else None
-    except Exception:  # the line below is still right, and more use than this error
-        revision = None
-    if revision is None:
-        return f"the database {db.name} has no taskkit tables; {fix}"
-    return (
-        f"the database {db.name} is at revision {revision}, older than this taskkit "
-        f"(head {head_revision()}); {fix}"
-    )
+        return schema_status(db.url).problem(_fix(db))
+    except Exception:  # the database cannot tell: the line for a database never migrated
+        return f"the database {db.name} has no taskkit tables; {_fix(db)}"
 
 
 def unreachable(exc: BaseException) -> bool:

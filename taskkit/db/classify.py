@@ -8,7 +8,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 from sqlalchemy.orm.exc import StaleDataError
 
-__all__ = ["describe_database", "driver_message", "is_disconnect", "is_transient", "sqlstate"]
+__all__ = [
+    "describe_database",
+    "driver_message",
+    "is_disconnect",
+    "is_missing_schema",
+    "is_transient",
+    "sqlstate",
+]
 
 # SQLSTATE classes that mean "try again": connection exception (08), transaction rollback:
 # serialization failure and deadlock (40), insufficient resources (53), operator intervention:
@@ -27,6 +34,9 @@ _PERMANENT_SQLITE_MESSAGES = (
     "no such function",
     "readonly database",
 )
+# undefined_table, undefined_column: a schema older than the code, or never migrated.
+_MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
+_MISSING_SCHEMA_SQLITE_MESSAGES = ("no such table", "no such column", "has no column named")
 _NEVER_TRANSIENT = (
     sa_exc.IntegrityError,
     sa_exc.DataError,
@@ -81,6 +91,24 @@ def is_transient(error: BaseException) -> bool:
         message = str(error.orig).lower()
         return not any(text in message for text in _PERMANENT_SQLITE_MESSAGES)
     return False
+
+
+def is_missing_schema(error: BaseException) -> bool:
+    """True when ``error`` is a table or column the database does not have (PostgreSQL's
+    42P01/42703, SQLite's "no such table/column"): a schema behind the code, or a query's typo.
+
+    Example::
+
+        if is_missing_schema(exc) and schema_status().behind:
+            print("run: taskkit db upgrade")
+    """
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    code = sqlstate(error)
+    if code is not None:
+        return code in _MISSING_SCHEMA_SQLSTATES
+    message = str(error.orig).lower()
+    return any(text in message for text in _MISSING_SCHEMA_SQLITE_MESSAGES)
 
 
 def driver_message(error: BaseException) -> str:

@@ -3,10 +3,17 @@
 The Alembic scripts ship inside the package (``taskkit/db/migrations``); no ``alembic.ini`` is
 needed. ``taskkit db upgrade`` calls ``upgrade()``.
 
-Decisions: on PostgreSQL the upgrade holds an advisory lock, so several workers starting at
-once do not run the same migration twice; each upgrade runs in one transaction (both
+Decisions: the upgrade holds the migration lock, so several workers starting at once do not
+run the same migration twice: on PostgreSQL an advisory lock, on SQLite the database's write
+lock (``BEGIN IMMEDIATE``), taken before the revision is read; the second one waits, then
+finds the schema at head and does nothing. Each upgrade runs in one transaction (both
 PostgreSQL and SQLite have transactional DDL), so a failed migration leaves the schema as it
 was.
+
+``schema_status`` says where a database stands against this taskkit (no tables, an older
+revision, head, or a revision this taskkit does not know: a newer taskkit migrated it), and
+``SchemaStatus.problem`` the one line to show for it: workers refuse to start on it (the
+embedded SQLite default is upgraded instead, ``taskkit.tasks``) and every command prints it.
 
 Example::
 
@@ -18,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from alembic import command
@@ -27,9 +35,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 
+from taskkit.db.classify import describe_database
 from taskkit.db.session import get_engine
 
-__all__ = ["current_revision", "head_revision", "upgrade"]
+__all__ = ["SchemaStatus", "current_revision", "head_revision", "schema_status", "upgrade"]
+
+#: What fixes a database behind this taskkit.
+UPGRADE_HINT = "run: taskkit db upgrade"
 
 #: Where the migration scripts live.
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -63,6 +75,10 @@ def upgrade(target: Engine | str | URL | None = None, revision: str = "head") ->
         upgrade()  # what `taskkit db upgrade` does
     """
     engine = _engine(target)
+    if engine.dialect.name == "sqlite":
+        # The write lock first (with taskkit's engines): a second upgrader waits here, then
+        # reads the new revision, instead of failing with "database is locked" at its first DDL.
+        engine = engine.execution_options(taskkit_sqlite_begin="BEGIN IMMEDIATE")
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
@@ -87,3 +103,90 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     assert head is not None, "taskkit ships at least one migration"
     return head
+
+
+def _known_revisions() -> frozenset[str]:
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    return frozenset(script.revision for script in scripts.walk_revisions())
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """Where a database's schema stands against this version of taskkit.
+
+    Example::
+
+        status = schema_status("postgresql+psycopg://app@db/app")
+        if status.problem():
+            print(status.problem())   # the database postgresql://db/app has no taskkit tables; ...
+    """
+
+    #: The database, named without credentials (``describe_database``).
+    database: str
+    #: Its revision; None when taskkit never migrated it.
+    revision: str | None
+    #: The latest revision this taskkit ships.
+    head: str
+    #: The revision is one of this taskkit's migrations (False: a newer taskkit's).
+    known: bool
+
+    @property
+    def current(self) -> bool:
+        """At this taskkit's head revision."""
+        return self.revision == self.head
+
+    @property
+    def behind(self) -> bool:
+        """Never migrated, or at an older revision of this taskkit: an upgrade fixes it."""
+        return self.revision is None or (self.known and not self.current)
+
+    @property
+    def ahead(self) -> bool:
+        """At a revision this taskkit does not know: a newer taskkit migrated it."""
+        return self.revision is not None and not self.known
+
+    def problem(self, fix: str = UPGRADE_HINT) -> str | None:
+        """None at head; else one line naming the database, where it stands and the fix
+        (``fix`` for a database behind this taskkit).
+
+        Example::
+
+            schema_status().problem()
+            # 'the database sqlite:////srv/.taskkit/taskkit.db has no taskkit tables; run: ...'
+        """
+        if self.current:
+            return None
+        where = f"the database {self.database}"
+        if self.revision is None:
+            return f"{where} has no taskkit tables; {fix}"
+        if self.known:
+            return (
+                f"{where} is at revision {self.revision}, older than this taskkit "
+                f"(head {self.head}); {fix}"
+            )
+        return (
+            f"{where} is at revision {self.revision}, which this taskkit (head {self.head}) "
+            "does not know: a newer taskkit migrated it; upgrade taskkit, or use a database "
+            "of this version"
+        )
+
+
+def schema_status(target: Engine | str | URL | None = None) -> SchemaStatus:
+    """Read the database's revision and compare it with this taskkit's migrations.
+
+    ``target`` is an engine or a URL (default: ``TASKKIT_DATABASE_URL``). Database errors (it
+    does not answer) propagate.
+
+    Example::
+
+        if schema_status().behind:
+            upgrade()
+    """
+    engine = _engine(target)
+    revision = current_revision(engine)
+    return SchemaStatus(
+        database=describe_database(engine.url),
+        revision=revision,
+        head=head_revision(),
+        known=revision is None or revision in _known_revisions(),
+    )

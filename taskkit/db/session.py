@@ -9,6 +9,26 @@ One engine per database URL per process, built from ``taskkit.config.Settings``:
   transactions begun by SQLAlchemy rather than by the ``sqlite3`` module, so that savepoints
   (``with_savepoint``, ``safe_bulk_insert``) really nest.
 
+Write sessions on SQLite: ``session_scope()`` is a write session, and on SQLite its
+transaction begins with ``BEGIN IMMEDIATE``, taking the database's one write lock when it
+begins. With a deferred ``BEGIN`` a transaction that reads and then writes fails at once with
+"database is locked" (no busy wait helps) whenever another writer committed in between; with
+``BEGIN IMMEDIATE`` it waits its turn (up to ``TASKKIT_SQLITE_BUSY_TIMEOUT``) and then sees the
+latest data. Decisions:
+
+- ``session_scope(readonly=True)`` is for pure readers (list views, polling): a deferred
+  ``BEGIN``, so in WAL it neither waits for nor blocks a writer; an ORM write in it raises
+  ``ConfigurationError``.
+- A ``session_scope()`` opened while the same thread holds the write lock of the same SQLite
+  database (an outer write ``session_scope()``, or any transaction begun ``BEGIN IMMEDIATE``)
+  begins deferred: the outer one holds the lock, so asking for it again could only wait for
+  itself. (Such an inner session may read; a write in it would wait for the outer one and
+  fail.)
+- ``get_db()``, ``get_sessionmaker()`` and connections from ``get_engine()`` begin deferred, as
+  SQLAlchemy's do (FastAPI readers, the seed's style). Ask for the lock on any of them with
+  ``.execution_options(taskkit_sqlite_begin="BEGIN IMMEDIATE")`` on the engine.
+- PostgreSQL is unaffected: its row locks and MVCC need none of this.
+
 Decision: sessions are made with ``expire_on_commit=False``, so a record returned from a
 function that committed (the seed's ``create_model_run``) can still be read after its session
 closes. Call ``db.refresh(obj)`` when you need the database's latest values.
@@ -37,6 +57,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from taskkit.config import Settings, get_settings
+from taskkit.errors import ConfigurationError
 
 __all__ = [
     "create_engine_for",
@@ -50,6 +71,21 @@ __all__ = [
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 _makers: dict[str, sessionmaker[Session]] = {}
+_writers: dict[str, Engine] = {}
+
+# How a write session's transaction begins on SQLite (see the module docs).
+_WRITE_BEGIN = "BEGIN IMMEDIATE"
+# Marks a pooled SQLite connection whose open transaction holds the write lock.
+_LOCK_INFO = "taskkit_write_lock"
+
+# Per thread: the SQLite databases on which it holds the write lock (a transaction begun with
+# BEGIN IMMEDIATE, by session_scope or by anyone else), and how many such transactions.
+_write_locks = threading.local()
+
+
+def _held() -> dict[str, int]:
+    held: dict[str, int] = _write_locks.__dict__.setdefault("held", {})
+    return held
 
 
 def create_engine_for(
@@ -107,14 +143,29 @@ def _sqlite_engine(url: URL, settings: Settings, engine_options: dict[str, Any])
         finally:
             cursor.close()
 
+    name = str(url)
+
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
-        # A transaction that reads and then must write asks for the write lock up front
-        # (``execution_options(taskkit_sqlite_begin="BEGIN IMMEDIATE")``): a deferred one that
-        # read first fails at once with "database is locked" if another writer got in between.
-        connection.exec_driver_sql(
-            connection.get_execution_options().get("taskkit_sqlite_begin", "BEGIN")
-        )
+        # A write session asks for the write lock up front (``taskkit_sqlite_begin``, see the
+        # module docs): a deferred transaction that read first fails at once with "database is
+        # locked" if another writer committed in between.
+        statement = connection.get_execution_options().get("taskkit_sqlite_begin", "BEGIN")
+        connection.exec_driver_sql(statement)
+        if statement != "BEGIN":
+            held = _held()
+            held[name] = held.get(name, 0) + 1
+            connection.info[_LOCK_INFO] = name
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _end(connection: Any) -> None:
+        locked = connection.info.pop(_LOCK_INFO, None)
+        if locked is not None:
+            held = _held()
+            held[locked] = held.get(locked, 1) - 1
+            if held[locked] <= 0:
+                del held[locked]
 
     return engine
 
@@ -180,23 +231,80 @@ def get_db() -> Iterator[Session]:
 
 
 @contextmanager
-def session_scope(url: str | URL | None = None) -> Iterator[Session]:
+def session_scope(url: str | URL | None = None, *, readonly: bool = False) -> Iterator[Session]:
     """A session that commits when the block succeeds, rolls back when it raises, and closes.
+
+    A write session by default: on SQLite its transaction begins with ``BEGIN IMMEDIATE``, so a
+    read-then-write block waits for the write lock instead of failing with "database is
+    locked". ``readonly=True`` for a block that only reads: it begins deferred, so on SQLite
+    it never waits for a writer nor makes one wait; adding, changing or deleting an ORM object
+    in it raises ``ConfigurationError`` (see the module docs for the rules).
 
     Example::
 
         with session_scope() as db:
             db.add(Dataset(name="iris"))
+
+        with session_scope(readonly=True) as db:
+            names = db.scalars(select(Dataset.name)).all()
     """
-    db = get_sessionmaker(url)()
+    key = _key(url)
+    maker = get_sessionmaker(key)
+    engine = get_engine(key)
+    locks = not readonly and engine.dialect.name == "sqlite" and str(engine.url) not in _held()
+    db = maker(bind=_writer(key, engine)) if locks else maker()
+    if readonly:
+        db.info[_READONLY] = True
     try:
         yield db
         db.commit()
-    except BaseException:
+    except BaseException as exc:
         db.rollback()
+        if isinstance(exc, Exception):
+            _explain_schema(exc, engine)
         raise
     finally:
         db.close()
+
+
+def _writer(key: str, engine: Engine) -> Engine:
+    """``engine``, beginning its transactions with ``BEGIN IMMEDIATE`` (same pool)."""
+    writer = _writers.get(key)
+    if writer is None:
+        with _lock:
+            writer = _writers.setdefault(
+                key, engine.execution_options(taskkit_sqlite_begin=_WRITE_BEGIN)
+            )
+    return writer
+
+
+_READONLY = "taskkit_readonly"
+
+
+@event.listens_for(Session, "before_flush")
+def _refuse_writes(session: Session, _context: Any, _instances: Any) -> None:
+    if session.info.get(_READONLY) and (session.new or session.dirty or session.deleted):
+        raise ConfigurationError(
+            "session_scope(readonly=True) cannot write: use session_scope() for a block that "
+            "adds, changes or deletes rows"
+        )
+
+
+def _explain_schema(error: Exception, engine: Engine) -> None:
+    """Raise a one-line ``ConfigurationError`` instead of ``error`` when it is a missing table or
+    column of a database not at this taskkit's schema revision (never migrated, or older)."""
+    from taskkit.db.classify import is_missing_schema  # noqa: PLC0415 - only on errors
+
+    if not is_missing_schema(error):
+        return
+    from taskkit.db.migrate import schema_status  # noqa: PLC0415 - it imports this module
+
+    try:
+        problem = schema_status(engine).problem()
+    except Exception:  # the original error says more than a failed second look
+        return
+    if problem is not None:
+        raise ConfigurationError(problem) from error
 
 
 def dispose_engines() -> None:
@@ -210,6 +318,7 @@ def dispose_engines() -> None:
         engines = list(_engines.values())
         _engines.clear()
         _makers.clear()
+        _writers.clear()
     for engine in engines:
         engine.dispose()
 

@@ -43,6 +43,7 @@ Example::
         return run_id
 """
 
+from taskkit.tasks import _startup  # noqa: F401 - a worker checks its database's schema at start
 from taskkit.tasks._app import create_app, reliable_defaults
 from taskkit.tasks._base import (
     DEFAULT_PERMANENT_ERRORS,

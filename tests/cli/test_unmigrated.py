@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from taskkit.cli import app
 from taskkit.db.classify import describe_database
 from taskkit.db.migrate import head_revision, upgrade
+from taskkit.db.session import get_engine
 from tests.cli import cliapp
 from tests.conftest import pg_schema
 
@@ -120,3 +122,46 @@ def test_after_db_upgrade_the_same_command_works(unmigrated: str):
 
     assert result.exit_code == 0, result.output
     assert result.stdout == f"no runs in {_name(unmigrated)}\n"
+
+
+@pytest.mark.parametrize("args", [["runs", "list"], ["dlq", "list"]], ids=" ".join)
+def test_a_database_at_an_older_revision_with_its_tables_names_its_revision(
+    unmigrated: str, args: list[str]
+):
+    upgrade(unmigrated, "0004")  # every table but model_runs.uid (0005) and what came after
+
+    result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: the database {_name(unmigrated)} is at revision 0004, older than this taskkit "
+        f"(head {head_revision()}); run: taskkit db upgrade\n"
+    )
+
+
+def _from_a_newer_taskkit(url: str) -> None:
+    upgrade(url)
+    with get_engine(url).begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+
+
+@pytest.mark.parametrize(
+    "args", [*COMMANDS, ["train", "run.json", "--task", cliapp.TRAIN]], ids=" ".join
+)
+def test_a_database_migrated_by_a_newer_taskkit_is_one_line_in_every_command(
+    unmigrated: str, args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _from_a_newer_taskkit(unmigrated)
+    (tmp_path / "run.json").write_text('{"epochs": 2}')
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: the database {_name(unmigrated)} is at revision f00dfeed, which this taskkit "
+        f"(head {head_revision()}) does not know: a newer taskkit migrated it; upgrade taskkit, "
+        "or use a database of this version\n"
+    )
+    assert result.stdout == ""
+    assert cliapp.queued() == []
