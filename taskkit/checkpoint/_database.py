@@ -80,7 +80,7 @@ class DatabaseStorage:
         """The run's manifests, oldest step first; an unreadable one, or one whose step is not
         its record's, is skipped with a warning."""
         run_id = validate_run_id(run_id)
-        with session_scope(self.database_url) as db:
+        with session_scope(self.database_url, readonly=True) as db:
             rows = db.execute(
                 select(CheckpointRecord.step, CheckpointRecord.manifest)
                 .where(CheckpointRecord.run_id == run_id)
@@ -108,7 +108,7 @@ class DatabaseStorage:
     def read(self, run_id: str, step: int) -> Buffer:
         """The chunks of a step, concatenated; ``FileNotFoundError`` when the step has none."""
         run_id = validate_run_id(run_id)
-        with session_scope(self.database_url) as db:
+        with session_scope(self.database_url, readonly=True) as db:
             record_id = db.scalar(
                 select(CheckpointRecord.id).where(
                     CheckpointRecord.run_id == run_id, CheckpointRecord.step == step
@@ -155,7 +155,7 @@ class DatabaseStorage:
 
     def runs(self) -> list[str]:
         """Run ids that have at least one checkpoint."""
-        with session_scope(self.database_url) as db:
+        with session_scope(self.database_url, readonly=True) as db:
             return list(
                 db.scalars(
                     select(CheckpointRecord.run_id).distinct().order_by(CheckpointRecord.run_id)

@@ -197,7 +197,7 @@ def read_run(run_id: int, database_url: str | None = None) -> RunView:
     from taskkit.db.session import session_scope  # noqa: PLC0415
 
     check_run_id(run_id)
-    with session_scope(database_url) as session:
+    with session_scope(database_url, readonly=True) as session:
         run = session.get(ModelRun, run_id)
         if run is None:
             raise RunNotFound(run_id)
@@ -231,7 +231,7 @@ def list_runs(
     if status is not None:
         query = query.where(ModelRun.status == status)
     ttl = _lease_ttl()
-    with session_scope(database_url) as session:
+    with session_scope(database_url, readonly=True) as session:
         return [_view(run, progress, ttl) for run, progress in session.execute(query).all()]
 
 

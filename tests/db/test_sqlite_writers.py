@@ -5,6 +5,7 @@ read-only sessions neither wait for nor block a writer (WAL)."""
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,3 +158,33 @@ def test_a_read_only_session_refuses_to_write(db_url: str, engine):
         db.flush()
     with session_scope(db_url, readonly=True) as db:
         assert db.scalar(select(func.count()).select_from(Dataset)) == 0
+
+
+def test_runs_list_show_and_database_checkpoints_read_while_a_worker_holds_the_lock(
+    sqlite_file: str, no_busy_wait, monkeypatch: pytest.MonkeyPatch
+):
+    from typer.testing import CliRunner
+
+    from taskkit.checkpoint import DatabaseStorage
+    from taskkit.cli import app
+
+    with session_scope(sqlite_file) as db:
+        run = ModelRun(name="watched", model_type="sgd", config={})
+        db.add(run)
+        db.flush()
+        run_id = run.id
+    monkeypatch.setenv("TASKKIT_DATABASE_URL", sqlite_file)
+    reset_settings()
+    holder = sqlite3.connect(sqlite_file.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a worker in the middle of a status write
+    try:
+        for args in (["runs", "list"], ["runs", "show", str(run_id)]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+            assert "watched" in result.stdout
+        storage = DatabaseStorage(sqlite_file)
+        assert storage.runs() == []
+        assert storage.infos("some-run") == []
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
