@@ -7,11 +7,14 @@ task of an hour closes its worker's channel. Celery then stops the whole worker 
 error: PreconditionFailed") unless ``broker_channel_error_retry`` is on, and the broker delivers
 the task again. taskkit does three things:
 
-1. ``reliable_defaults`` turns ``broker_channel_error_retry`` on for an AMQP broker: the worker
-   reconnects and keeps running the task. The copy the broker delivers again is not run twice:
-   a task with a ``lease_key`` finds its own lease held and drops the copy (a watcher follows
-   it), and a copy that arrives after the task succeeded finds ``SUCCESS`` and is skipped.
-   A task without a ``lease_key`` runs again: give long tasks a lease.
+1. ``create_app`` turns ``broker_channel_error_retry`` on for an AMQP broker: the worker
+   reconnects and keeps running the task. The copy the broker delivers again is not run twice.
+   When it comes back to the same worker, that worker's running request adopts it
+   (``adopting``): the copy never starts, and the running task acknowledges the new delivery
+   when it ends (its own delivery died with the old channel). When another worker takes it, a
+   task with a ``lease_key`` finds its lease held and drops the copy (a watcher follows it),
+   and a copy that arrives after the task succeeded finds ``SUCCESS`` and is skipped; a task
+   without a ``lease_key`` runs a second time there: give long tasks a lease in a fleet.
 2. The worker asks for a longer timeout on its own consumers: the ``x-consumer-timeout``
    consumer argument (``TASKKIT_CONSUMER_TIMEOUT``, one day by default; 0 leaves the broker's).
    RabbitMQ 3.12 and later honour it; older ones ignore it. A consumer argument, rather than
@@ -35,13 +38,16 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.worker import state as worker_state
 
 __all__ = [
     "CONSUMER_TIMEOUT_ARGUMENT",
     "ConsumerTimeout",
+    "adopting",
     "amqp_defaults",
     "consumer_timeout_supported",
     "server_version",
@@ -131,11 +137,62 @@ def ask_for_consumer_timeout(app: Celery) -> int:
     return changed
 
 
+def adopting(strategy: Callable[..., Any]) -> Callable[..., Any]:
+    """A task strategy that hands a redelivered message of a task this worker is still running
+    to the running request, instead of starting the task a second time.
+
+    After the channel closed (the consumer timeout, a network blip), the broker delivers the
+    running task's message again, to this worker's new channel as often as not. The running
+    request's own delivery can no longer be acknowledged (its channel is gone); it
+    acknowledges (or rejects) the new one when it ends. If the worker dies first, the new
+    delivery comes back as any unacknowledged message does: nothing is lost.
+    """
+    if getattr(strategy, "__taskkit_adopting__", False):
+        return strategy
+
+    def handle(
+        message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any
+    ) -> Any:
+        running = _running_request(message, body)
+        if running is None:
+            return strategy(message, body, ack, reject, callbacks, **kwargs)
+        running._message = message
+        running._on_ack = ack
+        running._on_reject = reject
+        logger.warning(
+            "taskkit: %s[%s] was delivered again while this worker still runs it (its channel "
+            "was closed: the broker's consumer timeout?); the running task will acknowledge "
+            "the new delivery",
+            running.name,
+            running.id,
+        )
+        return None
+
+    handle.__taskkit_adopting__ = True  # type: ignore[attr-defined]
+    return handle
+
+
+def _running_request(message: Any, body: Any) -> Any:
+    """The request this worker runs (or holds) for the task of a redelivered message, if any."""
+    if not (getattr(message, "delivery_info", None) or {}).get("redelivered"):
+        return None
+    headers = getattr(message, "headers", None) or {}
+    task_id = headers.get("id") or (body.get("id") if isinstance(body, dict) else None)
+    if not task_id:
+        return None
+    for request in tuple(worker_state.active_requests):
+        if request.id == task_id and not request.acknowledged:
+            return request
+    return None
+
+
 class ConsumerTimeout(bootsteps.StartStopStep):
     """Consumer step (AMQP brokers only): ask for ``taskkit_consumer_timeout`` on the worker's
-    consumers, and warn once when the broker is too old to honour it."""
+    consumers, hand a redelivered message of a running task to that task (``adopting``), and
+    warn once when the broker is too old to honour the timeout."""
 
-    requires = ("celery.worker.consumer.connection:Connection",)
+    # After Tasks, which builds the task strategies at every (re)start; before the event loop.
+    requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -149,6 +206,9 @@ class ConsumerTimeout(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         ask_for_consumer_timeout(parent.app)  # queues added since (control add_consumer)
+        strategies = parent.strategies
+        for name in list(strategies):
+            strategies[name] = adopting(strategies[name])
         if self._warned:
             return
         transport = getattr(getattr(parent, "connection", None), "connection", None)
