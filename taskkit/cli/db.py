@@ -34,16 +34,21 @@ def _upgrade_command(
     """Bring the database to the latest schema (or to --revision)."""
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - heavy; only for this command
 
-    from taskkit.db.migrate import head_revision, upgrade  # noqa: PLC0415
+    from taskkit.db.migrate import head_revision, schema_status, upgrade  # noqa: PLC0415
     from taskkit.errors import DatabaseUnavailable  # noqa: PLC0415
 
     db = database(url, must_exist=False)
     try:
-        reached = upgrade(db.url, revision)
+        status = None if missing_file(db) else schema_status(db.url)
+        # A newer taskkit's revision: alembic would only say it cannot find it.
+        ahead = status.problem() if status is not None and status.ahead else None
+        reached = upgrade(db.url, revision) if ahead is None else None
     except (DatabaseUnavailable, SQLAlchemyError) as exc:
         raise fail(f"could not upgrade {db.name}: {short(exc)}", 1) from None
     except Exception as exc:  # alembic's CommandError: an unknown revision
         raise fail(f"could not upgrade {db.name}: {exc}", 2) from None
+    if ahead is not None:
+        raise fail(ahead, 2)
     head = " (head)" if reached == head_revision() else ""
     out.print(f"database {db.name} is at revision [bold]{reached}[/]{head}", highlight=False)
 
@@ -53,17 +58,24 @@ def _current_command(url: UrlOption = None) -> None:
     """Show the database's schema revision."""
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - heavy; only for this command
 
-    from taskkit.db.migrate import current_revision, head_revision  # noqa: PLC0415
+    from taskkit.db.migrate import head_revision, schema_status  # noqa: PLC0415
 
     db = database(url, must_exist=False)
     try:
-        revision = None if missing_file(db) else current_revision(db.url)
+        status = None if missing_file(db) else schema_status(db.url)
     except SQLAlchemyError as exc:
         raise fail(f"could not read {db.name}: {short(exc)}", 1) from None
     except ImportError as exc:  # the URL's driver is not installed
         raise fail(f"could not read {db.name}: {short(exc)}", 2) from None
     head = head_revision()
-    if revision is None:
+    revision = None if status is None else status.revision
+    if status is not None and status.ahead:
+        out.print(
+            f"database {db.name} is at revision [bold]{revision}[/], which this taskkit "
+            f"(head {head}) does not know: a newer taskkit migrated it",
+            highlight=False,
+        )
+    elif revision is None:
         out.print(f"database {db.name} has no taskkit schema; run: taskkit db upgrade")
     elif revision == head:
         out.print(f"database {db.name} is at revision [bold]{revision}[/] (head)", highlight=False)

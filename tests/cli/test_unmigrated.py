@@ -165,3 +165,21 @@ def test_a_database_migrated_by_a_newer_taskkit_is_one_line_in_every_command(
     )
     assert result.stdout == ""
     assert cliapp.queued() == []
+
+
+def test_db_current_and_db_upgrade_on_a_database_from_a_newer_taskkit(unmigrated: str):
+    _from_a_newer_taskkit(unmigrated)
+    newer = (
+        f"the database {_name(unmigrated)} is at revision f00dfeed, which this taskkit "
+        f"(head {head_revision()}) does not know: a newer taskkit migrated it"
+    )
+
+    current = CliRunner().invoke(app, ["db", "current"])
+    upgraded = CliRunner().invoke(app, ["db", "upgrade"])
+
+    assert current.exit_code == 0, current.output
+    assert current.stdout == newer.replace("the database", "database", 1) + "\n"
+    assert upgraded.exit_code == 2, upgraded.output
+    assert upgraded.stderr == (
+        f"error: {newer}; upgrade taskkit, or use a database of this version\n"
+    )
