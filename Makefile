@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck bench docs worker clean
+.PHONY: install demo test lint typecheck bench bench-broker docs worker clean
 
 # make worker APP=myproject.tasks CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info EVENTS=1
 APP ?= $(or $(TASKKIT_APP),workers.app)
@@ -35,6 +35,10 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# Only the embedded broker section of docs/benchmarks.md (benchmarks/bench_broker.py).
+bench-broker: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_broker
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict

@@ -7,6 +7,7 @@ import pathlib
 
 from benchmarks import (
     bench_batch,
+    bench_broker,
     bench_checkpoint,
     bench_cli,
     bench_db,
@@ -21,6 +22,7 @@ SECTIONS = [
     bench_recovery,
     bench_db,
     bench_tasks,
+    bench_broker,
     bench_checkpoint,
     bench_training,
     bench_batch,

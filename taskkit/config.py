@@ -133,8 +133,9 @@ class Settings(BaseSettings):
     #: sign.
     secret_keys_old: SecretStr | None = None
     #: A starting worker re-enqueues training runs left running by a worker that died. None:
-    #: on with the embedded broker, which never redelivers a dead worker's message (Redis and
-    #: RabbitMQ do, so it is off there).
+    #: on with the embedded SQLite broker, where it resumes the run at once rather than after
+    #: the visibility timeout (the redelivered old copy then drops itself); off on Redis and
+    #: RabbitMQ, which redeliver promptly by themselves.
     resume_orphaned_runs: bool | None = None
     #: Tasks store their terminal failures (batch tasks: their failed items) in the
     #: dead-letter queue; a task's own ``dead_letter`` option wins.
