@@ -65,13 +65,16 @@ _DROPPED_HEADERS = ("redelivered", "taskkit_watcher")
 
 
 def requeue_at_front(message: Any, retries: int) -> bool:
-    """Push a copy of ``message`` (a delivered kombu Redis message) with ``retries`` at the
-    consuming end of its queue; False when ``message`` is not one, and nothing was sent."""
+    """Push a copy of ``message`` (a delivered kombu Redis message of Celery's task protocol 2)
+    with ``retries`` at the consuming end of its queue; False when ``message`` is not one, and
+    nothing was sent."""
     channel: Any = getattr(message, "channel", None)
     raw = getattr(message, "_raw", None)
     needed = ("_lookup", "_get_message_priority", "_q_for_pri", "conn_or_acquire")
     if not isinstance(raw, dict) or not all(hasattr(channel, name) for name in needed):
         return False
+    if not {"id", "task", "retries"} <= set(raw.get("headers") or {}):
+        return False  # protocol 1 keeps retries in the body: Celery's retry rebuilds it
     payload = copy.deepcopy(raw)
     headers = payload.setdefault("headers", {})
     properties = payload.setdefault("properties", {})

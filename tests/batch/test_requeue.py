@@ -134,3 +134,31 @@ def test_a_duplicate_chunk_delivery_is_dropped_and_dead_letters_nothing(
     assert store.list(batch_id=batch_id, status=None) == []
     assert store.list(task=apps.flaky_items.name, status=None) == []
     assert apps.runs(nonce) == {1: 1, 2: 1, 3: 1}
+
+
+def test_a_message_that_cannot_be_copied_is_left_to_celerys_retry() -> None:
+    """Another transport's message, or a task-protocol-1 one (retries in the body), is not
+    copied: ``requeue_at_front`` says so and Celery's own retry sends it (pure logic)."""
+    from taskkit.tasks._requeue import requeue_at_front
+
+    class RedisLikeChannel:
+        def _lookup(self, *_: object) -> list[str]:
+            return ["q"]
+
+        def _get_message_priority(self, *_: object, **__: object) -> int:
+            return 0
+
+        def _q_for_pri(self, queue: str, _: int) -> str:
+            return queue
+
+        def conn_or_acquire(self) -> object:
+            raise AssertionError("nothing may be pushed")
+
+    class Message:
+        def __init__(self, raw: object, channel: object) -> None:
+            self._raw, self.channel = raw, channel
+
+    protocol_1 = {"headers": {}, "properties": {"delivery_info": {}}, "body": "..."}
+    assert requeue_at_front(Message(protocol_1, RedisLikeChannel()), 1) is False
+    assert requeue_at_front(Message({"headers": {}}, object()), 1) is False
+    assert requeue_at_front(object(), 1) is False
