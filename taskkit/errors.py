@@ -266,6 +266,9 @@ class LeaseHeld(PermanentError):
 
     Permanent for this message: the run is already being worked on, so running it twice would
     be wrong and retrying would only wait for the other one. Carries ``key`` and ``holder``.
+    ``ResilientTask`` no longer fails with it: such a delivery is a duplicate, dropped as
+    ``IGNORED`` and counted (``taskkit.tasks.duplicate_count``); it stays for code of your own
+    that refuses work under a lease.
     """
 
     def __init__(self, key: str, holder: str) -> None:
