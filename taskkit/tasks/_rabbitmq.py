@@ -21,8 +21,9 @@ the task again. taskkit does three things:
    the queue argument, because a queue argument is part of the queue's identity: declaring an
    existing queue with different arguments can fail with ``PRECONDITION_FAILED``, and the
    value could never change.
-3. A worker that starts on a RabbitMQ older than 3.12 logs one warning: the node-wide
-   ``consumer_timeout`` applies there, and AMQP does not tell a client its value (the
+3. A worker logs one warning when it starts: on RabbitMQ 3.12+, naming the tasks whose time
+   limit is longer than the timeout it asks for (``outlasting``); on an older RabbitMQ, that
+   the node-wide ``consumer_timeout`` applies. AMQP does not tell a client that value (the
    management API does, but it is often off), so taskkit cannot compare it with task limits.
 
 Example::
@@ -50,6 +51,7 @@ __all__ = [
     "adopting",
     "amqp_defaults",
     "consumer_timeout_supported",
+    "outlasting",
     "server_version",
     "uses_amqp",
 ]
@@ -186,6 +188,29 @@ def _running_request(message: Any, body: Any) -> Any:
     return None
 
 
+def outlasting(app: Celery, seconds: float) -> list[str]:
+    """Names of the app's tasks whose time limit (own or app-wide, hard or soft) is longer than
+    ``seconds``; a task without a limit is not listed (its length is unknown).
+
+    Example::
+
+        app = create_app(task_time_limit=7200)
+        assert "myproject.train" in outlasting(app, 3600)
+    """
+    conf = app.conf
+    names = []
+    for name, task in sorted(app.tasks.items()):
+        if name.startswith("celery."):
+            continue
+        limits = [
+            getattr(task, "time_limit", None) or conf.get("task_time_limit"),
+            getattr(task, "soft_time_limit", None) or conf.get("task_soft_time_limit"),
+        ]
+        if any(limit and limit > seconds for limit in limits):
+            names.append(name)
+    return names
+
+
 class ConsumerTimeout(bootsteps.StartStopStep):
     """Consumer step (AMQP brokers only): ask for ``taskkit_consumer_timeout`` on the worker's
     consumers, hand a redelivered message of a running task to that task (``adopting``), and
@@ -211,17 +236,25 @@ class ConsumerTimeout(bootsteps.StartStopStep):
             strategies[name] = adopting(strategies[name])
         if self._warned:
             return
+        self._warned = True
         transport = getattr(getattr(parent, "connection", None), "connection", None)
         version = server_version(getattr(transport, "server_properties", None))
-        if consumer_timeout_supported(version) is False and _timeout_ms(parent.app):
-            self._warned = True
+        asked = _timeout_ms(parent.app)
+        if consumer_timeout_supported(version) is False and asked:
             logger.warning(
                 "taskkit: RabbitMQ %s ignores %s (3.12 and later honour it): the node's "
                 "consumer_timeout (30 min unless rabbitmq.conf says otherwise) closes the "
-                "channel under a task that runs longer. The worker reconnects; the task's copy "
-                "is dropped if the task has a lease_key or has succeeded, and run again "
-                "otherwise. Raise consumer_timeout above your longest task, or give long "
-                "tasks a lease_key",
+                "channel under a task that runs longer. The worker reconnects and the task "
+                "does not run twice, but raise consumer_timeout above your longest task",
                 ".".join(map(str, version or ())),
                 CONSUMER_TIMEOUT_ARGUMENT,
             )
+        elif consumer_timeout_supported(version) and asked:
+            longer = outlasting(parent.app, asked / 1000)
+            if longer:
+                logger.warning(
+                    "taskkit: the time limit of %s is longer than TASKKIT_CONSUMER_TIMEOUT "
+                    "(%gs): RabbitMQ closes the channel under such a task; raise it",
+                    ", ".join(longer),
+                    asked / 1000,
+                )

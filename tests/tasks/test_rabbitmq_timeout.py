@@ -27,6 +27,7 @@ from taskkit.tasks._rabbitmq import (
     CONSUMER_TIMEOUT_ARGUMENT,
     amqp_defaults,
     consumer_timeout_supported,
+    outlasting,
     server_version,
 )
 from tests._support.apps import KEY_TTL, RUN
@@ -257,6 +258,23 @@ def test_the_broker_version_decides_whether_the_argument_is_honoured():
     assert consumer_timeout_supported((3, 10, 8)) is False
     assert consumer_timeout_supported((3, 12, 0)) is True
     assert consumer_timeout_supported(None) is None
+
+
+def test_tasks_whose_time_limit_outlasts_the_consumer_timeout_are_named():
+    other = create_app(
+        "outlasting",
+        settings=Settings(broker_url=URL, result_backend=REDIS_URL),
+        task_soft_time_limit=600,
+    )
+
+    @other.task(name="short", shared=False)
+    def short() -> None: ...
+
+    @other.task(name="long", time_limit=7200, shared=False)
+    def long() -> None: ...
+
+    assert {"long", "short"} & set(outlasting(other, 3600)) == {"long"}
+    assert {"long", "short"} <= set(outlasting(other, 300))
 
 
 def test_only_an_amqp_broker_retries_channel_errors():
