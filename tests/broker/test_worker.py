@@ -8,6 +8,7 @@ seconds.
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -118,3 +119,30 @@ def test_a_live_worker_keeps_its_task_past_the_visibility_timeout(workers, tmp_p
     wait_for(lambda: lines(home / "done" / "long"), 60, "the task to finish")
     wait_for(lambda: unacked_task_rows(home) == 0, 30, "the acknowledged message to be deleted")
     assert len(lines(home / "started" / "long")) == 1
+
+
+def test_task_events_reach_celery_events_on_the_embedded_broker(workers, tmp_path, env, home):
+    """Events go through a topic exchange whose bindings live in the file: any process sees them."""
+    env = {**env, "TASKKIT_WORKER_EVENTS": "1"}
+    start(workers, "events", tmp_path, env)
+    dump_path = tmp_path / "events.log"
+    with dump_path.open("wb") as dump_log:
+        dump = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", APP, "events", "--dump"],
+            cwd=REPO,
+            env=env,
+            stdout=dump_log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: "starting capture" in dump_path.read_text(), 60, "the receiver")
+            # The receiver binds its queue just after it says so: send until one is seen.
+            deadline = time.monotonic() + 60
+            while "task succeeded" not in dump_path.read_text():
+                assert time.monotonic() < deadline, "no task-succeeded event in 60 s"
+                send(env, "record", "watched")
+                time.sleep(2)
+        finally:
+            dump.terminate()
+            dump.wait(timeout=30)
+    assert "task sent" in dump_path.read_text()
