@@ -90,6 +90,12 @@ class Channel(virtual.Channel):
     Transport options: ``visibility_timeout`` (seconds a taken message stays invisible,
     3600 unless set; taskkit sets ``TASKKIT_VISIBILITY_TIMEOUT``), ``polling_interval``
     (longest idle sleep, 0.1 s) and ``clock`` (a ``time.time`` stand-in, for tests).
+
+    Example::
+
+        with Connection("taskkit+sqlite:////tmp/queue.db") as conn:
+            message = SimpleQueue(conn, "jobs").get(timeout=1)  # taken: invisible to others
+            message.ack()  # deleted
     """
 
     QoS = QoS
@@ -361,6 +367,13 @@ class Transport(virtual.Transport):
     Polling: after each message the next poll comes at once; an empty poll sleeps 5 ms, then
     twice as long each time up to ``polling_interval`` (0.1 s). An acknowledgement from another
     thread (a prefork result handler) wakes the poller, so a free pool slot is filled at once.
+
+    Example::
+
+        import taskkit.broker  # registers the alias
+
+        app = Celery("jobs", broker="taskkit+sqlite:////var/lib/jobs/queue.db")
+        app.conf.broker_transport_options = {"visibility_timeout": 30}
     """
 
     Channel = Channel
