@@ -43,6 +43,7 @@ _SCHEMA = (
     "kind TEXT NOT NULL, key TEXT NOT NULL, event TEXT NOT NULL, pid INTEGER NOT NULL, "
     "at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS effects (kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS executions_key ON executions (kind, key)",
     "CREATE INDEX IF NOT EXISTS effects_key ON effects (kind, key)",
 )
 

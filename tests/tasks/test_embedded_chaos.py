@@ -246,8 +246,12 @@ def test_nothing_is_lost_when_the_whole_worker_is_killed_three_times(
                 f"progress {mark} with work in flight, to kill the worker",
             ), f"no progress towards kill {number} (at {mark}) for {STALL:g} s"
             time.sleep(rng.uniform(0, 0.1))  # anywhere inside the running tasks
-            wait_for(lambda w=worker: in_flight(w), 30, f"work in flight for kill {number}")
-            running = in_flight(worker)
+            running: list[tuple[str, str]] = []
+            wait_for(
+                lambda w=worker, r=running: r.extend(in_flight(w)) or r,
+                30,
+                f"work in flight for kill {number}",
+            )
             kills.append((time.time(), running))
             worker.kill()
             print(f"kill {number} at progress {progress()}: in flight {running}")
