@@ -59,6 +59,8 @@ def broker_url(contestant: str, folder: Path) -> tuple[str, dict[str, Any]]:
         return "filesystem://", {
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
+            # kombu's default is ./control: the bench must not write into the working directory
+            "control_folder": str(folder / "control"),
         }
     raise ValueError(f"unknown contestant {contestant!r}")
 
