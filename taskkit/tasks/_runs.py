@@ -9,7 +9,8 @@ A run is a ``ModelRun`` row. Its ``status`` moves::
 so the row always names the attempt that owns it. ``resume_run`` re-enqueues a failed or
 interrupted run with a new task id (the old attempt's copies are then stale and drop
 themselves); ``resume_orphaned_runs`` does that, at worker start, for runs whose worker died
-on a broker that never redelivers (the embedded SQLite broker).
+(on by default with the embedded SQLite broker: at once, instead of after its visibility
+timeout, when the redelivered old copy then drops itself).
 
 The final model is stored on ``ModelRun.model_object`` in taskkit's pickle frame, with a signed
 manifest (``CheckpointInfo``: size, sha256, HMAC-SHA256 under the signing key) in

@@ -671,7 +671,8 @@ def resume_orphaned_runs(app: Any) -> list[int]:
     """Re-enqueue the runs left ``running`` or ``retrying`` by a worker that died, from their
     last checkpoints; returns their ids. Workers call it at start when
     ``TASKKIT_RESUME_ORPHANED_RUNS`` is on (the default with the embedded SQLite broker, which
-    never redelivers a dead worker's message; Redis and RabbitMQ redeliver by themselves).
+    redelivers a dead worker's message only after its visibility timeout: this resumes at once;
+    Redis and RabbitMQ redeliver promptly by themselves).
 
     Example::
 
