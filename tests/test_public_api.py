@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: added to or removed from a package's ``__all__`` must be added or removed here, on purpose.
 CURATED = {
     "taskkit": {"__version__"},
+    "taskkit.api": {"create_api"},
+    "taskkit.http": set(),
     "taskkit.errors": {
         "BrokerUnavailable",
         "CheckpointCorrupt",

@@ -111,10 +111,20 @@ class ModelRun(Base):
     #: When the trainer holding the run's lease last renewed it (every third of the lease
     #: ttl); written outside the version check, so it never conflicts with a status write.
     heartbeat_at: Mapped[datetime | None]
+    #: The ``Idempotency-Key`` it was submitted with (``POST /train``): one run per key.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    #: Set when an operator asks the run to checkpoint and stop (the trainer checks each epoch).
+    stop_requested_at: Mapped[datetime | None]
+    #: A fork's origin: the run and the checkpoint step it started from.
+    parent_run_id: Mapped[int | None]
+    parent_step: Mapped[int | None]
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
-    __table_args__ = (Index(None, "status", "created_at"),)
+    __table_args__ = (
+        Index(None, "status", "created_at"),
+        Index("ix_model_runs_name_id", "name", "id"),
+    )
 
 
 class TrainingProgress(Base):
