@@ -151,6 +151,16 @@ class Settings(BaseSettings):
     #: with the ``x-consumer-timeout`` consumer argument (RabbitMQ 3.12+; older ones apply
     #: their node-wide ``consumer_timeout``). 0: ask for nothing, the broker's own applies.
     consumer_timeout: float = Field(86400.0, ge=0, le=2_000_000)
+    #: Bearer token for the HTTP service's mutating endpoints (``taskkit serve``). Unset: they
+    #: answer 401, and ``taskkit serve`` binds only a loopback address.
+    api_token: SecretStr | None = None
+    #: Largest request body the HTTP service reads, in bytes (larger: 413).
+    api_max_body_bytes: int = Field(1_000_000, ge=1024)
+    #: Origins allowed to call the HTTP service from a browser (comma-separated). Empty: CORS off.
+    api_cors_origins: str = ""
+    #: The external predictor ``POST /predict`` calls first (its ``/predict`` endpoint); unset:
+    #: the latest completed local model answers every request.
+    predictor_url: str | None = None
 
     @field_validator("home", "checkpoint_dir")
     @classmethod
@@ -172,7 +182,7 @@ class Settings(BaseSettings):
         for name, value in super().__repr_args__():
             yield name, mask_password(value) if name in _URL_FIELDS and value else value
 
-    @field_validator("secret_key", "secret_keys_old")
+    @field_validator("secret_key", "secret_keys_old", "api_token")
     @classmethod
     def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
         # TASKKIT_SECRET_KEY= (set but empty) must not sign with an empty key.
@@ -290,7 +300,9 @@ def _signing_keys(
     return KeyRing((current, *old), source)
 
 
-_URL_FIELDS = frozenset({"database_url", "broker_url", "result_backend", "lease_url"})
+_URL_FIELDS = frozenset(
+    {"database_url", "broker_url", "result_backend", "lease_url", "predictor_url"}
+)
 
 
 def _scheme(url: str) -> str:

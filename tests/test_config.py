@@ -74,6 +74,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "dead_letter_queue": ("taskkit.dead", "taskkit.dead"),
     "worker_events": ("1", True),
     "consumer_timeout": ("0", 0.0),
+    "api_token": ("t0ken-t0ken", "t0ken-t0ken"),
+    "api_max_body_bytes": ("2048", 2048),
+    "api_cors_origins": ("http://localhost:3000", "http://localhost:3000"),
+    "predictor_url": ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
 }
 
 
@@ -187,6 +191,10 @@ def test_an_empty_environment_has_the_documented_defaults(project: Path):
         "dead_letter_queue": None,
         "worker_events": False,
         "consumer_timeout": 86400.0,
+        "api_token": None,
+        "api_max_body_bytes": 1_000_000,
+        "api_cors_origins": "",
+        "predictor_url": None,
     }
 
 
