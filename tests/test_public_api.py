@@ -140,6 +140,7 @@ CURATED = {
         "schema_status",
         "upgrade",
     },
+    "taskkit.db.runs": {"FINAL", "RunView", "check_run_id", "list_runs", "read_run"},
     "taskkit.db.classify": {
         "describe_database",
         "driver_message",

@@ -1,9 +1,9 @@
 """Training runs as ``taskkit runs`` and ``taskkit train --watch`` show them.
 
-``RunView`` is one run as read in one session (the ``ModelRun`` row and its
-``TrainingProgress`` row); ``runs_table`` and ``run_panel`` draw them with rich; ``watch``
-follows one run, one database read per interval, until it is completed or failed. The data
-layer (SQLAlchemy, the models) is imported by the functions that read.
+``RunView`` is one run as read in one session (``taskkit.db.runs``, which the HTTP service
+reads too; here with control characters escaped); ``runs_table`` and ``run_panel`` draw them
+with rich; ``watch`` follows one run, one database read per interval, until it is completed or
+failed. The data layer (SQLAlchemy, the models) is imported by the functions that read.
 
 A ``running`` run whose trainer has not renewed its lease for longer than the lease ttl
 (``TASKKIT_LEASE_TTL``) is shown ``running (stale)``: its worker died or is cut off, and its
@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,6 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from taskkit._utils import fits_row_id
 from taskkit.cli._common import (
     CliError,
     Database,
@@ -40,11 +39,9 @@ from taskkit.cli._common import (
 from taskkit.errors import DatabaseUnavailable, RunNotFound
 
 if TYPE_CHECKING:
-    from taskkit.db.models import ModelRun, TrainingProgress
+    from taskkit.db.runs import RunView
 
 __all__ = [
-    "FINAL",
-    "RunView",
     "check_run_id",
     "follow",
     "list_runs",
@@ -55,9 +52,6 @@ __all__ = [
     "stale_notes",
     "watch",
 ]
-
-#: Statuses after which a run does not change by itself.
-FINAL = ("completed", "failed")
 
 STATUS_STYLES = {
     "created": "dim",
@@ -73,166 +67,46 @@ _clock: Callable[[], float] = time.monotonic
 _sleep: Callable[[float], None] = time.sleep
 
 
-@dataclass(frozen=True)
-class RunView:
-    """One run as the CLI shows it."""
-
-    id: int
-    name: str
-    status: str
-    task_id: str | None
-    task_name: str | None
-    error: str | None
-    created_at: datetime | None
-    started_at: datetime | None
-    completed_at: datetime | None
-    updated_at: datetime | None
-    final_score: float | None
-    epoch: int | None
-    total_epochs: int | None
-    percent: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-    #: A passing problem (the database did not answer this time) shown under the run.
-    note: str | None = None
-    #: When the trainer holding the run's lease last renewed it (None: never, or before 0006).
-    heartbeat_at: datetime | None = None
-    #: Seconds without a heartbeat after which a running run is stale (``TASKKIT_LEASE_TTL``).
-    lease_ttl: float = 15.0
-
-    @property
-    def finished(self) -> bool:
-        """Completed or failed."""
-        return self.status in FINAL
-
-    @property
-    def last_seen(self) -> datetime | None:
-        """The last sign of life: the heartbeat; without one (a run trained by a taskkit older
-        than the heartbeat, or not started), the last update of the run or its progress, else
-        its start."""
-        return self.heartbeat_at or self.updated_at or self.started_at
-
-    def heartbeat_age(self, now: datetime | None = None) -> float | None:
-        """Seconds since ``last_seen`` at ``now`` (default: the current time), or None."""
-        seen = self.last_seen
-        if seen is None:
-            return None
-        return max(0.0, ((now or datetime.now(UTC)) - seen).total_seconds())
-
-    def is_stale(self, now: datetime | None = None) -> bool:
-        """Whether the run says ``running`` but its lease has expired at ``now``: no heartbeat
-        for longer than ``lease_ttl`` (the trainer renews every third of it).
-
-        Only ``running`` goes stale: a ``retrying`` run waits out its retry countdown (up to
-        the task's ``outer_max_delay``, 10 minutes by default) with no lease held, so silence
-        is expected there; ``queued`` has no trainer yet. The ttl is the CLI's setting: a task
-        with a longer ``lease_ttl`` of its own beats less often than this expects.
-        """
-        if self.status != "running":
-            return False
-        age = self.heartbeat_age(now)
-        return age is not None and age > self.lease_ttl
-
-    @property
-    def stale(self) -> bool:
-        """``is_stale()`` now."""
-        return self.is_stale()
-
-    @property
-    def best_score(self) -> float | None:
-        """The final score, else a ``best_score``/``best`` metric the task reported."""
-        if self.final_score is not None:
-            return self.final_score
-        for key in ("best_score", "best"):
-            value = self.metrics.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-        return None
-
-
-def _view(run: ModelRun, progress: TrainingProgress | None, lease_ttl: float) -> RunView:
-    configured = (run.config or {}).get("epochs")
-    total = progress.total_epochs if progress is not None else None
-    if total is None and isinstance(configured, int) and not isinstance(configured, bool):
-        total = configured
-    percent = progress.progress_percentage if progress is not None else 0.0
-    if run.status == "completed":
-        percent = 100.0
-    updated = [run.updated_at] if run.updated_at is not None else []
-    if progress is not None and progress.updated_at is not None:
-        updated.append(progress.updated_at)
+def _printable(view: RunView) -> RunView:
     # Control characters shown as escapes before the tables measure the text (the console
     # escapes whatever else it prints, but a table sized for the raw text would cut it).
-    return RunView(
-        id=run.id,
-        name=printable(run.name),
-        status=printable(run.status),
-        task_id=None if run.task_id is None else printable(run.task_id),
-        task_name=None if run.task_name is None else printable(run.task_name),
-        error=None if run.error_message is None else printable(run.error_message),
-        created_at=run.created_at,
-        started_at=run.started_at,
-        completed_at=run.completed_at,
-        updated_at=max(updated) if updated else None,
-        final_score=run.final_score,
-        epoch=progress.current_epoch if progress is not None else None,
-        total_epochs=total,
-        percent=float(percent or 0.0),
-        metrics=dict(progress.metrics or {}) if progress is not None else {},
-        heartbeat_at=run.heartbeat_at,
-        lease_ttl=lease_ttl,
+    def text(value: str | None) -> str | None:
+        return None if value is None else printable(value)
+
+    return replace(
+        view,
+        name=printable(view.name),
+        status=printable(view.status),
+        task_id=text(view.task_id),
+        task_name=text(view.task_name),
+        error=text(view.error),
     )
 
 
-def _lease_ttl() -> float:
-    from taskkit.config import get_settings  # noqa: PLC0415 - settings load for reading only
-
-    return float(get_settings().lease_ttl)
+# The data layer loads when a command reads, not when the command tree is built.
 
 
 def read_run(run_id: int, database_url: str | None = None) -> RunView:
-    """Run ``run_id`` and its progress, read in one session; ``RunNotFound`` if absent."""
-    from sqlalchemy import select  # noqa: PLC0415 - the data layer loads for reading only
+    """Run ``run_id`` and its progress (``taskkit.db.runs.read_run``), ready to print."""
+    from taskkit.db import runs  # noqa: PLC0415
 
-    from taskkit.db.models import ModelRun, TrainingProgress  # noqa: PLC0415
-    from taskkit.db.session import session_scope  # noqa: PLC0415
-
-    check_run_id(run_id)
-    with session_scope(database_url, readonly=True) as session:
-        run = session.get(ModelRun, run_id)
-        if run is None:
-            raise RunNotFound(run_id)
-        progress = session.scalars(
-            select(TrainingProgress).filter_by(model_run_id=run_id)
-        ).one_or_none()
-        return _view(run, progress, _lease_ttl())
-
-
-def check_run_id(run_id: int) -> None:
-    """``RunNotFound`` for an id no database row can have."""
-    if not fits_row_id(run_id):
-        raise RunNotFound(run_id)
+    return _printable(runs.read_run(run_id, database_url))
 
 
 def list_runs(
     database_url: str | None = None, *, status: str | None = None, limit: int = 20
 ) -> list[RunView]:
-    """The newest ``limit`` runs (with ``status`` only, when given), newest first."""
-    from sqlalchemy import select  # noqa: PLC0415 - the data layer loads for reading only
+    """The newest ``limit`` runs (``taskkit.db.runs.list_runs``), ready to print."""
+    from taskkit.db import runs  # noqa: PLC0415
 
-    from taskkit.db.models import ModelRun, TrainingProgress  # noqa: PLC0415
-    from taskkit.db.session import session_scope  # noqa: PLC0415
+    return [_printable(view) for view in runs.list_runs(database_url, status=status, limit=limit)]
 
-    query = (
-        select(ModelRun, TrainingProgress)
-        .outerjoin(TrainingProgress, TrainingProgress.model_run_id == ModelRun.id)
-        .order_by(ModelRun.created_at.desc(), ModelRun.id.desc())
-        .limit(limit)
-    )
-    if status is not None:
-        query = query.where(ModelRun.status == status)
-    ttl = _lease_ttl()
-    with session_scope(database_url, readonly=True) as session:
-        return [_view(run, progress, ttl) for run, progress in session.execute(query).all()]
+
+def check_run_id(run_id: int) -> None:
+    """``RunNotFound`` for an id no database row can have (``taskkit.db.runs.check_run_id``)."""
+    from taskkit.db import runs  # noqa: PLC0415
+
+    runs.check_run_id(run_id)
 
 
 # -- drawing ----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
 from taskkit.cli import _runview, app
-from taskkit.cli._runview import RunView, watch
+from taskkit.cli._runview import watch
+from taskkit.db.runs import RunView
 from tests.conftest import FakeClock
 
 

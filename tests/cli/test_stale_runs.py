@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from taskkit.cli import app
-from taskkit.cli._runview import RunView
+from taskkit.db.runs import RunView
 
 NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 
