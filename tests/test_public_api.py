@@ -189,6 +189,7 @@ CURATED = {
         "TaskFailure",
         "TrainingRun",
         "TrainingTask",
+        "check_reachable",
         "create_app",
         "duplicate_count",
         "duplicate_dropped",

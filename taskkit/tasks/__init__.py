@@ -15,6 +15,7 @@
 ``resume_run``, ``load_model``  interrupted run; the verified final model
 ``BatchTask``,               task base over a list of items: per-item retry, item ledger,
 ``submit_batch``             dead letters; split a batch into chunks and gather one summary
+``check_reachable``          whether the app's broker and Redis result backend answer now
 ``duplicate_count``,         deliveries the lease dropped as duplicates, and the signal sent
 ``duplicate_dropped``        for each (the hook for metrics)
 ===========================  ====================================================================
@@ -58,6 +59,7 @@ from taskkit.tasks._options import Option, options_markdown
 from taskkit.tasks._progress import PROGRESS, ProgressReport
 from taskkit.tasks._replay import replay_dead_letters
 from taskkit.tasks._runs import load_model, resume_run, submit_run
+from taskkit.tasks._submit import check_reachable
 from taskkit.tasks._training import (
     ReproducibilityWarning,
     TrainingRun,
@@ -85,6 +87,7 @@ __all__ = [
     "TaskFailure",
     "TrainingRun",
     "TrainingTask",
+    "check_reachable",
     "create_app",
     "duplicate_count",
     "duplicate_dropped",
