@@ -22,6 +22,7 @@
     ├── LeaseLost                       a task's exclusive lease was taken over: stop writing
     ├── RunNotResumable                 a run cannot be resumed now; ``kind`` says why
     │                                   (completed, running, no_checkpoint, unknown_task)
+    ├── RunNotStoppable                 a stop of a run that is not queued or running
     ├── DeadLetterNotFound              (also a ``LookupError``) no dead letter has this id
     ├── ReplayRejected                  a replay would send what cannot run (unregistered task,
     │                                   a payload that no longer validates): nothing was sent
@@ -72,6 +73,7 @@ __all__ = [
     "RetryLater",
     "RunNotFound",
     "RunNotResumable",
+    "RunNotStoppable",
     "TaskkitError",
     "TaskkitWarning",
     "TimeoutExceeded",
@@ -314,6 +316,25 @@ class RunNotResumable(TaskkitError):
         self.run_id = run_id
         self.reason = reason
         self.kind = kind
+
+
+class RunNotStoppable(TaskkitError):
+    """A stop of a run that has ended (completed, failed, stopped): nothing to stop. Carries
+    ``run_id`` and ``status``.
+
+    Example::
+
+        try:
+            stop_run(7)
+        except RunNotStoppable as exc:
+            print(exc.status)          # 'completed'
+    """
+
+    def __init__(self, run_id: object, status: str) -> None:
+        super().__init__(run_id, status)
+        self._describe(f"training run {run_id!r} is {status}: there is nothing to stop")
+        self.run_id = run_id
+        self.status = status
 
 
 class DeadLetterNotFound(TaskkitError, LookupError):

@@ -62,6 +62,7 @@ CURATED = {
         "RetryLater",
         "RunNotFound",
         "RunNotResumable",
+        "RunNotStoppable",
         "TaskkitError",
         "TaskkitWarning",
         "TimeoutExceeded",

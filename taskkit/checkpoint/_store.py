@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import hmac
 import logging
 import re
 import threading
@@ -18,11 +19,11 @@ from typing import Any
 from pydantic import SecretStr
 
 from taskkit._keys import KeyRing, check_key
-from taskkit.checkpoint._codec import Digest, Payload, encode, library_versions
+from taskkit.checkpoint._codec import Digest, Payload, encode, library_versions, sha256_of
 from taskkit.checkpoint._database import DatabaseStorage
 from taskkit.checkpoint._info import FORMATS, Checkpoint, CheckpointInfo, plain_metrics
 from taskkit.checkpoint._info import validate_run_id as _validate_run_id
-from taskkit.checkpoint._seal import sign_info, unseal
+from taskkit.checkpoint._seal import sign_info, unseal, verify_info
 from taskkit.checkpoint._storage import CheckpointStorage, DirectoryStorage
 from taskkit.config import Settings, get_settings
 from taskkit.errors import (
@@ -508,6 +509,48 @@ class CheckpointStore:
             keys=self._keys,
         )
         return Checkpoint(state=state, info=info)
+
+    def copy_from(self, source: CheckpointStore, step: int) -> CheckpointInfo:
+        """Copy ``source``'s checkpoint ``step`` into this run as its checkpoint ``step``.
+
+        The source is verified first, exactly as a load would (its signature under
+        ``source``'s keys, its run, then the size and SHA-256 of its bytes:
+        ``CheckpointTampered``, ``CheckpointCorrupt``, ``CheckpointError`` when there is no such
+        step), but never unpickled: the same bytes are written under this run, with a manifest
+        of this run's identity signed by this store's key. Used to fork a run from a checkpoint
+        of another (``taskkit.tasks.fork_run``); the fork verifies it again when it loads it.
+
+        Example::
+
+            fork_store.copy_from(parent_store, 9)
+            fork_store.load_latest().info.step      # 9
+        """
+        info = next((i for i in source.list() if i.step == step), None)
+        if info is None:
+            raise CheckpointError("no such checkpoint", source.run_id, step)
+        verify_info(info, source._keys, source.run_id)
+        try:
+            raw = source.storage.read(source.run_id, step)
+        except FileNotFoundError as exc:
+            raise CheckpointCorrupt("its data is missing", source.run_id, step) from exc
+        size = memoryview(raw).nbytes
+        if size != info.size or not hmac.compare_digest(sha256_of(raw), info.sha256):
+            raise CheckpointCorrupt(
+                "its data does not match the size and SHA-256 in its manifest",
+                source.run_id,
+                step,
+            )
+        template = _replace(
+            info,
+            run_id=self._run_id,
+            run_uid=self.run_uid,
+            signature=None,
+            created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+        )
+        copied = self._finish(template, info.sha256)
+        self.wait()
+        self._write(step, Payload([raw], [False], size), lambda: copied)
+        return copied
 
     # -- deleting ---------------------------------------------------------------------------
 

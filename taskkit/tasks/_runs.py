@@ -4,6 +4,7 @@ A run is a ``ModelRun`` row. Its ``status`` moves::
 
     queued -> running -> (retrying -> running)* -> completed
                                                 -> failed   (error_message says why)
+                                                -> stopped  (stop_run: resume_run continues it)
 
 ``submit_run`` creates the row (``queued``) and sends the task with a task id it stores first,
 so the row always names the attempt that owns it. ``resume_run`` re-enqueues a failed or
@@ -17,6 +18,11 @@ manifest (``CheckpointInfo``: size, sha256, HMAC-SHA256 under the signing key) i
 ``ModelRun.model_state``; ``load_model`` verifies it with the same function as checkpoints
 (``taskkit.checkpoint.unseal``) before it unpickles, so a tampered or forged row is refused,
 never executed.
+
+``stop_run`` asks a run to stop: a queued or retrying run (nobody trains it yet) is ``stopped``
+at once and its message drops itself when delivered; a running run gets ``stop_requested_at``,
+and its trainer checkpoints the epoch it finished and ends ``stopped``. ``fork_run`` makes a new
+run that starts from a checkpoint of another, with config overrides.
 
 Example::
 
@@ -48,11 +54,13 @@ from taskkit.errors import (
     CheckpointTampered,
     RunNotFound,
     RunNotResumable,
+    RunNotStoppable,
 )
 from taskkit.tasks._submit import PUBLISH_RETRY_POLICY, check_reachable, sending
 
 __all__ = [
     "ACTIVE",
+    "ENDED",
     "Attempt",
     "load_model",
     "mark_completed",
@@ -60,8 +68,11 @@ __all__ = [
     "mark_retrying",
     "mark_running",
     "resume_run",
+    "fork_run",
+    "mark_stopped",
     "resume_runs_without_trainer",
     "screen_attempt",
+    "stop_run",
     "submit_run",
 ]
 
@@ -69,6 +80,9 @@ logger = logging.getLogger("taskkit.tasks")
 
 #: Statuses of a run that a worker owns or will own.
 ACTIVE = ("queued", "running", "retrying")
+
+#: Statuses after which a run does not change by itself (failed and stopped ones resume).
+ENDED = ("completed", "failed", "stopped")
 
 
 #: Status writes read the row, then update it: on SQLite (WAL) another writer committing in
@@ -102,7 +116,8 @@ def screen_attempt(run_id: int, task_id: str, *, database_url: str | None = None
     """Decide whether task ``task_id`` may train run ``run_id``.
 
     ``completed``: the run finished (a late copy returns its result instead of training again);
-    ``stale``: the run was handed to another task id (``resume_run``); else ``run``.
+    ``stale``: the run was handed to another task id (``resume_run``); ``stopped``: it was
+    stopped before this attempt started (``stop_run``; its result says so); else ``run``.
 
     Example::
 
@@ -114,6 +129,8 @@ def screen_attempt(run_id: int, task_id: str, *, database_url: str | None = None
             return Attempt("completed", result=completed_result(run))
         if run.task_id not in (None, task_id):
             return Attempt("stale", owner=run.task_id)
+        if run.status == "stopped":
+            return Attempt("stopped", result=stopped_result(run.id))
         return Attempt("run")
 
 
@@ -122,9 +139,16 @@ def completed_result(run: ModelRun) -> dict[str, Any]:
     return {"status": "success", "model_run_id": run.id, "best_score": run.final_score}
 
 
+def stopped_result(run_id: int, epoch: int | None = None) -> dict[str, Any]:
+    """The task result of a run that stopped on request (after ``epoch``, None: before
+    training)."""
+    return {"status": "stopped", "model_run_id": run_id, "epoch": epoch}
+
+
 @_status_write
-def mark_running(run_id: int, task_id: str | None, *, database_url: str | None = None) -> None:
-    """``running``; records the task id and, the first time, ``started_at``."""
+def mark_running(run_id: int, task_id: str | None, *, database_url: str | None = None) -> bool:
+    """``running``; records the task id and, the first time, ``started_at``. Returns whether
+    a stop was requested (``stop_run``): the trainer then stops before it trains."""
     with session_scope(database_url) as session:
         run = _get(session, run_id)
         run.status = "running"
@@ -133,6 +157,77 @@ def mark_running(run_id: int, task_id: str | None, *, database_url: str | None =
         run.error_message = None
         if run.started_at is None:
             run.started_at = _now()
+        return run.stop_requested_at is not None
+
+
+def stop_requested(run_id: int, *, database_url: str | None = None) -> bool:
+    """Whether an operator asked run ``run_id`` to stop (one read of its row)."""
+    with session_scope(database_url, readonly=True) as session:
+        at = session.scalar(select(ModelRun.stop_requested_at).where(ModelRun.id == run_id))
+    return at is not None
+
+
+@_status_write
+def mark_stopped(run_id: int, epoch: int | None, *, database_url: str | None = None) -> None:
+    """``stopped`` on request, after ``epoch`` (checkpointed) or before training (None); the
+    progress row says so too. ``resume_run`` continues it."""
+    message = (
+        "stopped on request before training"
+        if epoch is None
+        else f"stopped on request after epoch {epoch + 1} (checkpointed)"
+    )
+    with session_scope(database_url) as session:
+        run = _get(session, run_id)
+        run.status = "stopped"
+        run.error_message = None
+        if run.stop_requested_at is None:
+            run.stop_requested_at = _now()
+        progress = session.scalars(
+            select(TrainingProgress).filter_by(model_run_id=run_id)
+        ).one_or_none()
+        if progress is not None:
+            progress.status = "stopped"
+            progress.message = message
+
+
+@_status_write
+def stop_run(
+    run_id: int,
+    *,
+    lease_alive: Any = None,
+    database_url: str | None = None,
+) -> str:
+    """Ask run ``run_id`` to stop; returns its status now: ``stopped`` or ``stopping``.
+
+    A run nobody trains yet (``created``, ``queued``, ``retrying``, or ``running`` with no live
+    trainer: ``lease_alive(run_id, task_name)`` false) is ``stopped`` at once; its queued
+    message drops itself when a worker gets it. A running run gets ``stop_requested_at`` and
+    stays ``running`` (``stopping``) until its trainer, at the end of its current epoch,
+    checkpoints that epoch and marks it ``stopped``; a second stop of it changes nothing. A
+    run that ended (completed, failed, stopped) raises ``RunNotStoppable``; an unknown one
+    ``RunNotFound``. ``resume_run`` continues a stopped run from its checkpoint (or from the
+    start if it stopped before training).
+
+    Example::
+
+        stop_run(7)          # 'stopping'
+        ...                  # the run is 'stopped' after its current epoch
+        resume_run(app, 7)   # and continues from there
+    """
+    with session_scope(database_url) as session:
+        run = _get(session, run_id)
+        if run.status in ENDED:
+            raise RunNotStoppable(run_id, run.status)
+        if run.stop_requested_at is None:
+            run.stop_requested_at = _now()
+        trained = run.status == "running" and (
+            lease_alive is None or lease_alive(run_id, run.task_name)
+        )
+        if trained:
+            return "stopping"
+        run.status = "stopped"
+        run.error_message = None
+        return "stopped"
 
 
 def mark_retrying(run_id: int, error: str, *, database_url: str | None = None) -> None:
@@ -314,8 +409,8 @@ def resume_run(
     database_url: str | None = None,
     **options: Any,
 ) -> str:
-    """Re-enqueue a failed or interrupted run; it continues from its last valid checkpoint.
-    Returns the new task id.
+    """Re-enqueue a failed, stopped or interrupted run; it continues from its last valid
+    checkpoint. Returns the new task id.
 
     Refused (``RunNotFound``, ``RunNotResumable``) for an unknown run, a completed one, one
     whose trainer is alive (``lease_alive(run_id, task_name)`` true), one whose task the app
@@ -325,7 +420,8 @@ def resume_run(
     run meanwhile makes this one fail (``RunNotResumable``, kind ``running``) instead of
     sending a second trainer. Any older copy of the run's task still queued then drops itself.
     ``BrokerUnavailable`` when the broker or the result backend is down: the run is left as it
-    was (status, task id, error).
+    was (status, task id, error). A ``stopped`` run needs no checkpoint (one stopped before it
+    trained starts from the beginning); resuming clears its stop request.
 
     Example::
 
@@ -338,12 +434,13 @@ def resume_run(
             run = _get(session, run_id)
             status, task_name, config = run.status, run.task_name, dict(run.config or {})
             task = _resumable_task(app, run_id, status, task_name, lease_alive)
-            if require_checkpoint:
+            if require_checkpoint and status != "stopped":
                 _require_checkpoint(task, run_id, run.uid)
             before = (status, run.task_id, run.error_message)
             run.status = "queued"
             run.task_id = task_id
             run.error_message = None
+            run.stop_requested_at = None
     except StaleDataError:
         raise RunNotResumable(
             run_id, "changed while it was being resumed (a worker or another resume)", "running"
@@ -367,18 +464,20 @@ def _resumable_task(
     return app.tasks[task_name]
 
 
-def _require_checkpoint(task: Any, run_id: int, run_uid: str) -> None:
+def _open_store(task: Any, run_id: int, run_uid: str) -> CheckpointStore:
     """The run's checkpoints, where its task keeps them: under the run's identity (read from
     this database, which may not be the task's configured one); an override of
     ``checkpoint_store`` without ``run_uid`` is called as before."""
     opener = getattr(task, "checkpoint_store", None)
     if opener is None:
-        store = CheckpointStore(run_id, run_uid=run_uid)
-    elif "run_uid" in inspect.signature(opener).parameters:
-        store = opener(run_id, run_uid=run_uid)
-    else:
-        store = opener(run_id)
-    with store:
+        return CheckpointStore(run_id, run_uid=run_uid)
+    if "run_uid" in inspect.signature(opener).parameters:
+        return cast(CheckpointStore, opener(run_id, run_uid=run_uid))
+    return cast(CheckpointStore, opener(run_id))
+
+
+def _require_checkpoint(task: Any, run_id: int, run_uid: str) -> None:
+    with _open_store(task, run_id, run_uid) as store:
         if store.latest() is None:
             raise RunNotResumable(run_id, "has no checkpoint to resume from", "no_checkpoint")
 
@@ -413,3 +512,91 @@ def resume_runs_without_trainer(
             continue
         resumed.append(run_id)
     return resumed
+
+
+def fork_run(
+    app: Any,
+    run_id: int,
+    *,
+    from_step: int | None = None,
+    config: dict[str, Any] | None = None,
+    name: str | None = None,
+    database_url: str | None = None,
+    **options: Any,
+) -> tuple[int, str]:
+    """A new run that starts from run ``run_id``'s checkpoint ``from_step`` (default: its
+    newest) with ``config`` overriding keys of the parent's config; returns ``(run_id,
+    task_id)`` of the fork, which is ``queued`` with ``parent_run_id`` and ``parent_step`` set.
+
+    Decided: the checkpoint is copied into the fork's own store at fork time
+    (``CheckpointStore.copy_from``): verified (signature, run, size, SHA-256) but not unpickled
+    here, then written under the fork's identity and signed with this process's key. The fork
+    resumes from it like any run from its own checkpoint (verified again when it loads), so its
+    first trained epoch is ``from_step + 1``, and the parent's retention or cleanup can never
+    take it away. The overrides replace top-level keys (a nested mapping is replaced whole);
+    the training task decides what they mean for a restored state (``workers.training`` sets a
+    new ``alpha`` on the restored model). The parent is not changed, whatever its status.
+
+    ``RunNotFound`` for an unknown run; ``RunNotResumable`` with kind ``no_checkpoint`` (the
+    message lists the steps there are) or ``unknown_task``; ``CheckpointTampered`` or
+    ``CheckpointCorrupt`` when the chosen checkpoint does not verify (no fork is made);
+    ``BrokerUnavailable`` when the broker is down (no fork is made).
+
+    Example::
+
+        fork_id, task_id = fork_run(app, 7, from_step=9, config={"alpha": 1e-5})
+    """
+    overrides = dict(config or {})
+    task_id = str(uuid.uuid4())
+    check_reachable(app)
+    with session_scope(database_url, readonly=True) as session:
+        parent = _get(session, run_id)
+        parent_uid, task_name = parent.uid, parent.task_name
+        merged = {**dict(parent.config or {}), **overrides}
+        fork_name = name or parent.name
+        model_type = parent.model_type
+    if not task_name or task_name not in app.tasks:
+        raise RunNotResumable(
+            run_id, f"names task {task_name!r}, which this app does not register", "unknown_task"
+        )
+    task = app.tasks[task_name]
+    with _open_store(task, run_id, parent_uid) as source:
+        steps = [info.step for info in source.list()]
+        step = steps[-1] if from_step is None and steps else from_step
+        if step is None or step not in steps:
+            raise RunNotResumable(run_id, _no_such_step(from_step, steps), "no_checkpoint")
+        with session_scope(database_url) as session:
+            fork = ModelRun(
+                name=fork_name,
+                model_type=model_type,
+                config=merged,
+                status="queued",
+                task_id=task_id,
+                task_name=task_name,
+                parent_run_id=run_id,
+                parent_step=step,
+            )
+            session.add(fork)
+            session.flush()
+            fork_id, fork_uid = fork.id, fork.uid
+        try:
+            with _open_store(task, fork_id, fork_uid) as target:
+                target.copy_from(source, step)
+        except BaseException:
+            _undo_hand_over(fork_id, task_id, None, database_url)
+            raise
+    try:
+        _send(task, fork_id, merged, task_id, database_url, options, before=None)
+    except BrokerUnavailable:
+        with _open_store(task, fork_id, fork_uid) as target:  # the run is gone: so is its copy
+            target.delete_all()
+        raise
+    logger.info("taskkit: run %s forked from run %s at step %s", fork_id, run_id, step)
+    return fork_id, task_id
+
+
+def _no_such_step(asked: int | None, steps: list[int]) -> str:
+    if not steps:
+        return "has no checkpoint to fork from"
+    listed = ", ".join(map(str, steps))
+    return f"has no checkpoint at step {asked} (its checkpoint steps: {listed})"
