@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FINAL", "RunView", "check_run_id", "list_runs", "read_run"]
 
-#: Statuses after which a run does not change by itself.
-FINAL = ("completed", "failed")
+#: Statuses after which a run does not change by itself (a stopped or failed one may be
+#: resumed: by someone, not by itself).
+FINAL = ("completed", "failed", "stopped")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class RunView:
 
     @property
     def finished(self) -> bool:
-        """Completed or failed."""
+        """Completed, failed or stopped."""
         return self.status in FINAL
 
     @property
