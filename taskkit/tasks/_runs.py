@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
 from taskkit.checkpoint import CheckpointInfo, CheckpointStore, seal, unseal
@@ -318,10 +319,15 @@ def submit_run(
     name: str | None = None,
     model_type: str | None = None,
     database_url: str | None = None,
+    idempotency_key: str | None = None,
     **options: Any,
 ) -> tuple[int, str]:
     """Create a ``queued`` run for ``config`` and send ``task(model_run_id, config)``;
     returns ``(run_id, task_id)``. ``options`` go to ``apply_async`` (queue, countdown...).
+
+    With ``idempotency_key``, a run already submitted with that key is returned instead (its
+    ``(run_id, task_id)``; nothing sent, the broker not asked), also when two submissions with
+    the key race: the key is a unique column, and the one whose insert loses finds the other's.
 
     The row is committed, with the task id, before the message is sent, so a worker never
     sees a run it cannot find. Before that, the broker and the result backend are asked to
@@ -336,21 +342,38 @@ def submit_run(
         run_id, task_id = submit_run(train_model, {"epochs": 20}, name="baseline")
     """
     task_id = str(uuid.uuid4())
+    if idempotency_key is not None and (found := _keyed(idempotency_key, database_url)):
+        return found
     check_reachable(task.app)
-    with session_scope(database_url) as session:
-        run = ModelRun(
-            name=name or f"{task.name}",
-            model_type=model_type or str(config.get("model_type", "unknown")),
-            config=config,
-            status="queued",
-            task_id=task_id,
-            task_name=task.name,
-        )
-        session.add(run)
-        session.flush()
-        run_id = run.id
+    try:
+        with session_scope(database_url) as session:
+            run = ModelRun(
+                name=name or f"{task.name}",
+                model_type=model_type or str(config.get("model_type", "unknown")),
+                config=config,
+                status="queued",
+                task_id=task_id,
+                task_name=task.name,
+                idempotency_key=idempotency_key,
+            )
+            session.add(run)
+            session.flush()
+            run_id = run.id
+    except IntegrityError:
+        if idempotency_key is None or not (found := _keyed(idempotency_key, database_url)):
+            raise
+        return found
     _send(task, run_id, config, task_id, database_url, options, before=None)
     return run_id, task_id
+
+
+def _keyed(key: str, database_url: str | None) -> tuple[int, str] | None:
+    """The ``(run_id, task_id)`` of the run submitted with idempotency key ``key``, if any."""
+    with session_scope(database_url, readonly=True) as session:
+        row = session.execute(
+            select(ModelRun.id, ModelRun.task_id).where(ModelRun.idempotency_key == key)
+        ).one_or_none()
+    return None if row is None else (row.id, row.task_id or "")
 
 
 def _send(
