@@ -58,7 +58,7 @@ from taskkit.tasks._lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, 
 from taskkit.tasks._options import Option, options_markdown
 from taskkit.tasks._progress import PROGRESS, ProgressReport
 from taskkit.tasks._replay import replay_dead_letters
-from taskkit.tasks._runs import load_model, resume_run, submit_run
+from taskkit.tasks._runs import fork_run, load_model, resume_run, stop_run, submit_run
 from taskkit.tasks._submit import check_reachable
 from taskkit.tasks._training import (
     ReproducibilityWarning,
@@ -91,6 +91,7 @@ __all__ = [
     "create_app",
     "duplicate_count",
     "duplicate_dropped",
+    "fork_run",
     "load_model",
     "options_markdown",
     "reliable_defaults",
@@ -99,6 +100,7 @@ __all__ = [
     "resume_orphaned_runs",
     "resume_run",
     "run_is_alive",
+    "stop_run",
     "submit_batch",
     "submit_run",
 ]

@@ -63,14 +63,14 @@ __all__ = [
     "ACTIVE",
     "ENDED",
     "Attempt",
+    "fork_run",
     "load_model",
     "mark_completed",
     "mark_failed",
     "mark_retrying",
     "mark_running",
-    "resume_run",
-    "fork_run",
     "mark_stopped",
+    "resume_run",
     "resume_runs_without_trainer",
     "screen_attempt",
     "stop_run",
@@ -173,7 +173,7 @@ def mark_stopped(run_id: int, epoch: int | None, *, database_url: str | None = N
     """``stopped`` on request, after ``epoch`` (checkpointed) or before training (None); the
     progress row says so too. ``resume_run`` continues it."""
     message = (
-        "stopped on request before training"
+        "stopped on request before this attempt trained"
         if epoch is None
         else f"stopped on request after epoch {epoch + 1} (checkpointed)"
     )

@@ -6,8 +6,11 @@ it, ``rng(name, seed)`` registers a generator whose state every checkpoint carri
 ``np.random``'s and ``random``'s), ``report(epoch, metrics, state)`` writes progress and
 checkpoints by policy, and ``complete(model)`` stores the final model. A failure, a soft time
 limit or SIGTERM checkpoints the last *completed* epoch; SIGTERM then hands the run over to
-another worker. The policy, the ``ModelRun`` statuses and the decisions are in
-``docs/training.md``.
+another worker. An operator's stop (``stop_run``, ``POST /runs/{id}/stop``) is read from the
+run's row at the end of an epoch (at most once per ``stop_check_interval`` seconds): the epoch
+is checkpointed, the run ends ``stopped`` and the task returns ``{"status": "stopped", ...}``;
+a run stopped before it trained ends at its start. The policy, the ``ModelRun`` statuses and
+the decisions are in ``docs/training.md``.
 
 Example::
 
@@ -31,6 +34,7 @@ import pickle
 import random
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -52,9 +56,11 @@ from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, RunNotFound
 from taskkit.tasks import _runs as runs
 from taskkit.tasks._base import ResilientTask, _run_stack
 from taskkit.tasks._options import Alias, Option, boolean, one_of, optional_name, positive_int
+from taskkit.tasks._progress import progress_writer
 
 __all__ = [
     "ReproducibilityWarning",
+    "RunStopped",
     "TrainingRun",
     "TrainingTask",
     "request_stop",
@@ -69,6 +75,18 @@ logger = logging.getLogger("taskkit.tasks")
 PAYLOAD_VERSION = 1
 
 _MISSING: Any = object()
+
+#: The clock of the stop checks (tests replace it).
+_clock: Callable[[], float] = time.monotonic
+
+
+class RunStopped(Ignore):
+    """Raised by ``TrainingRun`` when an operator stopped the run: unwinds the task body (as
+    control flow, never retried or recorded as a failure); ``TrainingTask`` returns ``result``."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(f"run {result['model_run_id']} stopped on request")
+        self.result = result
 
 
 class ReproducibilityWarning(TaskkitWarning):
@@ -178,6 +196,10 @@ class TrainingTask(ResilientTask):
     checkpoint_format: str
     checkpoint_compress: bool | int
 
+    #: Seconds between two reads of the run's stop request (``stop_run``) at epoch ends: a
+    #: stop takes effect at the end of the first epoch that ends after this much time.
+    stop_check_interval: float = 1.0
+
     @classmethod
     def on_bound(cls, app: Any) -> None:
         super().on_bound(app)
@@ -201,6 +223,14 @@ class TrainingTask(ResilientTask):
                     request.id,
                 )
                 return attempt.result
+            if attempt.verdict == "stopped":
+                logger.warning(
+                    "taskkit: run %s was stopped before %s[%s] started; not training it",
+                    run_id,
+                    self.name,
+                    request.id,
+                )
+                return attempt.result
             if attempt.verdict == "stale":
                 logger.warning(
                     "taskkit: run %s now belongs to task %s; dropping %s[%s]",
@@ -213,6 +243,8 @@ class TrainingTask(ResilientTask):
         _active_runs += 1
         try:
             return super().__call__(*args, **kwargs)
+        except RunStopped as stopped:
+            return stopped.result
         finally:
             _active_runs -= 1
 
@@ -384,6 +416,7 @@ class TrainingRun:
         self._pending: tuple[int, bytes, dict[str, Any]] | None = None
         self._warned_random_state = False
         self._heartbeat: _HeartbeatWriter | None = None
+        self._stop_checked_at: float | None = None
 
     # -- context --------------------------------------------------------------------------------
 
@@ -395,11 +428,16 @@ class TrainingRun:
             write_heartbeat(self.run_id, database_url=database_url)
         except Exception as exc:  # mark_running says whether the database is really gone
             _heartbeat_failed(self.run_id, exc)
-        runs.mark_running(
+        stop = runs.mark_running(
             self.run_id,
             None if request.called_directly else request.id,
             database_url=database_url,
         )
+        if stop:  # stopped while it waited in the queue or for a retry
+            self.store.close()
+            runs.mark_stopped(self.run_id, None, database_url=database_url)
+            logger.warning("taskkit: run %s was asked to stop; not training it", self.run_id)
+            raise RunStopped(runs.stopped_result(self.run_id))
         lease = self.task.lease
         if lease is not None:
             self._heartbeat = _HeartbeatWriter(self.run_id, database_url)
@@ -533,20 +571,53 @@ class TrainingRun:
         if state is _MISSING:
             return
         self._warn_unseeded(state)
+        halting = epoch < self.total_epochs - 1 and self._stop_asked()
         stopping = _stop.is_set()
         due = (
             (epoch + 1) % self.checkpoint_every == 0
             or is_best
             or epoch == self.total_epochs - 1
             or stopping
+            or halting
         )
         if due:
             self._save(epoch, self._build_payload(epoch, state), metrics, is_best)
         elif task.checkpoint_on_interrupt:
             data = pickle.dumps(self._build_payload(epoch, state), protocol=5)
             self._pending = (epoch, data, metrics)
+        if halting:
+            self._halt(epoch)
         if stopping:
             self._hand_over(epoch)
+
+    def _stop_asked(self) -> bool:
+        """Whether an operator asked the run to stop: its row read at most once per
+        ``stop_check_interval`` seconds (a failed read is a no: the next epoch reads again)."""
+        now = _clock()
+        last = self._stop_checked_at
+        if last is not None and now - last < self.task.stop_check_interval:
+            return False
+        self._stop_checked_at = now
+        try:
+            return runs.stop_requested(self.run_id, database_url=self.task._database_url)
+        except Exception as exc:
+            logger.warning(
+                "taskkit: run %s: could not read its stop request: %s",
+                self.run_id,
+                mask_password(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+            return False
+
+    def _halt(self, epoch: int) -> None:
+        """An operator's stop: the checkpoint of ``epoch`` is durable; mark the run stopped."""
+        self.store.wait()
+        # The progress row's last write must land before the stopped status, not after it.
+        progress_writer().flush(self.task.progress_flush_timeout)
+        runs.mark_stopped(self.run_id, epoch, database_url=self.task._database_url)
+        logger.warning(
+            "taskkit: run %s checkpointed epoch %d and stopped on request", self.run_id, epoch
+        )
+        raise RunStopped(runs.stopped_result(self.run_id, epoch))
 
     def _build_payload(self, epoch: int, state: Any) -> dict[str, Any]:
         return {
