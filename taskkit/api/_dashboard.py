@@ -1,9 +1,383 @@
-"""The the HTML dashboard at /."""
+"""The HTML dashboard at ``/``: runs, one run, dead letters, circuit breakers.
+
+Pages: ``/`` (runs, a "New run" form, live progress), ``/ui/runs/{id}`` (a run: facts, the
+curve of its metrics by epoch, checkpoints, error, Resume and Stop), ``/ui/dead-letters``
+(filters, tracebacks, Replay, Discard, replay of everything the filters select) and
+``/ui/breakers`` (state, failures, Reset). Scripts and styles are ``/ui/static/dashboard.js``
+and ``dashboard.css``.
+
+Decisions:
+
+- Server-rendered with Jinja2, autoescape on, from the same reads the JSON endpoints use, so a
+  page shows what the API answers. Pages are out of the OpenAPI schema.
+- Reading needs no token, as with the JSON endpoints. Every change is a button whose script
+  POSTs to the JSON endpoint with ``Authorization: Bearer`` from a field the operator fills
+  in. The token stays in the tab's ``sessionStorage``: never in a URL, a cookie or a page the
+  service renders, and a form on another site cannot send that header (no CSRF).
+- Live: a run that can still change gets its ``/runs/{id}/events`` stream (Server-Sent Events)
+  for its progress bar; the parts of a page marked ``data-refresh`` are read again every few
+  seconds while a run on it can change, which is how a row turns stale: a dead worker sends no
+  event.
+- The curve: ``training_progress`` keeps each run's latest epoch only, so the points are the
+  epochs of the run's kept checkpoints (each manifest holds its epoch's metrics) and the
+  latest progress; the script adds every epoch the stream reports while the page is open. A
+  finished run with the default retention (last 3, best 1) shows those epochs, not all.
+- Status is a word and a symbol, colour only helps: ``✓ completed``, ``⚠ stale``.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
 
-__all__ = ["router"]
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-router = APIRouter()
+from taskkit.api._deps import service_settings
+from taskkit.config import Settings
+from taskkit.db.runs import RunView, list_runs, read_run
+from taskkit.errors import RunNotFound
+
+__all__ = ["CurvePoint", "curve_points", "router", "status_label"]
+
+_HERE = Path(__file__).parent
+_STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+
+templates = Jinja2Templates(
+    env=Environment(
+        loader=FileSystemLoader(_HERE / "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
+)
+
+router = APIRouter(include_in_schema=False)
+
+#: Statuses in which a run still changes by itself (its page streams and refreshes).
+ACTIVE = ("created", "queued", "running", "retrying")
+
+_SYMBOLS = {
+    "created": "○",
+    "queued": "◷",
+    "running": "▶",
+    "retrying": "↻",
+    "completed": "✓",
+    "failed": "✗",
+    "stopped": "■",
+    "stale": "⚠",
+    "dead": "✗",
+    "replayed": "↻",
+    "discarded": "⊘",
+    "closed": "✓",
+    "open": "✗",
+    "half_open": "◐",
+}
+
+#: Rows a page shows at most (runs and dead letters).
+PAGE = 50
+
+
+def status_label(status: str, *, stale: bool = False) -> str:
+    """The status as a page shows it: a symbol and the word, readable without colour.
+
+    Example::
+
+        status_label("completed")              # '✓ completed'
+        status_label("running", stale=True)    # '⚠ running (stale)'
+    """
+    if stale:
+        return f"{_SYMBOLS['stale']} {status} (stale)"
+    return f"{_SYMBOLS.get(status, '•')} {status}"
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One epoch's numeric metrics, a point of a run's curve.
+
+    Example::
+
+        CurvePoint(epoch=3, metrics={"loss": 0.41, "score": 0.87})
+    """
+
+    epoch: int
+    metrics: Mapping[str, float]
+
+
+def curve_points(
+    checkpoints: Iterable[tuple[int, Mapping[str, Any]]],
+    latest: tuple[int, Mapping[str, Any]] | None = None,
+) -> list[CurvePoint]:
+    """The points of a run's curve, by epoch: one per checkpoint ``(step, metrics)`` and the
+    ``latest`` progress ``(epoch, metrics)``, finite numbers only (``best_score``, a running
+    best, is left out: it is not that epoch's value). The latest progress wins over a
+    checkpoint of the same epoch. Epochs are 1-based, as ``runs`` shows them (a checkpoint's
+    step is the 0-based epoch it was taken after).
+
+    Example::
+
+        curve_points([(0, {"loss": 0.9}), (1, {"loss": 0.7})], latest=(3, {"loss": 0.5}))
+        # [CurvePoint(1, {'loss': 0.9}), CurvePoint(2, {'loss': 0.7}), CurvePoint(3, ...)]
+    """
+    by_epoch: dict[int, dict[str, float]] = {}
+    for step, metrics in checkpoints:
+        by_epoch[int(step) + 1] = _numbers(metrics)
+    if latest is not None and latest[0] > 0:
+        by_epoch[int(latest[0])] = _numbers(latest[1])
+    return [CurvePoint(epoch, metrics) for epoch, metrics in sorted(by_epoch.items()) if metrics]
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        str(key): float(value)
+        for key, value in metrics.items()
+        if key != "best_score"
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
+
+
+# -- pages --------------------------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse)
+def runs_page(
+    request: Request,
+    settings: Annotated[Settings, Depends(service_settings)],
+    status: Annotated[str | None, Query(max_length=32)] = None,
+    name: Annotated[str | None, Query(max_length=255)] = None,
+    before: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    """Runs, newest first, with filters, paging and the New run form."""
+    views = list_runs(
+        settings.database_url,
+        status=status or None,
+        name=name or None,
+        limit=PAGE + 1,
+        before_id=before,
+    )
+    more = len(views) > PAGE
+    views = views[:PAGE]
+    now = datetime.now(UTC)
+    rows = [_run_row(view, now) for view in views]
+    return _page(
+        request,
+        "runs.html",
+        "Runs",
+        rows=rows,
+        status=status or "",
+        name=name or "",
+        statuses=("queued", "running", "retrying", "completed", "failed", "stopped"),
+        older=views[-1].id if more and views else None,
+        live=any(row["active"] for row in rows),
+    )
+
+
+@router.get("/ui/runs/{run_id}", response_class=HTMLResponse)
+def run_page(
+    request: Request, run_id: int, settings: Annotated[Settings, Depends(service_settings)]
+) -> Response:
+    """One run: facts, curve, checkpoints, error, Resume and Stop."""
+    try:
+        view = read_run(run_id, settings.database_url)
+    except RunNotFound:
+        return _page(
+            request, "missing.html", "Not found", what=f"run {run_id} not found", status_code=404
+        )
+    now = datetime.now(UTC)
+    checkpoints = _checkpoints(view)
+    latest = (view.epoch, view.metrics) if view.epoch else None
+    points = curve_points(((c["step"], c["metrics"]) for c in checkpoints), latest)
+    names = sorted({key for point in points for key in point.metrics})
+    row = _run_row(view, now)
+    return _page(
+        request,
+        "run.html",
+        f"Run {view.id}",
+        run=row,
+        view=view,
+        checkpoints=checkpoints,
+        points=[{"epoch": p.epoch, **p.metrics} for p in points],
+        metric_names=names,
+        live=row["active"],
+        can_resume=row["stale"] or view.status in ("failed", "stopped"),
+        can_stop=view.status in ACTIVE and not row["stale"],
+    )
+
+
+@router.get("/ui/static/{name}")
+def static_file(name: str) -> Response:
+    """The dashboard's own script and style sheet."""
+    media = _STATIC.get(name)
+    if media is None:
+        raise HTTPException(404, f"no static file {name!r}")
+    return FileResponse(_HERE / "static" / name, media_type=media)
+
+
+# -- what the pages share -------------------------------------------------------------------
+
+
+def _page(
+    request: Request, template: str, title: str, *, status_code: int = 200, **context: Any
+) -> Response:
+    root = request.scope.get("root_path", "").rstrip("/")
+    return templates.TemplateResponse(
+        request,
+        template,
+        {"title": title, "root": root, "status_label": status_label, **context},
+        status_code=status_code,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _run_row(view: RunView, now: datetime) -> dict[str, Any]:
+    stale = view.is_stale(now)
+    best = view.best_score
+    return {
+        "id": view.id,
+        "name": view.name,
+        "status": view.status,
+        "stale": stale,
+        "label": status_label(view.status, stale=stale),
+        "css": "stale" if stale else view.status,
+        "active": view.status in ACTIVE,
+        "epoch": _epochs(view),
+        "percent": round(view.percent, 1),
+        "best": "-" if best is None else f"{best:.4g}",
+        "updated": _ago(view.updated_at, now),
+        "heartbeat": _ago(view.last_seen, now) if view.status in ("running", "retrying") else "",
+    }
+
+
+def _epochs(view: RunView) -> str:
+    if view.total_epochs is None:
+        return "-" if view.epoch is None else str(view.epoch)
+    return f"{view.epoch or 0}/{view.total_epochs}"
+
+
+def _ago(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return "-"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = max(0, int((now - moment).total_seconds()))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    if seconds < 172800:
+        return f"{seconds // 3600} h ago"
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _checkpoints(view: RunView) -> list[dict[str, Any]]:
+    """The run's kept checkpoints, oldest first (none when the store cannot be read)."""
+    from taskkit.checkpoint import CheckpointStore  # noqa: PLC0415 - the run page only
+
+    if not view.uid:
+        return []
+    try:
+        with CheckpointStore(view.id, run_uid=view.uid) as store:
+            infos: Sequence[Any] = store.list()
+    except Exception:  # a page without checkpoints beats no page
+        return []
+    return [
+        {
+            "step": info.step,
+            "epoch": info.step + 1,
+            "metrics": dict(info.metrics or {}),
+            "is_best": bool(info.is_best),
+            "created": getattr(info, "created_at", None),
+        }
+        for info in sorted(infos, key=lambda info: info.step)
+    ]
+
+
+#: The dead-letter page's time filter: its choices and how far back each reaches.
+SINCE = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(weeks=1)}
+LETTER_STATUSES = ("dead", "replayed", "discarded", "any")
+
+
+@router.get("/ui/dead-letters", response_class=HTMLResponse)
+def dead_letters_page(
+    request: Request,
+    settings: Annotated[Settings, Depends(service_settings)],
+    task: Annotated[str | None, Query(max_length=255)] = None,
+    batch: Annotated[str | None, Query(max_length=64)] = None,
+    error_type: Annotated[str | None, Query(max_length=255)] = None,
+    status: Annotated[str, Query(pattern="^(dead|replayed|discarded|any)$")] = "dead",
+    since: Annotated[str | None, Query(pattern="^(|hour|day|week)$")] = None,
+) -> Response:
+    """Dead letters with the CLI's filters, tracebacks, Replay, Discard and batch replay."""
+    from taskkit.deadletter import DeadLetterStore  # noqa: PLC0415 - this page only
+
+    filters = {"task": task or None, "batch_id": batch or None, "error_type": error_type or None}
+    store = DeadLetterStore(settings.database_url, queue="")
+    letters = store.list(
+        task=filters["task"],
+        batch_id=filters["batch_id"],
+        error_type=filters["error_type"],
+        newer_than=SINCE.get(since or ""),
+        status=None if status == "any" else status,
+        limit=PAGE + 1,
+    )
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": letter.id,
+            "task": letter.task_name,
+            "batch": letter.batch_id,
+            "key": letter.item_key,
+            "error": f"{letter.error_type}: {letter.error_message}".rstrip(": "),
+            "traceback": letter.traceback,
+            "payload": _payload(letter.payload),
+            "attempts": letter.attempts,
+            "failed": _ago(letter.last_failed_at, now),
+            "status": letter.status,
+            "label": status_label(letter.status),
+            "replayed_into": letter.replayed_into,
+        }
+        for letter in letters[:PAGE]
+    ]
+    chosen = {key: value for key, value in filters.items() if value}
+    return _page(
+        request,
+        "dead_letters.html",
+        "Dead letters",
+        rows=rows,
+        more=len(letters) > PAGE,
+        task=task or "",
+        batch=batch or "",
+        error_type=error_type or "",
+        status=status,
+        since=since or "",
+        statuses=LETTER_STATUSES,
+        sinces=tuple(SINCE),
+        # Batch replay sends what the filters select (every waiting letter when none is set).
+        replay_body=json.dumps(chosen or {"all": True}),
+        replay_what=", ".join(f"{k}={v}" for k, v in chosen.items()) or "every waiting letter",
+        depth=store.depth(),
+    )
+
+
+@router.get("/ui/breakers", response_class=HTMLResponse)
+def breakers_page(request: Request) -> Response:
+    """Every breaker the service knows: state, failures, Reset."""
+    from taskkit.api._breakers import list_breakers  # noqa: PLC0415 - this page only
+
+    breakers = [
+        {**breaker.model_dump(), "label": status_label(breaker.state)}
+        for breaker in list_breakers(request).breakers
+    ]
+    return _page(request, "breakers.html", "Circuit breakers", breakers=breakers)
+
+
+def _payload(payload: Any) -> str:
+    text = json.dumps(payload, indent=1, sort_keys=True, default=str)
+    return text if len(text) <= 4000 else text[:4000] + "\n…"
