@@ -39,8 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 #: added to or removed from a package's ``__all__`` must be added or removed here, on purpose.
 CURATED = {
     "taskkit": {"__version__"},
-    "taskkit.api": {"create_api"},
-    "taskkit.http": set(),
+    "taskkit.api": {
+        "LocalModel",
+        "PredictRequest",
+        "PredictResponse",
+        "create_api",
+        "local_predictor",
+    },
+    "taskkit.http": {"AsyncResilientClient", "ResilientClient", "breakers"},
     "taskkit.errors": {
         "BrokerUnavailable",
         "CheckpointCorrupt",

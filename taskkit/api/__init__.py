@@ -7,6 +7,10 @@ discard), circuit breakers, ``/predict`` through the resilient client with a loc
 health probes for a load balancer, and an HTML dashboard at ``/``. Mutating endpoints need
 ``Authorization: Bearer $TASKKIT_API_TOKEN``. ``taskkit serve`` runs it with uvicorn.
 
+``PredictRequest`` and ``PredictResponse`` are ``/predict``'s bodies (the seed's
+``app.schemas.prediction``); ``LocalModel`` is its fallback, the newest completed run's model
+(``local_predictor``: the default database's, the seed's ``app.ml_engine.inference``).
+
 Example::
 
     from taskkit.api import create_api
@@ -18,5 +22,6 @@ Example::
 from __future__ import annotations
 
 from taskkit.api._app import create_api
+from taskkit.api._predict import LocalModel, PredictRequest, PredictResponse, local_predictor
 
-__all__ = ["create_api"]
+__all__ = ["LocalModel", "PredictRequest", "PredictResponse", "create_api", "local_predictor"]

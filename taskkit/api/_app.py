@@ -1,13 +1,34 @@
-"""``create_api``: the FastAPI app, its routers, limits and error answers."""
+"""``create_api``: the FastAPI app, its routers, limits and error answers.
+
+Decisions:
+
+- Request bodies larger than ``TASKKIT_API_MAX_BODY_BYTES`` are refused with 413 before the
+  endpoint sees them: at once when ``Content-Length`` says so, else (a chunked body) as soon
+  as the bytes read pass the limit. The 413 is an ``HTTPException`` raised while the body is
+  read, so FastAPI answers it as it is instead of calling it a malformed body (400).
+- CORS is off unless ``TASKKIT_API_CORS_ORIGINS`` names origins: then those origins may call
+  ``GET`` and ``POST`` with the ``Authorization``, ``Content-Type`` and ``Idempotency-Key``
+  headers, without cookies (the token is a header, never a cookie).
+- An error no endpoint answered is logged with its traceback and a request id; the client gets
+  500 ``internal error, see the service log`` and that request id (also in ``X-Request-ID``),
+  never the exception's text, which may hold a path, a query or a URL.
+- ``BrokerUnavailable`` and ``DatabaseUnavailable``, wherever they come from, are 503 with
+  their message (it names the service and host, never a password) and ``Retry-After: 5``.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
+import uuid
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskkit.api import (
     _breakers,
@@ -19,8 +40,14 @@ from taskkit.api import (
     _runs,
 )
 from taskkit.config import Settings, get_settings
+from taskkit.errors import BrokerUnavailable, DatabaseUnavailable
 
-__all__ = ["create_api"]
+__all__ = ["BodySizeLimit", "create_api"]
+
+logger = logging.getLogger("taskkit.api")
+
+#: Seconds a client is told to wait (``Retry-After``) when the broker or database is down.
+RETRY_AFTER_OUTAGE = 5
 
 
 def create_api(settings: Settings | None = None, celery_app: Any = None) -> Any:
@@ -41,7 +68,84 @@ def create_api(settings: Settings | None = None, celery_app: Any = None) -> Any:
     api.state.celery_app = functools.cache(lambda: celery_app or _load_celery_app(settings))
     for module in (_health, _runs, _control, _deadletters, _breakers, _predict, _dashboard):
         api.include_router(module.router)
+    origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
+    if origins:
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            allow_credentials=False,
+        )
+    api.add_middleware(BodySizeLimit, limit=settings.api_max_body_bytes)
+    api.add_exception_handler(BrokerUnavailable, _service_unavailable)
+    api.add_exception_handler(DatabaseUnavailable, _service_unavailable)
+    api.add_exception_handler(Exception, _internal_error)
     return api
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes (declared or streamed).
+
+    Example::
+
+        api.add_middleware(BodySizeLimit, limit=1_000_000)
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            detail = self._too_large() if declared.isdigit() else "Content-Length is not a number"
+            code = 413 if declared.isdigit() else 400
+            response = JSONResponse({"detail": detail}, status_code=code)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, self._too_large())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _too_large(self) -> str:
+        return f"request body too large: at most {self.limit} bytes (TASKKIT_API_MAX_BODY_BYTES)"
+
+
+async def _service_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": str(exc)},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(RETRY_AFTER_OUTAGE)},
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    request_id = uuid.uuid4().hex[:16]
+    logger.error(
+        "taskkit api: %s %s failed (request %s)",
+        request.method,
+        request.url.path,
+        request_id,
+        exc_info=exc,
+    )
+    return JSONResponse(
+        {"detail": "internal error, see the service log", "request_id": request_id},
+        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+        headers={"X-Request-ID": request_id},
+    )
 
 
 def _load_celery_app(settings: Settings) -> Any:

@@ -228,13 +228,23 @@ class DeadLetterStore:
         status: str | None = "dead",
         ids: Sequence[int] | None = None,
         limit: int | None = None,
+        newest_first: bool = False,
+        before_id: int | None = None,
     ) -> list[DeadLetter]:
         """Letters matching every filter given, oldest failure first. ``status=None``: any.
 
-        ``older_than``/``newer_than`` compare the last failure with now.
+        ``older_than``/``newer_than`` compare the last failure with now. ``newest_first``
+        orders by id, newest letter first, and ``before_id`` keeps only letters with a smaller
+        id: cursor paging (the HTTP service's ``GET /dead-letters``), stable while letters are
+        added.
         """
         query = self._select(task, batch_id, error_type, older_than, newer_than, status, ids)
-        query = query.order_by(DeadLetter.last_failed_at, DeadLetter.id)
+        if before_id is not None:
+            query = query.where(DeadLetter.id < before_id)
+        if newest_first or before_id is not None:
+            query = query.order_by(DeadLetter.id.desc())
+        else:
+            query = query.order_by(DeadLetter.last_failed_at, DeadLetter.id)
         if limit is not None:
             query = query.limit(limit)
         with Session(self.engine, expire_on_commit=False) as session:
