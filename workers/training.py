@@ -116,9 +116,12 @@ def run_training(
         checkpoint_every=config.get("checkpoint_every"),
     ) as run:
         order_rng = run.rng("shuffle", seed)
-        model = run.restore() or SGDClassifier(
-            loss="log_loss", alpha=float(config.get("alpha", 1e-4)), random_state=seed
-        )
+        alpha = float(config.get("alpha", 1e-4))
+        model = run.restore()
+        if model is None:
+            model = SGDClassifier(loss="log_loss", alpha=alpha, random_state=seed)
+        else:
+            model.set_params(alpha=alpha)  # a fork (taskkit runs fork --set alpha=...) changes it
         for epoch in run.epochs():
             if on_epoch is not None:
                 on_epoch(epoch)
