@@ -10,12 +10,15 @@ process calls ``build()`` after setting that environment (the settings are read 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-from taskkit.config import get_settings
+from taskkit.config import get_settings, reset_settings
 from taskkit.tasks import TrainingTask, create_app
 from workers.training import run_training
 
@@ -50,6 +53,44 @@ def build() -> Celery:
         return run_training(self, config, on_epoch=on_epoch)
 
     return app
+
+
+@contextmanager
+def steering_worker(root: Path, key: str) -> Iterator[Celery]:
+    """A worker subprocess of this app on a home under ``root`` (migrated), and the same app in
+    this process, whose ``TASKKIT_*`` environment is the worker's until the block ends."""
+    from tests._support.commands import clean_env, taskkit
+    from tests._support.workers import WorkerProcess
+
+    home = root / "home"
+    values = {
+        "TASKKIT_HOME": str(home),
+        "TASKKIT_DATABASE_URL": f"sqlite:///{home / 'taskkit.db'}",
+        "TASKKIT_SECRET_KEY": key,
+        "TASKKIT_CHECKPOINT_KEEP_LAST": "50",
+        "TASKKIT_LEASE_TTL": "3",
+    }
+    saved = {
+        k: v for k, v in os.environ.items() if k.startswith("TASKKIT_") and k != "TASKKIT_TEST_RUN"
+    }
+    for name in saved:
+        del os.environ[name]
+    os.environ.update(values)
+    reset_settings()
+    worker = None
+    try:
+        upgraded = taskkit("db", "upgrade", cwd=root, env=clean_env(**values))
+        assert upgraded.returncode == 0, upgraded.stderr
+        worker = WorkerProcess("steer", root, app="tests.training.steerapp", env=values)
+        worker.wait_ready()
+        yield build()
+    finally:
+        if worker is not None:
+            worker.stop()
+        for name in values:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
+        reset_settings()
 
 
 app = build()

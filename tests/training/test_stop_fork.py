@@ -10,7 +10,6 @@ embedded defaults (taskkit+sqlite broker, SQLite database, checkpoints under TAS
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,11 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from taskkit.checkpoint import CheckpointStore
-from taskkit.config import reset_settings
 from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
 from taskkit.errors import CheckpointTampered, RunNotResumable, RunNotStoppable
 from taskkit.tasks import fork_run, load_model, resume_run, stop_run, submit_run
-from tests._support.commands import clean_env, taskkit
-from tests._support.workers import WorkerProcess, wait_for
+from tests._support.workers import wait_for
 from tests.training import steerapp
 
 KEY = "steering-tests-key-0123456789"
@@ -36,34 +33,8 @@ KEY = "steering-tests-key-0123456789"
 @pytest.fixture(scope="module")
 def steering(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Celery]:
     """A worker subprocess on a home of this module's own, and the same app in this process."""
-    root = tmp_path_factory.mktemp("steer")
-    home = root / "home"
-    values = {
-        "TASKKIT_HOME": str(home),
-        "TASKKIT_DATABASE_URL": f"sqlite:///{home / 'taskkit.db'}",
-        "TASKKIT_SECRET_KEY": KEY,
-        "TASKKIT_CHECKPOINT_KEEP_LAST": "50",
-        "TASKKIT_LEASE_TTL": "3",
-    }
-    saved = {
-        k: v for k, v in os.environ.items() if k.startswith("TASKKIT_") and k != "TASKKIT_TEST_RUN"
-    }
-    for name in saved:
-        del os.environ[name]
-    os.environ.update(values)
-    reset_settings()
-    upgraded = taskkit("db", "upgrade", cwd=root, env=clean_env(**values))
-    assert upgraded.returncode == 0, upgraded.stderr
-    worker = WorkerProcess("steer", root, app="tests.training.steerapp", env=values)
-    try:
-        worker.wait_ready()
-        yield steerapp.build()
-    finally:
-        worker.stop()
-        for name in values:
-            os.environ.pop(name, None)
-        os.environ.update(saved)
-        reset_settings()
+    with steerapp.steering_worker(tmp_path_factory.mktemp("steer"), KEY) as app:
+        yield app
 
 
 def row(run_id: int) -> ModelRun:
