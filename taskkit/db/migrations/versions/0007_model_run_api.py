@@ -31,9 +31,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("model_runs") as batch:
         batch.add_column(sa.Column("idempotency_key", sa.String(255), nullable=True))
-        batch.add_column(
-            sa.Column("stop_requested_at", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch.add_column(sa.Column("stop_requested_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("parent_run_id", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("parent_step", sa.Integer(), nullable=True))
         batch.create_unique_constraint("uq_model_runs_idempotency_key", ["idempotency_key"])
