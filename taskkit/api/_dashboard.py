@@ -59,6 +59,29 @@ templates = Jinja2Templates(
 
 router = APIRouter(include_in_schema=False)
 
+
+def _number(value: Any) -> Any:
+    """Floats to 4 significant digits; anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _when(moment: datetime | str | None) -> str:
+    """A time as ``2026-12-01 15:50:22 UTC`` (the database's and manifests' are UTC)."""
+    if moment is None or moment == "":
+        return "-"
+    if isinstance(moment, str):
+        try:
+            moment = datetime.fromisoformat(moment)
+        except ValueError:
+            return moment
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+templates.env.filters["number"] = _number
+templates.env.filters["when"] = _when
+
 #: Statuses in which a run still changes by itself (its page streams and refreshes).
 ACTIVE = ("created", "queued", "running", "retrying")
 
@@ -345,7 +368,11 @@ def dead_letters_page(
         }
         for letter in letters[:PAGE]
     ]
-    chosen = {key: value for key, value in filters.items() if value}
+    chosen: dict[str, Any] = {key: value for key, value in filters.items() if value}
+    what = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "every waiting letter"
+    if since:  # the replay endpoint has no "newer than": name the letters shown instead
+        chosen = {"ids": [row["id"] for row in rows if row["status"] == "dead"]}
+        what = f"the {len(chosen['ids'])} letters shown"
     return _page(
         request,
         "dead_letters.html",
@@ -361,7 +388,7 @@ def dead_letters_page(
         sinces=tuple(SINCE),
         # Batch replay sends what the filters select (every waiting letter when none is set).
         replay_body=json.dumps(chosen or {"all": True}),
-        replay_what=", ".join(f"{k}={v}" for k, v in chosen.items()) or "every waiting letter",
+        replay_what=what,
         depth=store.depth(),
     )
 

@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from taskkit.api import create_api
+from taskkit.api._breakers import register
 from taskkit.api._dashboard import CurvePoint, curve_points, status_label
 from taskkit.checkpoint import CheckpointStore
 from taskkit.config import get_settings, reset_settings
@@ -24,6 +25,7 @@ from taskkit.db.migrate import upgrade
 from taskkit.db.models import ModelRun, TrainingProgress
 from taskkit.db.session import get_engine, session_scope
 from taskkit.deadletter import DeadLetterStore
+from taskkit.recovery import CircuitBreaker
 from tests._support.letters import letter_entry
 
 TOKEN = "dashboard-test-token-0c1d2e"
@@ -276,6 +278,31 @@ def test_dead_letters_page_filters_and_offers_replay_and_discard(
     assert len(elements(recent.text, "data-letter")) == 2  # the 3-day-old one is left out
     assert "⊘ discarded" in everything.text
     assert client.get("/ui/dead-letters", params={"status": "bogus"}).status_code == 422
+    # "failed in the last day" has no replay filter: the batch button names the letters shown.
+    recent_dead = client.get("/ui/dead-letters", params={"since": "day"})
+    button = elements(recent_dead.text, "data-body")[0]
+    assert json.loads(str(button["data-body"])) == {"ids": ids[1:]}
+
+
+def test_breakers_page_shows_state_failures_and_a_reset_button(client: TestClient) -> None:
+    flaky = CircuitBreaker(name="predictor", failure_threshold=2, recovery_timeout=30)
+    calm = CircuitBreaker(name="http:db.internal", failure_threshold=5, recovery_timeout=10)
+    register(client.app, flaky)
+    register(client.app, calm)
+    for _ in range(2):
+        with pytest.raises(ZeroDivisionError):
+            flaky.call(lambda: 1 / 0)
+    with pytest.raises(ValueError):
+        calm.call(lambda: int("x"))
+
+    page = client.get("/ui/breakers")
+
+    rows = [str(r["data-breaker"]) for r in elements(page.text, "data-breaker")]
+    assert rows == ["http:db.internal", "predictor"]
+    assert "✗ open" in page.text
+    assert "✓ closed" in page.text
+    posts = [str(e["data-post"]) for e in elements(page.text, "data-post")]
+    assert posts == ["/breakers/http%3Adb.internal/reset", "/breakers/predictor/reset"]
 
 
 def test_status_label_is_a_symbol_and_a_word() -> None:

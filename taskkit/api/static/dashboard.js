@@ -165,7 +165,7 @@
   stream();
 
   function chart(name, points) {
-    const W = 320, H = 160, L = 48, B = 24, ns = "http://www.w3.org/2000/svg";
+    const W = 320, H = 170, L = 48, B = 24, T = 26, ns = "http://www.w3.org/2000/svg";
     const el = (tag, attrs, text) => {
       const node = document.createElementNS(ns, tag);
       for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
@@ -175,17 +175,17 @@
     const xs = points.map((p) => p.epoch), ys = points.map((p) => p[name]);
     const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
     const x = (v) => L + ((v - x0) / (x1 - x0 || 1)) * (W - L - 8);
-    const y = (v) => 8 + (1 - (v - y0) / (y1 - y0 || 1)) * (H - B - 8);
+    const y = (v) => T + (1 - (v - y0) / (y1 - y0 || 1)) * (H - B - T);
     const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "chart", "aria-label": `${name} by epoch, epochs ${x0} to ${x1}, from ${ys[0].toPrecision(4)} to ${ys.at(-1).toPrecision(4)}` });
     svg.append(
       el("title", {}, `${name} by epoch`),
       el("line", { x1: L, y1: H - B, x2: W - 8, y2: H - B, class: "axis" }),
-      el("line", { x1: L, y1: 8, x2: L, y2: H - B, class: "axis" }),
-      el("text", { x: L - 4, y: 14, "text-anchor": "end" }, y1.toPrecision(3)),
+      el("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" }),
+      el("text", { x: L - 4, y: T + 4, "text-anchor": "end" }, y1.toPrecision(3)),
       el("text", { x: L - 4, y: H - B, "text-anchor": "end" }, y0.toPrecision(3)),
       el("text", { x: L, y: H - 6 }, `epoch ${x0}`),
       el("text", { x: W - 8, y: H - 6, "text-anchor": "end" }, `${x1}`),
-      el("text", { x: (L + W) / 2, y: 18, "text-anchor": "middle", class: "label" }, name),
+      el("text", { x: (L + W) / 2, y: 16, "text-anchor": "middle", class: "label" }, name),
       el("polyline", { points: points.map((p) => `${x(p.epoch)},${y(p[name])}`).join(" "), class: "line" }),
       ...points.map((p) => el("circle", { cx: x(p.epoch), cy: y(p[name]), r: 2.5, class: "dot" })),
     );
