@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck bench bench-broker docs worker clean
+.PHONY: install browser demo test lint typecheck bench bench-broker docs worker clean
 
 # make worker APP=myproject.tasks CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info EVENTS=1
 APP ?= $(or $(TASKKIT_APP),workers.app)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -e '.[dev]' && touch $(STAMP)
+
+# Debian's Chromium, which the dashboard's browser test drives (tests/browser); needs root.
+browser:
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
 # A training run on the embedded defaults survives the SIGKILL of its worker (workers/demo.py).
 demo: $(STAMP)
