@@ -60,6 +60,7 @@ STATUS_STYLES = {
     "retrying": "yellow",
     "completed": "bold green",
     "failed": "bold red",
+    "stopped": "magenta",
 }
 
 #: The watch loop's clock and sleep; tests replace them (the loop reads them at each call).
@@ -361,7 +362,8 @@ def run_reported(db: Database, broker: str | None = None) -> Iterator[None]:
 
 
 def follow(run_id: int, db: Database, interval: float) -> None:
-    """``--watch``: follow the run until it ends; exit 0 completed, 1 failed, 130 Ctrl-C.
+    """``--watch``: follow the run until it ends; exit 0 completed, 1 failed or stopped, 130
+    Ctrl-C.
 
     Example::
 
@@ -373,3 +375,5 @@ def follow(run_id: int, db: Database, interval: float) -> None:
         raise fail(f"interrupted; run {run_id} goes on without you watching it", 130) from None
     if final.status == "failed":
         raise fail(f"run {run_id} failed: {final.error or 'no error message'}", 1)
+    if final.status == "stopped":
+        raise fail(f"run {run_id} was stopped; continue it with: taskkit resume {run_id}", 1)
