@@ -16,10 +16,10 @@ from taskkit.http._core import (
     COUNTED,
     IDEMPOTENT_METHODS,
     RETRIED,
-    Secrets,
     host_name,
     host_policy,
     is_retryable_status,
+    name_target,
     retry_after,
     retryable,
     safe_url,
@@ -28,9 +28,6 @@ from taskkit.http._core import (
 from taskkit.recovery import Budget, CircuitBreaker, CircuitState, Retrying
 
 __all__ = ["AsyncResilientClient", "ResilientClient"]
-
-#: Headers whose values are credentials: masked in every error message.
-_SECRET_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "cookie")
 
 
 class _Policy:
@@ -74,13 +71,6 @@ class _Policy:
             )
         self.retry_methods = frozenset(str(m).upper() for m in retry_methods)
         header_map = dict(headers or {})
-        secrets = [url.password or ""]
-        secrets += [str(v) for k, v in header_map.items() if k.lower() in _SECRET_HEADERS]
-        # "Bearer <token>": the token alone must be masked too.
-        secrets += [
-            str(v).split(" ", 1)[-1] for k, v in header_map.items() if k.lower() in _SECRET_HEADERS
-        ]
-        self.secrets = Secrets(secrets)
         # Credentials in the URL become Basic auth (unless an Authorization header is given),
         # so no request URL, nor any message built from one, holds them.
         self.auth: httpx.Auth | None = None
@@ -269,7 +259,7 @@ class ResilientClient:
         try:
             response = self._client.request(method, endpoint, **kwargs)
         except RETRIED as exc:
-            self._policy.secrets.annotate(exc)
+            name_target(exc)
             raise
         if response.status_code >= 400 and is_retryable_status(response.status_code):
             raise status_error(response, retry_after(response))
@@ -429,7 +419,7 @@ class AsyncResilientClient:
         try:
             response = await self._client.request(method, endpoint, **kwargs)
         except RETRIED as exc:
-            self._policy.secrets.annotate(exc)
+            name_target(exc)
             raise
         if response.status_code >= 400 and is_retryable_status(response.status_code):
             raise status_error(response, retry_after(response))

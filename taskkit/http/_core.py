@@ -4,7 +4,7 @@ breakers and budgets, and error messages without secrets."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -26,11 +26,11 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "RETRIED",
     "HostPolicy",
-    "Secrets",
     "breakers",
     "host_name",
     "host_policy",
     "is_retryable_status",
+    "name_target",
     "retry_after",
     "retryable",
     "safe_url",
@@ -125,32 +125,16 @@ def host_name(url: httpx.URL) -> str:
     return f"{url.host}:{url.port}" if url.port is not None else url.host
 
 
-class Secrets:
-    """Strings that must never appear in an error message: URL passwords, credentials."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: Iterable[str]) -> None:
-        # Short strings would blank out ordinary words of a message.
-        self.values = tuple(sorted({v for v in values if len(v) >= 4}, key=len, reverse=True))
-
-    def scrub(self, text: str) -> str:
-        text = mask_password(text)
-        for value in self.values:
-            text = text.replace(value, "***")
-        return text
-
-    def annotate(self, error: BaseException) -> None:
-        """Add the request's method and URL (without secrets) to a transport error's message,
-        and mask any secret in it, in place: its type and attributes stay."""
-        try:
-            request: httpx.Request = error.request  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):
-            target = ""
-        else:
-            target = f" ({request.method} {safe_url(request.url)})"
-        message = str(error.args[0]) if error.args else type(error).__name__
-        error.args = (self.scrub(message) + target, *error.args[1:])
+def name_target(error: BaseException) -> None:
+    """Add the request's method and URL (without user, password or query) to a transport
+    error's message, in place: its type and attributes stay, and the retry log line and the
+    final error say which host failed."""
+    try:
+        request: httpx.Request = error.request  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return
+    message = str(error.args[0]) if error.args else type(error).__name__
+    error.args = (f"{message} ({request.method} {safe_url(request.url)})", *error.args[1:])
 
 
 def status_error(response: httpx.Response, wait: float | None) -> httpx.HTTPStatusError:

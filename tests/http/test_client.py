@@ -271,14 +271,18 @@ def test_errors_and_logs_never_show_credentials(server, clock, caplog):
 @pytest.mark.parametrize(
     ("url", "options", "message"),
     [
-        ("ftp://host/x", {}, "base_url must be an http:// or https:// URL"),
+        ("ftp://u:pw-s3cret@host/x", {}, "base_url must be an http:// or https:// URL"),
         ("http://127.0.0.1:1", {"timeout": 0}, "timeout must be a number of seconds > 0"),
         ("http://127.0.0.1:1", {"max_attempts": 0}, "max_attempts"),
         ("http://127.0.0.1:1", {"retry_methods": "POST"}, "retry_methods must be a collection"),
-        ("http://127.0.0.1:1", {"redis_url": "http://x:pw@h"}, "redis_url must be a redis://"),
+        (
+            "http://127.0.0.1:1",
+            {"redis_url": "http://x:pw-s3cret@h"},
+            "redis_url must be a redis://",
+        ),
     ],
 )
 def test_bad_options_are_a_clear_error(url, options, message):
     with pytest.raises(ConfigurationError, match=message) as caught:
         ResilientClient(url, **options)
-    assert "pw" not in str(caught.value)
+    assert "s3cret" not in str(caught.value)
