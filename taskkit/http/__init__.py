@@ -18,6 +18,13 @@ Example::
 
 from __future__ import annotations
 
+try:
+    import httpx  # noqa: F401 - checked here, so the missing extra is named
+except ImportError as exc:
+    raise ImportError(
+        "taskkit.http needs httpx, which comes with the extra: pip install 'taskkit[api]'"
+    ) from exc
+
 from taskkit.http._client import AsyncResilientClient, ResilientClient
 from taskkit.http._core import breakers
 

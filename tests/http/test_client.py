@@ -6,6 +6,8 @@ backoff. The only real waits are the slow answers of the timeout tests (a fracti
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
@@ -286,3 +288,9 @@ def test_bad_options_are_a_clear_error(url, options, message):
     with pytest.raises(ConfigurationError, match=message) as caught:
         ResilientClient(url, **options)
     assert "s3cret" not in str(caught.value)
+
+
+def test_without_httpx_the_import_error_names_the_extra():
+    code = "import sys; sys.modules['httpx'] = None; import taskkit.http"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert "pip install 'taskkit[api]'" in done.stderr
