@@ -189,9 +189,11 @@ def check_run_id(run_id: int) -> None:
         raise RunNotFound(run_id)
 
 
-def read_run(run_id: int, database_url: str | None = None) -> RunView:
+def read_run(
+    run_id: int, database_url: str | None = None, *, lease_ttl: float | None = None
+) -> RunView:
     """Run ``run_id`` and its progress, read in one readonly session; ``RunNotFound`` if
-    absent.
+    absent. ``lease_ttl`` (default ``TASKKIT_LEASE_TTL``) is the stale rule's.
 
     Example::
 
@@ -211,7 +213,7 @@ def read_run(run_id: int, database_url: str | None = None) -> RunView:
         progress = session.scalars(
             select(TrainingProgress).filter_by(model_run_id=run_id)
         ).one_or_none()
-        return _view(run, progress, _lease_ttl())
+        return _view(run, progress, _lease_ttl() if lease_ttl is None else lease_ttl)
 
 
 def list_runs(
@@ -221,10 +223,12 @@ def list_runs(
     name: str | None = None,
     limit: int = 20,
     before_id: int | None = None,
+    lease_ttl: float | None = None,
 ) -> list[RunView]:
     """The newest ``limit`` runs, newest (highest id) first: with ``status`` and ``name`` only,
     when given, and only ids below ``before_id`` (the next page after a page whose last id it
     is: cursor paging, which neither skips nor repeats a run when new runs arrive meanwhile).
+    ``lease_ttl`` (default ``TASKKIT_LEASE_TTL``) is the stale rule's.
 
     Newest means highest id, not latest ``created_at``: ids only grow, and the order then
     follows the (name, id) index and the primary key, so a page costs the same at any depth.
@@ -251,6 +255,6 @@ def list_runs(
         query = query.where(ModelRun.name == name)
     if before_id is not None:
         query = query.where(ModelRun.id < before_id)
-    ttl = _lease_ttl()
+    ttl = _lease_ttl() if lease_ttl is None else lease_ttl
     with session_scope(database_url, readonly=True) as session:
         return [_view(run, progress, ttl) for run, progress in session.execute(query).all()]
