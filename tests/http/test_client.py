@@ -131,11 +131,12 @@ def test_a_retry_after_beyond_max_delay_gives_up_at_once_and_says_when(server, c
 
 
 def test_a_read_timeout_is_retried(server, clock):
-    server.fail(Reply(200, {"late": True}, delay=1.0))
+    server.fail(Reply(200, {"late": True}, delay=3.0))
     server.default = Reply(200, {"late": False})
-    with make(server.url, clock, timeout=0.2) as client:
+    # generous attempts: on a loaded machine a fast answer may miss the timeout too
+    with make(server.url, clock, timeout=0.5, max_attempts=5) as client:
         assert client.get("/slow") == {"late": False}
-    assert len(server.calls("/slow")) == 2
+    assert len(server.calls("/slow")) >= 2
 
 
 def test_connection_refused_is_retried_then_raises_connect_error(clock):
