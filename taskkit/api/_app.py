@@ -12,6 +12,8 @@ Decisions:
 - An error no endpoint answered is logged with its traceback and a request id; the client gets
   500 ``internal error, see the service log`` and that request id (also in ``X-Request-ID``),
   never the exception's text, which may hold a path, a query or a URL.
+- A request that does not validate is FastAPI's 422 (``detail``: the list of problems), with
+  a NaN or an infinity in the echoed input written as a string (JSON has neither).
 - ``BrokerUnavailable`` and ``DatabaseUnavailable``, wherever they come from, are 503 with
   their message (it names the service and host, never a password) and ``Retry-After: 5``.
 """
@@ -21,11 +23,14 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import os
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -78,6 +83,7 @@ def create_api(settings: Settings | None = None, celery_app: Any = None) -> Any:
             allow_credentials=False,
         )
     api.add_middleware(BodySizeLimit, limit=settings.api_max_body_bytes)
+    api.add_exception_handler(RequestValidationError, _invalid_request)
     api.add_exception_handler(BrokerUnavailable, _service_unavailable)
     api.add_exception_handler(DatabaseUnavailable, _service_unavailable)
     api.add_exception_handler(Exception, _internal_error)
@@ -115,13 +121,31 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, self._too_large())
+                    raise HTTPException(413, self._too_large())
             return message
 
         await self.app(scope, limited, send)
 
     def _too_large(self) -> str:
         return f"request body too large: at most {self.limit} bytes (TASKKIT_API_MAX_BODY_BYTES)"
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # FastAPI's own answer echoes the input, and NaN or an infinity there cannot be encoded
+    # as JSON: that 422 became a 500.
+    errors = jsonable_encoder(_finite(exc.errors()))
+    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 async def _service_unavailable(request: Request, exc: Exception) -> JSONResponse:

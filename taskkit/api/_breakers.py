@@ -62,7 +62,10 @@ class BreakerOut(BaseModel):
         description="Seconds it stays open before a probe (null: as failure_threshold)."
     )
     retry_after: float = Field(description="Seconds until an open breaker admits a probe.")
-    shared: bool = Field(description="Whether its state lives in Redis, shared by a fleet.")
+    shared: bool = Field(
+        description="Whether its state is in Redis, shared by a fleet (a shared breaker that "
+        "never failed has no state there yet)."
+    )
 
 
 class BreakersOut(BaseModel):
@@ -138,6 +141,8 @@ def _known(app: Any) -> dict[str, _Known]:
     configured = dict(_registry(app))
     for source in SOURCES:
         configured.update(source(app))
+    if url is not None and configured:
+        shared |= _stored(_storage(url), [n for n in configured if n not in shared])
     for name, breaker in configured.items():
         found[name] = _Known(breaker, configured=True, shared=name in shared)
     return dict(sorted(found.items()))
@@ -186,6 +191,19 @@ def _storage(url: str) -> RedisCircuitStorage:
 
     client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     return RedisCircuitStorage(client, prefix=SHARED_PREFIX)
+
+
+def _stored(storage: RedisCircuitStorage, names: list[str]) -> set[str]:
+    """Which of these breakers have a state in Redis (one round trip)."""
+    if not names:
+        return set()
+    try:
+        pipeline = storage.link.client.pipeline(transaction=False)
+        for name in names:
+            pipeline.exists(storage.keys(name)[0])
+        return {name for name, found in zip(names, pipeline.execute(), strict=True) if found}
+    except Exception:  # redis's errors: as in _shared_names
+        return set()
 
 
 def _shared_names(storage: RedisCircuitStorage) -> list[str]:
