@@ -17,6 +17,7 @@ test fails, unless ``TASKKIT_REQUIRE_SERVICES=0`` lets it skip.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -170,7 +171,9 @@ def test_an_operator_runs_kills_resumes_and_replays_from_the_dashboard(
 
     executable = chromium()
     url = home["TASKKIT_DATABASE_URL"]
-    env = {**os.environ, **home, "PYTHONPATH": str(REPO)}
+    # Nothing listens there: the predictor is down, and its breaker opens.
+    predictor = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, **home, "TASKKIT_PREDICTOR_URL": predictor, "PYTHONPATH": str(REPO)}
     problems: list[str] = []
     asked: list[str] = []
 
@@ -290,9 +293,16 @@ def test_an_operator_runs_kills_resumes_and_replays_from_the_dashboard(
                 )
                 assert store.get(letter.id).status == "replayed"
 
+                # -- the predictor's breaker, opened by a predictor that is down, reset -----
+                opened = open_predictor_breaker(service.url, _first_row())
                 page.click("nav >> text=Breakers")
-                expect(page.locator("h1")).to_contain_text("Circuit breakers")
+                breaker = page.locator(f'tr[data-breaker="{opened}"]')
+                expect(breaker).to_contain_text("✗ open")
                 page.screenshot(path=str(shots / "dashboard-breakers.png"))
+                page.once("dialog", lambda dialog: dialog.accept())
+                breaker.locator("button", has_text="Reset").click()
+                expect(page.locator("#notice")).to_contain_text(f"✓ breaker {opened} reset")
+                expect(breaker).to_contain_text("✓ closed", timeout=SHOWN)
 
                 # -- a phone's width --------------------------------------------------------
                 phone = watch(browser.new_page(viewport=PHONE))
@@ -315,6 +325,28 @@ def test_an_operator_runs_kills_resumes_and_replays_from_the_dashboard(
     assert not problems, problems
     assert not [asked_url for asked_url in asked if TOKEN in asked_url]
     assert "Traceback" not in service.log(), service.log()[-3000:]
+
+
+def open_predictor_breaker(service: str, row: dict[str, float]) -> str:
+    """POST /predict until the predictor's breaker is open (each answered by the local model);
+    returns the breaker's name."""
+    features = [row[f"f{i}"] for i in range(len(row))]
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    for _ in range(30):
+        request = urllib.request.Request(
+            f"{service}/predict",
+            data=json.dumps({"features": features}).encode(),
+            headers=headers,
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert json.load(answer)["source"] == "local_fallback"
+        with urllib.request.urlopen(f"{service}/breakers", timeout=30) as answer:
+            states = {b["name"]: b["state"] for b in json.load(answer)["breakers"]}
+        opened = [name for name, state in states.items() if state == "open"]
+        if opened:
+            return opened[0]
+    raise AssertionError(f"the predictor's breaker never opened: {states}")
 
 
 def _first_row() -> dict[str, Any]:
