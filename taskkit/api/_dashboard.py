@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,7 +73,7 @@ def _when(moment: datetime | str | None) -> str:
         try:
             moment = datetime.fromisoformat(moment)
         except ValueError:
-            return moment
+            return str(moment)
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -214,7 +214,7 @@ def run_page(
             request, "missing.html", "Not found", what=f"run {run_id} not found", status_code=404
         )
     now = datetime.now(UTC)
-    checkpoints = _checkpoints(view)
+    checkpoints, checkpoints_error = _checkpoints(view, request, settings)
     latest = (view.epoch, view.metrics) if view.epoch else None
     points = curve_points(((c["step"], c["metrics"]) for c in checkpoints), latest)
     names = sorted({key for point in points for key in point.metrics})
@@ -226,6 +226,7 @@ def run_page(
         run=row,
         view=view,
         checkpoints=checkpoints,
+        checkpoints_error=checkpoints_error,
         points=[{"epoch": p.epoch, **p.metrics} for p in points],
         metric_names=names,
         live=row["active"],
@@ -299,27 +300,24 @@ def _ago(moment: datetime | None, now: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _checkpoints(view: RunView) -> list[dict[str, Any]]:
-    """The run's kept checkpoints, oldest first (none when the store cannot be read)."""
-    from taskkit.checkpoint import CheckpointStore  # noqa: PLC0415 - the run page only
+def _checkpoints(
+    view: RunView, request: Request, settings: Settings
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The run's kept checkpoints, oldest first, read where ``GET /runs/{id}`` reads them (the
+    task's own store), and why they could not be read, if so."""
+    from taskkit.api._runs import _checkpoints as read  # noqa: PLC0415 - the run page only
 
-    if not view.uid:
-        return []
-    try:
-        with CheckpointStore(view.id, run_uid=view.uid) as store:
-            infos: Sequence[Any] = store.list()
-    except Exception:  # a page without checkpoints beats no page
-        return []
+    found, error = read(view, request, settings)
     return [
         {
             "step": info.step,
             "epoch": info.step + 1,
             "metrics": dict(info.metrics or {}),
-            "is_best": bool(info.is_best),
-            "created": getattr(info, "created_at", None),
+            "is_best": info.is_best,
+            "created": info.created_at,
         }
-        for info in sorted(infos, key=lambda info: info.step)
-    ]
+        for info in sorted(found, key=lambda info: info.step)
+    ], error
 
 
 #: The dead-letter page's time filter: its choices and how far back each reaches.
