@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test lint typecheck bench bench-broker docs worker clean
+.PHONY: install browser demo test lint typecheck bench bench-broker docs worker serve clean
 
 # make worker APP=myproject.tasks CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info EVENTS=1
 APP ?= $(or $(TASKKIT_APP),workers.app)
@@ -14,6 +14,9 @@ EVENTS ?=
 CONCURRENCY ?= 2
 QUEUES ?= celery
 LOGLEVEL ?= info
+# make serve HOST=0.0.0.0 PORT=8080 (beyond loopback it needs TASKKIT_API_TOKEN)
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 install: $(STAMP)
 
@@ -49,6 +52,10 @@ docs: $(STAMP)
 
 worker: $(STAMP)
 	$(BIN)/celery -A $(APP) worker --concurrency=$(CONCURRENCY) --queues=$(QUEUES) --loglevel=$(LOGLEVEL) $(if $(filter 1 true yes,$(EVENTS)),-E) $(ARGS)
+
+# The HTTP service and dashboard (taskkit.api) on http://$(HOST):$(PORT)/.
+serve: $(STAMP)
+	$(BIN)/taskkit serve --host $(HOST) --port $(PORT) --app $(APP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis site

@@ -2,9 +2,10 @@
 
 Decisions:
 
-- The service knows three kinds of breaker: those registered on the app (``register``: the
-  predictor's, ``http:<host>``, the resilient client's per-host one), those other modules list
-  through ``SOURCES`` (a function of the app returning breakers), and, when the service has a
+- The service knows three kinds of breaker: those registered on the app (``register``), those
+  other modules list through ``SOURCES`` (functions of the app returning breakers: the
+  predictor's, ``http:<host>``, and every per-host breaker of the process's
+  ``taskkit.http`` clients), and, when the service has a
   Redis (``shared_redis_url``: ``TASKKIT_LEASE_URL``, which defaults to a Redis broker or
   result backend), every breaker shared there by any process (``RedisCircuitStorage``'s keys,
   ``taskkit:circuit:{name}``). A shared breaker known only from Redis is read through a

@@ -228,7 +228,14 @@ def _predictor_breakers(app: Any) -> dict[str, CircuitBreaker]:
     return {} if client is None else {client.breaker.name: client.breaker}
 
 
-SOURCES.append(_predictor_breakers)
+def _http_breakers(app: Any) -> dict[str, CircuitBreaker]:
+    """The per-host breakers of every ``taskkit.http`` client of this process."""
+    from taskkit.http import breakers  # noqa: PLC0415 - httpx: loaded by a client already
+
+    return {breaker.name: breaker for breaker in breakers()}
+
+
+SOURCES.extend([_http_breakers, _predictor_breakers])
 
 
 async def _probe(app: Any, client: _PredictorClient) -> bool:

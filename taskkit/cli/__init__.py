@@ -1,12 +1,13 @@
 """The ``taskkit`` command: the typer app and ``main`` (the console script's entry point).
 
 One module per command group, each readable alone: ``db`` (migrations), ``runs`` (list, show,
-watch), ``train`` (``train`` and ``resume``), ``dlq`` (the dead-letter queue); ``_common``
-holds what they share (the consoles, ``--url``/``--app``, the database a command uses, the
-error lines and exit codes), ``_launch`` loads run configs and Celery apps, ``_runview`` reads
-and draws runs. Nothing heavy is imported to build the command tree: SQLAlchemy, the
-settings, Celery, the app and its task modules load inside the commands that use them, so
-``taskkit --help`` starts in a fraction of a second (``tests/cli/test_startup.py``).
+watch), ``train`` (``train`` and ``resume``), ``dlq`` (the dead-letter queue), ``serve`` (the
+HTTP service); ``_common`` holds what they share (the consoles, ``--url``/``--app``, the
+database a command uses, the error lines and exit codes), ``_launch`` loads run configs and
+Celery apps, ``_runview`` reads and draws runs. Nothing heavy is imported to build the command
+tree: SQLAlchemy, the settings, Celery, the app and its task modules load inside the commands
+that use them, so ``taskkit --help`` starts in a fraction of a second
+(``tests/cli/test_startup.py``).
 
 Every error is one line on stderr, ``error: ...`` (warnings: ``warning: ...``). The exit codes,
 which database and app a command uses, and examples: ``docs/cli.md``.
@@ -34,6 +35,7 @@ from taskkit.cli._common import err, out
 from taskkit.cli.db import db_app
 from taskkit.cli.dlq import dlq_app
 from taskkit.cli.runs import runs_app
+from taskkit.cli.serve import serve_app
 from taskkit.cli.train import train_app
 
 __all__ = ["app", "main"]
@@ -49,6 +51,7 @@ app.add_typer(train_app)  # train, resume: top-level commands
 app.add_typer(db_app, name="db")
 app.add_typer(runs_app, name="runs")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(serve_app)  # serve: a top-level command
 
 
 def _print_version(value: bool) -> None:

@@ -146,10 +146,7 @@ def test_the_breaker_opens_the_local_model_answers_and_a_probe_closes_it(
     assert recovered.json()["source"] == "external", recovered.json()
     assert recovered.json()["circuit_status"] == "closed"
     assert Predictor.hits[-2:] == ["/health", "/predict"]
-    assert client.get("/health").json() == {
-        "status": "healthy",
-        "circuits": {breaker_name: "CLOSED"},
-    }
+    assert client.get("/health").json()["circuits"][breaker_name] == "CLOSED"
 
 
 def test_the_predictor_breaker_is_shared_in_redis(

@@ -17,7 +17,7 @@ import taskkit
 from taskkit.cli import app
 
 CLI = Path(__file__).resolve().parents[2] / "taskkit" / "cli"
-COMMAND_MODULES = ("db", "runs", "dlq", "train")
+COMMAND_MODULES = ("db", "runs", "dlq", "train", "serve")
 #: Imported only by the commands that need them (``taskkit --help`` does without them).
 HEAVY = (
     "sqlalchemy",
@@ -35,6 +35,10 @@ HEAVY = (
     "taskkit.deadletter",
     "taskkit.checkpoint",
     "workers",
+    "fastapi",
+    "uvicorn",
+    "httpx",
+    "taskkit.api",
 )
 
 
@@ -86,6 +90,7 @@ def test_every_command_is_checked():
         "dlq replay",
         "dlq purge",
         "dlq depth",
+        "serve",
     }
 
 
