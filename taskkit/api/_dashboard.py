@@ -14,10 +14,11 @@ Decisions:
   POSTs to the JSON endpoint with ``Authorization: Bearer`` from a field the operator fills
   in. The token stays in the tab's ``sessionStorage``: never in a URL, a cookie or a page the
   service renders, and a form on another site cannot send that header (no CSRF).
-- Live: a run that can still change gets its ``/runs/{id}/events`` stream (Server-Sent Events)
-  for its progress bar; the parts of a page marked ``data-refresh`` are read again every few
-  seconds while a run on it can change, which is how a row turns stale: a dead worker sends no
-  event.
+- Live: a run that can still change gets its ``/runs/{id}/events`` stream (Server-Sent Events;
+  at most 4 a page, a browser opens 6 connections to a host) for its bar, epoch and curve; a
+  change of status or staleness, and every 3 seconds while a run on the page can change, reads
+  the parts of the page marked ``data-refresh`` again (the rows without a stream, heartbeats,
+  checkpoints).
 - The curve: ``training_progress`` keeps each run's latest epoch only, so the points are the
   epochs of the run's kept checkpoints (each manifest holds its epoch's metrics) and the
   latest progress; the script adds every epoch the stream reports while the page is open. A
