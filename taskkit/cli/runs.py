@@ -22,7 +22,6 @@ import re
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.markup import escape
 
 from taskkit._utils import mask_password
@@ -129,18 +128,20 @@ def _stop_command(
     out.print(f"continue it later with: taskkit resume {run_id}", highlight=False)
 
 
-def parse_setting(text: str) -> tuple[str, Any]:
+def _parse_setting(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with the value read as a YAML scalar (``0.001``, ``true``, ``null``,
     ``[1, 2]``; anything else is a string).
 
     Example::
 
-        parse_setting("alpha=1e-5")      # ('alpha', 1e-05)
+        _parse_setting("alpha=1e-5")     # ('alpha', 1e-05)
     """
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise CliError(f"--set {text!r}: expected KEY=VALUE (e.g. --set alpha=0.0001)", 2)
+    import yaml  # noqa: PLC0415 - `taskkit --help` starts without it
+
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -186,7 +187,7 @@ def _fork_command(
     the step) with config overrides, e.g. a lower learning rate; the parent is not changed."""
     db = database(url)
     with run_reported(db):
-        overrides = dict(parse_setting(item) for item in settings or ())
+        overrides = dict(_parse_setting(item) for item in settings or ())
         check_run_id(run_id)
         celery_app = load_app(app_spec)
         check_services(celery_app)

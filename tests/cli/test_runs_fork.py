@@ -120,6 +120,6 @@ def test_runs_fork_errors_are_one_line(steering: tuple[Celery, Path]) -> None:
     ],
 )
 def test_set_values_are_read_like_yaml_scalars(text: str, expected: object) -> None:
-    from taskkit.cli.runs import parse_setting
+    from taskkit.cli.runs import _parse_setting
 
-    assert parse_setting(text) == expected
+    assert _parse_setting(text) == expected
