@@ -360,13 +360,24 @@ def _store(view: RunView, request: Request, settings: Settings) -> Any:
 
 # -- GET /runs/{id}/events ---------------------------------------------------------------------
 
+_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["progress", "end"]},
+        "data": {"type": "string", "description": "JSON text"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
 
 @router.get(
     "/runs/{run_id}/events",
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            # OpenAPI 3.1: the schema of an event stream describes one event.
+            "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
             "description": "Events 'progress' (JSON data), then 'end' when the run ends.",
         },
         **_NOT_FOUND,
