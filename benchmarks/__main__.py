@@ -6,6 +6,7 @@ import datetime
 import pathlib
 
 from benchmarks import (
+    bench_api,
     bench_batch,
     bench_broker,
     bench_checkpoint,
@@ -28,6 +29,7 @@ SECTIONS = [
     bench_batch,
     bench_outage,
     bench_cli,
+    bench_api,
 ]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 

@@ -1,0 +1,417 @@
+"""schemathesis against ``create_api()``'s OpenAPI schema (issue 16, must-show "schemathesis").
+
+Every operation of the schema, with schema-conforming (positive) and schema-violating (negative)
+requests, in process (ASGI) on a migrated SQLite database under a temp ``TASKKIT_HOME``: the
+Celery app sends to the embedded broker there and nothing consumes it. Checked for every answer:
+
+- no 5xx, and no exception out of the app (the generic handler would answer 500);
+- the answer conforms to the schema (body and content type, for the documented status codes);
+- every 4xx says why: ``detail`` is a non-empty string, or a non-empty list of validation errors
+  each with a non-empty ``msg``;
+- a rejected request changes nothing: for a 4xx, every row of the watched tables is as before;
+- a mutating request without a token, or with a wrong one, is refused (401 for a well-formed
+  one) and changes nothing, before the same request is sent with the valid token.
+
+Bounded: ``TASKKIT_SCHEMATHESIS_EXAMPLES`` examples per operation and mode (default 25), no
+shrinking (a failure is reported as generated, with a curl line to replay it), a read timeout on
+every call (an event stream of a run that never ends is cut there, as a browser would leave).
+Ids of seeded rows are used as path parameters for part of the examples, so the found paths
+(replay a dead letter, resume a failed run, fork from a checkpoint) are reached, not only 404s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis.errors import FailureGroup
+from schemathesis.generation.modes import GenerationMode
+from sqlalchemy import text
+
+from taskkit.api import create_api
+from taskkit.config import Settings, get_settings, reset_settings
+
+EXAMPLES = int(os.environ.get("TASKKIT_SCHEMATHESIS_EXAMPLES", "25"))
+TOKEN = "schemathesis-token-5f1c0e7a"
+SECRET_KEY = "schemathesis-secret-key-16b"
+#: What a rejected request must leave as it was.
+WATCHED = (
+    "model_runs",
+    "training_progress",
+    "checkpoints",
+    "dead_letters",
+    "batches",
+    "batch_items",
+    "predictions",
+)
+#: Seconds a call may take; an event stream is cut there (its events so far are kept).
+READ_TIMEOUT = 5.0
+STREAM_TIMEOUT = 1.0
+CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    schemathesis.checks.response_schema_conformance,
+    schemathesis.checks.content_type_conformance,
+]
+
+
+def _guarded(dependant: Any) -> bool:
+    from taskkit.api._auth import require_token
+
+    return any(d.call is require_token or _guarded(d) for d in dependant.dependencies)
+
+
+def _violable(operation: dict[str, Any]) -> bool:
+    # Any string is a valid path segment: a path of string parameters alone cannot be violated.
+    return "requestBody" in operation or any(
+        p["in"] != "path" or p.get("schema", {}).get("type") != "string"
+        for p in operation.get("parameters", [])
+    )
+
+
+def _cases() -> list[Any]:
+    """(method, path, guarded, mode) of every operation of the app itself, so an endpoint added
+    later is covered without editing this; negative mode only where there is something to
+    violate (a parameter or a body)."""
+    from fastapi.routing import APIRoute
+
+    def api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+        for route in routes:
+            if isinstance(route, APIRoute):
+                yield route
+            inner = getattr(route, "original_router", None)  # FastAPI 0.16x includes lazily
+            if inner is not None:
+                yield from api_routes(inner.routes)
+
+    api = create_api(Settings(api_token=TOKEN))
+    spec = api.openapi()
+    cases = []
+    for route in api_routes(api.routes):
+        if not route.include_in_schema:
+            continue
+        for method in sorted(route.methods):
+            operation = spec["paths"].get(route.path_format, {}).get(method.lower())
+            if operation is None:
+                continue
+            modes = [GenerationMode.POSITIVE]
+            if _violable(operation):
+                modes.append(GenerationMode.NEGATIVE)
+            guarded = _guarded(route.dependant)
+            cases += [
+                pytest.param(method, route.path_format, guarded, mode,
+                             id=f"{method} {route.path_format} {mode}")
+                for mode in modes
+            ]  # fmt: skip
+    return cases
+
+
+@dataclass
+class Service:
+    api: Any
+    settings: Settings
+    schema: Any
+    #: Values of seeded rows by path parameter type, to reach found paths.
+    known: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def _settle_env(home: Path) -> dict[str, str]:
+    return {
+        "TASKKIT_HOME": str(home),
+        "TASKKIT_CHECKPOINT_DIR": str(home / "checkpoints"),
+        "TASKKIT_SECRET_KEY": SECRET_KEY,
+        "TASKKIT_API_TOKEN": TOKEN,
+    }
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from taskkit.db.migrate import upgrade
+    from taskkit.db.session import dispose_engines
+
+    home = tmp_path_factory.mktemp("schemathesis-home")
+    with pytest.MonkeyPatch.context() as env:
+        for name in (
+            "TASKKIT_DATABASE_URL",
+            "TASKKIT_BROKER_URL",
+            "TASKKIT_RESULT_BACKEND",
+            "TASKKIT_LEASE_URL",
+            "TASKKIT_PREDICTOR_URL",
+            "TASKKIT_API_CORS_ORIGINS",
+        ):
+            env.delenv(name, raising=False)
+        for name, value in _settle_env(home).items():
+            env.setenv(name, value)
+        reset_settings()
+        try:
+            settings = get_settings()
+            upgrade(settings.database_url)
+            celery_app = _celery_app(settings)
+            known = _seed(settings, celery_app)
+            api = create_api(settings, celery_app)
+            schema = schemathesis.openapi.from_asgi("/openapi.json", api)
+            yield Service(api=api, settings=settings, schema=schema, known=known)
+        finally:
+            dispose_engines()
+            reset_settings()
+
+
+def _celery_app(settings: Settings) -> Any:
+    from taskkit.tasks import ResilientTask, TrainingTask, create_app
+
+    app = create_app("tkschema", settings=settings)
+
+    @app.task(base=ResilientTask, bind=True, name="tkschema.work")
+    def work(self: Any, item: Any = None) -> Any:  # pragma: no cover - nothing consumes
+        return item
+
+    @app.task(base=TrainingTask, bind=True, name="tkschema.train")
+    def train(self: Any, model_run_id: int, config: dict[str, Any]) -> Any:  # pragma: no cover
+        return None
+
+    return app
+
+
+def _seed(settings: Settings, celery_app: Any) -> dict[str, list[Any]]:
+    """Terminal runs (one completed with a model and checkpoints, one failed), dead letters of
+    a registered task (one per batch item and one of a whole task), a batch."""
+    from taskkit.checkpoint import CheckpointStore
+    from taskkit.db.models import Batch, BatchItem, DeadLetter, ModelRun, TrainingProgress
+    from taskkit.db.session import session_scope
+    from taskkit.tasks._runs import mark_completed
+
+    now = datetime.now(UTC)
+    with session_scope(settings.database_url) as db:
+        runs = [
+            ModelRun(
+                name="baseline",
+                model_type="sgd",
+                config={"epochs": 3, "learning_rate": 0.1},
+                status="completed",
+                task_name="tkschema.train",
+                accuracy=0.91,
+                started_at=now - timedelta(minutes=5),
+            ),
+            ModelRun(
+                name="broken",
+                model_type="sgd",
+                config={"epochs": 3},
+                status="failed",
+                task_name="tkschema.train",
+                error_message="ValueError: bad learning rate",
+                started_at=now - timedelta(minutes=4),
+                completed_at=now - timedelta(minutes=3),
+            ),
+        ]
+        db.add_all(runs)
+        db.flush()
+        for run, epoch in zip(runs, (3, 1), strict=True):
+            db.add(
+                TrainingProgress(
+                    model_run_id=run.id,
+                    status="completed" if epoch == 3 else "failed",
+                    current_epoch=epoch,
+                    total_epochs=3,
+                    progress_percentage=100.0 * epoch / 3,
+                    metrics={"loss": 0.5 / epoch, "epoch": epoch},
+                )
+            )
+        run_ids, uids = [r.id for r in runs], [r.uid for r in runs]
+        db.add(Batch(id="batch-1", task_name="tkschema.work", total=2, chunks=1))
+        db.add_all(
+            [
+                BatchItem(batch_id="batch-1", item_key="a", status="done"),
+                BatchItem(batch_id="batch-1", item_key="b", status="dead"),
+            ]
+        )
+        letters = [
+            DeadLetter(
+                task_name="tkschema.work",
+                batch_id="batch-1",
+                item_key="b",
+                payload={"id": "b"},
+                error_type="KeyError",
+                error_message="'price'",
+                traceback="Traceback (most recent call last):\nKeyError: 'price'\n",
+                attempts=3,
+            ),
+            DeadLetter(
+                task_name="tkschema.work",
+                payload={"args": [1], "kwargs": {}},
+                error_type="ValueError",
+                error_message="no such thing",
+                traceback="Traceback (most recent call last):\nValueError: no such thing\n",
+                attempts=1,
+            ),
+        ]
+        db.add_all(letters)
+        db.flush()
+        letter_ids = [letter.id for letter in letters]
+    for step in range(3):
+        with CheckpointStore(run_ids[0], run_uid=uids[0], keep_last=5) as store:
+            store.save({"weights": [0.1 * step] * 4}, step=step, metrics={"loss": 1.0 / (step + 1)})
+    mark_completed(run_ids[0], _model(), 0.91, database_url=settings.database_url)
+    return {"integer": sorted({*run_ids, *letter_ids}), "string": ["batch-1", "tkschema.work"]}
+
+
+def _model() -> Any:
+    """A fitted scikit-learn model on 4 features: what the local fallback of /predict loads."""
+    import numpy as np
+    from sklearn.linear_model import LinearRegression
+
+    features = np.arange(40, dtype=float).reshape(10, 4)
+    return LinearRegression().fit(features, features.sum(axis=1))
+
+
+def _snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    from taskkit.db.session import get_engine
+
+    with get_engine(url).connect() as connection:
+        return {
+            table: sorted(
+                (
+                    tuple(map(repr, row))
+                    for row in connection.execute(text(f"SELECT * FROM {table}"))
+                ),
+            )
+            for table in WATCHED
+        }
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    return [table for table in WATCHED if before[table] != after[table]]
+
+
+def _clear_message(response: Any) -> str | None:
+    """Why a 4xx answer does not say why it refused, or None when it does."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"not JSON: {response.text[:200]!r}"
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, str) and detail.strip():
+        return None
+    if (
+        isinstance(detail, list)
+        and detail
+        and all(isinstance(e, dict) and str(e.get("msg", "")).strip() for e in detail)
+    ):
+        return None
+    return f"no clear detail: {json.dumps(body)[:300]}"
+
+
+def _strategy(operation: Any, mode: GenerationMode, known: dict[str, list[Any]]) -> Any:
+    """The operation's cases, and as many again whose path parameters name seeded rows."""
+    generated = operation.as_strategy(mode)
+    names = {p.name: p.definition.get("schema", {}).get("type") for p in operation.path_parameters}
+    if not names or mode is GenerationMode.NEGATIVE:
+        return generated
+    choices = [known.get(kind or "string", []) for kind in names.values()]
+    if not all(choices):
+        return generated
+    fixed = st.fixed_dictionaries(
+        {name: st.sampled_from(values) for name, values in zip(names, choices, strict=True)}
+    )
+    return st.one_of(
+        generated, fixed.flatmap(lambda params: operation.as_strategy(mode, path_parameters=params))
+    )
+
+
+class Findings:
+    """Failures of one operation, one line each, de-duplicated by what went wrong."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, str] = {}
+        self.statuses: dict[int, int] = {}
+
+    def add(self, kind: str, case: Any, answer: str) -> None:
+        if kind in self.lines:
+            return
+        try:
+            curl = case.as_curl_command(headers={"Authorization": "Bearer $TOKEN"})
+        except Exception:  # the case itself may be what cannot be written as a command
+            curl = f"{case.method} {case.formatted_path} body={case.body!r}"
+        self.lines[kind] = f"{kind}: {answer}\n    {curl}"
+
+
+def _call(case: Any, headers: dict[str, str], findings: Findings, label: str) -> Any:
+    timeout = STREAM_TIMEOUT if case.path.endswith("/events") else READ_TIMEOUT
+    try:
+        return case.call(headers=headers, timeout=timeout)
+    except Exception as exc:  # what the app raised: its generic handler answered 500
+        findings.add(f"{label}: raised {type(exc).__name__}", case, str(exc).splitlines()[0][:300])
+        return None
+
+
+def _exercise(
+    case: Any, service: Service, findings: Findings, mode: GenerationMode, *, guarded: bool
+) -> None:
+    url = service.settings.database_url
+    if guarded:
+        for label, headers in (
+            ("no token", {}),
+            ("wrong token", {"Authorization": "Bearer not-" + TOKEN}),
+        ):
+            before = _snapshot(url)
+            response = _call(case, headers, findings, label)
+            if response is None:
+                continue
+            changed = _changed(before, _snapshot(url))
+            if changed:
+                findings.add(f"{label}: wrote {changed}", case, str(response.status_code))
+            expected = {401} if mode is GenerationMode.POSITIVE else set(range(400, 500))
+            if response.status_code not in expected:
+                findings.add(f"{label}: answered {response.status_code}", case, response.text[:300])
+    before = _snapshot(url)
+    response = _call(case, {"Authorization": f"Bearer {TOKEN}"}, findings, "token")
+    if response is None:
+        return
+    status = response.status_code
+    findings.statuses[status] = findings.statuses.get(status, 0) + 1
+    try:
+        case.validate_response(response, checks=CHECKS)
+    except FailureGroup as group:
+        for failure in group.exceptions:
+            summary = " ".join(str(failure.message).split())[:400]
+            findings.add(
+                f"{status}: {failure.title}", case, f"{summary}; body {response.text[:200]}"
+            )
+    if 400 <= status < 500:
+        reason = _clear_message(response)
+        if reason:
+            findings.add(f"{status} without a message", case, reason)
+        changed = _changed(before, _snapshot(url))
+        if changed:
+            findings.add(f"{status} but wrote {changed}", case, response.text[:300])
+
+
+@pytest.mark.parametrize(("method", "path", "guarded", "mode"), _cases())
+def test_schema(
+    service: Service, method: str, path: str, guarded: bool, mode: GenerationMode
+) -> None:
+    operation = service.schema[path][method]
+    findings = Findings()
+
+    @given(case=_strategy(operation, mode, service.known))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        phases=(Phase.explicit, Phase.generate),
+        suppress_health_check=list(HealthCheck),
+    )
+    def exercise(case: Any) -> None:
+        _exercise(case, service, findings, mode, guarded=guarded)
+
+    exercise()
+    assert not findings.lines, (
+        f"{method} {path} ({mode}), answers {findings.statuses}:\n"
+        + "\n".join(findings.lines.values())
+    )
