@@ -92,7 +92,8 @@ class ModelRun(Base):
     name: Mapped[str] = mapped_column(String(255))
     model_type: Mapped[str] = mapped_column(String(100))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    #: created, queued, running, retrying, completed, failed (free text: the seed uses others).
+    #: created, queued, running, retrying, completed, failed, stopped (free text: the seed uses
+    #: others).
     status: Mapped[str] = mapped_column(String(32), default="created")
     #: The Celery task id of the latest attempt, when a task runs it.
     task_id: Mapped[str | None] = mapped_column(String(255))
