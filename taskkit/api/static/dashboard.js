@@ -89,6 +89,12 @@
   // -- live runs ---------------------------------------------------------------------------------
   const streams = new Map();
   function stream() {
+    for (const [id, source] of streams) {
+      if (!document.querySelector(`[data-stream][data-run="${id}"]`)) {
+        source.close(); // finished or stale: the refresh shows it from here
+        streams.delete(id);
+      }
+    }
     for (const row of document.querySelectorAll("[data-stream]")) {
       const id = row.dataset.run;
       if (streams.has(id) || streams.size >= 4) continue; // a browser opens 6 connections per host
