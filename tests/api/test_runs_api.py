@@ -102,6 +102,8 @@ def test_runs_filter_by_status_and_name(client: TestClient, db_url: str) -> None
         ({"limit": 0}, 422, "limit"),
         ({"limit": 501}, 422, "limit"),
         ({"status": "x" * 33}, 422, "status"),
+        ({"status": "a\x00"}, 422, "status"),
+        ({"name": "\x00"}, 422, "name"),
     ],
 )
 def test_bad_paging_is_a_clear_4xx(

@@ -242,6 +242,9 @@ def test_train_needs_the_token_and_makes_nothing_without_it(
         ({"name": "x" * 256}, {}, "name"),
         ({"model_type": ""}, {}, "model_type"),
         ({}, {"Idempotency-Key": "k" * 256}, "idempotency-key"),
+        ({"name": "a\x00b"}, {}, "NUL character"),
+        ({"data": {"paths": ["ok", "bad\x00"]}}, {}, "NUL character"),
+        ({"k\x00": 1}, {}, "NUL character"),
     ],
 )
 def test_a_bad_request_is_a_clear_422_and_makes_nothing(
