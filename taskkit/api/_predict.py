@@ -283,30 +283,42 @@ class LocalModel:
         self.database_url = database_url
         self.refresh = refresh
         self.clock = clock
-        self._loaded: tuple[float, int | None, Any] | None = None
+        #: (when, database url, run id, model) of the last look in the database.
+        self._loaded: tuple[float, str, int | None, Any] | None = None
         self._lock = threading.Lock()
 
     def current(self) -> tuple[int, Any]:
         """``(run id, model)`` of the newest completed run (cached, see the class)."""
+        url = self.database_url or _default_database()
         loaded = self._loaded
         now = self.clock()
-        if loaded is None or now - loaded[0] >= self.refresh:
+        if not self._usable(loaded, url, now):
             with self._lock:
                 loaded = self._loaded
-                if loaded is None or now - loaded[0] >= self.refresh:
-                    url = self.database_url or _default_database()
-                    run_id, model = _load_newest(url, loaded)
-                    loaded = self._loaded = (now, run_id, model)
-        if loaded[1] is None:
+                if not self._usable(loaded, url, now):
+                    same = loaded if loaded is not None and loaded[1] == url else None
+                    run_id, model = _load_newest(url, None if same is None else same[2:])
+                    loaded = self._loaded = (now, url, run_id, model)
+        assert loaded is not None
+        if loaded[2] is None:
             raise RuntimeError("no completed training run has a model")
-        return loaded[1], loaded[2]
+        return loaded[2], loaded[3]
+
+    def forget(self) -> None:
+        """Drop the cached model: the next prediction looks in the database again."""
+        self._loaded = None
+
+    def _usable(self, loaded: tuple[Any, ...] | None, url: str, now: float) -> bool:
+        return loaded is not None and loaded[1] == url and now - loaded[0] < self.refresh
 
     def fresh(self) -> tuple[int, Any] | None:
         """``(run id, model)`` when the cached model needs no look in the database, else None."""
         loaded = self._loaded
-        if loaded is None or loaded[1] is None or self.clock() - loaded[0] >= self.refresh:
+        if loaded is None or loaded[2] is None or self.clock() - loaded[0] >= self.refresh:
             return None
-        return loaded[1], loaded[2]
+        if self.database_url is not None and loaded[1] != self.database_url:
+            return None
+        return loaded[2], loaded[3]
 
     def predict(self, features: list[float]) -> Any:
         """The model's prediction for one row of features (a plain Python value)."""
@@ -354,8 +366,8 @@ def _load_newest(database_url: str, cached: tuple[Any, ...] | None) -> tuple[int
     )
     with session_scope(database_url, readonly=True) as session:
         candidates = list(session.scalars(query.limit(5)))
-    if cached is not None and cached[1] is not None and candidates[:1] == [cached[1]]:
-        return cached[1], cached[2]
+    if cached is not None and cached[0] is not None and candidates[:1] == [cached[0]]:
+        return cached[0], cached[1]
     for run_id in candidates:
         try:
             return run_id, load_model(run_id, database_url=database_url)

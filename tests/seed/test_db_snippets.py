@@ -6,9 +6,8 @@ Recovery"), the database half of ``ml_pipeline`` ("Model Training with Error Han
 ``complete_app`` ("FastAPI App with Full Error Recovery"). Every check of what was stored reads
 it back with a fresh session, so it sees only what was committed.
 
-Not tested: the complete app's ``POST /train``. Its body imports the training task
-(``app.tasks.training_tasks``, mapped to ``workers.training``), which a later issue builds; until
-then every call to it ends in ``ModuleNotFoundError``.
+The complete app's ``POST /train`` runs in ``tests/api/test_seed_app.py``: its training task
+(``app.tasks.training_tasks``, mapped to ``tests.api.seedtasks``) needs a worker.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Copied from the seed (usage-examples.md, "Complete Application Example": "FastAPI App with Full Error Recovery"); only
-import lines changed. The training task the /train endpoint imports (app.tasks.training_tasks) does not exist
-yet: the import is mapped to workers.training, where a later issue builds it."""
+import lines changed. The training task the /train endpoint imports (app.tasks.training_tasks) is mapped to
+tests.api.seedtasks: a real TrainingTask on the Redis broker (tests/api/test_seed_app.py runs it in a worker)."""
 
 from fastapi import FastAPI, Depends, HTTPException, BackgroundTasks
 from sqlalchemy.orm import Session
@@ -49,7 +49,7 @@ async def start_training(
         model_run_id = model_run.id
 
     # Start training task
-    from workers.training import train_model_task
+    from tests.api.seedtasks import train_model_task
     background_tasks.add_task(
         train_model_task.delay,
         model_run_id,
