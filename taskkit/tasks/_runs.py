@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import uuid
@@ -509,8 +510,8 @@ def resume_runs_without_trainer(
     app: Any, lease_alive: Any, *, database_url: str | None = None
 ) -> list[int]:
     """Re-enqueue every ``running``/``retrying`` run whose trainer is provably gone
-    (``lease_alive`` false); returns their ids. Used at worker start on brokers that never
-    redeliver a dead worker's message.
+    (``lease_alive`` false; one asked to stop is marked ``stopped`` instead); returns their
+    ids. Used at worker start on brokers that never redeliver a dead worker's message.
 
     Example::
 
@@ -519,14 +520,18 @@ def resume_runs_without_trainer(
     with session_scope(database_url) as session:
         candidates = list(
             session.execute(
-                select(ModelRun.id, ModelRun.task_name).where(
+                select(ModelRun.id, ModelRun.task_name, ModelRun.stop_requested_at).where(
                     ModelRun.status.in_(("running", "retrying"))
                 )
             ).all()
         )
     resumed = []
-    for run_id, task_name in candidates:
+    for run_id, task_name, stop_requested_at in candidates:
         if lease_alive(run_id, task_name):
+            continue
+        if stop_requested_at is not None:  # asked to stop: it is, rather than trained again
+            with contextlib.suppress(RunNotStoppable, RunNotFound):
+                stop_run(run_id, lease_alive=lambda *_: False, database_url=database_url)
             continue
         try:
             resume_run(app, run_id, require_checkpoint=False, database_url=database_url)

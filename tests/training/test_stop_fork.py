@@ -202,3 +202,20 @@ def test_the_copy_of_a_checkpoint_keeps_its_bytes_under_the_forks_identity(tmp_p
     assert (copied.metrics, copied.is_best) == ({"loss": 0.5}, True)
     assert copied.sha256 == source.latest().sha256  # type: ignore[union-attr]
     assert target.load_latest().state == {"w": [1, 2, 3]}  # type: ignore[union-attr]
+
+
+def test_a_run_asked_to_stop_whose_worker_died_is_stopped_not_resumed(steering: Celery) -> None:
+    from taskkit.tasks._runs import resume_runs_without_trainer
+
+    with session_scope() as db:
+        run = ModelRun(
+            name="orphan", model_type="sgd", config={}, status="running", task_name=steerapp.TASK
+        )
+        db.add(run)
+        db.flush()
+        run_id = run.id
+    assert stop_run(run_id, lease_alive=lambda *_: True) == "stopping"
+
+    assert resume_runs_without_trainer(steering, lambda *_: False) == []
+
+    assert row(run_id).status == "stopped"
