@@ -2,8 +2,8 @@
 service (uvicorn in a subprocess, with a token) and a worker (a subprocess), on the embedded
 defaults in a temp ``TASKKIT_HOME``.
 
-From the pages alone, as an operator would: type the token, submit a run with the New run
-form and watch its progress bar move over the event stream; the worker is SIGKILLed as a whole
+From the pages alone, as an operator would: a New run without the token sends nothing, with
+a wrong one shows the service's 401 and makes no run; with the token, submit a run with the form and watch its progress bar move over the event stream; the worker is SIGKILLed as a whole
 mid-run and the row turns stale; the run is resumed with its Resume button, a new worker takes
 it and the page shows it completed, with its curve; a dead letter is replayed with its Replay
 button and the worker stores the prediction it had failed to make. No script error on any
@@ -152,6 +152,15 @@ def run_row(url: str, run_id: int) -> ModelRun:
         engine.dispose()
 
 
+def run_count(url: str) -> int:
+    engine = create_engine_for(url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(ModelRun)).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def predictions(url: str, run_id: int, key: str) -> int:
     engine = create_engine_for(url)
     try:
@@ -204,13 +213,24 @@ def test_an_operator_runs_kills_resumes_and_replays_from_the_dashboard(
             try:
                 page = watch(browser.new_page(viewport=DESKTOP))
                 page.goto(service.url + "/")
-                page.fill("#token", TOKEN)
 
                 # -- a run submitted from the page, followed live -------------------------
                 page.click("#new-run-panel summary")
                 page.fill("#new-run input[name=name]", "browser-run")
                 page.fill("#new-run input[name=epochs]", "40")
                 page.fill("#new-run textarea[name=config]", '{"seed": 3, "epoch_pause": 0.25}')
+                page.click("#new-run button[type=submit]")  # no token yet: nothing is sent
+                expect(page.locator("#notice")).to_contain_text("Type the API token")
+                page.fill("#token", "not-the-token")
+                page.click("#new-run button[type=submit]")
+                expect(page.locator("#notice")).to_contain_text(
+                    "✗ 401: missing or wrong bearer token"
+                )
+                refused = [p for p in problems if "401" in p]
+                assert refused, problems  # the refused POST /train, and nothing else
+                problems[:] = [p for p in problems if p not in refused]
+                assert run_count(url) == 0
+                page.fill("#token", TOKEN)
                 page.click("#new-run button[type=submit]")
                 expect(page.locator("#notice")).to_contain_text("queued", timeout=SHOWN)
                 notice = page.locator("#notice").inner_text()
