@@ -154,8 +154,11 @@ class FakeDeadLetterStore(DeadLetterStore):
         status: str | None = "dead",
         ids: Sequence[int] | None = None,
         limit: int | None = None,
+        newest_first: bool = False,
+        before_id: int | None = None,
     ) -> builtins.list[DeadLetter]:
-        """Letters matching every filter given, oldest failure first (as the real store)."""
+        """Letters matching every filter given, oldest failure first; ``newest_first`` and
+        ``before_id``: by id, newest first, below that id (as the real store)."""
         now = self.clock()
         wanted = None if ids is None else {int(i) for i in ids}
 
@@ -169,6 +172,7 @@ class FakeDeadLetterStore(DeadLetterStore):
                 and (wanted is None or letter.id in wanted)
                 and (older_than is None or age > older_than)
                 and (newer_than is None or age < newer_than)
+                and (before_id is None or letter.id < before_id)
             )
 
         with self._lock:  # a worker thread may be recording
@@ -177,6 +181,8 @@ class FakeDeadLetterStore(DeadLetterStore):
             (letter for letter in letters if matches(letter)),
             key=lambda letter: (_aware(letter.last_failed_at), letter.id),
         )
+        if newest_first or before_id is not None:
+            found.sort(key=lambda letter: letter.id, reverse=True)
         return found if limit is None else found[:limit]
 
     def depth(self, status: str = "dead") -> dict[str, int]:

@@ -69,6 +69,16 @@ def test_the_dead_letter_fake_records_updates_counts_discards_and_purges():
     assert store.list(status=None) == []
 
 
+def test_the_dead_letter_fake_pages_newest_first_as_the_store_does():
+    store = FakeDeadLetterStore()
+    for item in "abcd":
+        store.record([entry(item=item)])
+    ids = [letter.id for letter in store.list()]
+
+    assert [x.id for x in store.list(newest_first=True, limit=3)] == ids[:0:-1]
+    assert [x.id for x in store.list(before_id=ids[1])] == [ids[0]]
+
+
 def whole_task_failure(task_id: str | None) -> DeadLetterEntry:
     return DeadLetterEntry(
         "jobs.fetch", {"args": [1], "kwargs": {}}, "ValueError", "bad", task_id=task_id
