@@ -134,7 +134,14 @@ class _Policy:
         return f"{cls}({safe_url(self.base_url)!r}, breaker={self.breaker.name!r})"
 
 
-_DOC_OPTIONS = """
+class ResilientClient:
+    """An HTTP client for a dependency that fails: timeouts, retries, a breaker per host.
+
+    ``get``/``post`` are the seed's ``ExternalAPIClient`` (parsed JSON back, ``use_circuit``)
+    and ``probe`` its ``ExternalMLService.health_check``; ``request`` returns the
+    ``httpx.Response``. One ``httpx.Client`` (connection pool) serves every call: create the
+    client once and reuse it, and ``close()`` it (or use ``with``).
+
     Options (keyword-only):
 
     - ``timeout=10.0``: seconds for each of connect, read, write and pool wait (httpx's
@@ -175,20 +182,7 @@ _DOC_OPTIONS = """
       ``taskkit_attempts`` attribute ``retry`` adds. Messages name the method and
       ``scheme://host:port/path``, never the query string, the URL's password or credential
       headers. A password in ``base_url`` is sent as Basic auth.
-"""
 
-
-class ResilientClient:
-    __doc__ = (
-        """An HTTP client for a dependency that fails: timeouts, retries, a breaker per host.
-
-    ``get``/``post`` are the seed's ``ExternalAPIClient`` (parsed JSON back, ``use_circuit``)
-    and ``probe`` its ``ExternalMLService.health_check``; ``request`` returns the
-    ``httpx.Response``. One ``httpx.Client`` (connection pool) serves every call: create the
-    client once and reuse it, and ``close()`` it (or use ``with``).
-"""
-        + _DOC_OPTIONS
-        + """
     Example::
 
         with ResilientClient("https://ml-api.example.com", timeout=5.0) as client:
@@ -198,7 +192,6 @@ class ResilientClient:
             if client.breaker.state is CircuitState.OPEN and client.probe("/health"):
                 ...  # healthy again: the probe closed the breaker
     """
-    )
 
     def __init__(
         self,
@@ -344,22 +337,20 @@ class ResilientClient:
 
 
 class AsyncResilientClient:
-    __doc__ = (
-        """``ResilientClient`` for asyncio: the same options and behaviour, awaited.
+    """``ResilientClient`` for asyncio: the same options and behaviour, awaited.
 
     Waits between retries use ``asyncio.sleep`` (or the injected ``sleep``, which may return
     an awaitable). A breaker kept in Redis is read with the synchronous Redis client (one
     short round trip per call, bounded by a 0.5 s socket timeout).
-"""
-        + _DOC_OPTIONS
-        + """
+
+    Options and decisions: as ``ResilientClient``; ``transport`` is an async one.
+
     Example::
 
         async with AsyncResilientClient("https://ml-api.example.com") as client:
             answer = await client.post("/predict", {"features": [1.0, 2.0]})
             healthy = await client.probe()
     """
-    )
 
     def __init__(
         self,
