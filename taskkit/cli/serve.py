@@ -95,8 +95,7 @@ def _build(host: str, app_spec: str, log_level: str) -> Any:
         from taskkit.api import create_api  # noqa: PLC0415
     except ImportError as exc:
         raise CliError(
-            f"taskkit serve needs the api extra ({exc.name} is missing): "
-            "pip install 'taskkit[api]'"
+            f"taskkit serve needs the api extra ({exc.name} is missing): pip install 'taskkit[api]'"
         ) from None
     from taskkit.cli._launch import load_app  # noqa: PLC0415
 
