@@ -295,3 +295,24 @@ def test_without_httpx_the_import_error_names_the_extra():
     code = "import sys; sys.modules['httpx'] = None; import taskkit.http"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert "pip install 'taskkit[api]'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "12"}, 12.0),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:30 GMT"}, 30.0),  # from the local clock
+        ({"Retry-After": "Wed, 21 Oct 2015 07:27:00 GMT"}, 0.0),  # in the past
+        ({"Retry-After": "soon"}, None),  # malformed: the backoff applies
+        ({"Retry-After": "-5"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_values(headers, expected):
+    from datetime import UTC, datetime
+
+    from taskkit.http._core import retry_after
+
+    response = httpx.Response(503, headers=headers)
+    now = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)
+    assert retry_after(response, now=lambda: now) == expected
