@@ -1,4 +1,5 @@
-"""The dashboard's pages as the service renders them, from a real (SQLite) database: runs with
+"""The dashboard's pages as the service renders them, from a real database (SQLite and
+PostgreSQL): runs with
 status words, stale markers and live rows; a run with its curve, checkpoints, error and the
 buttons its status allows; dead letters with filters and tracebacks; breakers; escaping; and
 the token never in a page. The browser drives them in tests/browser."""
@@ -15,15 +16,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
 from taskkit.api import create_api
 from taskkit.api._breakers import register
 from taskkit.api._dashboard import CurvePoint, curve_points, status_label
 from taskkit.checkpoint import CheckpointStore
 from taskkit.config import get_settings, reset_settings
-from taskkit.db.migrate import upgrade
 from taskkit.db.models import ModelRun, TrainingProgress
-from taskkit.db.session import get_engine, session_scope
+from taskkit.db.session import session_scope
 from taskkit.deadletter import DeadLetterStore
 from taskkit.recovery import CircuitBreaker
 from tests._support.letters import letter_entry
@@ -33,9 +34,12 @@ TTL = 5
 
 
 @pytest.fixture
-def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A migrated SQLite database as the service's, checkpoints under ``tmp_path``."""
-    database = f"sqlite:///{tmp_path / 'taskkit.db'}"
+def url(
+    db_url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The test database (SQLite, then PostgreSQL; emptied after) as the service's,
+    checkpoints under ``tmp_path``."""
+    database = db_url
     values = {
         "TASKKIT_HOME": str(tmp_path / "home"),
         "TASKKIT_DATABASE_URL": database,
@@ -47,7 +51,6 @@ def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     reset_settings()
-    upgrade(get_engine(database))
     yield database
     reset_settings()
 
