@@ -1,7 +1,8 @@
 """The dashboard's pages as the service renders them, from a real database (SQLite and
 PostgreSQL): runs with status words, stale markers and live rows; a run with its curve,
 checkpoints, error and the buttons its status allows; dead letters with filters and
-tracebacks; breakers; escaping; and the token never in a page. The browser drives them in tests/browser."""
+tracebacks; breakers; escaping; and the token never in a page. The browser drives them in
+tests/browser."""
 
 from __future__ import annotations
 
