@@ -3,11 +3,14 @@ service (uvicorn in a subprocess, with a token) and a worker (a subprocess), on 
 defaults in a temp ``TASKKIT_HOME``.
 
 From the pages alone, as an operator would: a New run without the token sends nothing, with
-a wrong one shows the service's 401 and makes no run; with the token, submit a run with the form and watch its progress bar move over the event stream; the worker is SIGKILLed as a whole
+a wrong one shows the service's 401 and makes no run; with the token, submit a run with the
+form and watch its progress bar move over the event stream; the worker is SIGKILLed as a whole
 mid-run and the row turns stale; the run is resumed with its Resume button, a new worker takes
 it and the page shows it completed, with its curve; a dead letter is replayed with its Replay
-button and the worker stores the prediction it had failed to make. No script error on any
-page; the token never appears in a URL the browser asked for.
+button and the worker stores the prediction it had failed to make; the predictor's breaker,
+opened by a predictor that is down, is reset with its Reset button. No script error and no
+4xx/5xx on any page (but the one refused on purpose); the token never appears in a URL the
+browser asked for, nor does the service log a traceback.
 
 Screenshots of every page at 1280x800 and at a phone width go to ``TASKKIT_SCREENSHOTS``
 (``docs/img`` regenerates the docs' pictures) or the test's temp folder. Chromium is
