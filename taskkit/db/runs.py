@@ -29,7 +29,7 @@ from taskkit._utils import fits_row_id
 from taskkit.errors import RunNotFound
 
 if TYPE_CHECKING:
-    from sqlalchemy import Select
+    from taskkit.db.models import ModelRun, TrainingProgress
 
 __all__ = ["FINAL", "RunView", "check_run_id", "list_runs", "read_run"]
 
@@ -132,93 +132,43 @@ class RunView:
         return None
 
 
-#: What a view reads of a run and of its progress row (columns, not ORM objects: a page of
-#: runs costs a fraction of loading the entities).
-_RUN_COLUMNS = (
-    "id",
-    "name",
-    "status",
-    "task_id",
-    "task_name",
-    "error_message",
-    "created_at",
-    "started_at",
-    "completed_at",
-    "updated_at",
-    "final_score",
-    "heartbeat_at",
-    "uid",
-    "model_type",
-    "accuracy",
-    "stop_requested_at",
-    "parent_run_id",
-    "parent_step",
-    "config",
-)
-_PROGRESS_COLUMNS = (
-    "id",
-    "status",
-    "current_epoch",
-    "total_epochs",
-    "progress_percentage",
-    "metrics",
-    "message",
-    "updated_at",
-)
-
-
-def _select() -> Select[Any]:
-    """Runs with their progress rows (``p_<column>``, all None for a run without one)."""
-    from sqlalchemy import select  # noqa: PLC0415 - the data layer loads for reading only
-
-    from taskkit.db.models import ModelRun, TrainingProgress  # noqa: PLC0415
-
-    columns = [getattr(ModelRun, name) for name in _RUN_COLUMNS] + [
-        getattr(TrainingProgress, name).label(f"p_{name}") for name in _PROGRESS_COLUMNS
-    ]
-    return (
-        select(*columns)
-        .select_from(ModelRun)
-        .outerjoin(TrainingProgress, TrainingProgress.model_run_id == ModelRun.id)
-    )
-
-
-def _view(row: Any, lease_ttl: float) -> RunView:
-    has_progress = row.p_id is not None
-    configured = (row.config or {}).get("epochs")
-    total = row.p_total_epochs
+def _view(run: ModelRun, progress: TrainingProgress | None, lease_ttl: float) -> RunView:
+    configured = (run.config or {}).get("epochs")
+    total = progress.total_epochs if progress is not None else None
     if total is None and isinstance(configured, int) and not isinstance(configured, bool):
         total = configured
-    percent = row.p_progress_percentage if has_progress else 0.0
-    if row.status == "completed":
+    percent = progress.progress_percentage if progress is not None else 0.0
+    if run.status == "completed":
         percent = 100.0
-    updated = [stamp for stamp in (row.updated_at, row.p_updated_at) if stamp is not None]
+    updated = [run.updated_at] if run.updated_at is not None else []
+    if progress is not None and progress.updated_at is not None:
+        updated.append(progress.updated_at)
     return RunView(
-        id=row.id,
-        name=row.name,
-        status=row.status,
-        task_id=row.task_id,
-        task_name=row.task_name,
-        error=row.error_message,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        completed_at=row.completed_at,
+        id=run.id,
+        name=run.name,
+        status=run.status,
+        task_id=run.task_id,
+        task_name=run.task_name,
+        error=run.error_message,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        completed_at=run.completed_at,
         updated_at=max(updated) if updated else None,
-        final_score=row.final_score,
-        epoch=row.p_current_epoch,
+        final_score=run.final_score,
+        epoch=progress.current_epoch if progress is not None else None,
         total_epochs=total,
         percent=float(percent or 0.0),
-        metrics=dict(row.p_metrics or {}),
-        heartbeat_at=row.heartbeat_at,
+        metrics=dict(progress.metrics or {}) if progress is not None else {},
+        heartbeat_at=run.heartbeat_at,
         lease_ttl=lease_ttl,
-        uid=row.uid,
-        model_type=row.model_type,
-        accuracy=row.accuracy,
-        stop_requested_at=row.stop_requested_at,
-        parent_run_id=row.parent_run_id,
-        parent_step=row.parent_step,
-        progress_status=row.p_status,
-        message=row.p_message,
+        uid=run.uid,
+        model_type=run.model_type,
+        accuracy=run.accuracy,
+        stop_requested_at=run.stop_requested_at,
+        parent_run_id=run.parent_run_id,
+        parent_step=run.parent_step,
+        progress_status=progress.status if progress is not None else None,
+        message=progress.message if progress is not None else None,
     )
 
 
@@ -250,15 +200,20 @@ def read_run(
         view = read_run(7)
         print(view.status, f"{view.percent:.0f}%", "stale" if view.stale else "")
     """
-    from taskkit.db.models import ModelRun  # noqa: PLC0415
+    from sqlalchemy import select  # noqa: PLC0415 - the data layer loads for reading only
+
+    from taskkit.db.models import ModelRun, TrainingProgress  # noqa: PLC0415
     from taskkit.db.session import session_scope  # noqa: PLC0415
 
     check_run_id(run_id)
     with session_scope(database_url, readonly=True) as session:
-        row = session.execute(_select().where(ModelRun.id == run_id)).one_or_none()
-    if row is None:
-        raise RunNotFound(run_id)
-    return _view(row, _lease_ttl() if lease_ttl is None else lease_ttl)
+        run = session.get(ModelRun, run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        progress = session.scalars(
+            select(TrainingProgress).filter_by(model_run_id=run_id)
+        ).one_or_none()
+        return _view(run, progress, _lease_ttl() if lease_ttl is None else lease_ttl)
 
 
 def list_runs(
@@ -283,10 +238,17 @@ def list_runs(
         page = list_runs(status="failed", limit=50)
         more = list_runs(status="failed", limit=50, before_id=page[-1].id)
     """
-    from taskkit.db.models import ModelRun  # noqa: PLC0415
+    from sqlalchemy import select  # noqa: PLC0415 - the data layer loads for reading only
+
+    from taskkit.db.models import ModelRun, TrainingProgress  # noqa: PLC0415
     from taskkit.db.session import session_scope  # noqa: PLC0415
 
-    query = _select().order_by(ModelRun.id.desc()).limit(limit)
+    query = (
+        select(ModelRun, TrainingProgress)
+        .outerjoin(TrainingProgress, TrainingProgress.model_run_id == ModelRun.id)
+        .order_by(ModelRun.id.desc())
+        .limit(limit)
+    )
     if status is not None:
         query = query.where(ModelRun.status == status)
     if name is not None:
@@ -295,5 +257,4 @@ def list_runs(
         query = query.where(ModelRun.id < before_id)
     ttl = _lease_ttl() if lease_ttl is None else lease_ttl
     with session_scope(database_url, readonly=True) as session:
-        rows = session.execute(query).all()
-    return [_view(row, ttl) for row in rows]
+        return [_view(run, progress, ttl) for run, progress in session.execute(query).all()]
