@@ -240,6 +240,7 @@ CURATED = {
     "taskkit.cli.db": {"db_app"},
     "taskkit.cli.dlq": {"dlq_app", "letter_panel", "letter_record", "letters_table", "parse_age"},
     "taskkit.cli.runs": {"runs_app"},
+    "taskkit.cli.serve": {"is_loopback", "serve_app"},
     "taskkit.cli.train": {"train_app"},
     "taskkit.contrib": set(),
     "taskkit.broker": {"SCHEME", "Channel", "Transport"},
