@@ -7,7 +7,8 @@ Decisions:
   ``{"features": [...]}`` through ``taskkit.http.ResilientClient``, whose per-host breaker
   (``http:<host>``, shared in Redis when the service has one: ``shared_redis_url``) is the
   one ``/health`` and ``/breakers`` show. Its answer must be a JSON object with a
-  ``prediction``; anything else counts as a failure.
+  ``prediction`` whose other fields fit ``PredictResponse`` (``confidence`` a number...);
+  anything else is answered by the local model, with the reason.
 - While the breaker is open, the predictor's ``/health`` is probed at most once every
   ``PROBE_INTERVAL`` seconds (``app.state.predict_probe_interval``): a healthy answer closes
   the breaker early (the seed's ``ExternalMLService``) and this request goes out again.
@@ -36,7 +37,7 @@ from typing import Annotated, Any, Literal, Protocol, cast
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from taskkit._utils import mask_password
 from taskkit.api._breakers import SOURCES, register, shared_redis_url
@@ -95,7 +96,7 @@ class PredictResponse(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    prediction: float | int | str | list[Any]
+    prediction: JsonValue
     source: Literal["external", "local_fallback"] | None = None
     circuit_status: Literal["closed", "open", "half_open", "none"] | None = None
     fallback_reason: str | None = None
@@ -140,10 +141,17 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
         result = await run_in_threadpool(client.post, "/predict", {"features": features})
         if not isinstance(result, dict) or "prediction" not in result:
             raise ValueError("the external predictor's answer has no 'prediction'")
+        answer = {**result, "source": "external", "circuit_status": breaker.state.value}
+        PredictResponse.model_validate(answer)
+    except ValidationError as exc:
+        # Answering it would be a 500: it counts as a failed call (not against the breaker).
+        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        reason = f"the external predictor's answer does not fit: {problem}"
+        return await _local(app, features, breaker.state.value, reason)
     except Exception as exc:
         reason = mask_password(" ".join(str(exc).split()) or type(exc).__name__)
         return await _local(app, features, breaker.state.value, reason)
-    return {**result, "source": "external", "circuit_status": breaker.state.value}
+    return answer
 
 
 async def _local(app: Any, features: list[float], circuit: str, reason: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class Predictor(http.server.BaseHTTPRequestHandler):
 
     failing = False
     hits: list[str] = []
+    answer: dict[str, Any] = {"prediction": 42, "confidence": 0.99}
 
     def _answer(self, body: dict[str, Any]) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -48,7 +49,7 @@ class Predictor(http.server.BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def do_POST(self) -> None:
-        self._answer({"prediction": 42, "confidence": 0.99})
+        self._answer(self.answer)
 
     def do_GET(self) -> None:
         self._answer({"status": "ok"})
@@ -60,6 +61,7 @@ class Predictor(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def predictor(redis_client: redis.Redis) -> Iterator[str]:
     Predictor.failing, Predictor.hits = False, []
+    Predictor.answer = {"prediction": 42, "confidence": 0.99}
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Predictor)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -169,6 +171,28 @@ def test_the_predictor_breaker_is_shared_in_redis(
     reset = client.post(f"/breakers/{breaker_name}/reset", headers=AUTH)
     assert reset.json()["state"] == "closed"
     assert redis_client.hget(f"taskkit:circuit:{{{breaker_name}}}", "state") is None
+
+
+def test_an_external_answer_that_does_not_fit_is_answered_locally_not_a_500(
+    api_settings: Settings, predictor: str
+):
+    run_id, _ = completed_run(api_settings.database_url)
+    client = TestClient(create_api(api_settings.model_copy(update={"predictor_url": predictor})))
+    Predictor.answer = {"prediction": {"label": "churn", "scores": [0.1, 0.9]}, "extra": [1]}
+    structured = client.post("/predict", json={"features": FEATURES}).json()
+    assert structured["source"] == "external"  # any JSON prediction, extra fields kept
+    assert structured["prediction"] == {"label": "churn", "scores": [0.1, 0.9]}
+    assert structured["extra"] == [1]
+
+    Predictor.answer = {"prediction": 1, "confidence": "high"}
+    response = client.post("/predict", json={"features": FEATURES})
+
+    assert response.status_code == 200
+    answer = response.json()
+    assert (answer["source"], answer["model_run_id"]) == ("local_fallback", run_id)
+    assert answer["fallback_reason"].startswith(
+        "the external predictor's answer does not fit: confidence: "
+    )
 
 
 def test_without_a_predictor_the_local_model_answers(api_settings: Settings):
