@@ -227,7 +227,11 @@ def _client(app: Any) -> _PredictorClient | None:
 def _make_client(url: str, redis_url: str | None) -> _PredictorClient:
     from taskkit.http import ResilientClient  # noqa: PLC0415 - httpx: only with a predictor
 
-    client: _PredictorClient = ResilientClient(url, timeout=PREDICT_TIMEOUT, redis_url=redis_url)
+    # Two attempts, as the seed's predict: a request waits for one retry at most (a POST is
+    # retried only when it never reached the predictor).
+    client: _PredictorClient = ResilientClient(
+        url, timeout=PREDICT_TIMEOUT, max_attempts=2, redis_url=redis_url
+    )
     return client
 
 
