@@ -43,16 +43,6 @@ from taskkit.config import Settings, get_settings, reset_settings
 EXAMPLES = int(os.environ.get("TASKKIT_SCHEMATHESIS_EXAMPLES", "25"))
 TOKEN = "schemathesis-token-5f1c0e7a"
 SECRET_KEY = "schemathesis-secret-key-16b"
-#: What a rejected request must leave as it was.
-WATCHED = (
-    "model_runs",
-    "training_progress",
-    "checkpoints",
-    "dead_letters",
-    "batches",
-    "batch_items",
-    "predictions",
-)
 #: Seconds a call may take; an event stream is cut there (its events so far are kept).
 READ_TIMEOUT = 5.0
 STREAM_TIMEOUT = 1.0
@@ -271,22 +261,25 @@ def _model() -> Any:
 
 
 def _snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    from taskkit.db.models import Base
     from taskkit.db.session import get_engine
 
+    # Every table of the models (a table added later is watched too): a rejected request must
+    # leave each row as it was.
     with get_engine(url).connect() as connection:
         return {
-            table: sorted(
+            table.name: sorted(
                 (
                     tuple(map(repr, row))
-                    for row in connection.execute(text(f"SELECT * FROM {table}"))
+                    for row in connection.execute(text(f"SELECT * FROM {table.name}"))
                 ),
             )
-            for table in WATCHED
+            for table in Base.metadata.sorted_tables
         }
 
 
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    return [table for table in WATCHED if before[table] != after[table]]
+    return [table for table in before if before[table] != after.get(table)]
 
 
 def _clear_message(response: Any) -> str | None:
