@@ -8,7 +8,7 @@ Celery app sends to the embedded broker there and nothing consumes it. Checked f
 - the answer conforms to the schema (body and content type, for the documented status codes);
 - every 4xx says why: ``detail`` is a non-empty string, or a non-empty list of validation errors
   each with a non-empty ``msg``;
-- a rejected request changes nothing: for a 4xx, every row of the watched tables is as before;
+- a rejected request changes nothing: for a 4xx, every row of every table is as before;
 - a mutating request without a token, or with a wrong one, is refused (401 for a well-formed
   one) and changes nothing, before the same request is sent with the valid token.
 
