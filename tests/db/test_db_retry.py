@@ -192,14 +192,22 @@ def test_postgres_deadlock_is_retried(pg_schema_url: str, pg_db: Session):
     attempts: list[str] = []
     errors: list[BaseException] = []
 
+    committed = {"a": threading.Event(), "b": threading.Event()}
+
     @db_retry(max_attempts=3, sleep=lambda s: None)
     def touch(db: Session, first: str, second: str) -> None:
         attempts.append(first)
+        if attempts.count(first) > 1:
+            # The retry waits for the survivor to commit: retrying at once could take row
+            # `first` again before the survivor got it and deadlock a second time (seen under
+            # load: 4 attempts).
+            committed[second].wait(10)
         db.execute(update(Dataset).where(Dataset.name == first).values(description=first))
         if attempts.count(first) == 1:
             barrier.wait()  # both hold their first row lock: each now waits for the other
         db.execute(update(Dataset).where(Dataset.name == second).values(description=first))
         db.commit()
+        committed[first].set()
 
     def worker(first: str, second: str) -> None:
         try:
