@@ -307,6 +307,7 @@ TABLES = (
     "checkpoints",
     "predictions",
     "datasets",
+    "training_epochs",
     "training_progress",
     "model_runs",
 )

@@ -130,6 +130,7 @@ CURATED = {
         "DeadLetter",
         "ModelRun",
         "Prediction",
+        "TrainingEpoch",
         "TrainingProgress",
     },
     "taskkit.db.session": {
@@ -147,7 +148,7 @@ CURATED = {
         "schema_status",
         "upgrade",
     },
-    "taskkit.db.runs": {"FINAL", "RunView", "check_run_id", "list_runs", "read_run"},
+    "taskkit.db.runs": {"FINAL", "RunView", "check_run_id", "list_runs", "read_epochs", "read_run"},
     "taskkit.db.classify": {
         "describe_database",
         "driver_message",

@@ -19,10 +19,10 @@ Decisions:
   change of status or staleness, and every 3 seconds while a run on the page can change, reads
   the parts of the page marked ``data-refresh`` again (the rows without a stream, heartbeats,
   checkpoints).
-- The curve: ``training_progress`` keeps each run's latest epoch only, so the points are the
-  epochs of the run's kept checkpoints (each manifest holds its epoch's metrics) and the
-  latest progress; the script adds every epoch the stream reports while the page is open. A
-  finished run with the default retention (last 3, best 1) shows those epochs, not all.
+- The curve: every epoch of the run's history (``training_epochs``, the latest ``CURVE_EPOCHS``
+  of a longer run), and the latest progress; the script adds each ``epoch`` event of the
+  stream while the page is open. A run trained before the history existed has no rows: its
+  points are then the epochs of its kept checkpoints (each manifest holds its epoch's metrics).
 - Status is a word and a symbol, colour only helps: ``✓ completed``, ``⚠ stale``.
 """
 
@@ -43,10 +43,10 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from taskkit.api._deps import service_settings
 from taskkit.config import Settings
-from taskkit.db.runs import RunView, list_runs, read_run
+from taskkit.db.runs import RunView, list_runs, read_epochs, read_run
 from taskkit.errors import RunNotFound
 
-__all__ = ["CurvePoint", "curve_points", "router", "status_label"]
+__all__ = ["CURVE_EPOCHS", "CurvePoint", "curve_points", "router", "status_label"]
 
 _HERE = Path(__file__).parent
 _STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
@@ -103,6 +103,9 @@ _SYMBOLS = {
     "half_open": "◐",
 }
 
+#: Epochs a run's curve shows at most: the latest ones (the page carries every point).
+CURVE_EPOCHS = 5000
+
 #: Rows a page shows at most (runs and dead letters).
 PAGE = 50
 
@@ -134,25 +137,26 @@ class CurvePoint:
 
 
 def curve_points(
-    checkpoints: Iterable[tuple[int, Mapping[str, Any]]],
+    epochs: Iterable[tuple[int, Mapping[str, Any]]],
     latest: tuple[int, Mapping[str, Any]] | None = None,
 ) -> list[CurvePoint]:
-    """The points of a run's curve, by epoch: one per checkpoint ``(step, metrics)`` and the
-    ``latest`` progress ``(epoch, metrics)``, finite numbers only (``best_score``, a running
-    best, is left out: it is not that epoch's value). The latest progress wins over a
-    checkpoint of the same epoch. Epochs are 1-based, as ``runs`` shows them (a checkpoint's
-    step is the 0-based epoch it was taken after).
+    """The points of a run's curve, by epoch: one per ``(epoch, metrics)`` of ``epochs`` and
+    the ``latest`` progress ``(epoch, metrics)``, finite numbers only (``best_score``, a
+    running best, is left out: it is not that epoch's value). An entry of ``epochs`` wins over
+    the latest progress of the same epoch (the history row is that epoch's own report).
+    Epochs are 1-based, as ``runs`` shows them (the history's epochs are; a checkpoint's
+    0-based step ``s`` is epoch ``s + 1``).
 
     Example::
 
-        curve_points([(0, {"loss": 0.9}), (1, {"loss": 0.7})], latest=(3, {"loss": 0.5}))
+        curve_points([(1, {"loss": 0.9}), (2, {"loss": 0.7})], latest=(3, {"loss": 0.5}))
         # [CurvePoint(1, {'loss': 0.9}), CurvePoint(2, {'loss': 0.7}), CurvePoint(3, ...)]
     """
     by_epoch: dict[int, dict[str, float]] = {}
-    for step, metrics in checkpoints:
-        by_epoch[int(step) + 1] = _numbers(metrics)
+    for epoch, metrics in epochs:
+        by_epoch[int(epoch)] = _numbers(metrics)
     if latest is not None and latest[0] > 0:
-        by_epoch[int(latest[0])] = _numbers(latest[1])
+        by_epoch.setdefault(int(latest[0]), _numbers(latest[1]))
     return [CurvePoint(epoch, metrics) for epoch, metrics in sorted(by_epoch.items()) if metrics]
 
 
@@ -217,7 +221,10 @@ def run_page(
     now = datetime.now(UTC)
     checkpoints, checkpoints_error = _checkpoints(view, request, settings)
     latest = (view.epoch, view.metrics) if view.epoch else None
-    points = curve_points(((c["step"], c["metrics"]) for c in checkpoints), latest)
+    history = read_epochs(run_id, settings.database_url, limit=CURVE_EPOCHS, latest=True)
+    if not history:  # trained before the history existed: its kept checkpoints' epochs
+        history = [(c["epoch"], c["metrics"]) for c in checkpoints]
+    points = curve_points(history, latest)
     names = sorted({key for point in points for key in point.metrics})
     row = _run_row(view, now)
     return _page(

@@ -1,7 +1,7 @@
 """The pydantic answer models the endpoint modules share (so the OpenAPI schema is exact).
 
 Runs: ``RunSummary`` (a row of ``GET /runs``), ``RunOut`` (``GET /runs/{id}``), its
-``ProgressOut`` and ``CheckpointOut``; ``TrainOut`` (``POST /train``), ``ModelOut``
+``ProgressOut``, ``CheckpointOut`` and ``EpochOut``; ``TrainOut`` (``POST /train``), ``ModelOut``
 (``GET /models/{id}``), ``RunPage`` (a page of runs and the cursor of the next), ``Problem``
 (every error answer: ``{"detail": "..."}``). ``run_summary``/``run_out`` build them from a
 ``taskkit.db.runs.RunView``.
@@ -18,6 +18,7 @@ from taskkit.db.runs import RunView
 
 __all__ = [
     "CheckpointOut",
+    "EpochOut",
     "ModelOut",
     "Problem",
     "ProgressOut",
@@ -75,6 +76,13 @@ class CheckpointOut(BaseModel):
     metrics: dict[str, Any]
 
 
+class EpochOut(BaseModel):
+    """One epoch of the run's history: its number (1-based, epochs done) and its metrics."""
+
+    epoch: int
+    metrics: dict[str, Any]
+
+
 class RunSummary(BaseModel):
     """A run as ``GET /runs`` lists it."""
 
@@ -111,6 +119,11 @@ class RunOut(RunSummary):
     checkpoints: list[CheckpointOut]
     checkpoints_error: str | None = Field(
         None, description="Why the checkpoints could not be listed, when they could not."
+    )
+    epochs: list[EpochOut] = Field(
+        default_factory=list,
+        description="The run's epochs, oldest first: the latest 1000 of a longer run "
+        "(GET /runs/{id}/events sends them all).",
     )
 
 
@@ -162,8 +175,9 @@ def run_out(
     checkpoints: list[CheckpointOut],
     checkpoints_error: str | None = None,
     now: datetime | None = None,
+    epochs: list[EpochOut] | None = None,
 ) -> RunOut:
-    """The ``GET /runs/{id}`` answer of ``view`` and its checkpoints.
+    """The ``GET /runs/{id}`` answer of ``view``, its checkpoints and its ``epochs``.
 
     Example::
 
@@ -185,4 +199,5 @@ def run_out(
         parent_step=view.parent_step,
         checkpoints=checkpoints,
         checkpoints_error=checkpoints_error,
+        epochs=epochs or [],
     )

@@ -20,18 +20,22 @@ Decisions:
 - ``GET /runs`` lists newest first (highest id), filtered by ``status`` and ``name``, paged by
   an opaque cursor (``next_cursor``; None on the last page): a page is the same cost at any
   depth and neither skips nor repeats a run when new ones arrive.
-- ``GET /runs/{id}`` lists the checkpoints where the run's task keeps them (its
+- ``GET /runs/{id}`` lists the run's epochs (``epochs``: the latest ``RUN_EPOCHS``, 1000, of
+  a longer run, oldest first) and the checkpoints where the run's task keeps them (its
   ``checkpoint_store``, when the service's Celery app registers the task; else the default
   store of the service's settings). When they cannot be read the answer still comes, with
   ``checkpoints_error`` saying why.
 - ``GET /runs/{id}/events`` is a Server-Sent Events stream read from the database, one read per
-  ``app.state.events_interval`` seconds (0.5): an event ``progress`` whenever the status,
-  epoch, metrics or staleness changed (its ``id`` names that state), then, once the run is
-  completed, failed or stopped, an event ``end`` and the stream closes. A comment line every
-  ``app.state.events_keepalive`` seconds (15) of silence keeps proxies from closing it. A
-  client reconnecting with ``Last-Event-ID`` gets nothing it has seen: the current state only
-  if it differs. Epochs that end faster than the interval are seen together, as the latest
-  (the progress row keeps only the latest; the checkpoints keep the history).
+  ``app.state.events_interval`` seconds (0.5): an event ``epoch`` for every epoch of the run's
+  history (``training_epochs``), in order, each once, however fast the epochs end (its ``id``
+  is the epoch number); then an event ``progress`` whenever the status, epoch, metrics or
+  staleness changed (its ``id`` is ``<last epoch sent>-<digest of the state>``); then, once the
+  run is completed, failed or stopped, an event ``end`` and the stream closes. A comment line
+  every ``app.state.events_keepalive`` seconds (15) of silence keeps proxies from closing it. A
+  client reconnecting with ``Last-Event-ID`` gets nothing it has seen: the epochs after the
+  one the id names, and the current state only if it differs. An epoch a resumed run trains
+  again after the stream sent it is not sent twice (a resumed run repeats its epochs bit for
+  bit); a run trained before the history existed sends ``progress`` events only.
 - Metrics that are not finite numbers (a diverged loss) are answered as null: JSON has no NaN.
 """
 
@@ -57,6 +61,7 @@ from taskkit.api._auth import require_token
 from taskkit.api._deps import service_settings
 from taskkit.api._models import (
     CheckpointOut,
+    EpochOut,
     ModelOut,
     Problem,
     RunOut,
@@ -66,14 +71,16 @@ from taskkit.api._models import (
     run_summary,
 )
 from taskkit.config import Settings
-from taskkit.db.runs import RunView, list_runs, read_run
+from taskkit.db.runs import RunView, list_runs, read_epochs, read_run
 from taskkit.errors import DatabaseUnavailable, RunNotFound
 
 __all__ = [
     "DEFAULT_TASK",
+    "EPOCH_BATCH",
     "EVENTS_GRACE",
     "EVENTS_INTERVAL",
     "EVENTS_KEEPALIVE",
+    "RUN_EPOCHS",
     "TrainRequest",
     "decode_cursor",
     "encode_cursor",
@@ -85,6 +92,10 @@ router = APIRouter(tags=["runs"])
 
 #: The training task ``POST /train`` sends when the config names none (as ``taskkit train``).
 DEFAULT_TASK = "workers.training.train_model"
+#: Epochs ``GET /runs/{id}`` lists at most (the latest; the event stream sends them all).
+RUN_EPOCHS = 1000
+#: Epochs an event stream reads from the database at a time.
+EPOCH_BATCH = 1000
 #: Seconds between two database reads of an event stream (``app.state.events_interval``).
 EVENTS_INTERVAL = 0.5
 #: Seconds an event stream waits for the last progress write of a completed run
@@ -343,7 +354,9 @@ def get_run(
     """One run: status, progress, last heartbeat and staleness, checkpoints, error."""
     view = _read(run_id, settings)
     checkpoints, error = _checkpoints(view, request, settings)
-    return _safe(run_out(view, checkpoints, error, _now()))
+    history = read_epochs(run_id, settings.database_url, limit=RUN_EPOCHS, latest=True)
+    epochs = [EpochOut(epoch=epoch, metrics=metrics) for epoch, metrics in history]
+    return _safe(run_out(view, checkpoints, error, _now(), epochs=epochs))
 
 
 def _checkpoints(
@@ -386,7 +399,7 @@ def _store(view: RunView, request: Request, settings: Settings) -> Any:
 _EVENT_SCHEMA = {
     "type": "object",
     "properties": {
-        "event": {"type": "string", "enum": ["progress", "end"]},
+        "event": {"type": "string", "enum": ["epoch", "progress", "end"]},
         "data": {"type": "string", "description": "JSON text"},
         "id": {"type": "string"},
         "retry": {"type": "integer"},
@@ -401,7 +414,8 @@ _EVENT_SCHEMA = {
         200: {
             # OpenAPI 3.1: the schema of an event stream describes one event.
             "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
-            "description": "Events 'progress' (JSON data), then 'end' when the run ends.",
+            "description": "Events 'epoch' (one per epoch, in order) and 'progress' (JSON "
+            "data), then 'end' when the run ends.",
         },
         **_NOT_FOUND,
     },
@@ -421,6 +435,7 @@ async def run_events(
     stream = event_stream(
         lambda: read_run(run_id, url, lease_ttl=settings.lease_ttl),
         first,
+        epochs=lambda after: read_epochs(run_id, url, after=after, limit=EPOCH_BATCH),
         last_event_id=last_event_id,
         interval=float(getattr(state, "events_interval", EVENTS_INTERVAL)),
         keepalive=float(getattr(state, "events_keepalive", EVENTS_KEEPALIVE)),
@@ -437,6 +452,7 @@ async def event_stream(
     read: Callable[[], RunView],
     first: RunView,
     *,
+    epochs: Callable[[int], list[tuple[int, dict[str, Any]]]] | None = None,
     last_event_id: str | None = None,
     interval: float = EVENTS_INTERVAL,
     keepalive: float = EVENTS_KEEPALIVE,
@@ -445,8 +461,10 @@ async def event_stream(
     sleep: Callable[[float], Any] = asyncio.sleep,
 ) -> AsyncIterator[str]:
     """The text of a run's event stream: ``first``, then ``read()`` every ``interval`` seconds
-    (in a worker thread), an event per change, until the run ends. A read the database does
-    not answer is a comment, and the next interval reads again.
+    (in a worker thread), an event per change, until the run ends. After each read,
+    ``epochs(after)`` gives the epochs after the last one sent (``(epoch, metrics)``, in
+    order, empty when there is no more): each is sent as an event ``epoch`` before the state.
+    A read the database does not answer is a comment, and the next interval reads again.
 
     A trainer marks its run completed, then writes its last progress (the writes are queued
     behind the status): a completed run whose progress row does not say completed yet is read
@@ -460,10 +478,23 @@ async def event_stream(
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - loaded by read_run already
 
     seen, view = last_event_id, first
+    sent = _epoch_of(last_event_id)
     quiet_since, ending = clock(), None
     yield f"retry: {max(1000, int(interval * 2000))}\n\n"
     while True:
-        event_id, data = _event(view)
+        if epochs is not None:
+            try:
+                while batch := await run_in_threadpool(epochs, sent):
+                    for epoch, metrics in batch:
+                        sent, quiet_since = epoch, clock()
+                        row = {"run_id": view.id, "epoch": epoch, "metrics": _finite_tree(metrics)}
+                        yield f"id: {epoch}\nevent: epoch\ndata: {json.dumps(row)}\n\n"
+            except (DatabaseUnavailable, SQLAlchemyError) as exc:
+                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                yield f": database did not answer ({reason}); reading again\n\n"
+                await sleep(interval)
+                continue
+        event_id, data = _event(view, sent)
         if event_id != seen:
             seen, quiet_since = event_id, clock()
             yield f"id: {event_id}\nevent: progress\ndata: {data}\n\n"
@@ -492,8 +523,15 @@ def _caught_up(view: RunView) -> bool:
     return view.status != "completed" or view.progress_status in (None, "completed")
 
 
-def _event(view: RunView) -> tuple[str, str]:
-    """The event id (the state it names: epoch and a digest of what an event shows) and data."""
+def _epoch_of(last_event_id: str | None) -> int:
+    """The last epoch a client saw, from its ``Last-Event-ID`` (``"7"`` or ``"7-<digest>"``);
+    0 for none or an id this service did not give."""
+    prefix = (last_event_id or "").partition("-")[0]
+    return int(prefix) if prefix.isdigit() and len(prefix) <= 18 else 0
+
+
+def _event(view: RunView, sent: int = 0) -> tuple[str, str]:
+    """The event id (the last epoch sent and a digest of what the event shows) and data."""
     data = {
         "run_id": view.id,
         "status": view.status,
@@ -508,7 +546,7 @@ def _event(view: RunView) -> tuple[str, str]:
     }
     text = json.dumps(data, sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return f"{view.epoch or 0}-{digest}", text
+    return f"{sent}-{digest}", text
 
 
 # -- JSON has no NaN ---------------------------------------------------------------------------

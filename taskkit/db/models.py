@@ -1,7 +1,8 @@
 """taskkit's tables, as SQLAlchemy 2.0 typed mappings.
 
 ``ModelRun`` (``model_runs``: a training run's config, status, final model, score),
-``TrainingProgress`` (one row per run), ``Prediction``, ``Dataset``, ``CheckpointRecord`` and
+``TrainingProgress`` (one row per run), ``TrainingEpoch`` (one row per epoch of a run),
+``Prediction``, ``Dataset``, ``CheckpointRecord`` and
 ``CheckpointChunk`` (``DatabaseStorage``), ``Batch`` and ``BatchItem`` (the item ledger),
 ``DeadLetter``. Versioning, timestamps, deferred blobs and the unique keys are decided in
 ``docs/db.md`` ("Models").
@@ -47,6 +48,7 @@ __all__ = [
     "DeadLetter",
     "ModelRun",
     "Prediction",
+    "TrainingEpoch",
     "TrainingProgress",
 ]
 
@@ -148,6 +150,26 @@ class TrainingProgress(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+
+
+class TrainingEpoch(Base):
+    """One epoch of a run: its metrics, written with the progress row of the same report.
+
+    ``epoch`` counts epochs done (1-based, as ``TrainingProgress.current_epoch``); a resumed run
+    that trains an epoch again overwrites its row.
+    """
+
+    __tablename__ = "training_epochs"
+
+    model_run_id: Mapped[int] = mapped_column(
+        ForeignKey("model_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<TrainingEpoch run={self.model_run_id!r} epoch={self.epoch!r}>"
 
 
 class Prediction(Base):

@@ -2,7 +2,8 @@
 
 What ``taskkit runs``, ``taskkit train --watch``, the HTTP service (``GET /runs``) and the
 dashboard show of a run comes from here: one ``RunView`` per run, read in one readonly session
-(the ``ModelRun`` row and its ``TrainingProgress`` row). Nothing here draws or formats; the
+(the ``ModelRun`` row and its ``TrainingProgress`` row); ``read_epochs`` reads a run's history
+(its ``TrainingEpoch`` rows). Nothing here draws or formats; the
 surfaces do (the CLI escapes control characters before it prints, HTML and JSON escape
 their own way), so the views carry the data as stored.
 
@@ -31,7 +32,7 @@ from taskkit.errors import RunNotFound
 if TYPE_CHECKING:
     from taskkit.db.models import ModelRun, TrainingProgress
 
-__all__ = ["FINAL", "RunView", "check_run_id", "list_runs", "read_run"]
+__all__ = ["FINAL", "RunView", "check_run_id", "list_runs", "read_epochs", "read_run"]
 
 #: Statuses after which a run does not change by itself (a stopped or failed one may be
 #: resumed: by someone, not by itself).
@@ -258,3 +259,38 @@ def list_runs(
     ttl = _lease_ttl() if lease_ttl is None else lease_ttl
     with session_scope(database_url, readonly=True) as session:
         return [_view(run, progress, ttl) for run, progress in session.execute(query).all()]
+
+
+def read_epochs(
+    run_id: int,
+    database_url: str | None = None,
+    *,
+    after: int = 0,
+    limit: int | None = 1000,
+    latest: bool = False,
+) -> list[tuple[int, dict[str, Any]]]:
+    """Run ``run_id``'s epochs as ``(epoch, metrics)``, in epoch order: those after ``after``,
+    at most ``limit`` of them (None: all), the first ones, or with ``latest`` the last ones.
+    Epochs are 1-based (epochs done, as ``RunView.epoch``). An unknown run has none.
+
+    Example::
+
+        read_epochs(7)                       # [(1, {'loss': 0.9}), (2, {'loss': 0.7}), ...]
+        read_epochs(7, after=2, limit=100)   # what an event stream that sent epoch 2 sends next
+    """
+    from sqlalchemy import select  # noqa: PLC0415 - the data layer loads for reading only
+
+    from taskkit.db.models import TrainingEpoch  # noqa: PLC0415
+    from taskkit.db.session import session_scope  # noqa: PLC0415
+
+    check_run_id(run_id)
+    order = TrainingEpoch.epoch.desc() if latest else TrainingEpoch.epoch
+    query = (
+        select(TrainingEpoch.epoch, TrainingEpoch.metrics)
+        .where(TrainingEpoch.model_run_id == run_id, TrainingEpoch.epoch > after)
+        .order_by(order)
+        .limit(limit)
+    )
+    with session_scope(database_url, readonly=True) as session:
+        rows = [(int(epoch), dict(metrics or {})) for epoch, metrics in session.execute(query)]
+    return rows[::-1] if latest else rows

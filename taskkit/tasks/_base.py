@@ -52,9 +52,11 @@ from taskkit.tasks._duplicates import record_duplicate
 from taskkit.tasks._lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
 from taskkit.tasks._progress import (
     PROGRESS,
+    EpochLog,
     ProgressReport,
     Throttle,
     progress_writer,
+    submit_epochs,
     write_training_progress,
 )
 from taskkit.tasks._visibility import SAFE_SHARE, uses_visibility_timeout, visibility_timeout
@@ -119,6 +121,8 @@ class _Run:
     throttle: Throttle
     run_id: Any = None
     progress_keys: list[Any] = field(default_factory=list)
+    #: Epochs a ``TrainingRun`` reported that are not written yet (with the next progress).
+    epochs: EpochLog = field(default_factory=EpochLog)
 
 
 _runs = threading.local()
@@ -355,6 +359,10 @@ class ResilientTask(Task[Any, Any]):
             stack.pop()
             if run.lease is not None:
                 run.lease.release()
+            if run.run_id is not None and submit_epochs(
+                run.run_id, run.epochs, database_url=self.app.conf.get("taskkit_database_url")
+            ):
+                run.progress_keys.append(("training-epochs", run.run_id))
             if run.progress_keys:
                 progress_writer().flush(self.progress_flush_timeout)
 
@@ -554,6 +562,7 @@ class ResilientTask(Task[Any, Any]):
                     run.run_id,
                     report,
                     database_url=self.app.conf.get("taskkit_database_url"),
+                    epochs=run.epochs,
                 ),
             )
             if key not in run.progress_keys:

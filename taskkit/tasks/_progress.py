@@ -11,7 +11,10 @@ and, at most once per ``progress_interval`` seconds (the first and the last repo
    the meta below; the ``progress_events`` option turns it off for a task;
 3. for a training run (the task names its run-id argument in ``progress_run_arg``), hands the
    report to the process's ``ProgressWriter``, which upserts the run's ``TrainingProgress`` row
-   on a background thread.
+   on a background thread. A ``TrainingRun`` also logs each epoch's metrics in the run's
+   ``EpochLog``; the same transaction upserts a ``TrainingEpoch`` row for every epoch logged
+   since the last write that landed, so a throttled epoch is written with the next report
+   (the last report always passes), never dropped.
 
 Each of the three is isolated: an error is logged and never reaches the task. The database
 write is retried with backoff until it succeeds or a newer report replaces it, so an outage
@@ -26,6 +29,7 @@ Example (inside a task with ``progress_run_arg = "model_run_id"``)::
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -33,19 +37,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 
-from taskkit.db.models import TrainingProgress
+from taskkit.db.models import TrainingEpoch, TrainingProgress
 from taskkit.db.session import session_scope
 
 __all__ = [
     "PROGRESS",
+    "EpochLog",
     "ProgressReport",
     "ProgressWriter",
     "Throttle",
     "progress_writer",
+    "submit_epochs",
     "write_training_progress",
 ]
 
@@ -102,6 +109,45 @@ class Throttle:
             self.last = now
             return True
         return False
+
+
+class EpochLog:
+    """The epochs of one run that are not in the database yet: ``{epoch: metrics}``.
+
+    The task's thread adds, the progress writer's thread takes a snapshot, writes it, and
+    drops what it wrote (unless the epoch was logged again meanwhile). A write that fails
+    leaves everything for the next.
+
+    Example::
+
+        log = EpochLog()
+        log.add(1, {"loss": 0.5})
+        log.snapshot()   # {1: {'loss': 0.5}}
+    """
+
+    __slots__ = ("_epochs", "_lock")
+
+    def __init__(self) -> None:
+        self._epochs: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, epoch: int, metrics: dict[str, Any]) -> None:
+        with self._lock:
+            self._epochs[epoch] = dict(metrics)
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        with self._lock:
+            return dict(self._epochs)
+
+    def written(self, epochs: dict[int, dict[str, Any]]) -> None:
+        with self._lock:
+            for epoch, metrics in epochs.items():
+                if self._epochs.get(epoch) is metrics:
+                    del self._epochs[epoch]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._epochs)
 
 
 Write = Callable[[], object]
@@ -198,19 +244,75 @@ def progress_writer() -> ProgressWriter:
 
 
 def write_training_progress(
-    model_run_id: int, report: ProgressReport, *, database_url: str | None = None
+    model_run_id: int,
+    report: ProgressReport | None,
+    *,
+    database_url: str | None = None,
+    epochs: EpochLog | None = None,
 ) -> None:
-    """Upsert the run's ``TrainingProgress`` row from ``report`` (one short transaction)."""
+    """Upsert the run's ``TrainingProgress`` row from ``report`` and a ``TrainingEpoch`` row
+    per epoch in ``epochs`` (one short transaction); without ``report``, the epochs only."""
+    logged = epochs.snapshot() if epochs is not None else {}
     with session_scope(database_url) as session:
-        row = session.scalars(
-            select(TrainingProgress).filter_by(model_run_id=model_run_id)
-        ).one_or_none()
+        if logged:
+            _upsert_epochs(session, model_run_id, logged)
+        if report is not None:
+            _upsert_progress(session, model_run_id, report)
+    if epochs is not None and logged:
+        epochs.written(logged)
+
+
+def _upsert_progress(session: Any, model_run_id: int, report: ProgressReport) -> None:
+    row = session.scalars(
+        select(TrainingProgress).filter_by(model_run_id=model_run_id)
+    ).one_or_none()
+    if row is None:
+        row = TrainingProgress(model_run_id=model_run_id)
+        session.add(row)
+    row.status = "completed" if report.finished else "running"
+    row.current_epoch = int(report.current)
+    row.total_epochs = None if report.total is None else int(report.total)
+    row.progress_percentage = report.percent or 0.0
+    row.metrics = dict(report.metrics)
+    row.message = report.description
+
+
+def submit_epochs(model_run_id: Any, epochs: EpochLog, *, database_url: str | None) -> bool:
+    """Hand the epochs still in ``epochs`` to the process's writer (the progress row is left
+    as it is): what a run that ends without a last progress report (stopped, handed over,
+    failed) does, so its throttled epochs are written too. False when there was none."""
+    if not len(epochs):
+        return False
+    progress_writer().submit(
+        ("training-epochs", model_run_id),
+        functools.partial(
+            write_training_progress, model_run_id, None, database_url=database_url, epochs=epochs
+        ),
+    )
+    return True
+
+
+def _upsert_epochs(session: Any, model_run_id: int, logged: dict[int, dict[str, Any]]) -> None:
+    """Insert or overwrite the rows of ``logged``: a resumed run trains an epoch again.
+
+    Read, then update or insert, on every database alike: one trainer holds a run's lease, so
+    two writers of one run do not race; if they did, the primary key refuses the second insert
+    and the writer retries the whole transaction.
+    """
+    rows = session.scalars(
+        select(TrainingEpoch).where(
+            TrainingEpoch.model_run_id == model_run_id, TrainingEpoch.epoch.in_(list(logged))
+        )
+    ).all()
+    found = {row.epoch: row for row in rows}
+    now = datetime.now(UTC)
+    for epoch, metrics in sorted(logged.items()):
+        row = found.get(epoch)
         if row is None:
-            row = TrainingProgress(model_run_id=model_run_id)
-            session.add(row)
-        row.status = "completed" if report.finished else "running"
-        row.current_epoch = int(report.current)
-        row.total_epochs = None if report.total is None else int(report.total)
-        row.progress_percentage = report.percent or 0.0
-        row.metrics = dict(report.metrics)
-        row.message = report.description
+            session.add(
+                TrainingEpoch(
+                    model_run_id=model_run_id, epoch=epoch, metrics=metrics, created_at=now
+                )
+            )
+        else:
+            row.metrics, row.created_at = metrics, now

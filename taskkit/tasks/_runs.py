@@ -49,7 +49,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from taskkit.checkpoint import CheckpointInfo, CheckpointStore, seal, unseal
 from taskkit.db import db_retry
-from taskkit.db.models import ModelRun, TrainingProgress
+from taskkit.db.models import ModelRun, TrainingEpoch, TrainingProgress
 from taskkit.db.session import session_scope
 from taskkit.errors import (
     BrokerUnavailable,
@@ -561,7 +561,9 @@ def fork_run(
     here, then written under the fork's identity and signed with this process's key. The fork
     resumes from it like any run from its own checkpoint (verified again when it loads), so its
     first trained epoch is ``from_step + 1``, and the parent's retention or cleanup can never
-    take it away. The overrides replace top-level keys (a nested mapping is replaced whole);
+    take it away. The parent's epoch rows (``training_epochs``) up to ``from_step + 1`` are
+    copied too, in the transaction that makes the fork, so its curve starts where the parent's
+    was. The overrides replace top-level keys (a nested mapping is replaced whole);
     the training task decides what they mean for a restored state (``workers.training`` sets a
     new ``alpha`` on the restored model). The parent is not changed, whatever its status.
 
@@ -607,6 +609,7 @@ def fork_run(
             session.add(fork)
             session.flush()
             fork_id, fork_uid = fork.id, fork.uid
+            _copy_epochs(session, run_id, fork_id, step + 1)
         try:
             with _open_store(task, fork_id, fork_uid) as target:
                 target.copy_from(source, step)
@@ -621,6 +624,23 @@ def fork_run(
         raise
     logger.info("taskkit: run %s forked from run %s at step %s", fork_id, run_id, step)
     return fork_id, task_id
+
+
+def _copy_epochs(session: Any, parent_id: int, fork_id: int, last: int) -> None:
+    """The parent's epoch rows up to ``last`` (epochs done at the fork's checkpoint), copied to
+    the fork: its history reads whole without following ``parent_run_id``, and stays whole if
+    the parent is deleted."""
+    rows = session.execute(
+        select(TrainingEpoch.epoch, TrainingEpoch.metrics, TrainingEpoch.created_at).where(
+            TrainingEpoch.model_run_id == parent_id, TrainingEpoch.epoch <= last
+        )
+    ).all()
+    session.add_all(
+        TrainingEpoch(
+            model_run_id=fork_id, epoch=r.epoch, metrics=r.metrics, created_at=r.created_at
+        )
+        for r in rows
+    )
 
 
 def _no_such_step(asked: int | None, steps: list[int]) -> str:

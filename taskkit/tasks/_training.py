@@ -56,7 +56,7 @@ from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, RunNotFound
 from taskkit.tasks import _runs as runs
 from taskkit.tasks._base import ResilientTask, _run_stack
 from taskkit.tasks._options import Alias, Option, boolean, one_of, optional_name, positive_int
-from taskkit.tasks._progress import progress_writer
+from taskkit.tasks._progress import progress_writer, submit_epochs
 
 __all__ = [
     "ReproducibilityWarning",
@@ -564,6 +564,10 @@ class TrainingRun:
         if is_best:
             self.best_score, self.best_epoch = score, epoch
         self.last_metrics = metrics
+        stack = _run_stack()
+        if stack and stack[-1].run_id is not None:
+            # The history keeps the epoch's own metrics (not the running best_score).
+            stack[-1].epochs.add(epoch + 1, metrics)
         shown = metrics if self.best_score is None else {**metrics, "best_score": self.best_score}
         task.progress(
             epoch + 1, self.total_epochs, f"epoch {epoch + 1}/{self.total_epochs}", **shown
@@ -611,7 +615,11 @@ class TrainingRun:
     def _halt(self, epoch: int) -> None:
         """An operator's stop: the checkpoint of ``epoch`` is durable; mark the run stopped."""
         self.store.wait()
-        # The progress row's last write must land before the stopped status, not after it.
+        # The progress row's last write, and the epochs the throttle held back, must land
+        # before the stopped status (which ends the event streams), not after it.
+        stack = _run_stack()
+        if stack and stack[-1].run_id is not None:
+            submit_epochs(self.run_id, stack[-1].epochs, database_url=self.task._database_url)
         progress_writer().flush(self.task.progress_flush_timeout)
         runs.mark_stopped(self.run_id, epoch, database_url=self.task._database_url)
         logger.warning(

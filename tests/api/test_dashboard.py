@@ -23,7 +23,7 @@ from taskkit.api._breakers import register
 from taskkit.api._dashboard import CurvePoint, curve_points, status_label
 from taskkit.checkpoint import CheckpointStore
 from taskkit.config import get_settings, reset_settings
-from taskkit.db.models import ModelRun, TrainingProgress
+from taskkit.db.models import ModelRun, TrainingEpoch, TrainingProgress
 from taskkit.db.session import session_scope
 from taskkit.deadletter import DeadLetterStore
 from taskkit.recovery import CircuitBreaker
@@ -197,8 +197,8 @@ def test_run_page_shows_curve_checkpoints_error_and_the_buttons_its_status_allow
     data = re.search(r'<script type="application/json" id="curve-data">(.*?)</script>', page.text)
     assert data
     points = json.loads(data.group(1))
-    # Three kept checkpoints (steps 0-2 are epochs 1-3: default retention keeps the last 3)
-    # and the latest progress, epoch 4.
+    # No history (a run trained before training_epochs): the three kept checkpoints (steps 0-2
+    # are epochs 1-3: default retention keeps the last 3) and the latest progress, epoch 4.
     assert [p["epoch"] for p in points] == [1, 2, 3, 4]
     assert [p["loss"] for p in points] == [0.9, 0.7, 0.5, 0.4]
     assert page.text.count('data-label="Step"') == 3
@@ -308,20 +308,51 @@ def test_breakers_page_shows_state_failures_and_a_reset_button(client: TestClien
     assert posts == ["/breakers/http%3Adb.internal/reset", "/breakers/predictor/reset"]
 
 
+def test_a_finished_runs_curve_has_one_point_per_epoch_not_per_kept_checkpoint(
+    client: TestClient, make_run: Callable[..., int], url: str
+) -> None:
+    epochs = 12
+    run_id = make_run("whole", "completed", epoch=epochs, total=epochs, metrics={"loss": 0.01})
+    with session_scope(url) as session:
+        uid = session.get(ModelRun, run_id).uid  # type: ignore[union-attr]
+        session.add_all(
+            TrainingEpoch(model_run_id=run_id, epoch=e, metrics={"loss": 1 / e, "score": e / 20})
+            for e in range(1, epochs + 1)
+        )
+    with CheckpointStore(run_id, run_uid=uid) as store:  # the default retention's last 3
+        for step in (9, 10, 11):
+            store.save({"w": step}, step=step, metrics={"loss": 99.0})
+
+    page = client.get(f"/ui/runs/{run_id}")
+
+    assert page.status_code == 200
+    data = re.search(r'<script type="application/json" id="curve-data">(.*?)</script>', page.text)
+    assert data
+    points = json.loads(data.group(1))
+    assert [p["epoch"] for p in points] == list(range(1, epochs + 1))
+    assert [p["loss"] for p in points] == [1 / e for e in range(1, epochs + 1)]
+    assert page.text.count('data-label="Step"') == 3  # the checkpoints are still listed
+
+
 def test_status_label_is_a_symbol_and_a_word() -> None:
     assert status_label("completed") == "✓ completed"
     assert status_label("running", stale=True) == "⚠ running (stale)"
     assert status_label("something-new") == "• something-new"
 
 
-def test_curve_points_merge_checkpoints_and_latest_progress_by_epoch() -> None:
+def test_curve_points_merge_the_history_and_latest_progress_by_epoch() -> None:
     points = curve_points(
-        [(1, {"loss": 0.7}), (0, {"loss": 0.9, "note": "text", "best_score": 0.1})],
-        latest=(2, {"loss": 0.6, "score": float("nan"), "flag": True}),
+        [(2, {"loss": 0.7}), (1, {"loss": 0.9, "note": "text", "best_score": 0.1})],
+        latest=(3, {"loss": 0.6, "score": float("nan"), "flag": True}),
     )
     assert points == [
         CurvePoint(1, {"loss": 0.9}),
-        CurvePoint(2, {"loss": 0.6}),  # the progress row wins over the checkpoint of epoch 2
+        CurvePoint(2, {"loss": 0.7}),
+        CurvePoint(3, {"loss": 0.6}),
+    ]
+    # The history row of an epoch wins over the progress row of the same epoch.
+    assert curve_points([(3, {"loss": 0.5})], latest=(3, {"loss": 0.6})) == [
+        CurvePoint(3, {"loss": 0.5})
     ]
     assert curve_points([], latest=(0, {"loss": 1.0})) == []
 

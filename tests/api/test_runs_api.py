@@ -23,7 +23,8 @@ from taskkit.api import create_api
 from taskkit.api._runs import decode_cursor, encode_cursor
 from taskkit.checkpoint import CheckpointStore
 from taskkit.config import Settings
-from taskkit.db.session import get_engine
+from taskkit.db.models import TrainingEpoch
+from taskkit.db.session import get_engine, session_scope
 from tests.api import trainapp
 from tests.api.runhelpers import TOKEN, add_run, serving, set_progress, sse_events
 from tests.conftest import empty_tables
@@ -321,6 +322,94 @@ def test_a_client_that_reconnects_with_the_last_event_id_gets_only_what_is_new(
 
     assert progress_epochs(first) == [3]
     assert [e["event"] for e in again if "event" in e] == ["end"]
+
+
+def add_epochs(url: str, run_id: int, epochs: range) -> None:
+    """History rows, as a trainer writes them with its progress."""
+    with session_scope(url) as db:
+        db.add_all(
+            TrainingEpoch(model_run_id=run_id, epoch=n, metrics={"loss": 1.0 / n}) for n in epochs
+        )
+
+
+def epoch_events(events: list[dict[str, Any]]) -> list[int]:
+    return [e["data"]["epoch"] for e in events if e.get("event") == "epoch"]
+
+
+def test_a_run_lists_its_epochs_the_latest_ones_of_a_long_run(
+    client: TestClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id, _ = add_run(db_url, status="completed", epoch=5, total=5, progress_status="completed")
+    add_epochs(db_url, run_id, range(1, 6))
+    bare, _ = add_run(db_url, status="queued")
+
+    shown = client.get(f"/runs/{run_id}").json()
+    monkeypatch.setattr("taskkit.api._runs.RUN_EPOCHS", 2)
+    bounded = client.get(f"/runs/{run_id}").json()
+
+    assert shown["epochs"] == [{"epoch": n, "metrics": {"loss": 1.0 / n}} for n in range(1, 6)]
+    assert [e["epoch"] for e in bounded["epochs"]] == [4, 5]
+    assert client.get(f"/runs/{bare}").json()["epochs"] == []
+
+
+def test_every_epoch_of_the_history_is_streamed_in_order_before_the_state(
+    api: Any, db_url: str
+) -> None:
+    # 30 epochs that all ended between two reads: the progress row holds only the last.
+    run_id, _ = add_run(db_url, status="completed", epoch=30, total=30, progress_status="completed")
+    add_epochs(db_url, run_id, range(1, 31))
+
+    with serving(api) as base:
+        events = read_stream(base, run_id)
+
+    kinds = [e["event"] for e in events if "event" in e]
+    assert kinds == ["epoch"] * 30 + ["progress", "end"]
+    assert epoch_events(events) == list(range(1, 31))
+    assert [e["id"] for e in events if e.get("event") == "epoch"] == [str(n) for n in range(1, 31)]
+    assert events[1]["data"] == {"run_id": run_id, "epoch": 1, "metrics": {"loss": 1.0}}
+
+
+def test_epochs_written_while_the_stream_is_open_are_each_sent_once(api: Any, db_url: str) -> None:
+    run_id, _ = add_run(db_url, status="running", epoch=0, total=9)
+    done = threading.Event()
+
+    def trainer() -> None:  # three epochs at a time, then the run ends
+        for first in (1, 4, 7):
+            add_epochs(db_url, run_id, range(first, first + 3))
+            set_progress(db_url, run_id, first + 2)
+            time.sleep(0.05)
+        set_progress(db_url, run_id, 9, status="completed", progress_status="completed")
+        done.set()
+
+    thread = threading.Thread(target=trainer, daemon=True)
+    with serving(api) as base:
+        thread.start()
+        events = read_stream(base, run_id)
+    thread.join(10)
+
+    assert done.is_set()
+    assert epoch_events(events) == list(range(1, 10))
+    assert events[-1]["event"] == "end"
+
+
+def test_a_client_that_reconnects_after_an_epoch_gets_the_epochs_after_it(
+    api: Any, db_url: str
+) -> None:
+    run_id, _ = add_run(db_url, status="completed", epoch=6, total=6, progress_status="completed")
+    add_epochs(db_url, run_id, range(1, 7))
+
+    with serving(api) as base:
+        after_four = read_stream(base, run_id, **{"Last-Event-ID": "4"})
+        first = read_stream(base, run_id)
+        last_id = [e for e in first if e.get("event") == "progress"][-1]["id"]
+        again = read_stream(base, run_id, **{"Last-Event-ID": last_id})
+        junk = read_stream(base, run_id, **{"Last-Event-ID": "not-an-id"})
+
+    assert epoch_events(after_four) == [5, 6]
+    assert [e["event"] for e in after_four if "event" in e] == ["epoch", "epoch", "progress", "end"]
+    assert last_id.startswith("6-")
+    assert [e["event"] for e in again if "event" in e] == ["end"]
+    assert epoch_events(junk) == list(range(1, 7))
 
 
 def test_a_quiet_stream_sends_keepalive_comments(api: Any, db_url: str) -> None:

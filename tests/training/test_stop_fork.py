@@ -21,6 +21,7 @@ from celery.result import AsyncResult
 
 from taskkit.checkpoint import CheckpointStore
 from taskkit.db.models import ModelRun
+from taskkit.db.runs import read_epochs
 from taskkit.db.session import session_scope
 from taskkit.errors import CheckpointTampered, RunNotResumable, RunNotStoppable
 from taskkit.tasks import fork_run, load_model, resume_run, stop_run, submit_run
@@ -62,6 +63,11 @@ def epochs(run_id: int) -> list[int]:
     return [epoch for epoch, _ in steerapp.epochs_trained(run_id)]
 
 
+def history(run_id: int) -> list[int]:
+    """The epochs (1-based) of the run's ``training_epochs`` rows."""
+    return [epoch for epoch, _ in read_epochs(run_id, limit=None)]
+
+
 def start_and_stop(app: Celery, config: dict[str, Any], after: int) -> int:
     """Submit a run, stop it once ``after`` epochs started; returns its id, stopped."""
     run_id, _ = submit_run(app.tasks[steerapp.TASK], config, name="steered")
@@ -88,6 +94,9 @@ def test_a_stopped_run_ends_stopped_with_a_checkpoint_and_resume_completes_it(
     assert latest.step == trained[-1]  # the epoch it finished when it stopped: checkpointed
     assert stopped.stop_requested_at is not None
     assert "stopped on request" not in (stopped.error_message or "")
+    # Every epoch it finished is in the history, those the progress throttle held back too
+    # (0.3 s epochs, one progress write a second): written before the stopped status.
+    assert history(run_id) == [epoch + 1 for epoch in trained]
     with pytest.raises(RunNotStoppable, match="is stopped"):
         stop_run(run_id)
 
@@ -95,6 +104,7 @@ def test_a_stopped_run_ends_stopped_with_a_checkpoint_and_resume_completes_it(
     wait_status(run_id, "completed")
 
     assert epochs(run_id) == list(range(10))  # each epoch once: none lost, none repeated
+    assert history(run_id) == list(range(1, 11))
     assert row(run_id).stop_requested_at is None
     reference_id, _ = submit_run(
         steering.tasks[steerapp.TASK], {**config, "epoch_pause": 0}, name="reference"
@@ -137,6 +147,9 @@ def test_a_fork_trains_from_the_step_after_with_its_overrides_and_leaves_the_par
 
     fork = row(fork_id)
     assert steerapp.epochs_trained(fork_id) == [(epoch, 0.01) for epoch in range(2, 8)]
+    # The fork's history: the parent's epochs 1-2 (copied when it was made), then its own.
+    assert history(fork_id) == list(range(1, 9))
+    assert read_epochs(fork_id, limit=2) == read_epochs(parent_id, limit=2)
     assert fork.config == {**parent.config, "alpha": 0.01, "epoch_pause": 0}
     assert (fork.parent_run_id, fork.parent_step, fork.name) == (parent_id, 1, "lower")
     assert fork.uid != parent.uid

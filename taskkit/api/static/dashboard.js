@@ -106,6 +106,11 @@
         refresh();
       };
       source.addEventListener("progress", (event) => show(id, JSON.parse(event.data)));
+      // Every epoch of the run's history, in order, however fast they end: the whole curve.
+      source.addEventListener("epoch", (event) => {
+        const data = JSON.parse(event.data);
+        if (curve) curve.add(data.epoch, data.metrics || {});
+      });
       // "end" comes with the run's end; after an error EventSource would reconnect on its own:
       // the next refresh decides instead whether the run still needs a stream.
       source.addEventListener("end", stop);
@@ -155,13 +160,20 @@
   // -- curves: one small chart per metric, drawn from the page's points and live epochs ---------
   const curveBox = document.getElementById("curve");
   const curve = curveBox && {
-    points: JSON.parse(document.getElementById("curve-data").textContent),
+    byEpoch: new Map(JSON.parse(document.getElementById("curve-data").textContent).map((p) => [p.epoch, p])),
+    pending: false,
     add(epoch, metrics) {
       const numbers = Object.fromEntries(Object.entries(metrics).filter(([k, v]) => k !== "best_score" && Number.isFinite(v)));
-      this.points = this.points.filter((p) => p.epoch !== epoch).concat([{ epoch, ...numbers }]).sort((a, b) => a.epoch - b.epoch);
-      this.draw();
+      if (!Object.keys(numbers).length) return;
+      this.byEpoch.set(epoch, { epoch, ...numbers });
+      // A stream replays the whole history at once: draw once per frame, not once per epoch.
+      if (!this.pending) {
+        this.pending = true;
+        requestAnimationFrame(() => { this.pending = false; this.draw(); });
+      }
     },
     draw() {
+      this.points = [...this.byEpoch.values()].sort((a, b) => a.epoch - b.epoch);
       const names = [...new Set(this.points.flatMap((p) => Object.keys(p).filter((k) => k !== "epoch")))].sort();
       if (!names.length) return;
       curveBox.replaceChildren(...names.map((name) => chart(name, this.points.filter((p) => name in p))));
