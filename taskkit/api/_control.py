@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskkit._utils import fits_row_id, mask_password
 from taskkit.api._auth import require_token
 from taskkit.api._deps import celery_app, service_settings
+from taskkit.api._models import NoNul
 from taskkit.config import Settings
 from taskkit.errors import (
     BrokerUnavailable,
@@ -60,10 +61,10 @@ class ForkIn(BaseModel):
     from_step: int | None = Field(
         None, ge=0, le=2**31 - 1, description="The parent's checkpoint step (default: newest)."
     )
-    config: dict[str, Any] = Field(
+    config: Annotated[dict[str, Any], NoNul] = Field(
         default_factory=dict, description="Keys that replace the parent's config keys."
     )
-    name: str | None = Field(
+    name: Annotated[str, NoNul] | None = Field(
         None, min_length=1, max_length=255, description="The fork's name (default: parent's)."
     )
 

@@ -42,6 +42,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from taskkit.api._deps import service_settings
+from taskkit.api._models import NoNul
 from taskkit.config import Settings
 from taskkit.db.runs import RunView, list_runs, read_epochs, read_run
 from taskkit.errors import RunNotFound
@@ -178,8 +179,8 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
 def runs_page(
     request: Request,
     settings: Annotated[Settings, Depends(service_settings)],
-    status: Annotated[str | None, Query(max_length=32)] = None,
-    name: Annotated[str | None, Query(max_length=255)] = None,
+    status: Annotated[Annotated[str, NoNul] | None, Query(max_length=32)] = None,
+    name: Annotated[Annotated[str, NoNul] | None, Query(max_length=255)] = None,
     before: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
     """Runs, newest first, with filters, paging and the New run form."""
@@ -337,9 +338,9 @@ LETTER_STATUSES = ("dead", "replayed", "discarded", "any")
 def dead_letters_page(
     request: Request,
     settings: Annotated[Settings, Depends(service_settings)],
-    task: Annotated[str | None, Query(max_length=255)] = None,
-    batch: Annotated[str | None, Query(max_length=64)] = None,
-    error_type: Annotated[str | None, Query(max_length=255)] = None,
+    task: Annotated[Annotated[str, NoNul] | None, Query(max_length=255)] = None,
+    batch: Annotated[Annotated[str, NoNul] | None, Query(max_length=64)] = None,
+    error_type: Annotated[Annotated[str, NoNul] | None, Query(max_length=255)] = None,
     status: Annotated[str, Query(pattern="^(dead|replayed|discarded|any)$")] = "dead",
     since: Annotated[str | None, Query(pattern="^(|hour|day|week)$")] = None,
 ) -> Response:

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from taskkit.api._auth import require_token
+from taskkit.api._models import NoNul
 from taskkit.errors import ConfigurationError, DeadLetterNotFound, ReplayRejected
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class ReplayOne(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    into: str | None = Field(
+    into: Annotated[str, NoNul] | None = Field(
         None, min_length=1, max_length=255, description="Another task to send it to."
     )
 
@@ -101,12 +102,14 @@ class ReplayFilter(BaseModel):
     ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] | None = Field(
         None, min_length=1, max_length=MAX_PAGE
     )
-    task: str | None = Field(None, min_length=1, max_length=255)
-    batch_id: str | None = Field(None, min_length=1, max_length=64)
-    error_type: str | None = Field(None, min_length=1, max_length=255)
-    older_than: str | None = Field(None, max_length=32, description="An age: 30s, 15m, 2h, 7d.")
+    task: Annotated[str, NoNul] | None = Field(None, min_length=1, max_length=255)
+    batch_id: Annotated[str, NoNul] | None = Field(None, min_length=1, max_length=64)
+    error_type: Annotated[str, NoNul] | None = Field(None, min_length=1, max_length=255)
+    older_than: Annotated[str, NoNul] | None = Field(
+        None, max_length=32, description="An age: 30s, 15m, 2h, 7d."
+    )
     all: bool = Field(False, description="Every waiting letter (no filter needed).")
-    into: str | None = Field(None, min_length=1, max_length=255)
+    into: Annotated[str, NoNul] | None = Field(None, min_length=1, max_length=255)
 
 
 class SentOut(BaseModel):
@@ -152,11 +155,11 @@ def parse_age(text: str, field: str = "older_than") -> timedelta:
 @router.get("/dead-letters", response_model=DeadLettersPage)
 def list_letters(
     request: Request,
-    task: Annotated[str | None, Query(max_length=255)] = None,
-    batch: Annotated[str | None, Query(max_length=64)] = None,
-    error_type: Annotated[str | None, Query(max_length=255)] = None,
-    older_than: Annotated[str | None, Query(max_length=32)] = None,
-    newer_than: Annotated[str | None, Query(max_length=32)] = None,
+    task: Annotated[Annotated[str, NoNul] | None, Query(max_length=255)] = None,
+    batch: Annotated[Annotated[str, NoNul] | None, Query(max_length=64)] = None,
+    error_type: Annotated[Annotated[str, NoNul] | None, Query(max_length=255)] = None,
+    older_than: Annotated[Annotated[str, NoNul] | None, Query(max_length=32)] = None,
+    newer_than: Annotated[Annotated[str, NoNul] | None, Query(max_length=32)] = None,
     status: Literal["dead", "replayed", "discarded", "any"] = "dead",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,

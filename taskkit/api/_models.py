@@ -5,6 +5,10 @@ Runs: ``RunSummary`` (a row of ``GET /runs``), ``RunOut`` (``GET /runs/{id}``), 
 (``GET /models/{id}``), ``RunPage`` (a page of runs and the cursor of the next), ``Problem``
 (every error answer: ``{"detail": "..."}``). ``run_summary``/``run_out`` build them from a
 ``taskkit.db.runs.RunView``.
+
+Text going to the database: ``NoNul`` (``Annotated[str, NoNul]``, a query parameter or a body
+field, text or a JSON object) refuses a NUL character with a 422, as PostgreSQL stores none;
+``has_nul`` finds one inside JSON values.
 """
 
 from __future__ import annotations
@@ -12,23 +16,77 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from taskkit.db.runs import RunView
 
 __all__ = [
+    "NO_NUL",
     "CheckpointOut",
     "EpochOut",
     "ModelOut",
+    "NoNul",
     "Problem",
     "ProgressOut",
     "RunOut",
     "RunPage",
     "RunSummary",
     "TrainOut",
+    "has_nul",
     "run_out",
     "run_summary",
 ]
+
+
+#: Text a database can store and compare: no NUL character (PostgreSQL refuses it).
+NO_NUL = r"^[^\x00]*$"
+
+
+def has_nul(value: Any) -> bool:
+    """Whether ``value`` (text, or JSON: its keys and items, nested) holds a NUL character.
+
+    Example::
+
+        has_nul({"name": ["a\x00"]})  # True
+    """
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(key) or has_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(has_nul(item) for item in value)
+    return False
+
+
+def _refuse_nul(value: Any) -> Any:
+    if has_nul(value):
+        raise ValueError("holds a NUL character (\\u0000), which the database cannot store")
+    return value
+
+
+class _NoNul:
+    # The check is the value's (a clear message, on nested JSON too); text's schema also gets
+    # the pattern, so a client generated from the OpenAPI schema knows the rule.
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(_refuse_nul, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        if json_schema.get("type") == "string":
+            json_schema["pattern"] = NO_NUL
+        return json_schema
+
+
+#: ``Annotated[str, NoNul]`` (or a dict): a NUL character anywhere is a 422 naming the field.
+#:
+#: Example: ``task: Annotated[Annotated[str, NoNul] | None, Query(max_length=255)] = None``
+NoNul = _NoNul()
 
 
 class Problem(BaseModel):

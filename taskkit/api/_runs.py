@@ -60,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from taskkit.api._auth import require_token
 from taskkit.api._deps import service_settings
 from taskkit.api._models import (
+    NO_NUL,
     CheckpointOut,
     EpochOut,
     ModelOut,
@@ -67,6 +68,7 @@ from taskkit.api._models import (
     RunOut,
     RunPage,
     TrainOut,
+    has_nul,
     run_out,
     run_summary,
 )
@@ -104,9 +106,6 @@ EVENTS_GRACE = 5.0
 #: Seconds of silence after which an event stream sends a comment (``app.state.events_keepalive``).
 EVENTS_KEEPALIVE = 15.0
 
-#: Text a database can compare: no NUL character (PostgreSQL refuses it).
-_NO_NUL = r"^[^\x00]*$"
-
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No run has this id."}
 }
@@ -135,19 +134,9 @@ class TrainRequest(BaseModel):
     @model_validator(mode="after")
     def _no_nul(self) -> TrainRequest:
         # PostgreSQL stores no NUL character in text or JSON: refused here, not a 500 there.
-        if _has_nul(self.model_dump()):
+        if has_nul(self.model_dump()):
             raise ValueError("the config holds a NUL character (\\u0000), which is not stored")
         return self
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
 
 
 def _not_found(run_id: int, what: str = "run") -> HTTPException:
@@ -310,11 +299,11 @@ def get_runs(
     status_: Annotated[
         str | None,
         Query(
-            alias="status", max_length=32, pattern=_NO_NUL, description="Only runs in this status."
+            alias="status", max_length=32, pattern=NO_NUL, description="Only runs in this status."
         ),
     ] = None,
     name: Annotated[
-        str | None, Query(max_length=255, pattern=_NO_NUL, description="Only runs of this name.")
+        str | None, Query(max_length=255, pattern=NO_NUL, description="Only runs of this name.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Runs per page.")] = 50,
     cursor: Annotated[
