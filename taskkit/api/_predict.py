@@ -154,6 +154,10 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
     return answer
 
 
+#: A local model raising one of these refuses the features (422); anything else is a 503.
+_FEATURE_ERRORS = (ValueError, TypeError, LookupError)
+
+
 async def _local(app: Any, features: list[float], circuit: str, reason: str) -> dict[str, Any]:
     try:
         run_id, model = await _local_model(app)
@@ -162,10 +166,17 @@ async def _local(app: Any, features: list[float], circuit: str, reason: str) -> 
             503, f"no prediction: the external predictor did not answer ({reason}) and {exc}"
         ) from None
     try:
-        prediction, confidence = _predict_with(model, features)
-    except ValueError as exc:
+        # A model's predict is CPU work of unknown length: off the event loop.
+        prediction, confidence = await run_in_threadpool(_predict_with, model, features)
+    except _FEATURE_ERRORS as exc:  # what numpy/sklearn raise for a wrong count, shape or type
         raise HTTPException(
             422, f"the local model (run {run_id}) cannot use these features: {_first_line(exc)}"
+        ) from None
+    except Exception as exc:  # the model itself is broken: no usable model, not bad input
+        raise HTTPException(
+            503,
+            f"no prediction: the local model (run {run_id}) failed: "
+            f"{type(exc).__name__}: {mask_password(_first_line(exc))}",
         ) from None
     answer: dict[str, Any] = {
         "prediction": prediction,
@@ -187,7 +198,7 @@ def _predict_with(model: Any, features: list[float]) -> tuple[Any, float | None]
     if hasattr(model, "predict_proba"):
         try:
             confidence = float(max(model.predict_proba(rows)[0]))
-        except (AttributeError, ValueError):  # a model that only predicts
+        except Exception:  # a model that only predicts (or whose probabilities fail)
             confidence = None
     return prediction, confidence if confidence is None or math.isfinite(confidence) else None
 
