@@ -81,6 +81,8 @@ _LOCK_INFO = "taskkit_write_lock"
 # Per thread: the SQLite databases on which it holds the write lock (a transaction begun with
 # BEGIN IMMEDIATE, by session_scope or by anyone else), and how many such transactions.
 _write_locks = threading.local()
+# Guards those counts: a transaction may end in another thread than the one that began it.
+_counts_lock = threading.Lock()
 
 
 def _held() -> dict[str, int]:
@@ -154,18 +156,22 @@ def _sqlite_engine(url: URL, settings: Settings, engine_options: dict[str, Any])
         connection.exec_driver_sql(statement)
         if statement != "BEGIN":
             held = _held()
-            held[name] = held.get(name, 0) + 1
-            connection.info[_LOCK_INFO] = name
+            with _counts_lock:
+                held[name] = held.get(name, 0) + 1
+            # The count to clear is the beginning thread's: the transaction may end in another
+            # (FastAPI exits a sync dependency in another thread-pool thread than it entered).
+            connection.info[_LOCK_INFO] = (name, held)
 
     @event.listens_for(engine, "commit")
     @event.listens_for(engine, "rollback")
     def _end(connection: Any) -> None:
         locked = connection.info.pop(_LOCK_INFO, None)
         if locked is not None:
-            held = _held()
-            held[locked] = held.get(locked, 1) - 1
-            if held[locked] <= 0:
-                del held[locked]
+            locked_name, held = locked
+            with _counts_lock:
+                held[locked_name] = held.get(locked_name, 1) - 1
+                if held[locked_name] <= 0:
+                    del held[locked_name]
 
     return engine
 

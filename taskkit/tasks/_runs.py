@@ -298,7 +298,7 @@ def load_model(run_id: int, *, database_url: str | None = None) -> Any:
         model = load_model(run_id)
         model.predict(X)
     """
-    with session_scope(database_url) as session:
+    with session_scope(database_url, readonly=True) as session:  # never waits for a writer
         run = _get(session, run_id)
         if run.status != "completed" or run.model_object is None:
             raise RunNotResumable(run_id, f"has no final model (status {run.status})", "no_model")

@@ -8,6 +8,7 @@ import multiprocessing
 import sqlite3
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,65 @@ def test_runs_list_show_and_database_checkpoints_read_while_a_worker_holds_the_l
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_load_model_reads_while_a_worker_holds_the_lock(sqlite_file: str, no_busy_wait):
+    from taskkit.tasks import load_model
+    from taskkit.tasks._runs import mark_completed
+
+    with session_scope(sqlite_file) as db:
+        run = ModelRun(name="done", model_type="dict", config={}, status="running")
+        db.add(run)
+        db.flush()
+        run_id = run.id
+    mark_completed(run_id, {"weights": [1, 2]}, 0.9, database_url=sqlite_file)
+    holder = sqlite3.connect(sqlite_file.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a worker in the middle of a status write
+    try:
+        assert load_model(run_id, database_url=sqlite_file) == {"weights": [1, 2]}
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_a_write_session_ended_on_another_thread_leaves_this_thread_taking_the_lock(
+    sqlite_file: str, no_busy_wait
+):
+    # FastAPI enters a sync dependency (taskkit.api's write_session) in one thread-pool thread
+    # and exits it in another.
+    scope = session_scope(sqlite_file)
+    outcome: dict[str, object] = {}
+
+    def begin() -> None:
+        db = scope.__enter__()
+        db.add(Dataset(name="across"))
+        db.flush()
+
+    def end() -> None:
+        scope.__exit__(None, None, None)
+
+    def write_again() -> None:
+        try:
+            with session_scope(sqlite_file) as db:
+                db.scalar(select(func.count()).select_from(Dataset))  # begins the transaction
+                other = sqlite3.connect(sqlite_file.removeprefix("sqlite:///"), timeout=0)
+                try:
+                    other.execute("BEGIN IMMEDIATE")
+                    outcome["other"] = "got the lock"
+                    other.execute("ROLLBACK")
+                except sqlite3.OperationalError as exc:
+                    outcome["other"] = str(exc)
+                finally:
+                    other.close()
+        except Exception as exc:
+            outcome["error"] = exc
+
+    with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
+        first.submit(begin).result(timeout=30)
+        second.submit(end).result(timeout=30)
+        first.submit(write_again).result(timeout=30)
+    assert "error" not in outcome, outcome
+    # The first thread's new write session began IMMEDIATE: it holds the write lock.
+    assert outcome["other"] == "database is locked"
+    with session_scope(sqlite_file, readonly=True) as db:
+        assert list(db.scalars(select(Dataset.name))) == ["across"]
