@@ -92,8 +92,10 @@ STALE_QUEUES = (
 )
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, timeout: float = BUSY_TIMEOUT_MS / 1000) -> sqlite3.Connection:
     """Open ``path`` (creating the file and tables) in autocommit mode, WAL, synchronous=NORMAL.
+
+    ``timeout``: seconds a statement waits for another process's write lock.
 
     Autocommit: every statement is its own transaction unless the caller says ``BEGIN
     IMMEDIATE``. WAL with ``synchronous=NORMAL`` survives the kill of any process; a power
@@ -102,11 +104,11 @@ def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(
         path,
-        timeout=BUSY_TIMEOUT_MS / 1000,
+        timeout=timeout,
         isolation_level=None,
         check_same_thread=False,  # the channel serialises its use with a lock
     )
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.executescript(SCHEMA)

@@ -15,8 +15,10 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
+from kombu.exceptions import ConnectionError as KombuConnectionError
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments  # type: ignore[attr-defined]
+from kombu.transport.virtual.exchange import TopicExchange
 
 from taskkit.broker import _schema as schema
 
@@ -34,6 +36,10 @@ JANITOR_INTERVAL = 2.0
 MIN_QUEUE_EXPIRY = 60.0
 #: Rows per statement when extending or requeueing many held messages.
 CHUNK = 400
+#: Seconds ``ensure_connection`` waits for the file's write lock before calling it unusable.
+PROBE_TIMEOUT = 1.0
+#: Oldest SQLite with ``RETURNING``, which taking a message needs.
+MIN_SQLITE = (3, 35)
 
 #: Connections opened in a parent process: never used nor closed in a forked child.
 _inherited: list[sqlite3.Connection] = []
@@ -137,10 +143,12 @@ class Channel(virtual.Channel):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                # Inside the try: a failed COMMIT must not leave the connection in a transaction.
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def _execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -172,10 +180,22 @@ class Channel(virtual.Channel):
         return self._take(queue, remove=queue in self._no_ack_queues)
 
     def _take(self, queue: str, *, remove: bool) -> dict[str, Any]:
-        """The first ready message of ``queue``: deleted (no ack wanted) or claimed with a lease."""
+        """The first ready message of ``queue``: deleted (no ack wanted) or claimed with a lease.
+
+        A row that is not a kombu message (the file is writable by anyone who can write the
+        folder) is deleted with one warning naming its id and queue, and the next row is taken:
+        raising it would stop the worker, and the row would stop it again after every
+        visibility timeout. Deleted, not quarantined: nothing could ever consume it.
+        """
         now = self.clock()
         if now >= self._janitor_due:
             self._janitor(now)
+        while True:
+            payload = self._take_one(queue, now, remove=remove)
+            if payload is not None:
+                return payload
+
+    def _take_one(self, queue: str, now: float, *, remove: bool) -> dict[str, Any] | None:
         # A plain read first: an idle poll never takes the write lock.
         if self._execute(schema.PEEK, (queue, now, now)).fetchone() is None:
             raise Empty()
@@ -190,13 +210,30 @@ class Channel(virtual.Channel):
         if row is None:  # another consumer took it between the read and the write
             raise Empty()
         row_id, text, deliveries = row
-        payload: dict[str, Any] = json.loads(text)
-        properties = payload.setdefault("properties", {})
-        properties["delivery_tag"] = f"{row_id}.{receipt}"
-        if deliveries > 1:
-            payload["redelivered"] = True
-            properties.setdefault("delivery_info", {})["redelivered"] = True
-        return payload
+        try:
+            payload = json.loads(text)
+            properties = payload.setdefault("properties", {})
+            properties["delivery_tag"] = f"{row_id}.{receipt}"
+            if deliveries > 1:
+                payload["redelivered"] = True
+                properties.setdefault("delivery_info", {})["redelivered"] = True
+            for key in ("delivery_info", "headers"):
+                if not isinstance(properties.get(key, {}), dict):
+                    raise TypeError(key)
+            if not isinstance(payload.get("headers", {}), dict | None):
+                raise TypeError("headers")
+            self.Message(payload, channel=self)  # what kombu does next: the body's encoding
+        except Exception as exc:  # any shape json.loads accepts, or a body that does not decode
+            self._execute("DELETE FROM messages WHERE id = ?", (row_id,))
+            logger.warning(
+                "taskkit broker: deleted message %s of queue %r: not a kombu message (%s)",
+                row_id,
+                queue,
+                type(exc).__name__,
+            )
+            return None
+        result: dict[str, Any] = payload
+        return result
 
     def _ack(self, delivery_tag: str) -> None:
         row_id, receipt = _split_tag(delivery_tag)
@@ -234,7 +271,11 @@ class Channel(virtual.Channel):
             channel.extend_visibility(list(channel.qos._delivered))
         """
         rows = [_split_tag(tag) for tag in delivery_tags]
-        until = self.clock() + self.visibility_timeout
+        now = self.clock()
+        # The worker's keeper thread calls this while its consumer may be too busy to poll (a
+        # solo pool running a long task): keep its expiring queues (pidbox) alive from here.
+        self._touch_queues(now)
+        until = now + self.visibility_timeout
         extended = 0
         for start in range(0, len(rows), CHUNK):
             chunk = rows[start : start + CHUNK]
@@ -316,6 +357,14 @@ class Channel(virtual.Channel):
         self._execute(schema.BIND, (exchange, routing_key or "", pattern, queue))
 
     def get_table(self, exchange: str) -> list[tuple[str, str, str]]:
+        # A topic pattern is computed again from its routing key: a regex read from the file
+        # would go into kombu's regex cache as another process (or anyone) wrote it.
+        kind = self.typeof(exchange)
+        if isinstance(kind, TopicExchange):
+            return [
+                (key, kind.key_to_pattern(key), queue)
+                for key, _, queue in self._execute(schema.TABLE, (exchange,))
+            ]
         return [
             (key, pattern, queue)
             for key, pattern, queue in self._execute(schema.TABLE, (exchange,))
@@ -341,17 +390,29 @@ class Channel(virtual.Channel):
     def _janitor(self, now: float) -> None:
         """Drop expired messages and unused expiring queues; mark ours as used."""
         self._janitor_due = now + JANITOR_INTERVAL
-        mine = sorted(set(self._active_queues))
         with self._write() as conn:
-            conn.executemany(
-                "UPDATE queues SET last_seen = ? WHERE name = ?", [(now, q) for q in mine]
-            )
+            self._touch_queues(now, conn)
             conn.execute(schema.DROP_EXPIRED, (now,))
             stale = [name for (name,) in conn.execute(schema.STALE_QUEUES, (MIN_QUEUE_EXPIRY, now))]
             for name in stale:
                 conn.execute("DELETE FROM bindings WHERE queue = ?", (name,))
                 conn.execute("DELETE FROM messages WHERE queue = ?", (name,))
                 conn.execute("DELETE FROM queues WHERE name = ?", (name,))
+
+    def _touch_queues(self, now: float, conn: sqlite3.Connection | None = None) -> None:
+        """Mark as used the queues every channel of this connection consumes from."""
+        transport = self.connection
+        channels = list(transport.channels or []) if transport is not None else [self]
+        mine = sorted({q for channel in channels for q in list(channel._active_queues)})
+        if not mine:
+            return
+        rows = [(now, q) for q in mine]
+        sql = "UPDATE queues SET last_seen = ? WHERE name = ?"
+        if conn is not None:
+            conn.executemany(sql, rows)
+            return
+        with self._write() as c:
+            c.executemany(sql, rows)
 
     def close(self) -> None:
         super().close()
@@ -384,7 +445,11 @@ class Transport(virtual.Transport):
     driver_type = "sqlite"
     driver_name = "sqlite"
     polling_interval = POLLING_INTERVAL
-    connection_errors = (*virtual.Transport.connection_errors, sqlite3.OperationalError)
+    connection_errors = (
+        *virtual.Transport.connection_errors,
+        KombuConnectionError,
+        sqlite3.OperationalError,
+    )
     channel_errors = (*virtual.Transport.channel_errors, sqlite3.DatabaseError)
     implements = virtual.Transport.implements.extend(
         asynchronous=False,
@@ -393,9 +458,35 @@ class Transport(virtual.Transport):
     )
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise RuntimeError(
+                f"taskkit+sqlite needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer "
+                f"(RETURNING); this Python has SQLite {sqlite3.sqlite_version}"
+            )
         super().__init__(client, **kwargs)
         self._wake = threading.Event()
         database_path(client.hostname or "")  # a bad URL fails here, in one line
+
+    def establish_connection(self) -> Any:
+        """Open the file (creating its folder) and take its write lock once, then let it go.
+
+        So ``ensure_connection`` (``check_reachable``, ``/health/ready``) fails on an unusable
+        path or a file locked for longer than ``PROBE_TIMEOUT``, as a kombu connection error,
+        instead of the first publish failing.
+        """
+        client: Any = self.client
+        path = database_path(client.hostname or "")
+        try:
+            probe = schema.connect(path, timeout=PROBE_TIMEOUT)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+            finally:
+                probe.close()
+        except (OSError, sqlite3.Error) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise KombuConnectionError(f"taskkit broker file {path}: {reason}") from exc
+        return super().establish_connection()
 
     def activity(self) -> None:
         """Wake the poller: a message moved, so the next poll may find work."""
