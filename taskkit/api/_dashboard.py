@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
@@ -143,7 +144,8 @@ def curve_points(
 ) -> list[CurvePoint]:
     """The points of a run's curve, by epoch: one per ``(epoch, metrics)`` of ``epochs`` and
     the ``latest`` progress ``(epoch, metrics)``, finite numbers only (``best_score``, a
-    running best, is left out: it is not that epoch's value). An entry of ``epochs`` wins over
+    running best, is left out: it is not that epoch's value; so is a metric named ``epoch``,
+    which would move its point). An entry of ``epochs`` wins over
     the latest progress of the same epoch (the history row is that epoch's own report).
     Epochs are 1-based, as ``runs`` shows them (the history's epochs are; a checkpoint's
     0-based step ``s`` is epoch ``s + 1``).
@@ -165,7 +167,7 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {
         str(key): float(value)
         for key, value in metrics.items()
-        if key != "best_score"
+        if key not in ("best_score", "epoch")  # a metric named "epoch" would move its point
         and isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
@@ -406,7 +408,12 @@ def breakers_page(request: Request) -> Response:
     from taskkit.api._breakers import list_breakers  # noqa: PLC0415 - this page only
 
     breakers = [
-        {**breaker.model_dump(), "label": status_label(breaker.state)}
+        {
+            **breaker.model_dump(),
+            "label": status_label(breaker.state),
+            # A name (from Redis too) may hold "/", which Jinja's urlencode keeps.
+            "reset_url": f"/breakers/{quote(breaker.name, safe='')}/reset",
+        }
         for breaker in list_breakers(request).breakers
     ]
     return _page(request, "breakers.html", "Circuit breakers", breakers=breakers)

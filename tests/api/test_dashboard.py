@@ -367,3 +367,21 @@ def test_static_files_are_served_and_nothing_else(client: TestClient) -> None:
 def test_pages_are_not_in_the_openapi_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert not [path for path in paths if path == "/" or path.startswith("/ui")]
+
+
+def test_a_metric_named_epoch_does_not_move_its_point() -> None:
+    points = curve_points(
+        [(1, {"loss": 0.9, "epoch": 7}), (2, {"epoch": 8})], latest=(3, {"epoch": 0})
+    )
+    assert points == [CurvePoint(1, {"loss": 0.9})]
+
+
+def test_a_breaker_name_with_a_slash_is_one_path_segment_of_its_reset_url(
+    client: TestClient,
+) -> None:
+    register(client.app, CircuitBreaker(name="http:api.example/v2 x", failure_threshold=2))
+
+    page = client.get("/ui/breakers")
+
+    posts = [str(e["data-post"]) for e in elements(page.text, "data-post")]
+    assert posts == ["/breakers/http%3Aapi.example%2Fv2%20x/reset"]

@@ -163,7 +163,7 @@
     byEpoch: new Map(JSON.parse(document.getElementById("curve-data").textContent).map((p) => [p.epoch, p])),
     pending: false,
     add(epoch, metrics) {
-      const numbers = Object.fromEntries(Object.entries(metrics).filter(([k, v]) => k !== "best_score" && Number.isFinite(v)));
+      const numbers = Object.fromEntries(Object.entries(metrics).filter(([k, v]) => k !== "best_score" && k !== "epoch" && Number.isFinite(v)));
       if (!Object.keys(numbers).length) return;
       this.byEpoch.set(epoch, { epoch, ...numbers });
       // A stream replays the whole history at once: draw once per frame, not once per epoch.
