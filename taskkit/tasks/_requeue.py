@@ -66,8 +66,8 @@ _DROPPED_HEADERS = ("redelivered", "taskkit_watcher")
 
 def requeue_at_front(message: Any, retries: int) -> bool:
     """Push a copy of ``message`` (a delivered kombu Redis message of Celery's task protocol 2)
-    with ``retries`` at the consuming end of its queue; False when ``message`` is not one, and
-    nothing was sent."""
+    with ``retries`` at the consuming end of its queue; False when ``message`` is not one, or
+    its exchange and routing key do not name exactly one queue, and nothing was sent."""
     channel: Any = getattr(message, "channel", None)
     raw = getattr(message, "_raw", None)
     needed = ("_lookup", "_get_message_priority", "_q_for_pri", "conn_or_acquire")
@@ -85,14 +85,17 @@ def requeue_at_front(message: Any, retries: int) -> bool:
     headers["retries"] = retries
     headers["eta"] = None
     properties["delivery_tag"] = uuid()
-    queues = channel._lookup(delivery_info.get("exchange"), delivery_info.get("routing_key"))
+    queues = list(
+        channel._lookup(delivery_info.get("exchange"), delivery_info.get("routing_key")) or ()
+    )
+    if len(queues) != 1:
+        # No binding (the copy would be lost) or a topic/fanout exchange naming several queues
+        # (a copy in each would run it again for every other queue): Celery's retry decides.
+        return False
     priority = channel._get_message_priority(payload, reverse=False)
     body = dumps(payload)
     with channel.conn_or_acquire() as client:
-        pipe = client.pipeline()
-        for queue in queues:
-            pipe.rpush(channel._q_for_pri(queue, priority), body)
-        pipe.execute()
+        client.rpush(channel._q_for_pri(queues[0], priority), body)
     return True
 
 
