@@ -147,6 +147,7 @@ CURATED = {
         "head_revision",
         "schema_status",
         "upgrade",
+        "upgrade_from",
     },
     "taskkit.db.runs": {"FINAL", "RunView", "check_run_id", "list_runs", "read_epochs", "read_run"},
     "taskkit.db.classify": {

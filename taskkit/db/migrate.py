@@ -38,7 +38,14 @@ from sqlalchemy.engine import URL
 from taskkit.db.classify import describe_database
 from taskkit.db.session import get_engine
 
-__all__ = ["SchemaStatus", "current_revision", "head_revision", "schema_status", "upgrade"]
+__all__ = [
+    "SchemaStatus",
+    "current_revision",
+    "head_revision",
+    "schema_status",
+    "upgrade",
+    "upgrade_from",
+]
 
 #: What fixes a database behind this taskkit.
 UPGRADE_HINT = "run: taskkit db upgrade"
@@ -74,6 +81,22 @@ def upgrade(target: Engine | str | URL | None = None, revision: str = "head") ->
 
         upgrade()  # what `taskkit db upgrade` does
     """
+    return upgrade_from(target, revision)[1]
+
+
+def upgrade_from(
+    target: Engine | str | URL | None = None, revision: str = "head"
+) -> tuple[str | None, str | None]:
+    """``upgrade``, returning the revisions before and after, both read under the migration
+    lock: equal when another process migrated the database first (so a caller reports an
+    upgrade only when it made one).
+
+    Example::
+
+        before, after = upgrade_from("sqlite:///taskkit.db")
+        if before != after:
+            print(f"upgraded from {before} to {after}")
+    """
     engine = _engine(target)
     if engine.dialect.name == "sqlite":
         # The write lock first (with taskkit's engines): a second upgrader waits here, then
@@ -82,8 +105,9 @@ def upgrade(target: Engine | str | URL | None = None, revision: str = "head") ->
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+        before = MigrationContext.configure(connection).get_current_revision()
         command.upgrade(_alembic_config(connection), revision)
-        return MigrationContext.configure(connection).get_current_revision()
+        return before, MigrationContext.configure(connection).get_current_revision()
 
 
 def current_revision(target: Engine | str | URL | None = None) -> str | None:

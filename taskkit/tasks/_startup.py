@@ -30,7 +30,7 @@ from celery import signals
 
 from taskkit.config import get_settings
 from taskkit.db.classify import describe_database, driver_message, is_transient
-from taskkit.db.migrate import UPGRADE_HINT, schema_status, upgrade
+from taskkit.db.migrate import UPGRADE_HINT, schema_status, upgrade_from
 from taskkit.db.session import create_engine_for
 
 __all__ = ["prepare_database"]
@@ -57,11 +57,12 @@ def prepare_database(url: str) -> str | None:
         try:
             status = schema_status(engine)
             if status.behind and engine.dialect.name == "sqlite":
-                reached = upgrade(engine)
-                _notes.append(
-                    f"taskkit: upgraded the database {name} from revision "
-                    f"{status.revision or '(none)'} to {reached}"
-                )
+                before, reached = upgrade_from(engine)
+                if before != reached:  # not when a worker starting beside us did it first
+                    _notes.append(
+                        f"taskkit: upgraded the database {name} from revision "
+                        f"{before or '(none)'} to {reached}"
+                    )
                 return None
         except ImportError as exc:  # the URL's driver is not installed
             return f"could not use database {name}: {exc}"
