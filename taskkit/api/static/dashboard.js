@@ -88,6 +88,9 @@
 
   // -- live runs ---------------------------------------------------------------------------------
   const streams = new Map();
+  // Per run, after a stream error: no new stream before `at`; the wait doubles from 1 s to 30 s
+  // and an event received resets it (a service that is down is not asked again and again).
+  const retries = new Map();
   function stream() {
     for (const [id, source] of streams) {
       if (!document.querySelector(`[data-stream][data-run="${id}"]`)) {
@@ -98,6 +101,7 @@
     for (const row of document.querySelectorAll("[data-stream]")) {
       const id = row.dataset.run;
       if (streams.has(id) || streams.size >= 4) continue; // a browser opens 6 connections per host
+      if (retries.has(id) && Date.now() < retries.get(id).at) continue;
       const source = new EventSource(`${root}/runs/${id}/events`);
       streams.set(id, source);
       const stop = () => {
@@ -105,16 +109,25 @@
         streams.delete(id);
         refresh();
       };
-      source.addEventListener("progress", (event) => show(id, JSON.parse(event.data)));
+      source.addEventListener("progress", (event) => {
+        retries.delete(id);
+        show(id, JSON.parse(event.data));
+      });
       // Every epoch of the run's history, in order, however fast they end: the whole curve.
       source.addEventListener("epoch", (event) => {
+        retries.delete(id);
         const data = JSON.parse(event.data);
         if (curve) curve.add(data.epoch, data.metrics || {});
       });
       // "end" comes with the run's end; after an error EventSource would reconnect on its own:
       // the next refresh decides instead whether the run still needs a stream.
       source.addEventListener("end", stop);
-      source.onerror = stop;
+      source.onerror = () => {
+        const delay = Math.min(2 * (retries.has(id) ? retries.get(id).delay : 500), 30000);
+        retries.set(id, { delay, at: Date.now() + delay });
+        setTimeout(stream, delay);
+        stop();
+      };
     }
   }
 
