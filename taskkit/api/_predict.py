@@ -166,8 +166,11 @@ async def _local(app: Any, features: list[float], circuit: str, reason: str) -> 
             503, f"no prediction: the external predictor did not answer ({reason}) and {exc}"
         ) from None
     try:
-        # A model's predict is CPU work of unknown length: off the event loop.
-        prediction, confidence = await run_in_threadpool(_predict_with, model, features)
+        # Inline, as a bare endpoint would: for the models this serves (scikit-learn, a
+        # fraction of a millisecond) a thread-pool hop costs more than the prediction
+        # (measured: +45% at p50 with it, +5% without; docs/benchmarks.md). A model slow
+        # enough to stall the event loop belongs behind TASKKIT_PREDICTOR_URL.
+        prediction, confidence = _predict_with(model, features)
     except _FEATURE_ERRORS as exc:  # what numpy/sklearn raise for a wrong count, shape or type
         raise HTTPException(
             422, f"the local model (run {run_id}) cannot use these features: {_first_line(exc)}"

@@ -4,7 +4,6 @@ one-line detail, never a 500."""
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 from typing import Any
 
@@ -16,9 +15,6 @@ from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
 from taskkit.tasks._runs import mark_completed
 
-#: Whether each local predict call found a running event loop in its thread.
-ON_LOOP: list[bool] = []
-
 
 class Raising:
     """A model whose predict raises ``error`` (a class name of builtins) when it is set."""
@@ -27,11 +23,6 @@ class Raising:
         self.error = error
 
     def predict(self, rows: list[list[float]]) -> list[int]:
-        try:
-            asyncio.get_running_loop()
-            ON_LOOP.append(True)
-        except RuntimeError:
-            ON_LOOP.append(False)
         if self.error is not None:
             raise getattr(builtins, self.error)("bad\ninput")
         return [len(rows[0])]
@@ -45,17 +36,6 @@ def completed(database_url: str, model: Any) -> int:
         run_id = run.id
     mark_completed(run_id, model, 0.9, database_url=database_url)
     return run_id
-
-
-def test_the_local_model_predicts_in_the_thread_pool(
-    api_settings: Settings, client: TestClient
-) -> None:
-    ON_LOOP.clear()
-    completed(api_settings.database_url, Raising(None))
-    answer = client.post("/predict", json={"features": [1.0, 2.0]})
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["prediction"] == 2
-    assert ON_LOOP == [False]
 
 
 @pytest.mark.parametrize("error", ["TypeError", "IndexError", "KeyError", "ValueError"])
