@@ -9,6 +9,7 @@ import sys
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -62,3 +63,19 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def replace_section(section: str) -> None:
+    """Put one benchmark's ``## `` section into docs/benchmarks.md in place of its previous
+    run (or at the end when missing): ``python -m benchmarks.bench_x`` runs one section alone."""
+    output = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+    heading = section.split("\n", 1)[0]
+    text = output.read_text() if output.exists() else "# Benchmarks\n"
+    if heading in text:
+        before, rest = text.split(heading, 1)
+        after = rest.split("\n## ", 1)
+        text = before + section + ("\n## " + after[1] if len(after) > 1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    output.write_text(text)
+    say(f"wrote {output}")

@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import say, table
+from benchmarks._harness import replace_section, say, table
 from benchmarks.bench_checkpoint import environment, postgres_schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -524,18 +524,7 @@ the `(name, id)` index), so a deep page costs what the first does. Target (issue
 def main() -> None:
     """``python -m benchmarks.bench_api``: run this section alone and replace it in
     docs/benchmarks.md (added at the end when missing)."""
-    output = ROOT / "docs" / "benchmarks.md"
-    section = run()
-    heading = section.split("\n", 1)[0]
-    text = output.read_text() if output.exists() else "# Benchmarks\n"
-    if heading in text:
-        before, rest = text.split(heading, 1)
-        after = rest.split("\n## ", 1)
-        text = before + section + ("\n## " + after[1] if len(after) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    output.write_text(text)
-    say(f"wrote {output}")
+    replace_section(run())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import IO, Any
 from celery import Celery
 
 import taskkit.broker  # registers taskkit+sqlite://
-from benchmarks._harness import say, table
+from benchmarks._harness import replace_section, say, table
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTESTANT_VARIABLE = "TASKKIT_BENCH_BROKER"
@@ -280,18 +280,7 @@ shown with its default and with a 10 ms poll. Target (issue 15): taskkit's trans
 def main() -> None:
     """``python -m benchmarks.bench_broker`` (``make bench-broker``): run this section alone
     and replace it in docs/benchmarks.md (added at the end when missing)."""
-    output = ROOT / "docs" / "benchmarks.md"
-    section = run()
-    heading = section.split("\n", 1)[0]
-    text = output.read_text() if output.exists() else "# Benchmarks\n"
-    if heading in text:
-        before, rest = text.split(heading, 1)
-        after = rest.split("\n## ", 1)
-        text = before + section + ("\n## " + after[1] if len(after) > 1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    output.write_text(text)
-    say(f"wrote {output}")
+    replace_section(run())
 
 
 if __name__ == "__main__":
