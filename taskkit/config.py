@@ -161,11 +161,43 @@ class Settings(BaseSettings):
     #: The external predictor ``POST /predict`` calls first (its ``/predict`` endpoint); unset:
     #: the latest completed local model answers every request.
     predictor_url: str | None = None
+    #: Port on which every worker serves Prometheus ``/metrics`` (all its pool processes in one
+    #: answer). None: workers serve none (``taskkit serve`` still answers ``/metrics``).
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    #: Directory of prometheus_client's multiprocess files; default ``home / "metrics"``. A
+    #: worker empties it at start.
+    metrics_dir: Path | None = None
+    #: ``text`` (one line per record) or ``json`` (one JSON object per record, with ``task``,
+    #: ``task_id``, ``run_id``, ``attempt``, ``layer`` as fields) for taskkit's log records.
+    log_format: Literal["text", "json"] = "text"
+    #: One log record per retry (inner and outer) of a taskkit task or recovery primitive.
+    log_retry_attempts: bool = True
+    #: One log record per circuit-breaker state change.
+    log_circuit_state_changes: bool = True
+    #: A breaker that opens calls the alert notifiers (an ERROR log record, and a POST to
+    #: ``alert_webhook_url`` when set).
+    alert_on_circuit_open: bool = True
+    #: URL the alert notifier POSTs a JSON message to (Slack-style ``{"text": ...}``). Unset: no
+    #: webhook. Treated as a secret (its path often holds a token).
+    alert_webhook_url: SecretStr | None = None
+    #: OpenTelemetry spans per task attempt when ``opentelemetry-api`` is installed
+    #: (``taskkit[otel]``); they go wherever the process's tracer provider exports them.
+    tracing: bool = True
 
     @field_validator("home", "checkpoint_dir")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("metrics_dir", "metrics_port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("metrics_dir")
+    @classmethod
+    def _absolute_metrics_dir(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().absolute()
 
     @field_validator("secret_key_file", mode="before")
     @classmethod
@@ -182,7 +214,7 @@ class Settings(BaseSettings):
         for name, value in super().__repr_args__():
             yield name, mask_password(value) if name in _URL_FIELDS and value else value
 
-    @field_validator("secret_key", "secret_keys_old", "api_token")
+    @field_validator("secret_key", "secret_keys_old", "api_token", "alert_webhook_url")
     @classmethod
     def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
         # TASKKIT_SECRET_KEY= (set but empty) must not sign with an empty key.

@@ -78,6 +78,14 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "api_max_body_bytes": ("2048", 2048),
     "api_cors_origins": ("http://localhost:3000", "http://localhost:3000"),
     "predictor_url": ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+    "metrics_port": ("9808", 9808),
+    "metrics_dir": ("/var/lib/taskkit-metrics", Path("/var/lib/taskkit-metrics")),
+    "log_format": ("json", "json"),
+    "log_retry_attempts": ("false", False),
+    "log_circuit_state_changes": ("0", False),
+    "alert_on_circuit_open": ("no", False),
+    "alert_webhook_url": ("http://127.0.0.1:9/hook", "http://127.0.0.1:9/hook"),
+    "tracing": ("false", False),
 }
 
 
@@ -195,6 +203,14 @@ def test_an_empty_environment_has_the_documented_defaults(project: Path):
         "api_max_body_bytes": 1_000_000,
         "api_cors_origins": "",
         "predictor_url": None,
+        "metrics_port": None,
+        "metrics_dir": None,
+        "log_format": "text",
+        "log_retry_attempts": True,
+        "log_circuit_state_changes": True,
+        "alert_on_circuit_open": True,
+        "alert_webhook_url": None,
+        "tracing": True,
     }
 
 

@@ -1,9 +1,14 @@
 """Events that the recovery primitives emit, for metrics and alerting.
 
 Subscribers are plain callables. They are called synchronously, in the thread that caused the
-event, only on the unhappy path (a retry, a give-up, a breaker changing state), never for a call
-that simply succeeds. A subscriber that raises is logged and ignored: observing a failure must
-never cause one.
+event. The recovery primitives emit only on the unhappy path (a retry, a give-up, a breaker
+changing state), never for a call that simply succeeds; taskkit's Celery tasks, checkpoints and
+dead letters emit the task-level events below (one per attempt, checkpoint, dead letter...),
+and only while someone is subscribed (``active()``). A subscriber that raises is logged and
+ignored: observing a failure must never cause one.
+
+taskkit's metrics, structured logs, alert notifiers and Celery custom events are subscribers
+of this one bus (``taskkit.telemetry``, ``taskkit.tasks``).
 
 Example::
 
@@ -26,10 +31,18 @@ from dataclasses import dataclass
 from taskkit._utils import call_hook
 
 __all__ = [
+    "BatchChunkFinished",
+    "CheckpointSaved",
     "CircuitStateChanged",
+    "DeadLettered",
+    "EpochFinished",
     "Event",
     "GaveUp",
+    "LeaseTakenOver",
     "RetryScheduled",
+    "RunResumed",
+    "TaskAttemptEnded",
+    "TaskFailed",
     "active",
     "emit",
     "subscribe",
@@ -66,7 +79,120 @@ class CircuitStateChanged:
     new: str
 
 
-Event = RetryScheduled | GaveUp | CircuitStateChanged
+@dataclass(frozen=True, slots=True)
+class TaskAttemptEnded:
+    """One attempt of a taskkit task ended.
+
+    ``layer`` is ``"inner"`` (one call of the task body inside the worker's in-process retry)
+    or ``"outer"`` (one delivery of the task by the broker). ``outcome`` is ``"success"``,
+    ``"retry"`` (another attempt of the same layer follows after ``wait`` seconds; for the
+    inner layer, an exhausted inner ladder that escalates to the outer one is ``"escalated"``)
+    or ``"failure"`` (no attempt follows). ``attempt`` counts from 1 within its layer.
+    """
+
+    task: str
+    task_id: str
+    layer: str
+    attempt: int
+    outcome: str
+    error_type: str | None = None
+    wait: float | None = None
+    run_id: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    """A taskkit task failed for good (``error_type`` is the exception's class name)."""
+
+    task: str
+    task_id: str
+    error_type: str
+    attempts: int
+    run_id: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    """A failed task or batch item was stored in the dead-letter queue as ``letter_id``."""
+
+    task: str
+    letter_id: object
+    error_type: str
+    task_id: str | None = None
+    batch_id: str | None = None
+    item_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTakenOver:
+    """A task took over the lease ``key`` that ``previous_owner`` held and let lapse."""
+
+    task: str
+    task_id: str
+    key: str
+    previous_owner: str | None
+    fencing_token: int
+    run_id: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointSaved:
+    """A checkpoint of ``step`` is durable: ``size`` bytes written in ``seconds``."""
+
+    run_id: object
+    step: int
+    size: int
+    seconds: float
+    is_best: bool
+    task: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchChunkFinished:
+    """A batch chunk ended: items ``done`` now, ``dead`` (dead-lettered) and ``skipped``
+    (already done by an earlier delivery, found in the ledger)."""
+
+    task: str
+    task_id: str
+    batch_id: str | None
+    done: int
+    dead: int
+    skipped: int
+
+
+@dataclass(frozen=True, slots=True)
+class EpochFinished:
+    """A training run finished ``epoch`` (0-based) in ``seconds``."""
+
+    task: str
+    run_id: object
+    epoch: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunResumed:
+    """A training run resumed at ``epoch`` from its checkpoint of ``epoch - 1``."""
+
+    task: str
+    run_id: object
+    task_id: str | None
+    epoch: int
+
+
+Event = (
+    RetryScheduled
+    | GaveUp
+    | CircuitStateChanged
+    | TaskAttemptEnded
+    | TaskFailed
+    | DeadLettered
+    | LeaseTakenOver
+    | CheckpointSaved
+    | BatchChunkFinished
+    | EpochFinished
+    | RunResumed
+)
 
 _subscribers: list[Callable[[Event], object]] = []
 
