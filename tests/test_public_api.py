@@ -254,6 +254,13 @@ CURATED = {
     "taskkit.cli.train": {"train_app"},
     "taskkit.contrib": set(),
     "taskkit.telemetry": set(),
+    "taskkit.telemetry.tracing": {
+        "TRACER_NAME",
+        "attempt_span",
+        "enabled",
+        "layer_of",
+        "record_circuit_state",
+    },
     "taskkit.doctor": set(),
     "taskkit.broker": {"SCHEME", "Channel", "Transport"},
     "taskkit.contrib.pandas": {"RESULT_COLUMN", "process_dataframe_in_batches"},
