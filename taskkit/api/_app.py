@@ -41,6 +41,7 @@ from taskkit.api import (
     _dashboard,
     _deadletters,
     _health,
+    _metrics,
     _predict,
     _runs,
 )
@@ -73,6 +74,7 @@ def create_api(settings: Settings | None = None, celery_app: Any = None) -> Any:
     api.state.celery_app = functools.cache(lambda: celery_app or _load_celery_app(settings))
     for module in (_health, _runs, _control, _deadletters, _breakers, _predict, _dashboard):
         api.include_router(module.router)
+    api.include_router(_metrics.router)
     origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
     if origins:
         api.add_middleware(
