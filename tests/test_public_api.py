@@ -254,6 +254,22 @@ CURATED = {
     "taskkit.cli.train": {"train_app"},
     "taskkit.contrib": set(),
     "taskkit.telemetry": set(),
+    "taskkit.telemetry.logs": {
+        "CONTEXT_FIELDS",
+        "EVENT_KINDS",
+        "EventFilter",
+        "JsonFormatter",
+        "configure_logging",
+    },
+    "taskkit.telemetry.alerts": {
+        "CircuitAlert",
+        "LogNotifier",
+        "Notifier",
+        "WebhookNotifier",
+        "add_notifier",
+        "flush_alerts",
+        "install_alerts",
+    },
     "taskkit.telemetry.metrics": {
         "BUCKETS_BYTES",
         "BUCKETS_SECONDS",

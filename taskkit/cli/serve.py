@@ -14,6 +14,8 @@ Decisions:
   listens, so a wrong module is one line and exit 2 rather than a 500 on the first replay.
 - The database's schema revision is not required to be at head to start: ``/health/ready``
   answers 503 naming it, which is what a load balancer acts on.
+- Logs and alerts are set up as in a worker: ``TASKKIT_LOG_FORMAT=json`` makes uvicorn's
+  records JSON lines too, and a breaker that opens here (a reset from the dashboard) alerts.
 - FastAPI, uvicorn and the app load inside the command, so ``taskkit --help`` does without
   them (``tests/cli/test_startup.py``); without the ``api`` extra it says what to install.
 
@@ -71,7 +73,29 @@ def _serve_command(
         raise fail(exc.message, exc.code) from None
     import uvicorn  # noqa: PLC0415 - checked by _build
 
-    uvicorn.run(api, host=host, port=port, log_level=log_level)
+    uvicorn.run(api, host=host, port=port, log_level=log_level, log_config=_observe())
+
+
+def _observe() -> dict[str, Any]:
+    """Logs and alerts as in a worker (``taskkit.telemetry``): ``TASKKIT_LOG_FORMAT`` for
+    taskkit's records and uvicorn's, the ``LOG_*`` filter, the breaker alerts; returns
+    uvicorn's log config."""
+    import copy  # noqa: PLC0415
+
+    from uvicorn.config import LOGGING_CONFIG  # noqa: PLC0415
+
+    from taskkit.config import load_settings  # noqa: PLC0415
+    from taskkit.telemetry.alerts import install_alerts  # noqa: PLC0415
+    from taskkit.telemetry.logs import configure_logging  # noqa: PLC0415
+
+    settings = load_settings()
+    configure_logging(settings)
+    install_alerts(settings)
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    if settings.log_format == "json":
+        json_formatter = {"()": "taskkit.telemetry.logs.JsonFormatter"}
+        config["formatters"] = {"default": json_formatter, "access": dict(json_formatter)}
+    return config
 
 
 def _build(host: str, app_spec: str, log_level: str) -> Any:
