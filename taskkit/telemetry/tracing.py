@@ -49,7 +49,7 @@ import contextlib
 import contextvars
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from taskkit.config import get_settings
@@ -65,7 +65,8 @@ __all__ = ["TRACER_NAME", "attempt_span", "enabled", "layer_of", "record_circuit
 TRACER_NAME = "taskkit"
 
 _subscribe_lock = threading.Lock()
-_subscribed = False
+#: Unsubscribes the breaker-state subscriber once it is added (at the first attempt span).
+_unsubscribe: Callable[[], None] | None = None
 #: The attempt span of the attempt running in this context (a child span of the body's own,
 #: an HTTP client's say, may be the current span when a breaker changes state).
 _attempt: contextvars.ContextVar[Span | None] = contextvars.ContextVar(
@@ -149,13 +150,21 @@ def _on_event(event: events.Event) -> None:
 
 
 def _subscribe_once() -> None:
-    global _subscribed
-    if _subscribed:
+    global _unsubscribe
+    if _unsubscribe is not None:
         return
     with _subscribe_lock:
-        if not _subscribed:
-            events.subscribe(_on_event)
-            _subscribed = True
+        if _unsubscribe is None:
+            _unsubscribe = events.subscribe(_on_event)
+
+
+def _forget_subscription() -> None:
+    """Remove the breaker-state subscriber (tests: leave the event bus as they found it)."""
+    global _unsubscribe
+    with _subscribe_lock:
+        if _unsubscribe is not None:
+            _unsubscribe()
+            _unsubscribe = None
 
 
 @contextlib.contextmanager
