@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test lint typecheck bench bench-broker docs worker serve clean
+.PHONY: install browser promtool demo test lint typecheck bench bench-broker docs worker serve clean
 
 # make worker APP=myproject.tasks CONCURRENCY=4 QUEUES=celery,training LOGLEVEL=info EVENTS=1
 APP ?= $(or $(TASKKIT_APP),workers.app)
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 # Debian's Chromium, which the dashboard's browser test drives (tests/browser); needs root.
 browser:
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+# Prometheus' promtool alone (Debian's package unpacked, no server), for tests/telemetry's alert
+# rules (docs/alerts/); needs root.
+promtool:
+	command -v promtool >/dev/null || (d=$$(mktemp -d) && cd $$d && apt-get update -q && apt-get download prometheus && dpkg -x prometheus_*.deb root && install -m 755 root/usr/bin/promtool /usr/local/bin/promtool; s=$$?; rm -rf $$d; exit $$s)
 
 # A training run on the embedded defaults survives the SIGKILL of its worker (workers/demo.py).
 demo: $(STAMP)
