@@ -111,7 +111,8 @@ def worker(project: pathlib.Path, env: dict[str, str]) -> Iterator[subprocess.Po
 
 def letters(env: dict[str, str], cwd: pathlib.Path) -> list[dict[str, object]]:
     out = run(["taskkit", "dlq", "list", "--status", "any", "--json"], env, cwd)
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    letters: list[dict[str, object]] = json.loads(out)["letters"]
+    return letters
 
 
 def test_readme_quickstart(project, env, worker):

@@ -8,11 +8,12 @@ the functions that need them, so ``taskkit --help`` starts without them.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,9 +32,12 @@ __all__ = [
     "Database",
     "Group",
     "UrlOption",
+    "console",
     "database",
+    "echo_json",
     "err",
     "fail",
+    "iso",
     "missing_file",
     "out",
     "printable",
@@ -76,6 +80,18 @@ class _SafeConsole(Console):
 #: The one console of standard output, and the one of standard error.
 out = _SafeConsole(soft_wrap=True)
 err = _SafeConsole(stderr=True, soft_wrap=True)
+
+
+def console(*, width: int) -> Console:
+    """A console of standard output, like ``out``, ``width`` columns wide whatever the
+    terminal is (``--wide`` tables: the terminal wraps their lines, nothing is cut).
+
+    Example::
+
+        console(width=240).print(table)
+    """
+    return _SafeConsole(soft_wrap=True, width=width)
+
 
 #: The app ``--app`` and ``TASKKIT_APP`` default to (``make worker`` runs it).
 DEFAULT_APP = "workers.app"
@@ -338,6 +354,32 @@ def short(exc: BaseException) -> str:
         return driver_message(exc)
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())
+
+
+def echo_json(data: Any, *, indent: int | None = 2) -> None:
+    """Print ``data`` as one JSON document on standard output, for scripts: plain (rich
+    would wrap long lines, read ``[...]`` as markup and ``:name:`` as emoji), non-ASCII kept,
+    what JSON cannot hold as its ``str``. Commands pass data whose secrets are masked already.
+
+    Example::
+
+        echo_json({"runs": [record(view) for view in views]})
+    """
+    typer.echo(json.dumps(data, indent=indent, ensure_ascii=False, default=str))
+
+
+def iso(moment: datetime | None) -> str | None:
+    """A time for JSON: ISO 8601 in UTC (a naive time is taken to be UTC); None stays None.
+
+    Example::
+
+        iso(run.started_at)   # '2025-03-01T13:02:11.120000+00:00'
+    """
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat()
 
 
 def when(moment: datetime | None) -> str:

@@ -2,15 +2,16 @@
 
 ::
 
-    taskkit dlq list [--task T] [--batch B] [--error-type E] [--older-than AGE]
-                     [--newer-than AGE] [--status S] [--limit N] [--json]
+    taskkit dlq list [FILTERS] [--status S] [--limit N] [--wide] [--json]
     taskkit dlq show ID [--json]
     taskkit dlq replay (ID... | --task T | --batch B | --error-type E | --older-than AGE | --all)
                        [--into TASK] [--app APP] [--yes]
-    taskkit dlq discard ID...
-    taskkit dlq purge (ID... | --older-than AGE | --retention) [--task T] [--status S] [--yes]
+    taskkit dlq discard (ID... | FILTERS) [--yes]
+    taskkit dlq purge (ID... | FILTERS | --retention) [--status S] [--yes]
                       (--status: handled (default), dead, replayed, discarded, any)
     taskkit dlq depth [--json]
+
+    FILTERS: [--task T] [--batch B] [--error-type E] [--older-than AGE] [--newer-than AGE]
 
 Every command takes ``--url`` (default: the project's database, see ``docs/cli.md``). An
 ``AGE`` is a number and a unit, ``s``, ``m``, ``h``, ``d`` or ``w`` (``30s``, ``15m``, ``2h``,
@@ -26,12 +27,18 @@ Decisions:
   ``taskkit --help`` does without them.
 - A replay refused because a letter's task is not registered says which app was loaded and
   how to point ``--app`` or ``TASKKIT_APP`` at the module that defines the task.
-- ``--json`` is for scripts: ``list`` writes one JSON object per line, ``show`` and ``depth``
-  one object; times are ISO 8601 in UTC. Tables are for people: local times, short messages.
-- ``purge`` deletes for good, so it asks first; without a terminal to ask on it needs
-  ``--yes``. By default it deletes handled letters only (``replayed`` or ``discarded``): a
-  ``dead`` letter is a failure nobody has looked at, deleted only with ``--status dead`` (or
-  ``any``). ``discard`` keeps the letter (status ``discarded``) and does not ask.
+- ``--json`` is for scripts: every command writes one JSON document (``list``:
+  ``{"letters": [...], "more": N}``); times are ISO 8601 in UTC. Tables are for people: local
+  times, the newest failure first, one line per letter cut to the terminal's width with an
+  ellipsis (``--wide``: whole messages), and ``N more not shown`` when ``--limit`` cut.
+- ``list``, ``discard`` and ``purge`` take the same filters (``taskkit.deadletter.LetterQuery``),
+  so what ``list`` shows is what the other two touch. ``purge`` deletes for good, so it asks
+  first, saying how many letters; without a terminal to ask on it needs ``--yes``. By default it
+  deletes handled letters only (``replayed`` or ``discarded``): a ``dead`` letter is a failure
+  nobody has looked at, deleted only with ``--status dead`` (or ``any``). ``discard`` by filter
+  asks too (it may match thousands; a discarded letter is never replayed); ``discard`` by ids
+  names what it touches and does not ask. Both act only on the letters they counted: one
+  recorded while the question waits is left alone.
 - ``replay --all`` sends every waiting letter again, which cannot be taken back: it asks
   first too, and needs ``--yes`` without a terminal. Ids and filters do not ask (they name
   what they send).
@@ -59,6 +66,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Group, RenderableType
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -71,7 +79,9 @@ from taskkit.cli._common import (
     Database,
     UrlOption,
     database,
+    echo_json,
     out,
+    printable,
     when,
 )
 from taskkit.cli._launch import check_services, find_task, load_app
@@ -79,7 +89,7 @@ from taskkit.errors import DeadLetterNotFound, ReplayRejected
 
 if TYPE_CHECKING:
     from taskkit.db.models import DeadLetter
-    from taskkit.deadletter import DeadLetterStore
+    from taskkit.deadletter import DeadLetterStore, LetterQuery
 
 __all__ = ["dlq_app", "letter_panel", "letter_record", "letters_table", "parse_age"]
 
@@ -92,9 +102,6 @@ dlq_app = typer.Typer(
 
 STATUS_STYLES = {"dead": "bold red", "replayed": "green", "discarded": "dim"}
 STATUS_CHOICES = ("dead", "replayed", "discarded", "any")
-#: Characters of an error message in the ``list`` table (``show`` has all of it).
-MESSAGE_WIDTH = 48
-TASK_WIDTH = 24
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
 TaskOption = Annotated[
@@ -246,11 +253,40 @@ def _age(text: str | None, option: str) -> timedelta | None:
     return None if text is None else parse_age(text, option)
 
 
-def _status(status: str) -> str | None:
-    """The store's status filter: None for ``any``."""
+def _statuses(status: str) -> tuple[str, ...] | None:
+    """The query's status filter: None for ``any``."""
     if status not in STATUS_CHOICES:
         raise CliError(f"--status {status!r} is not one of {', '.join(STATUS_CHOICES)}")
-    return None if status == "any" else status
+    return None if status == "any" else (status,)
+
+
+def _letter_query(**filters: Any) -> LetterQuery:
+    from taskkit.deadletter import LetterQuery  # noqa: PLC0415 - SQLAlchemy: only here
+
+    return LetterQuery(**filters)
+
+
+def _query(
+    store: DeadLetterStore,
+    task: str | None,
+    batch: str | None,
+    error_type: str | None,
+    older_than: str | None,
+    newer_than: str | None,
+    statuses: tuple[str, ...] | None,
+) -> LetterQuery:
+    """The letters ``list`` shows and ``discard`` touches; the store's clock is fixed, so a
+    count and the change after it compare ages with the same "now"."""
+    now = store.clock()
+    store.clock = lambda: now
+    return _letter_query(
+        task=task,
+        batch_id=batch,
+        error_type=error_type,
+        older_than=_age(older_than, "--older-than"),
+        newer_than=_age(newer_than, "--newer-than"),
+        statuses=statuses,
+    )
 
 
 def _unique(ids: Sequence[int] | None) -> list[int]:
@@ -292,14 +328,6 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).isoformat()
 
 
-def _shorten(text: str, width: int) -> str:
-    lines = text.strip().splitlines()
-    first = " ".join(lines[0].split()) if lines else ""
-    if len(first) > width or len(lines) > 1:
-        return first[: width - 3].rstrip() + "..."
-    return first
-
-
 def _status_text(status: str) -> Text:
     return Text(status, style=STATUS_STYLES.get(status, ""))
 
@@ -329,33 +357,108 @@ def letter_record(letter: DeadLetter, *, full: bool = False) -> dict[str, Any]:
     return record
 
 
-def letters_table(letters: Sequence[DeadLetter]) -> Table:
-    """The ``dlq list`` table."""
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    columns = ("ID", "TASK", "BATCH", "ITEM", "ERROR", "MESSAGE", "ATTEMPTS", "LAST FAILURE")
-    for column in (*columns, "STATUS"):
+#: Columns of the ``list`` table that give way when the terminal is narrow, in the order they
+#: give way, each down to its narrowest.
+_SHRINK_ORDER = (("MESSAGE", 12), ("BATCH", 8), ("ITEM", 8), ("TASK", 16), ("ERROR", 10))
+#: Widest a column gets before the message (the message takes what is left).
+_CAPS = {"TASK": 40, "BATCH": 16, "ITEM": 16, "ERROR": 24}
+_ELLIPSIS = "…"
+
+
+def _cut(text: str, width: int, *, keep_end: bool = False) -> str:
+    """``text`` in ``width`` characters, an ellipsis for what was cut (at the start with
+    ``keep_end``: a task's own name is at the end of its dotted path)."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return _ELLIPSIS[:width]
+    return _ELLIPSIS + text[-(width - 1) :] if keep_end else text[: width - 1] + _ELLIPSIS
+
+
+def _whole(text: str | None) -> str:
+    """The whole message on one line (``--wide``)."""
+    return " ".join((text or "").split())
+
+
+def _first_line(text: str | None) -> str:
+    """The message on one line: its first line, ``…`` when more follow."""
+    lines = (text or "").strip().splitlines()
+    first = " ".join(lines[0].split()) if lines else ""
+    return first + " " + _ELLIPSIS if len(lines) > 1 else first
+
+
+def _widths(natural: dict[str, int], fixed: int, width: int) -> dict[str, int]:
+    """The widths of the flexible columns so that the table fits ``width`` (``fixed``: what
+    the other columns and the gaps take)."""
+    widths = {name: min(size, _CAPS.get(name, size)) for name, size in natural.items()}
+    excess = fixed + sum(widths.values()) - width
+    for name, narrowest in _SHRINK_ORDER:
+        if excess <= 0:
+            break
+        give = min(excess, max(0, widths[name] - narrowest))
+        widths[name] -= give
+        excess -= give
+    if excess < 0 and widths["MESSAGE"] < natural["MESSAGE"]:  # room left: to the message
+        widths["MESSAGE"] = min(natural["MESSAGE"], widths["MESSAGE"] - excess)
+    return widths
+
+
+def letters_table(
+    letters: Sequence[DeadLetter],
+    *,
+    width: int | None = None,
+    wide: bool = False,
+    status: bool = True,
+) -> Table:
+    """The ``dlq list`` table: one line per letter, cut to ``width`` columns with an ellipsis
+    (``wide``: whole cells, as wide as they are); ``status`` adds the STATUS column."""
+    columns = ["ID", "TASK", "BATCH", "ITEM", "ERROR", "MESSAGE", "ATTEMPTS", "LAST FAILURE"]
+    if status:
+        columns.append("STATUS")
+    rows = [
+        {  # the letters' text is data: never read as markup; escapes measured as printed
+            "ID": str(letter.id),
+            "TASK": printable(letter.task_name),
+            "BATCH": printable(letter.batch_id or "-"),
+            "ITEM": printable(letter.item_key or "-"),
+            "ERROR": printable(letter.error_type),
+            "MESSAGE": printable(
+                _whole(letter.error_message) if wide else _first_line(letter.error_message)
+            )
+            or "-",
+            "ATTEMPTS": str(letter.attempts),
+            "LAST FAILURE": when(letter.last_failed_at),
+            "STATUS": letter.status,
+        }
+        for letter in letters
+    ]
+    natural = {c: max([len(c), *(len(row[c]) for row in rows)]) for c in columns}
+    flexible = [name for name, _ in _SHRINK_ORDER]
+    sizes: dict[str, int] = {}
+    if not wide:
+        gaps = 2 * (len(columns) - 1)
+        fixed = gaps + sum(natural[c] for c in columns if c not in flexible)
+        sizes = _widths({c: natural[c] for c in flexible}, fixed, width or out.width)
+    table = Table(box=None, header_style="bold", pad_edge=False, expand=False)
+    for column in columns:
         numeric = column in ("ID", "ATTEMPTS")
-        # a narrow terminal cuts the message and folds the names; times stay on one line
+        size = sizes.get(column)
         table.add_column(
-            column,
+            _cut(column, size) if size else column,
             justify="right" if numeric else "left",
-            overflow="ellipsis" if column == "MESSAGE" else "fold",
-            no_wrap=numeric or column in ("MESSAGE", "LAST FAILURE", "STATUS"),
-            # the task name is what a reader looks for: the message gives way to it first
-            min_width=TASK_WIDTH if column == "TASK" else min(len(column), 8),
+            overflow="ellipsis",
+            no_wrap=True,
+            width=size,
         )
-    for letter in letters:  # the letters' text is data: never read as markup
-        table.add_row(
-            str(letter.id),
-            Text(letter.task_name),
-            Text(letter.batch_id or "-"),
-            Text(letter.item_key or "-"),
-            Text(letter.error_type),
-            Text(_shorten(letter.error_message or "", MESSAGE_WIDTH) or "-"),
-            str(letter.attempts),
-            when(letter.last_failed_at),
-            _status_text(letter.status),
-        )
+    for row in rows:
+        cells: list[Text] = []
+        for column in columns:
+            text, size = row[column], sizes.get(column)
+            if size:
+                text = _cut(text, size, keep_end=column == "TASK")
+            style = STATUS_STYLES.get(text, "") if column == "STATUS" else ""
+            cells.append(Text(text, style=style))
+        table.add_row(*cells)
     return table
 
 
@@ -394,12 +497,12 @@ def letter_panel(letter: DeadLetter) -> RenderableType:
     return Group(*parts)
 
 
-def _echo_json(data: Any, *, indent: int | None = None) -> None:
-    # plain output: rich would wrap long lines and replace :emoji: codes inside the data
-    typer.echo(json.dumps(data, indent=indent, ensure_ascii=False))
-
-
 # -- commands ----------------------------------------------------------------------------------
+
+
+WideOption = Annotated[
+    bool, typer.Option("--wide", help="Whole messages and names, folded (not cut to the terminal).")
+]
 
 
 @dlq_app.command("list")
@@ -413,30 +516,32 @@ def _list_command(
         str, typer.Option(help="dead (waiting), replayed, discarded, or any.")
     ] = "dead",
     limit: Annotated[int, typer.Option(min=1, help="At most this many letters.")] = 100,
+    wide: WideOption = False,
     as_json: JsonOption = False,
     url: UrlOption = None,
 ) -> None:
-    """Dead letters, oldest failure first (JSON: one object per line)."""
+    """Dead letters, newest failure first, one line each (JSON: {"letters": [...], "more": N})."""
     db = database(url)
     with _reported(db):
-        letters = _store(db.url).list(
-            task=task,
-            batch_id=batch,
-            error_type=error_type,
-            older_than=_age(older_than, "--older-than"),
-            newer_than=_age(newer_than, "--newer-than"),
-            status=_status(status),
-            limit=limit,
-        )
+        store = _store(db.url)
+        query = _query(store, task, batch, error_type, older_than, newer_than, _statuses(status))
+        letters = query.letters(store, limit=limit)
+        more = query.count(store) - len(letters) if len(letters) == limit else 0
     if as_json:
-        for letter in letters:
-            _echo_json(letter_record(letter))
+        echo_json({"letters": [letter_record(letter) for letter in letters], "more": more})
         return
     if not letters:
         which = _criteria(status, task, batch, error_type, older_than, newer_than)
         out.print(escape(f"no dead letters{which} in {db.name}"), highlight=False)
         return
-    out.print(letters_table(letters))
+    table = letters_table(letters, wide=wide, status=status == "any")
+    if wide:  # as wide as the cells are: the terminal wraps the lines, nothing is cut
+        needed = Measurement.get(out, out.options.update(width=1_000_000), table).maximum
+        _common.console(width=max(out.width, needed)).print(table)
+    else:
+        out.print(table)
+    if more > 0:
+        out.print(f"{more} more not shown (--limit {limit})", style="dim", highlight=False)
 
 
 @dlq_app.command("show")
@@ -446,7 +551,7 @@ def _show_command(letter_id: LetterId, as_json: JsonOption = False, url: UrlOpti
     with _reported(db):
         letter = _store(db.url).get(letter_id)
     if as_json:
-        _echo_json(letter_record(letter, full=True), indent=2)
+        echo_json(letter_record(letter, full=True))
     else:
         out.print(letter_panel(letter))
 
@@ -531,26 +636,74 @@ def _replay_command(
     )
 
 
+YesOption = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")]
+
+
 @dlq_app.command("discard")
 def _discard_command(
-    letter_ids: Annotated[
-        list[int], typer.Argument(help="Letter ids (see: taskkit dlq list).", show_default=False)
-    ],
+    letter_ids: IdsArgument = None,
+    task: TaskOption = None,
+    batch: BatchOption = None,
+    error_type: ErrorTypeOption = None,
+    older_than: OlderOption = None,
+    newer_than: NewerOption = None,
+    yes: YesOption = False,
     url: UrlOption = None,
 ) -> None:
-    """Mark letters discarded: kept for the record, never replayed."""
+    """Mark letters discarded (kept for the record, never replayed): by id, or the waiting
+    letters that match the filters (asks first, saying how many)."""
     db = database(url)
     ids = _unique(letter_ids)
+    filters = (task, batch, error_type, older_than, newer_than)
     with _reported(db):
-        count = _store(db.url).discard(ids)
-    listed = ", ".join(str(i) for i in ids)
-    out.print(f"discarded {_plural(count, 'dead letter')}: {listed}", highlight=False)
+        filtered = any(value is not None for value in filters)
+        if ids and filtered:
+            raise CliError("give letter ids or filters, not both")
+        if not (ids or filtered):
+            raise CliError(
+                "discard what? give letter ids, --task, --batch, --error-type, --older-than "
+                "or --newer-than"
+            )
+        store = _store(db.url)
+        if ids:
+            count = store.discard(ids)
+            listed = ", ".join(str(i) for i in ids)
+            out.print(f"discarded {_plural(count, 'dead letter')}: {listed}", highlight=False)
+            return
+        query = _query(store, task, batch, error_type, older_than, newer_than, ("dead",))
+        which = _criteria("dead", task, batch, error_type, older_than, newer_than)
+        count, query = query.counted(store)
+        if count == 0:
+            out.print(escape(f"no dead letters{which} in {db.name}"), highlight=False)
+            return
+        if not yes and not _confirmed(
+            f"discard {_plural(count, 'dead letter')}{which} in {db.name}?", "discarded", "discard"
+        ):
+            return
+        changed = query.discard(store)
+    out.print(
+        escape(f"discarded {_plural(changed, 'dead letter')}{which} in {db.name}"), highlight=False
+    )
+
+
+def _confirmed(question: str, done: str, verb: str) -> bool:
+    """Ask ``question`` on a terminal; without one, a ``CliError`` asking for ``--yes``."""
+    if not _interactive():
+        raise CliError(f"{verb} changes letters for good: add --yes (no terminal to ask on)")
+    if _ask(question, f"nothing was {done}"):
+        return True
+    out.print(f"nothing was {done}", highlight=False)
+    return False
 
 
 @dlq_app.command("purge")
 def _purge_command(
     letter_ids: IdsArgument = None,
+    task: TaskOption = None,
+    batch: BatchOption = None,
+    error_type: ErrorTypeOption = None,
     older_than: OlderOption = None,
+    newer_than: NewerOption = None,
     retention: Annotated[
         bool,
         typer.Option(
@@ -558,7 +711,6 @@ def _purge_command(
             help="Letters older than TASKKIT_DEAD_LETTER_RETENTION_DAYS (default 30).",
         ),
     ] = False,
-    task: TaskOption = None,
     status: Annotated[
         str | None,
         typer.Option(
@@ -567,18 +719,31 @@ def _purge_command(
             show_default=False,
         ),
     ] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    yes: YesOption = False,
     url: UrlOption = None,
 ) -> None:
-    """Delete letters for good: by id, older than AGE, or older than the retention."""
+    """Delete letters for good: by id, or those matching the filters (or older than the
+    retention); asks first, saying how many."""
     db = database(url)
     ids = _unique(letter_ids)
     with _reported(db):
         age = _age(older_than, "--older-than")
-        if [bool(ids), age is not None, retention].count(True) != 1:
-            raise CliError("purge what? give letter ids, --older-than AGE or --retention (one)")
-        if ids and (task is not None or status is not None):
-            raise CliError("--task and --status go with --older-than or --retention, not ids")
+        _age(newer_than, "--newer-than")
+        if older_than is not None and retention:
+            raise CliError("purge what? give --older-than AGE or --retention, not both")
+        filtered = retention or any(
+            value is not None for value in (task, batch, error_type, older_than, newer_than)
+        )
+        if ids and (filtered or status is not None):
+            raise CliError(
+                "purge what? give letter ids, or filters (--task, --batch, --error-type, "
+                "--older-than, --newer-than, --retention) and --status: not both"
+            )
+        if not (ids or filtered):
+            raise CliError(
+                "purge what? give letter ids, --older-than AGE, --retention, or filters "
+                "(--task, --batch, --error-type, --newer-than)"
+            )
         wanted = _purge_status(status or "handled")
         age_text = older_than
         if retention:
@@ -590,20 +755,32 @@ def _purge_command(
         if not yes and not _interactive():
             raise CliError("purge deletes letters for good: add --yes (no terminal to ask on)")
         store = _store(db.url)
-        if not yes:
-            which = "" if ids else _criteria(_status_words(wanted), task, older_than=age_text)
-            count = _count(store, ids, age, task, wanted)
-            if count == 0:
-                out.print(escape(f"no dead letters{which} in {db.name}"), highlight=False)
-                return
-            question = f"delete {_plural(count, 'dead letter')}{which} from {db.name}?"
-            if not _ask(question, "nothing was deleted"):
-                out.print("nothing was deleted", highlight=False)
-                return
-        if ids or wanted is None:
-            deleted = store.purge(ids=ids or None, older_than=age, task=task)
-        else:  # one status at a time: the store's purge takes one
-            deleted = sum(store.purge(older_than=age, task=task, status=one) for one in wanted)
+        if ids:
+            query = _letter_query(ids=tuple(ids), statuses=None)
+            missing = query.missing_ids(store)
+            if missing:
+                raise DeadLetterNotFound(missing)
+            which = ""
+        else:
+            now = store.clock()
+            store.clock = lambda: now  # the ages of the count are the ages of the delete
+            query = _letter_query(
+                task=task,
+                batch_id=batch,
+                error_type=error_type,
+                older_than=age,
+                newer_than=_age(newer_than, "--newer-than"),
+                statuses=wanted,
+            )
+            which = _criteria(_status_words(wanted), task, batch, error_type, age_text, newer_than)
+        count, query = query.counted(store)
+        if count == 0:
+            out.print(escape(f"no dead letters{which} in {db.name}"), highlight=False)
+            return
+        question = f"delete {_plural(count, 'dead letter')}{which} from {db.name}?"
+        if not yes and not _confirmed(question, "deleted", "purge"):
+            return
+        deleted = query.purge(store)
     out.print(f"deleted {_plural(deleted, 'dead letter')} from {escape(db.name)}", highlight=False)
 
 
@@ -625,38 +802,6 @@ def _status_words(statuses: tuple[str, ...] | None) -> str | None:
     return None if statuses is None else " or ".join(statuses)
 
 
-def _count(
-    store: DeadLetterStore,
-    ids: list[int],
-    age: timedelta | None,
-    task: str | None,
-    status: tuple[str, ...] | None,
-) -> int:
-    """How many letters ``purge`` would delete (to ask about); unknown ids raise."""
-    if ids:
-        found = {letter.id for letter in store.list(ids=ids, status=None)}
-        missing = sorted(set(ids) - found)
-        if missing:
-            raise DeadLetterNotFound(missing)
-        return len(ids)
-    from sqlalchemy import func, select  # noqa: PLC0415 - the store loaded SQLAlchemy already
-
-    from taskkit.db.models import DeadLetter  # noqa: PLC0415
-
-    assert age is not None
-    query = (
-        select(func.count())
-        .select_from(DeadLetter)
-        .where(DeadLetter.last_failed_at < store.clock() - age)
-    )
-    if task is not None:
-        query = query.where(DeadLetter.task_name == task)
-    if status is not None:
-        query = query.where(DeadLetter.status.in_(status))
-    with store.engine.connect() as connection:
-        return int(connection.scalar(query) or 0)
-
-
 @dlq_app.command("depth")
 def _depth_command(as_json: JsonOption = False, url: UrlOption = None) -> None:
     """Letters waiting (status dead) per task, for monitoring (JSON: {task: count})."""
@@ -664,7 +809,7 @@ def _depth_command(as_json: JsonOption = False, url: UrlOption = None) -> None:
     with _reported(db):
         depth = _store(db.url).depth()
     if as_json:
-        _echo_json(depth)
+        echo_json(depth, indent=None)
         return
     if not depth:
         out.print(escape(f"no dead letters waiting in {db.name}"), highlight=False)

@@ -19,6 +19,7 @@ Example::
 
 from taskkit.deadletter._json import UNSERIALIZABLE
 from taskkit.deadletter._ledger import BatchProgress, ItemLedger, batch_progress
+from taskkit.deadletter._query import BatchReport, LetterQuery, batch_report
 from taskkit.deadletter._store import (
     DeadLetterEntry,
     DeadLetterStore,
@@ -29,10 +30,13 @@ from taskkit.deadletter._store import (
 __all__ = [
     "UNSERIALIZABLE",
     "BatchProgress",
+    "BatchReport",
     "DeadLetterEntry",
     "DeadLetterStore",
     "ItemLedger",
+    "LetterQuery",
     "ReplayResult",
     "SentReplay",
     "batch_progress",
+    "batch_report",
 ]

@@ -85,10 +85,6 @@ def dlq(runner: CliRunner, *args: str, **options: Any) -> Result:
     return runner.invoke(app, ["dlq", *args], **options)
 
 
-def json_lines(result: Result) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
 # -- ages --------------------------------------------------------------------------------------
 
 
@@ -126,34 +122,31 @@ def test_parse_age_refuses_an_age_before_year_one():
 # -- list --------------------------------------------------------------------------------------
 
 
-def test_dlq_list_shows_the_waiting_letters_oldest_failure_first(runner: CliRunner, add: AddLetter):
+def test_dlq_list_shows_the_waiting_letters_newest_failure_first(runner: CliRunner, add: AddLetter):
     old = add(key="a", ago=timedelta(hours=3), attempts=3, error=KeyError("price"))
     new = add(key="b", error=ValueError("bad row\nsecond line " + "x" * 80))
     add(key="c", status="discarded")
 
     result = dlq(runner, "list", env=WIDE)
+    every = dlq(runner, "list", "--status", "any", env=WIDE)
 
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == [
-        "ID",
-        "TASK",
-        "BATCH",
-        "ITEM",
-        "ERROR",
-        "MESSAGE",
-        "ATTEMPTS",
-        "LAST",
-        "FAILURE",
-        "STATUS",
-    ]
+    header = ["ID", "TASK", "BATCH", "ITEM", "ERROR", "MESSAGE", "ATTEMPTS", "LAST", "FAILURE"]
+    assert lines[0].split() == header
     assert len(lines) == 3
-    assert lines[1].split()[:7] == [str(old), SCORE, "b1", "a", "KeyError", "'price'", "3"]
-    assert lines[1].split()[-1] == "dead"
-    assert lines[2].split()[:8] == [str(new), SCORE, "b1", "b", "ValueError", "bad", "row...", "1"]
+    assert lines[1].split()[:8] == [str(new), SCORE, "b1", "b", "ValueError", "bad", "row", "…"]
+    assert lines[1].split()[8] == "1"
+    assert lines[2].split()[:7] == [str(old), SCORE, "b1", "a", "KeyError", "'price'", "3"]
+    assert every.stdout.splitlines()[0].split() == [*header, "STATUS"]
+    assert [line.split()[-1] for line in every.stdout.splitlines()[1:]] == [
+        "discarded",
+        "dead",
+        "dead",
+    ]
 
 
-def test_dlq_list_filters_and_prints_json_lines(runner: CliRunner, add: AddLetter):
+def test_dlq_list_filters_and_prints_one_json_document(runner: CliRunner, add: AddLetter):
     a = add(SCORE, batch="b1", key="a", ago=timedelta(days=2), error=KeyError("k"))
     b = add(SCORE, batch="b2", key="b", ago=timedelta(minutes=30), error=ValueError("v"))
     c = add(PING, {"args": ["h1"], "kwargs": {}}, batch=None, key=None, error=TimeoutError("t"))
@@ -162,19 +155,22 @@ def test_dlq_list_filters_and_prints_json_lines(runner: CliRunner, add: AddLette
     def ids(*args: str) -> list[int]:
         result = dlq(runner, "list", "--json", *args)
         assert result.exit_code == 0, result.output
-        return [record["id"] for record in json_lines(result)]
+        return [record["id"] for record in json.loads(result.stdout)["letters"]]
 
-    assert ids() == [a, b, c]
-    assert ids("--task", SCORE) == [a, b]
+    assert ids() == [c, b, a]
+    assert ids("--task", SCORE) == [b, a]
     assert ids("--batch", "b2") == [b]
-    assert ids("--batch", "b2", "--status", "any") == [b, d]
+    assert ids("--batch", "b2", "--status", "any") == [d, b]
     assert ids("--status", "discarded") == [d]
     assert ids("--error-type", "TimeoutError") == [c]
     assert ids("--older-than", "1d") == [a]
     assert ids("--older-than", "10m", "--newer-than", "1h") == [b]
-    assert ids("--newer-than", "1h") == [b, c]
-    assert ids("--limit", "2") == [a, b]
-    [record] = json_lines(dlq(runner, "list", "--json", "--task", PING))
+    assert ids("--newer-than", "1h") == [c, b]
+    assert ids("--limit", "2") == [c, b]
+    assert json.loads(dlq(runner, "list", "--json", "--limit", "2").stdout)["more"] == 1
+    assert json.loads(dlq(runner, "list", "--json").stdout)["more"] == 0
+    document = json.loads(dlq(runner, "list", "--json", "--task", PING).stdout)
+    [record] = document["letters"]
     assert record == {
         "id": c,
         "task_name": PING,
@@ -203,7 +199,8 @@ def test_dlq_list_without_letters_says_so(runner: CliRunner, database: str):
 
     assert table.exit_code == 0, table.output
     assert table.stdout.startswith("no dead letters (status dead, task jobs.none) in ")
-    assert (lines.exit_code, lines.stdout) == (0, "")
+    assert lines.exit_code == 0
+    assert json.loads(lines.stdout) == {"letters": [], "more": 0}
 
 
 @pytest.mark.parametrize(
@@ -646,10 +643,11 @@ def test_dlq_discard_of_an_unknown_id_exits_3_and_changes_nothing(
     assert statuses(letters) == {a: "dead"}
 
 
-def test_dlq_discard_needs_an_id(runner: CliRunner, database: str):
+def test_dlq_discard_needs_an_id_or_a_filter(runner: CliRunner, database: str):
     result = dlq(runner, "discard")
 
     assert result.exit_code == 2
+    assert result.stderr.startswith("error: discard what? give letter ids, --task, --batch")
 
 
 # -- purge -------------------------------------------------------------------------------------
@@ -811,10 +809,11 @@ def test_dlq_purge_on_a_terminal_with_nothing_to_delete_does_not_ask(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "error: purge what? give letter ids, --older-than AGE or --retention"),
+        ([], "error: purge what? give letter ids, --older-than AGE, --retention, or filters"),
         (["1", "--retention"], "error: purge what?"),
         (["--older-than", "1d", "--retention"], "error: purge what?"),
-        (["1", "--task", SCORE], "error: --task and --status go with --older-than or --retention"),
+        (["1", "--task", SCORE], "error: purge what? give letter ids, or filters"),
+        (["1", "--status", "dead"], "error: purge what? give letter ids, or filters"),
         (["--older-than", "a week"], "error: --older-than 'a week' is not an age"),
         (["--retention", "--status", "gone"], "error: --status 'gone' is not one of"),
     ],
@@ -846,3 +845,163 @@ def test_dlq_help_lists_its_commands(runner: CliRunner):
     assert result.exit_code == 0, result.output
     for command in ("list", "show", "replay", "discard", "purge", "depth"):
         assert command in result.stdout
+
+
+# -- issue 17: fitting the terminal, the same filters everywhere ---------------------------------
+
+#: What `dlq list` must fit without wrapping.
+COLUMNS_100 = {"COLUMNS": "100"}
+
+
+def test_dlq_list_fits_100_columns_one_line_per_letter(runner: CliRunner, add: AddLetter):
+    long_task = f"{SCORE}_with_a_rather_long_module_path.and_a_long_function_name"
+    ids = [
+        add(
+            long_task if i % 2 else SCORE,
+            batch="batch-" + "f" * 40,
+            key=f"item-{i}-" + "k" * 40,
+            error=ConnectionRefusedError(f"connection to the scoring service {i} refused " * 5),
+            ago=timedelta(minutes=i),
+        )
+        for i in range(4)
+    ]
+
+    for status in ("dead", "any"):
+        result = dlq(runner, "list", "--status", status, env=COLUMNS_100)
+
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert len(lines) == 1 + len(ids)  # a header and one line per letter: nothing wrapped
+        assert max(len(line) for line in lines) <= 100, lines
+        assert [int(line.split()[0]) for line in lines[1:]] == ids  # newest failure first
+        assert all("…" in line for line in lines[1:])  # cut, and saying so
+        assert all("ConnectionRefusedError" in line or "…" in line for line in lines[1:])
+    # a task's own name is at the end of its path: that end is kept
+    assert "function_name" in lines[2]
+
+
+def test_dlq_list_says_how_many_more_the_limit_left_out(runner: CliRunner, add: AddLetter):
+    for i in range(5):
+        add(key=f"k{i}")
+
+    cut = dlq(runner, "list", "--limit", "2", env=COLUMNS_100)
+    whole = dlq(runner, "list", "--limit", "5", env=COLUMNS_100)
+
+    assert cut.exit_code == 0, cut.output
+    assert cut.stdout.splitlines()[-1] == "3 more not shown (--limit 2)"
+    assert len(cut.stdout.splitlines()) == 4
+    assert "more not shown" not in whole.stdout
+
+
+def test_dlq_list_wide_shows_whole_messages(runner: CliRunner, add: AddLetter):
+    message = "the scoring service refused the connection " * 4 + "END"
+    add(error=ConnectionRefusedError(message))
+
+    narrow = dlq(runner, "list", env=COLUMNS_100)
+    wide = dlq(runner, "list", "--wide", env=COLUMNS_100)
+
+    assert "END" not in narrow.stdout
+    assert wide.exit_code == 0, wide.output
+    assert "END" in wide.stdout
+    assert " ".join(wide.stdout.split()).count("the scoring service refused the connection") == 4
+
+
+def test_dlq_discard_by_filters_asks_with_the_count_and_touches_only_those(
+    runner: CliRunner, add: AddLetter, letters: DeadLetterStore, monkeypatch: pytest.MonkeyPatch
+):
+    a = add(SCORE, batch="b1", key="a", error=KeyError("k"))
+    b = add(SCORE, batch="b1", key="b", error=KeyError("k"))
+    c = add(SCORE, batch="b1", key="c", error=TimeoutError("t"))
+    d = add(SCORE, batch="b2", key="d", error=KeyError("k"))
+    e = add(PING, {"args": [], "kwargs": {}}, batch=None, key=None, error=KeyError("k"))
+
+    refused = dlq(runner, "discard", "--batch", "b1", "--error-type", "KeyError")
+    assert refused.exit_code == 2, refused.output
+    assert "add --yes" in refused.stderr
+    assert set(statuses(letters).values()) == {"dead"}
+
+    monkeypatch.setattr(cli_dlq, "_interactive", lambda: True)
+    answered_no = dlq(runner, "discard", "--batch", "b1", "--error-type", "KeyError", input="n\n")
+    assert answered_no.stdout.startswith(
+        "discard 2 dead letters (status dead, batch b1, error type KeyError) in "
+    )
+    assert answered_no.stdout.endswith("nothing was discarded\n")
+    assert set(statuses(letters).values()) == {"dead"}
+
+    done = dlq(runner, "discard", "--batch", "b1", "--error-type", "KeyError", input="y\n")
+    by_task = dlq(runner, "discard", "--task", PING, "--yes")
+
+    assert done.exit_code == 0, done.output
+    assert (
+        "discarded 2 dead letters (status dead, batch b1, error type KeyError) in " in done.stdout
+    )
+    assert by_task.stdout.startswith("discarded 1 dead letter (status dead, task ")
+    assert statuses(letters) == {
+        a: "discarded",
+        b: "discarded",
+        c: "dead",
+        d: "dead",
+        e: "discarded",
+    }
+
+
+def test_dlq_discard_ids_and_filters_together_exit_2(runner: CliRunner, add: AddLetter):
+    a = add()
+
+    result = dlq(runner, "discard", str(a), "--batch", "b1", "--yes")
+
+    assert result.exit_code == 2
+    assert result.stderr == "error: give letter ids or filters, not both\n"
+
+
+def test_dlq_purge_by_batch_and_error_type(
+    runner: CliRunner, add: AddLetter, letters: DeadLetterStore, monkeypatch: pytest.MonkeyPatch
+):
+    a = add(SCORE, batch="b1", key="a", error=KeyError("k"))
+    b = add(SCORE, batch="b1", key="b", error=TimeoutError("t"))
+    c = add(SCORE, batch="b2", key="c", error=KeyError("k"))
+    handled = add(SCORE, batch="b1", key="x", error=KeyError("k"), status="discarded")
+    monkeypatch.setattr(cli_dlq, "_interactive", lambda: True)
+
+    nothing_handled = dlq(runner, "purge", "--batch", "b2", input="y\n")
+    asked = dlq(
+        runner, "purge", "--batch", "b1", "--error-type", "KeyError", "--status", "any",
+        input="y\n",
+    )  # fmt: skip
+
+    assert nothing_handled.stdout.startswith(
+        "no dead letters (status replayed or discarded, batch b2) in "
+    )
+    assert asked.exit_code == 0, asked.output
+    assert asked.stdout.startswith("delete 2 dead letters (batch b1, error type KeyError) from ")
+    assert "deleted 2 dead letters from " in asked.stdout
+    assert statuses(letters) == {b: "dead", c: "dead"}
+    assert a not in statuses(letters)
+    assert handled not in statuses(letters)
+
+    by_task = dlq(runner, "purge", "--task", SCORE, "--status", "dead", "--yes")
+
+    assert by_task.stdout.startswith("deleted 2 dead letters from ")
+    assert statuses(letters) == {}
+
+
+def test_dlq_purge_deletes_only_what_it_counted(
+    runner: CliRunner, add: AddLetter, letters: DeadLetterStore, monkeypatch: pytest.MonkeyPatch
+):
+    """A letter recorded while the question waits is not deleted unseen."""
+    first = add(key="a")
+    late: list[int] = []
+
+    def ask(question: str, refused: str) -> bool:
+        late.append(add(key="late"))
+        return True
+
+    monkeypatch.setattr(cli_dlq, "_interactive", lambda: True)
+    monkeypatch.setattr(cli_dlq, "_ask", ask)
+
+    result = dlq(runner, "purge", "--batch", "b1", "--status", "dead")
+
+    assert result.exit_code == 0, result.output
+    assert "deleted 1 dead letter from " in result.stdout
+    assert statuses(letters) == {late[0]: "dead"}
+    assert first not in statuses(letters)
