@@ -12,6 +12,7 @@ from celery import Celery, signals
 import taskkit.broker  # registers the taskkit+sqlite:// transport with kombu
 from taskkit.config import Settings, get_settings
 from taskkit.errors import TaskkitWarning
+from taskkit.tasks import _events  # noqa: F401  (signal handlers)
 from taskkit.tasks import _logs  # noqa: F401  (signal handlers)
 from taskkit.tasks import _metrics  # noqa: F401  (signal handlers)
 from taskkit.tasks._options import check_app_config
