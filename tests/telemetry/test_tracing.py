@@ -319,6 +319,8 @@ def test_a_redelivery_after_the_inner_ladder_gave_up_starts_with_an_outer_attemp
     assert layers == ([1, 1, 1, 2, 2], ["first", "inner", "inner", "outer", "inner"])
     parents = [a.parent.span_id if a.parent else None for a in attempts]
     assert parents == [runs[0].context.span_id] * 3 + [runs[1].context.span_id] * 2
+    # one trace: the re-queue's publish span hangs under the first delivery's run span
+    assert {span.context.trace_id for span in spans} == {runs[0].context.trace_id}
 
 
 def test_with_tracing_off_the_worker_makes_no_attempt_spans(
