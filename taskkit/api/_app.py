@@ -40,6 +40,7 @@ from taskkit.api import (
     _control,
     _dashboard,
     _deadletters,
+    _doctor,
     _health,
     _metrics,
     _predict,
@@ -75,6 +76,7 @@ def create_api(settings: Settings | None = None, celery_app: Any = None) -> Any:
     for module in (_health, _runs, _control, _deadletters, _breakers, _predict, _dashboard):
         api.include_router(module.router)
     api.include_router(_metrics.router)
+    api.include_router(_doctor.router)
     origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
     if origins:
         api.add_middleware(

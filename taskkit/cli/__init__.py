@@ -34,6 +34,7 @@ from taskkit.cli import _common
 from taskkit.cli._common import err, out
 from taskkit.cli.db import db_app
 from taskkit.cli.dlq import dlq_app
+from taskkit.cli.doctor import doctor_app
 from taskkit.cli.runs import runs_app
 from taskkit.cli.serve import serve_app
 from taskkit.cli.train import train_app
@@ -52,6 +53,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(runs_app, name="runs")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(serve_app)  # serve: a top-level command
+app.add_typer(doctor_app)  # doctor: a top-level command
 
 
 def _print_version(value: bool) -> None:
