@@ -189,6 +189,11 @@ def test_custom_events_reach_a_monitor_with_their_fields_and_the_task_uuid(event
     }
     # One of each: the inner attempt that succeeded has no event.
     assert sorted(e["type"] for e in mine if e["type"] in EVENT_TYPES) == sorted(EVENT_TYPES)
+    # What Flower keeps (Celery's monitor state): the task ends SUCCESS whatever came before.
+    state = app.events.State()
+    for event in received:
+        state.event(dict(event))
+    assert state.tasks[task_id].state == "SUCCESS"
     # Sent from the pool process that ran the task.
     assert {e["pid"] for e in custom.values()} <= events_worker.children()
     assert events_worker.pid not in {e["pid"] for e in custom.values()}
