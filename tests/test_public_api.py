@@ -255,6 +255,7 @@ CURATED = {
     "taskkit.cli.dlq": {"dlq_app", "letter_panel", "letter_record", "letters_table", "parse_age"},
     "taskkit.cli.runs": {"runs_app"},
     "taskkit.cli.serve": {"is_loopback", "serve_app"},
+    "taskkit.cli.tasks": {"LeaseView", "TaskView", "read_task", "task_panel", "tasks_app"},
     "taskkit.cli.train": {"train_app"},
     "taskkit.contrib": set(),
     "taskkit.telemetry": set(),

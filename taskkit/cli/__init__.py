@@ -37,6 +37,7 @@ from taskkit.cli.dlq import dlq_app
 from taskkit.cli.doctor import doctor_app
 from taskkit.cli.runs import runs_app
 from taskkit.cli.serve import serve_app
+from taskkit.cli.tasks import tasks_app
 from taskkit.cli.train import train_app
 
 __all__ = ["app", "main"]
@@ -52,6 +53,7 @@ app.add_typer(train_app)  # train, resume: top-level commands
 app.add_typer(db_app, name="db")
 app.add_typer(runs_app, name="runs")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(tasks_app, name="tasks")
 app.add_typer(serve_app)  # serve: a top-level command
 app.add_typer(doctor_app)  # doctor: a top-level command
 
