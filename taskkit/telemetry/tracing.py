@@ -23,8 +23,9 @@ Attributes of an ``attempt/{task}`` span:
   ``circuit.old_state``, ``circuit.new_state``), so two breakers in one attempt both show.
 
 A body that raises ends its span with status ERROR and the exception recorded (an ``exception``
-span event with type, message and stack trace); Celery's control flow (``Retry``, ``Ignore``,
-``Reject``) raised from a body is recorded the same way, since the attempt did not complete.
+span event with type, message and stack trace, URL passwords masked as in taskkit's logs);
+Celery's control flow (``Retry``, ``Ignore``, ``Reject``) raised from a body is recorded the
+same way, since the attempt did not complete.
 
 Cost: with tracing off (``TASKKIT_TRACING=false``, or opentelemetry not installed) ``enabled()``
 is two cached look-ups, no span is made and opentelemetry is not even imported. With it on,
@@ -49,9 +50,11 @@ import contextlib
 import contextvars
 import functools
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from taskkit._utils import mask_password
 from taskkit.config import get_settings
 from taskkit.errors import CircuitBreakerError
 from taskkit.recovery import events
@@ -207,8 +210,18 @@ def attempt_span(
             if isinstance(exc, CircuitBreakerError):
                 span.set_attribute("circuit.state", exc.state)
                 span.set_attribute("circuit.name", exc.name)
-            span.record_exception(exc, escaped=True)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
+            message = mask_password(str(exc))
+            span.record_exception(
+                exc,
+                {
+                    "exception.message": message,
+                    "exception.stacktrace": mask_password(
+                        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                    ),
+                },
+                escaped=True,
+            )
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {message}"[:200]))
             raise
         finally:
             _attempt.reset(token)

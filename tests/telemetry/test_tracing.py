@@ -131,6 +131,23 @@ def test_a_body_that_raises_ends_its_span_with_the_exception_and_status_error(ex
     assert "Traceback" in str(event.attributes["exception.stacktrace"])
 
 
+def test_a_password_in_an_error_message_never_reaches_the_span(exporter):
+    with (
+        pytest.raises(ConnectionError),
+        tracing.attempt_span("t", "id", outer_attempt=1, inner_attempt=1),
+    ):
+        raise ConnectionError("redis://:s3cret-pw@cache:6379/0 refused")
+
+    (span,) = exporter.get_finished_spans()
+    text = span.to_json()
+    assert "s3cret-pw" not in text
+    assert span.status.description == "ConnectionError: redis://:***@cache:6379/0 refused"
+    (event,) = span.events
+    assert event.attributes is not None
+    assert event.attributes["exception.message"] == "redis://:***@cache:6379/0 refused"
+    assert "redis://:***@cache" in str(event.attributes["exception.stacktrace"])
+
+
 def test_a_breaker_that_opens_during_the_attempt_sets_circuit_state_even_under_a_child_span(
     exporter,
 ):
