@@ -37,6 +37,7 @@ import os
 import queue
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ _STOP = object()
 
 
 class WebhookNotifier:
-    """POSTs each alert as JSON to ``url`` from a daemon thread; never blocks the caller.
+    """POSTs each alert as JSON to ``url`` (``http``/``https``, else ``ValueError``) from a
+    daemon thread; never blocks the caller.
 
     ``timeout`` bounds each POST; ``max_queued`` alerts wait at most (more are dropped). The
     thread starts at the first alert in each process (so a forked pool process has its own).
@@ -125,6 +127,8 @@ class WebhookNotifier:
         self, url: str | SecretStr, *, timeout: float = 5.0, max_queued: int = 100
     ) -> None:
         self._url = url.get_secret_value() if isinstance(url, SecretStr) else url
+        if urllib.parse.urlsplit(self._url).scheme.lower() not in {"http", "https"}:
+            raise ValueError("the alert webhook URL must be an http:// or https:// URL")
         self.timeout = timeout
         self.max_queued = max_queued
         self._lock = threading.Lock()
@@ -271,8 +275,12 @@ def install_alerts(settings: Settings | None = None) -> Callable[[], None]:
     builtin: list[Notifier] = [LogNotifier()]
     webhook: WebhookNotifier | None = None
     if settings.alert_webhook_url is not None:
-        webhook = WebhookNotifier(settings.alert_webhook_url)
-        builtin.append(webhook)
+        try:
+            webhook = WebhookNotifier(settings.alert_webhook_url)
+        except ValueError as exc:  # the message never quotes the URL
+            logger.error("taskkit: no alert webhook: %s", exc)
+        else:
+            builtin.append(webhook)
 
     def on_event(event: events.Event) -> None:
         if not isinstance(event, events.CircuitStateChanged):

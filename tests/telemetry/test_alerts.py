@@ -216,3 +216,24 @@ def test_the_caller_is_never_blocked_by_a_full_queue(caplog: pytest.LogCaptureFi
     assert notifier.flush(timeout=10)
     dropped = [r for r in caplog.records if "dropping" in r.getMessage()]
     assert len(dropped) == 1
+
+
+def test_a_webhook_url_that_is_not_http_is_refused_without_showing_it(
+    caplog: pytest.LogCaptureFixture,
+):
+    url = f"file:///etc/{SECRET}"
+    with pytest.raises(ValueError, match="http") as refused:
+        WebhookNotifier(url)
+    assert SECRET not in str(refused.value)
+    seen: list[CircuitAlert] = []
+    remove = add_notifier(seen.append)
+    try:
+        with caplog.at_level(logging.INFO):
+            install_alerts(Settings(alert_webhook_url=url))
+            _open("still-alerts")
+    finally:
+        remove()
+    assert [a.breaker for a in seen] == ["still-alerts"]  # the other notifiers still run
+    assert alerts._webhooks == []
+    assert "no alert webhook" in caplog.text
+    assert SECRET not in caplog.text
