@@ -252,6 +252,7 @@ CURATED = {
     "taskkit.cli": {"app", "main"},
     "taskkit.cli.db": {"db_app"},
     "taskkit.cli.doctor": {"doctor_app", "report_table"},
+    "taskkit.cli.batches": {"batch_panel", "batches_app"},
     "taskkit.cli.dlq": {"dlq_app", "letter_panel", "letter_record", "letters_table", "parse_age"},
     "taskkit.cli.runs": {"runs_app"},
     "taskkit.cli.serve": {"is_loopback", "serve_app"},

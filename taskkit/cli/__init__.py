@@ -32,6 +32,7 @@ from rich.markup import escape
 from taskkit import __version__
 from taskkit.cli import _common
 from taskkit.cli._common import err, out
+from taskkit.cli.batches import batches_app
 from taskkit.cli.db import db_app
 from taskkit.cli.dlq import dlq_app
 from taskkit.cli.doctor import doctor_app
@@ -54,6 +55,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(runs_app, name="runs")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(batches_app, name="batches")
 app.add_typer(serve_app)  # serve: a top-level command
 app.add_typer(doctor_app)  # doctor: a top-level command
 
