@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,19 @@ def trip(self: ResilientTask, breaker: str) -> str:
     return "tripped"
 
 
+class _Hook(BaseHTTPRequestHandler):
+    bodies: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        _Hook.bodies.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 def _records(log: str) -> list[dict[str, Any]]:
     """Every log record of the worker: each line that is not the banner is one JSON object."""
     records = []
@@ -55,7 +70,9 @@ def _records(log: str) -> list[dict[str, Any]]:
     return records
 
 
-def _run(tmp_path: Path, name: str, **env: str) -> tuple[list[dict[str, Any]], str, str]:
+def _run(
+    tmp_path: Path, name: str, *, posted: bool = False, **env: str
+) -> tuple[list[dict[str, Any]], str, str]:
     worker = WorkerProcess(
         name,
         tmp_path,
@@ -75,6 +92,8 @@ def _run(tmp_path: Path, name: str, **env: str) -> tuple[list[dict[str, Any]], s
             30,
             "the terminal failure and the alert in the worker's log",
         )
+        if posted:
+            wait_for(lambda: _Hook.bodies, 30, "the alert webhook's POST from the pool process")
     finally:
         worker.stop()
     return _records(worker.log()), failed.id, tripped.id
@@ -85,7 +104,19 @@ def _of(records: list[dict[str, Any]], task_id: str) -> list[dict[str, Any]]:
 
 
 def test_one_json_record_per_event_in_the_worker_log(tmp_path: Path):
-    records, failed, tripped = _run(tmp_path, "json")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook/secret-token"
+    try:
+        records, failed, tripped = _run(
+            tmp_path, "json", posted=True, TASKKIT_ALERT_WEBHOOK_URL=url
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    breaker = f"{kit.prefix}-json"
+    assert [(b["breaker"], b["state"]) for b in _Hook.bodies] == [(breaker, "open")]
+    assert not any("secret-token" in json.dumps(r) for r in records)
     assert any(r["logger"].startswith("celery") and "ready." in r["message"] for r in records)
     for record in records:
         assert {"time", "level", "logger", "message"} <= set(record)
@@ -101,7 +132,6 @@ def test_one_json_record_per_event_in_the_worker_log(tmp_path: Path):
     for record in _of(records, failed):
         assert record["task"] == doomed.name
 
-    breaker = f"{kit.prefix}-json"
     (mine,) = [r for r in records if r["message"] == f"tripping {breaker}"]
     assert (mine["task"], mine["task_id"]) == (trip.name, tripped)
     (transition,) = [
