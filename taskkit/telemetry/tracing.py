@@ -28,12 +28,12 @@ Celery's control flow (``Retry``, ``Ignore``, ``Reject``) raised from a body is 
 same way, since the attempt did not complete.
 
 Cost: with tracing off (``TASKKIT_TRACING=false``, or opentelemetry not installed) ``enabled()``
-is two cached look-ups, no span is made and opentelemetry is not even imported. With it on,
-breakers' state changes reach the span through one subscriber of ``taskkit.recovery.events``,
-added at the first attempt span; it does work only for ``CircuitStateChanged`` events, which
-breakers emit only on a transition. A breaker call that changes nothing costs the span
-nothing. The recovery primitives (``retry``, ``CircuitBreaker``, ``timeout``...) make no
-spans of their own.
+is two cached look-ups, no span is made and opentelemetry is not even imported; with no tracer
+provider set in the process, one more look-up, and no span either. With spans made, breakers'
+state changes reach them through one subscriber of ``taskkit.recovery.events``, added at the
+first attempt span; it does work only for ``CircuitStateChanged`` events, which breakers emit
+only on a transition. A breaker call that changes nothing costs the span nothing. The recovery
+primitives (``retry``, ``CircuitBreaker``, ``timeout``...) make no spans of their own.
 
 Example::
 
@@ -67,6 +67,9 @@ __all__ = ["TRACER_NAME", "attempt_span", "enabled", "layer_of", "record_circuit
 #: The instrumentation scope name of taskkit's spans (the tracer's name).
 TRACER_NAME = "taskkit"
 
+_NO_PROVIDER: tuple[type, ...] = ()
+_provider_seen = False
+
 _subscribe_lock = threading.Lock()
 #: Unsubscribes the breaker-state subscriber once it is added (at the first attempt span).
 _unsubscribe: Callable[[], None] | None = None
@@ -79,24 +82,40 @@ _attempt: contextvars.ContextVar[Span | None] = contextvars.ContextVar(
 
 @functools.cache
 def _available() -> bool:
+    global _NO_PROVIDER
     try:
-        import opentelemetry.trace  # noqa: F401, PLC0415 - imported only when tracing is on
+        from opentelemetry import trace  # noqa: PLC0415 - imported only when tracing is on
     except ImportError:
         return False
+    _NO_PROVIDER = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
     return True
 
 
 def enabled() -> bool:
-    """Whether taskkit makes spans: opentelemetry-api importable and the ``tracing`` setting on.
+    """Whether taskkit makes spans: the ``tracing`` setting on, opentelemetry-api importable and
+    a tracer provider set in this process (without one, spans would go nowhere).
 
-    Cheap (the import check is cached, and so are the settings until ``reset_settings()``).
+    Cheap (the import check is cached, and so are the settings until ``reset_settings()``); a
+    provider set later, in ``worker_process_init`` say, is seen by the next call.
 
     Example::
 
         if tracing.enabled():
             ...
     """
-    return get_settings().tracing and _available()
+    return get_settings().tracing and _available() and _provider_set()
+
+
+def _provider_set() -> bool:
+    global _provider_seen
+    if _provider_seen:  # a provider, once set, is never unset
+        return True
+    from opentelemetry import trace  # noqa: PLC0415 - loaded by _available() already
+
+    # Before set_tracer_provider (or OTEL_PYTHON_TRACER_PROVIDER) the API hands out a proxy
+    # whose spans record nothing.
+    _provider_seen = not isinstance(trace.get_tracer_provider(), _NO_PROVIDER)
+    return _provider_seen
 
 
 def layer_of(*, outer_attempt: int, inner_attempt: int) -> str:
@@ -177,14 +196,14 @@ def attempt_span(
     """A span ``attempt/{task}`` around one call of a task's body, current while it runs.
 
     Records the exception and sets status ERROR when the body raises (the exception goes on).
-    Call it only when ``enabled()``; without opentelemetry it does nothing.
+    Call it only when ``enabled()``; without opentelemetry or a tracer provider it does nothing.
 
     Example::
 
         with attempt_span("billing.charge", "9f2c...", outer_attempt=1, inner_attempt=1):
             charge()
     """
-    if not _available():
+    if not (_available() and _provider_set()):
         yield
         return
     from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415 - as above

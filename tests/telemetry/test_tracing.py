@@ -5,6 +5,8 @@ opentelemetry-instrumentation-celery's ``CeleryInstrumentor`` on (Redis broker).
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -214,7 +216,7 @@ def test_no_subscriber_until_the_first_attempt_span_and_none_after_forgetting(ex
     assert events.active() is before
 
 
-def test_tracing_off_in_the_settings(monkeypatch):
+def test_tracing_off_in_the_settings(exporter, monkeypatch):
     monkeypatch.setenv("TASKKIT_TRACING", "false")
     reset_settings()
     try:
@@ -225,7 +227,7 @@ def test_tracing_off_in_the_settings(monkeypatch):
     assert tracing.enabled() is True
 
 
-def test_without_opentelemetry_tracing_is_off_and_the_span_does_nothing(monkeypatch):
+def test_without_opentelemetry_tracing_is_off_and_the_span_does_nothing(exporter, monkeypatch):
     for name in [m for m in sys.modules if m == "opentelemetry" or m.startswith("opentelemetry.")]:
         monkeypatch.setitem(sys.modules, name, None)  # import fails like an absent package
     tracing._available.cache_clear()
@@ -239,6 +241,39 @@ def test_without_opentelemetry_tracing_is_off_and_the_span_does_nothing(monkeypa
         monkeypatch.undo()
         tracing._available.cache_clear()
     assert tracing.enabled() is True
+
+
+NO_PROVIDER_YET = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from taskkit.recovery import events
+from taskkit.telemetry import tracing
+
+assert not tracing.enabled()  # opentelemetry installed, tracing on, but no provider set
+with tracing.attempt_span("t", "id", outer_attempt=1, inner_attempt=1):
+    assert not trace.get_current_span().is_recording()
+assert not events.active()  # nothing subscribed either
+trace.set_tracer_provider(TracerProvider())  # as a worker_process_init handler would
+assert tracing.enabled()
+with tracing.attempt_span("t", "id", outer_attempt=1, inner_attempt=1):
+    assert trace.get_current_span().is_recording()
+print("ok")
+"""
+
+
+def test_with_no_tracer_provider_set_no_span_is_made_until_one_is():
+    env = {**os.environ, "TASKKIT_TRACING": "true"}
+    env.pop("OTEL_PYTHON_TRACER_PROVIDER", None)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_PROVIDER_YET],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 # -- a real worker with CeleryInstrumentor -----------------------------------------------------
