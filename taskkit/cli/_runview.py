@@ -12,6 +12,7 @@ elapsed time stops at its last heartbeat. ``RunView.is_stale`` has the rule.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +30,9 @@ from rich.text import Text
 from taskkit.cli._common import (
     CliError,
     Database,
+    echo_json,
     fail,
+    iso,
     out,
     printable,
     reported,
@@ -47,6 +50,7 @@ __all__ = [
     "list_runs",
     "read_run",
     "run_panel",
+    "run_record",
     "run_reported",
     "runs_table",
     "stale_notes",
@@ -249,6 +253,46 @@ def run_panel(view: RunView, now: datetime | None = None) -> RenderableType:
     return Group(*parts)
 
 
+def run_record(view: RunView, now: datetime | None = None) -> dict[str, Any]:
+    """A run as JSON data (``runs list --json``, ``runs show --json``): its fields, times in
+    ISO 8601 UTC, ``stale`` and the heartbeat's age.
+
+    Example::
+
+        echo_json(run_record(read_run(7)))
+    """
+    now = now or datetime.now(UTC)
+    age = view.heartbeat_age(now)
+    return {
+        "id": view.id,
+        "name": view.name,
+        "status": view.status,
+        "stale": view.is_stale(now),
+        "task_id": view.task_id,
+        "task_name": view.task_name,
+        "model_type": view.model_type,
+        "error": view.error,
+        "created_at": iso(view.created_at),
+        "started_at": iso(view.started_at),
+        "completed_at": iso(view.completed_at),
+        "updated_at": iso(view.updated_at),
+        "heartbeat_at": iso(view.heartbeat_at),
+        "heartbeat_age": None if age is None else round(age, 1),
+        "lease_ttl": view.lease_ttl,
+        "epoch": view.epoch,
+        "total_epochs": view.total_epochs,
+        "percent": view.percent,
+        "best_score": view.best_score,
+        "final_score": view.final_score,
+        "accuracy": view.accuracy,
+        "metrics": view.metrics,
+        "message": view.message,
+        "stop_requested_at": iso(view.stop_requested_at),
+        "parent_run_id": view.parent_run_id,
+        "parent_step": view.parent_step,
+    }
+
+
 def _bar(view: RunView) -> RenderableType:
     bar = Table.grid(padding=(0, 1))
     bar.add_row(
@@ -361,18 +405,21 @@ def run_reported(db: Database, broker: str | None = None) -> Iterator[None]:
             raise CliError(f"{exc} in {db.name}; see: taskkit runs list", 3) from None
 
 
-def follow(run_id: int, db: Database, interval: float) -> None:
+def follow(run_id: int, db: Database, interval: float, *, as_json: bool = False) -> None:
     """``--watch``: follow the run until it ends; exit 0 completed, 1 failed or stopped, 130
-    Ctrl-C.
+    Ctrl-C. ``as_json``: nothing while it runs, the run as JSON when it ends.
 
     Example::
 
         follow(7, database(None), 1.0)
     """
+    console = Console(file=io.StringIO()) if as_json else out
     try:
-        final = watch(partial(read_run, run_id, db.url), out, interval)
+        final = watch(partial(read_run, run_id, db.url), console, interval)
     except KeyboardInterrupt:
         raise fail(f"interrupted; run {run_id} goes on without you watching it", 130) from None
+    if as_json:
+        echo_json(run_record(final))
     if final.status == "failed":
         raise fail(f"run {run_id} failed: {final.error or 'no error message'}", 1)
     if final.status == "stopped":

@@ -3,7 +3,7 @@
 ::
 
     taskkit db upgrade [--url URL] [--revision REV]   migrate the database (default: to head)
-    taskkit db current [--url URL]                    show the database's revision
+    taskkit db current [--url URL] [--json]           show the database's revision
 
 Example::
 
@@ -17,7 +17,16 @@ from typing import Annotated
 
 import typer
 
-from taskkit.cli._common import Group, UrlOption, database, fail, missing_file, out, short
+from taskkit.cli._common import (
+    Group,
+    UrlOption,
+    database,
+    echo_json,
+    fail,
+    missing_file,
+    out,
+    short,
+)
 
 __all__ = ["db_app"]
 
@@ -54,8 +63,12 @@ def _upgrade_command(
 
 
 @db_app.command("current")
-def _current_command(url: UrlOption = None) -> None:
-    """Show the database's schema revision."""
+def _current_command(
+    url: UrlOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")] = False,
+) -> None:
+    """Show the database's schema revision (JSON: database, revision, head, state: head,
+    behind, ahead or unmigrated)."""
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 - heavy; only for this command
 
     from taskkit.db.migrate import head_revision, schema_status  # noqa: PLC0415
@@ -69,6 +82,15 @@ def _current_command(url: UrlOption = None) -> None:
         raise fail(f"could not read {db.name}: {short(exc)}", 2) from None
     head = head_revision()
     revision = None if status is None else status.revision
+    if as_json:
+        if status is not None and status.ahead:
+            state = "ahead"
+        elif revision is None:
+            state = "unmigrated"
+        else:
+            state = "head" if revision == head else "behind"
+        echo_json({"database": db.name, "revision": revision, "head": head, "state": state})
+        return
     if status is not None and status.ahead:
         out.print(
             f"database {db.name} is at revision [bold]{revision}[/], which this taskkit "

@@ -2,8 +2,9 @@
 
 ::
 
-    taskkit runs list [--status S] [--limit N]          the newest runs, newest first
-    taskkit runs show RUN_ID [--watch] [--interval S]   one run: status, epoch, metrics, progress
+    taskkit runs list [--status S] [--limit N] [--json] the newest runs, newest first
+    taskkit runs show RUN_ID [--watch] [--interval S] [--json]
+                                                        one run: status, epoch, metrics, progress
     taskkit runs stop RUN_ID                            checkpoint at the next epoch end, stop
     taskkit runs fork RUN_ID [--from-step N] [--set KEY=VALUE]... [--name NAME] [--app APP]
                                                         a new run from a checkpoint of this one
@@ -32,6 +33,7 @@ from taskkit.cli._common import (
     Group,
     UrlOption,
     database,
+    echo_json,
     out,
 )
 from taskkit.cli._launch import check_services, load_app
@@ -41,6 +43,7 @@ from taskkit.cli._runview import (
     list_runs,
     read_run,
     run_panel,
+    run_record,
     run_reported,
     runs_table,
     stale_notes,
@@ -48,6 +51,8 @@ from taskkit.cli._runview import (
 from taskkit.errors import RunNotResumable, RunNotStoppable
 
 __all__ = ["runs_app"]
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
 
 runs_app = typer.Typer(
     cls=Group,
@@ -65,13 +70,17 @@ def _list_command(
         ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 20,
+    as_json: JsonOption = False,
     url: UrlOption = None,
 ) -> None:
     """The newest training runs, newest first; a run whose worker stopped beating is
-    ``running (stale)``, with its last heartbeat under the table."""
+    ``running (stale)``, with its last heartbeat under the table (JSON: {"runs": [...]})."""
     db = database(url)
     with run_reported(db):
         views = list_runs(db.url, status=status, limit=limit)
+    if as_json:
+        echo_json({"runs": [run_record(view) for view in views]})
+        return
     if not views:
         which = f" with status {status!r}" if status else ""
         out.print(escape(f"no runs{which} in {db.name}"), highlight=False)
@@ -90,14 +99,18 @@ def _show_command(
     interval: Annotated[
         float, typer.Option(min=0.05, help="Seconds between two reads with --watch.")
     ] = 1.0,
+    as_json: JsonOption = False,
     url: UrlOption = None,
 ) -> None:
     """One run: status, task, times, last heartbeat (``stale`` once the lease expired), error,
-    epoch, metrics and a progress bar."""
+    epoch, metrics and a progress bar (``--json``: the run once; with ``--watch``, when it
+    ends)."""
     db = database(url)
     with run_reported(db):
         if watch_run:
-            follow(run_id, db, interval)
+            follow(run_id, db, interval, as_json=as_json)
+        elif as_json:
+            echo_json(run_record(read_run(run_id, db.url)))
         else:
             out.print(run_panel(read_run(run_id, db.url)))
 
