@@ -8,6 +8,7 @@ import sys
 import warnings
 from typing import Any
 
+from taskkit._utils import mask_password
 from taskkit.doctor._context import Context
 from taskkit.doctor._model import Check
 
@@ -92,15 +93,26 @@ def check_app(ctx: Context) -> Check:
 
 
 def _foreign_tasks(module: Any, app: Any) -> list[str]:
-    """Tasks a module's globals hold that belong to another Celery app than ``app``."""
+    """Tasks a module's globals hold that belong to another Celery app than ``app`` with
+    another broker: calling them (``.delay()``) sends to a broker this worker does not consume.
+
+    (Celery shares every ``@app.task`` with all the apps of a process, so a task of another
+    app on the same broker still reaches this worker.)"""
     from celery import Task  # noqa: PLC0415
 
+    ours = mask_password(str(app.conf.broker_url or ""))
     found = []
     for value in list(vars(module).values()):
         if isinstance(value, Task):
             owner = getattr(value, "_app", None)
-            if owner is not None and owner is not app:
-                found.append(f"{value.name} (app {getattr(owner, 'main', '?')!r})")
+            if owner is None or owner is app:
+                continue
+            theirs = mask_password(str(owner.conf.broker_url or ""))
+            if theirs != ours:
+                found.append(
+                    f"{value.name} (app {getattr(owner, 'main', '?')!r} sends to {theirs}, "
+                    f"not {ours})"
+                )
     return sorted(found)
 
 
@@ -135,8 +147,8 @@ def check_task_modules(ctx: Context) -> Check:
         foreign = _foreign_tasks(module, app)
         if foreign:
             problems.append(
-                f"{name} (imported by the worker) defines tasks on another Celery app, which "
-                f"this worker never runs: {', '.join(foreign)}"
+                f"{name} (imported by the worker) defines tasks on another Celery app, whose "
+                f"messages this worker never receives: {', '.join(foreign)}"
             )
             fixes.append(f"declare the tasks of {name} with the worker's app")
     for name in ctx.tasks_modules:
