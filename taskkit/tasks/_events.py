@@ -36,9 +36,10 @@ forks, so the worker and every pool process use one clock in shared memory. It i
 64-bit slots (``multiprocessing.RawArray``, an anonymous shared mapping a fork inherits): slot 0
 is the worker's main process, slot ``i + 1`` the pool process of index ``i`` (billiard gives
 each pool process an index below the pool's size; a replacement process takes the index of the
-one that exited, so two live processes never share a slot). ``forward()`` reads the largest
-slot, adds one and stores the result in the caller's own slot; the clock's ``value`` is the
-largest slot. Every process thus starts from the largest value any process has sent, and an
+one that exited, so two live processes never share a slot; there are slots for twice the pool's
+size, ``--autoscale``'s maximum included, so ``pool_grow`` has room). ``forward()`` reads the
+largest slot, adds one and stores the result in the caller's own slot; the clock's ``value`` is
+the largest slot. Every process thus starts from the largest value any process has sent, and an
 event sent after another (in any process of the worker) gets a larger clock.
 
 Why slots, and not one shared counter behind a ``multiprocessing`` lock: Celery SIGKILLs pool
@@ -315,10 +316,17 @@ def _is_taskkit_app(app: Any) -> bool:
 
 
 def _pool_processes(worker: Any) -> int:
-    """The most pool processes ``worker`` can run (autoscale's maximum included)."""
-    sizes = [getattr(worker, "concurrency", None), getattr(worker, "max_concurrency", None)]
+    """Slots for the pool processes of ``worker``: twice the most it starts (``--autoscale``'s
+    maximum included), for processes added later with ``celery control pool_grow``."""
+    sizes: list[object] = [getattr(worker, "concurrency", None)]
+    autoscale = (getattr(worker, "options", None) or {}).get("autoscale")
+    if isinstance(autoscale, str):
+        autoscale = autoscale.partition(",")[0]
+        sizes.append(int(autoscale) if autoscale.isdigit() else None)
+    elif isinstance(autoscale, (list, tuple)) and autoscale:
+        sizes.append(autoscale[0])
     known = [size for size in sizes if isinstance(size, int) and size > 0]
-    return max(known) if known else (os.cpu_count() or 1)
+    return 2 * (max(known) if known else (os.cpu_count() or 1))
 
 
 @signals.worker_init.connect(weak=False)
