@@ -320,6 +320,16 @@ def check_secret_key(ctx: Context) -> Check:
             "see the checkpoint_storage check",
             details,
         )
+    made_here = settings.secret_key is None and settings.secret_key_file is None
+    if newest.info is None and fleet and made_here:
+        return Check(
+            "secret_key",
+            "warning",
+            f"the signing key is the one taskkit made on this host ({source}): a worker on "
+            "another host makes its own, and cannot resume runs checkpointed here",
+            "set TASKKIT_SECRET_KEY (or TASKKIT_SECRET_KEY_FILE) to one key on every host",
+            details,
+        )
     if newest.info is None:
         return Check(
             "secret_key",
@@ -337,6 +347,16 @@ def check_secret_key(ctx: Context) -> Check:
             f"{source}: {problem}",
             "use the key that signed it on every host (TASKKIT_SECRET_KEY), or list that key in "
             "TASKKIT_SECRET_KEYS_OLD while rotating",
+            details,
+        )
+    if fleet and made_here:
+        return Check(
+            "secret_key",
+            "warning",
+            f"the signing key is the one taskkit made on this host ({source}); the newest "
+            f"checkpoint ({where}) verifies with it, but a worker on another host made its own, "
+            "so it cannot resume runs checkpointed here",
+            "set TASKKIT_SECRET_KEY (or TASKKIT_SECRET_KEY_FILE) to this key on every host",
             details,
         )
     return Check(

@@ -213,13 +213,13 @@ def check_database(ctx: Context) -> Check:
     finally:
         engine.dispose()
     details.update(revision=status.revision, head=status.head)
-    problem = status.problem()
+    problem = status.problem(fix="")
     if problem is None:
         return Check(
             "database", "ok", f"{name} answers, at revision {status.head} (head)", None, details
         )
     fix = "run: taskkit db upgrade" if status.behind else "upgrade taskkit on this host"
-    return Check("database", "error", problem, fix, details)
+    return Check("database", "error", problem.rstrip("; "), fix, details)
 
 
 def _no_settings(name: str) -> Check:

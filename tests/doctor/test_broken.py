@@ -336,3 +336,17 @@ def test_checkpoint_storage_room_against_the_last_checkpoint(project: Path, tmp_
     assert check.verdict == "ok", check
     assert check.details["last_size_bytes"] > 0
     assert check.details["free_bytes"] > check.details["last_size_bytes"]
+
+
+def test_a_key_made_on_one_host_of_a_fleet(project: Path, tmp_path: Path, redis_url: str):
+    from taskkit._keys import home_key
+
+    home = tmp_path / "home"
+    home_key(home)  # what the first checkpoint on this host did
+    fleet = Settings(home=home, broker_url=redis_url)
+
+    check = diagnose(fleet, app=create_app("dk", settings=fleet)).check("secret_key")
+
+    assert check.verdict == "warning", check
+    assert "made on this host" in check.reason
+    assert "on every host" in (check.fix or "")
