@@ -350,3 +350,54 @@ def test_a_key_made_on_one_host_of_a_fleet(project: Path, tmp_path: Path, redis_
     assert check.verdict == "warning", check
     assert "made on this host" in check.reason
     assert "on every host" in (check.fix or "")
+
+
+def test_what_doctor_says_the_worker_registers_is_what_a_real_worker_registers(
+    project: Path, tmp_path: Path, write_module
+):
+    from tests._support.workers import WorkerProcess, wait_for
+
+    included = write_module("withtasks", TASKS.replace("{task}", "a"))
+    spec = _main_app(write_module, [included])
+    forgotten = write_module("forgotten", TASKS.replace("{task}", "b"))
+    # {name:mainapp} was resolved when the task modules were written: rewrite them now
+    for module in (included, forgotten):
+        path = project / f"{module}.py"
+        path.write_text(path.read_text().replace("{name:mainapp}", spec))
+
+    report = diagnose(Settings(), app_spec=spec, tasks_modules=[included, forgotten])
+    worker = WorkerProcess(
+        "doctor",
+        tmp_path,
+        app=spec,
+        pool="solo",
+        env={"PYTHONPATH": f"{project}:{Path.cwd()}", "TASKKIT_HOME": str(tmp_path / "home")},
+    )
+    try:
+        wait_for(lambda: "[tasks]" in worker.log() and " ready." in worker.log(), 60, "the worker")
+        banner = worker.log()
+    finally:
+        worker.stop()
+
+    assert f"{included}.a" in banner
+    assert f"{forgotten}.b" not in banner
+    assert report.check("task_modules").details["not_registered_by_worker"] == {
+        forgotten: [f"{forgotten}.b"]
+    }
+
+
+def test_a_service_that_never_answers_is_cut_at_the_deadline(project: Path):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        settings = Settings(broker_url=url)
+
+        report = diagnose(settings, app=create_app("dk", settings=settings), timeout=0.5)
+
+    broker = report.check("broker")
+    assert broker.verdict == "error"
+    assert "did not answer within 0.5s" in broker.reason
+    assert report.check("serializer").verdict == "ok"  # the others still report
