@@ -303,12 +303,25 @@ def check_consumer_timeout(ctx: Context) -> Check:
     effective = asked if (asked and supported) else RABBITMQ_DEFAULT_TIMEOUT
     tasks = user_tasks(app, ctx.load.registered if ctx.load.app is not None else None)
     longer = []
+    unbounded = []
     for name, task in tasks.items():
         limits = _limits(app, task)
+        if not limits:
+            unbounded.append(name)
         if any(value > effective for value in limits.values()):
             longer.append(name)
     details["effective_timeout"] = effective
     details["tasks_longer"] = longer
+    details["tasks_without_time_limit"] = unbounded
+    if (not asked or not supported) and not longer and not unbounded:
+        return Check(
+            "consumer_timeout",
+            "ok",
+            f"RabbitMQ {raw}: the node's consumer_timeout applies (30 min unless rabbitmq.conf "
+            "says otherwise), and every task's time limit is shorter",
+            None,
+            details,
+        )
     if not asked or not supported:
         why = (
             "TASKKIT_CONSUMER_TIMEOUT is 0"
@@ -321,7 +334,8 @@ def check_consumer_timeout(ctx: Context) -> Check:
             f"{why}: the node's consumer_timeout applies (30 min unless rabbitmq.conf says "
             "otherwise; AMQP does not tell its value), and closes the channel under a task "
             "that runs longer"
-            + (f"; tasks with longer limits: {', '.join(longer)}" if longer else ""),
+            + (f"; tasks with longer limits: {', '.join(longer)}" if longer else "")
+            + (f"; tasks without a time limit: {', '.join(unbounded[:10])}" if unbounded else ""),
             "raise consumer_timeout in rabbitmq.conf above your longest task"
             + ("" if supported is False else ", or set TASKKIT_CONSUMER_TIMEOUT"),
             details,
