@@ -4,7 +4,10 @@ secrets to scrub, and the newest checkpoint (looked up once, by whichever check 
 The app is loaded the way ``celery -A <app> worker`` (``make worker``) loads it: the working
 directory on ``sys.path``, the module imported, its ``app`` or ``celery_app`` (or
 ``module:attribute``), then ``app.loader.import_default_modules()`` (the ``include`` and
-``imports`` modules, and autodiscovery). Warnings raised meanwhile are recorded, not shown.
+``imports`` modules, and autodiscovery). taskkit's warnings raised meanwhile are recorded, not
+shown. Which modules the worker imports is judged by what loading imported in this process:
+``taskkit doctor`` runs in a fresh process, as a worker does (a process that imported the app
+before, such as a test, sees only what was new).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from taskkit._utils import mask_password
 from taskkit.config import Settings
+from taskkit.errors import TaskkitWarning
 
 __all__ = ["AppLoad", "Context", "NewestCheckpoint", "load_app", "one_line"]
 
@@ -78,7 +82,11 @@ def load_app(spec: str) -> AppLoad:
                     result.modules_error = _import_error(exc)
                 result.registered = frozenset(app.tasks)
     result.imported = frozenset(set(sys.modules) - before) | {module_name}
-    result.warnings = [" ".join(str(w.message).split()) for w in caught]
+    # taskkit's own warnings (a worker prints them at start too); libraries' deprecations are
+    # not the deployment's problem
+    result.warnings = [
+        " ".join(str(w.message).split()) for w in caught if issubclass(w.category, TaskkitWarning)
+    ]
     return result
 
 

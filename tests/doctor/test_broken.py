@@ -57,6 +57,11 @@ def test_visibility_timeout_shorter_than_a_soft_time_limit(project: Path, own_re
     assert "above 120s" in (check.fix or "")
     assert report.check("broker").verdict == "ok"
     assert report.exit_code == 2
+    app = report.check("app")  # create_app warned while the app loaded: shown, not raised
+    assert app.verdict == "warning", app
+    assert "taskkit_outer_max_delay=600s is longer than the broker's visibility_timeout" in (
+        app.reason
+    )
 
 
 def test_the_keeper_makes_a_long_soft_time_limit_safe(project: Path, own_redis, write_module):
