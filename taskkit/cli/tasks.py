@@ -364,6 +364,8 @@ def _lease_text(lease: LeaseView) -> Text:
             text.append(f"; heartbeat {lease.heartbeat_age:.0f} s ago")
             if lease.ttl is not None:
                 text.append(f" (ttl {lease.ttl:g} s)")
+        elif lease.expires_in is None:
+            text.append(" (a lock file: freed when that process exits)", style="dim")
     return text
 
 

@@ -19,6 +19,7 @@ from tests.cli import taskapp
 pytestmark = pytest.mark.redis
 
 APP = ["--app", "tests.cli.taskapp"]
+WIDE = {"COLUMNS": "200"}
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +146,47 @@ def test_tasks_show_with_the_backend_down_exits_1_without_the_password(
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("error: could not reach the result backend redis://:***@")
     assert "s3cret" not in result.output
+
+
+def test_tasks_show_on_the_embedded_defaults(runner: CliRunner):
+    """SQLite result backend and a file lease: what `taskkit tasks show` reads on a laptop."""
+    from celery.app.task import Context
+
+    from taskkit.tasks import LeaseOwner
+    from tests.cli import embeddedapp
+
+    assert str(embeddedapp.app.conf.result_backend).startswith("db+sqlite:")
+    task_id = str(uuid.uuid4())
+    request = Context(
+        id=task_id, task=embeddedapp.job.name, args=["k1"], kwargs={}, retries=1,
+        hostname="w1@host", delivery_info={"routing_key": "celery"},
+    )  # fmt: skip
+    progress = {"current": 2, "total": 4, "percent": 50.0, "description": "x", "metrics": {}}
+    attempts = {"inner": 3, "outer": 2}
+    embeddedapp.app.backend.store_result(
+        task_id, {**progress, "attempts": attempts}, "PROGRESS", request=request
+    )
+    lease = embeddedapp.job.lease_store().acquire(
+        f"{embeddedapp.job.name}:k1", LeaseOwner.here(task_id), 10
+    )
+    assert lease is not None
+    try:
+        shown = runner.invoke(
+            app, ["tasks", "show", task_id, "--app", "tests.cli.embeddedapp"], env=WIDE
+        )
+        record = json.loads(
+            runner.invoke(
+                app, ["tasks", "show", task_id, "--json", "--app", "tests.cli.embeddedapp"]
+            ).stdout
+        )
+    finally:
+        lease.release()
+
+    assert shown.exit_code == 0, shown.output
+    assert "outer 2 of 4, inner 3 of 3" in shown.stdout
+    assert f"held by task {task_id} on " in shown.stdout
+    assert "a lock file" in shown.stdout
+    assert record["attempts"] == {"outer": 2, "outer_max": 4, "inner": 3, "inner_max": 3}
+    assert record["progress"] == progress
+    assert record["lease"]["holder"].startswith(f"task {task_id} on ")
+    assert record["lease"]["heartbeat_age"] is None
