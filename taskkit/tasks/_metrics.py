@@ -5,10 +5,16 @@ worker``); otherwise these handlers return at once and nothing is imported, subs
 served: zero cost.
 
 - ``worker_init`` (main process, before the pool forks): empty ``TASKKIT_METRICS_DIR`` (default
-  ``$TASKKIT_HOME/metrics``) and turn prometheus_client's multiprocess mode on there; subscribe
-  this process too (a solo or threads pool runs tasks here).
-- ``worker_process_init`` (each pool process): subscribe; the values go to files of its pid.
-- ``worker_process_shutdown``: forget that process's live gauges (``mark_process_dead``).
+  ``$TASKKIT_HOME/metrics``) and turn prometheus_client's multiprocess mode on there. A solo or
+  threads pool runs tasks in this process: it subscribes here. A prefork main process never
+  subscribes (it runs no task, and a thread or lock of its own would be copied into the pool
+  processes it forks later).
+- ``worker_process_init`` (each pool process): subscribe; the values go to files of its pid,
+  task attempts within ``FLUSH_SECONDS``.
+- ``worker_process_shutdown``: flush, then forget that process's live gauges
+  (``mark_process_dead``). A pool process killed outright keeps its last state of
+  ``taskkit_circuit_state`` until the worker restarts, and loses at most its last
+  ``FLUSH_SECONDS`` of task attempts.
 - ``worker_ready`` (main process, the pool is running): serve the aggregated ``/metrics`` on
   the port, with the database-backed gauges (``taskkit_dead_letters``, ``taskkit_runs``) read
   here only. Served after the pool started, so pool processes do not inherit the listening
@@ -53,8 +59,17 @@ def _prepare(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     path = settings.metrics_dir or settings.home / "metrics"
     metrics.prepare_multiprocess_dir(path)
-    metrics.install()
     _serving["database_url"] = _database_url(sender)
+    if not _forks(sender):
+        metrics.install()  # tasks run in this process (solo, threads...)
+
+
+def _forks(sender: Any) -> bool:
+    """Whether the worker's pool forks (prefork): then nothing starts a thread or takes a lock
+    of prometheus_client in the main process, which forks again when a pool process dies."""
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    return pool is None or "prefork" in str(name)
 
 
 @signals.worker_process_init.connect(weak=False)
@@ -72,6 +87,9 @@ def _forget_pool_process(pid: int | None = None, **_: Any) -> None:
         return
     from taskkit.telemetry import metrics  # noqa: PLC0415
 
+    current = metrics.installed()
+    if current is not None:
+        current.stop_flusher()  # its last counts reach the directory
     metrics.mark_dead(pid or os.getpid())
 
 

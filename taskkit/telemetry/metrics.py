@@ -81,6 +81,7 @@ __all__ = [
     "CIRCUIT_STATE_VALUES",
     "CONTENT_TYPE",
     "DB_CACHE_SECONDS",
+    "FLUSH_SECONDS",
     "BreakerCollector",
     "BudgetCollector",
     "DatabaseCollector",
@@ -104,6 +105,9 @@ logger = logging.getLogger("taskkit.telemetry")
 CONTENT_TYPE: str = prometheus_client.CONTENT_TYPE_LATEST
 #: Seconds a database-backed reading is reused (one grouped COUNT per table per window).
 DB_CACHE_SECONDS = 5.0
+#: Seconds between two flushes of the task attempts a pool process counted in memory (the
+#: most a worker's ``/metrics`` lags behind).
+FLUSH_SECONDS = 0.5
 #: ``taskkit_circuit_state`` values, ordered by severity.
 CIRCUIT_STATE_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 #: Checkpoint save durations and epoch durations (seconds): 5 ms to 10 minutes.
@@ -235,11 +239,24 @@ class Metrics:
         self.seen_states: dict[str, str] = {}
         self.budgets: dict[str, _Budget] = {}
         self.publish_budgets = False
+        #: Task attempts counted in memory, not yet added to ``task_attempts`` (``flush``).
+        self._pending: dict[tuple[str, str, str], int] = {}
+        self._pending_lock = threading.Lock()
+        self._flusher: tuple[int, threading.Event] | None = None
 
     def handle(self, event: events.Event) -> None:
-        """Count one event (the event-bus subscriber)."""
-        if isinstance(event, events.TaskAttemptEnded):
-            self.task_attempts.labels(event.task, event.layer, event.outcome).inc()
+        """Count one event (the event-bus subscriber).
+
+        Task attempts, one or more per task, are counted in memory and added to their counter
+        by ``flush`` (at every render in this process, and every ``FLUSH_SECONDS`` from a
+        thread of a prefork pool process): a multiprocess counter increment writes an mmap
+        file under a lock, which costs more than a trivial task. Everything else is rare and
+        counted at once.
+        """
+        if type(event) is events.TaskAttemptEnded:
+            key = (event.task, event.layer, event.outcome)
+            with self._pending_lock:
+                self._pending[key] = self._pending.get(key, 0) + 1
             if event.outcome == "retry" and self.publish_budgets:
                 self._publish_budgets()
         elif isinstance(event, events.TaskFailed):
@@ -273,6 +290,58 @@ class Metrics:
                     self.batch_items.labels(event.task, outcome).inc(count)
         elif isinstance(event, events.EpochFinished):
             self.epoch_seconds.observe(event.seconds)
+
+    def flush(self) -> None:
+        """Add the task attempts counted in memory to ``task_attempts``.
+
+        Example::
+
+            metrics.installed().flush()
+        """
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for labels, count in pending.items():
+            self.task_attempts.labels(*labels).inc(count)
+
+    def start_flusher(self, interval: float) -> None:
+        """Flush every ``interval`` seconds from a daemon thread of this process (once per
+        process: a forked child starts its own).
+
+        Example::
+
+            metrics.install().start_flusher(FLUSH_SECONDS)
+        """
+        pid = os.getpid()
+        if self._flusher is not None and self._flusher[0] == pid:
+            return
+        stop = threading.Event()
+        self._flusher = (pid, stop)
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.flush()
+                except Exception:  # an unwritable multiprocess directory: keep counting
+                    logger.warning("taskkit metrics: could not flush", exc_info=True)
+
+        threading.Thread(target=loop, name="taskkit-metrics-flush", daemon=True).start()
+
+    def stop_flusher(self) -> None:
+        """Stop this process's flusher thread (after a last ``flush``).
+
+        Example::
+
+            metrics.installed().stop_flusher()
+        """
+        if self._flusher is not None:
+            self._flusher[1].set()
+            self._flusher = None
+        self.flush()
+
+    def _after_fork_in_child(self) -> None:
+        self._pending_lock = threading.Lock()
+        self._pending = {}  # the parent's, which the parent flushes itself
+        self._flusher = None
 
     def _publish_budgets(self) -> None:
         for name, budget in list(self.budgets.items()):
@@ -312,18 +381,20 @@ def install(registry: CollectorRegistry | None = None) -> Metrics:
     """
     with _lock:
         current: Metrics | None = _state.get("metrics")
-        if current is not None:
-            return current
-        registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        created = Metrics(registry)
-        created.publish_budgets = multiprocess_dir() is not None
-        created.budgets.update(_state.get("budgets", {}))
-        _state.update(
-            metrics=created,
-            registry=registry,
-            unsubscribe=events.subscribe(created.handle),
-        )
-        return created
+        if current is None:
+            registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+            current = Metrics(registry)
+            current.budgets.update(_state.get("budgets", {}))
+            os.register_at_fork(after_in_child=current._after_fork_in_child)
+            _state.update(
+                metrics=current,
+                registry=registry,
+                unsubscribe=events.subscribe(current.handle),
+            )
+        if multiprocess_dir() is not None:
+            current.publish_budgets = True
+            current.start_flusher(FLUSH_SECONDS)
+        return current
 
 
 def installed() -> Metrics | None:
@@ -351,7 +422,10 @@ def uninstall() -> None:
         unsubscribe = _state.pop("unsubscribe", None)
         if unsubscribe is not None:
             unsubscribe()
-        _state.pop("metrics", None)
+        current: Metrics | None = _state.pop("metrics", None)
+        if current is not None:
+            current.stop_flusher()
+            # its at-fork hook stays registered (there is no unregistering): a no-op then
         _state.pop("registry", None)
 
 
@@ -656,6 +730,9 @@ def render(
         body = metrics.render(extra=[metrics.DatabaseCollector()])
         # b'# HELP taskkit_dead_letters ...\\ntaskkit_dead_letters{status="dead"} 3.0\\n...'
     """
+    current = installed()
+    if current is not None:
+        current.flush()
     collectors: list[Any] = []
     path = multiprocess if multiprocess is not None else multiprocess_dir()
     if path is not None and path.is_dir():

@@ -252,8 +252,9 @@ for n in range(2):
         events.emit(events.TaskAttemptEnded("t.a", "i", "outer", 1, "success"))
         events.emit(events.BatchChunkFinished("t.b", "i", "b", done=5, dead=1, skipped=0))
         events.emit(events.CircuitStateChanged("pricing", "closed", "half_open" if n else "open"))
+        metrics.installed().stop_flusher()  # what worker_process_shutdown does
         if n == 0:
-            metrics.mark_dead(os.getpid())  # what worker_process_shutdown does
+            metrics.mark_dead(os.getpid())
         os._exit(0)
     pids.append(pid)
 for pid in pids:
@@ -284,6 +285,58 @@ def test_forked_processes_are_aggregated(tmp_path: Path) -> None:
     # the process marked dead (open) no longer counts: the live one is half-open
     assert value(found, "taskkit_circuit_state", breaker="pricing") == 1
     assert not (path / "counter_1.db").exists()
+
+
+FLUSHED = """
+import os, sys, time
+from pathlib import Path
+from taskkit.telemetry import metrics
+from taskkit.recovery import events
+
+path = Path(sys.argv[1])
+metrics.prepare_multiprocess_dir(path)
+pid = os.fork()
+if pid == 0:
+    metrics.install()  # a pool process: its thread flushes every FLUSH_SECONDS
+    events.emit(events.TaskAttemptEnded("t.a", "i", "outer", 1, "success"))
+    time.sleep(60)
+    os._exit(0)
+try:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and b"t.a" not in metrics.render(multiprocess=path):
+        time.sleep(0.05)
+    sys.stdout.write(metrics.render(multiprocess=path).decode())
+finally:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_a_pool_process_flushes_its_task_attempts_while_alive(tmp_path: Path) -> None:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run(
+        [sys.executable, "-c", FLUSHED, str(tmp_path / "metrics")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    ).stdout
+    found = samples(out)
+    attempts = "taskkit_task_attempts_total"
+    assert value(found, attempts, task="t.a", layer="outer", outcome="success") == 1
+
+
+def test_attempts_counted_in_memory_show_in_this_process_at_once() -> None:
+    metrics.install()
+    events.emit(events.TaskAttemptEnded("t.a", "i", "inner", 1, "success"))
+    found = samples(metrics.render())
+    assert (
+        value(found, "taskkit_task_attempts_total", task="t.a", layer="inner", outcome="success")
+        == 1
+    )
 
 
 # -- the service ----------------------------------------------------------------------------------
