@@ -130,6 +130,15 @@ def check_settings(ctx: Context) -> Check:
     )
 
 
+def _no_settings(name: str) -> Check:
+    return Check(
+        name,
+        "error",
+        "not checked: the settings could not be read (see the settings check)",
+        "fix the settings first",
+    )
+
+
 def _uses_home(settings: Settings) -> list[str]:
     """What lives under ``home`` with these settings."""
     home = str(settings.home)
@@ -172,7 +181,7 @@ def _existing(path: Path) -> Path:
 
 def check_home(ctx: Context) -> Check:
     if ctx.settings is None:
-        return Check("home", "error", "not checked: the settings could not be read", "fix them")
+        return _no_settings("home")
     settings = ctx.settings
     home = settings.home
     source = setting_sources(settings)["home"]
@@ -260,7 +269,7 @@ def _verify(info: Any, run_key: str, keys: Any) -> str | None:
 
 def check_secret_key(ctx: Context) -> Check:
     if ctx.settings is None:
-        return Check("secret_key", "error", "not checked: the settings could not be read", "fix")
+        return _no_settings("secret_key")
     settings = ctx.settings
     source = _key_configured(settings)
     newest = ctx.newest_checkpoint()
@@ -371,7 +380,7 @@ def check_secret_key(ctx: Context) -> Check:
 
 def check_checkpoint_storage(ctx: Context) -> Check:
     if ctx.settings is None:
-        return Check("checkpoint_storage", "error", "not checked: no settings", "fix them")
+        return _no_settings("checkpoint_storage")
     settings = ctx.settings
     newest = ctx.newest_checkpoint()
     last = int(newest.info.size) if newest.info is not None else None
