@@ -454,6 +454,20 @@ def _reported(backend: str) -> Iterator[None]:
         raise
 
 
+def _check_backend(celery_app: Celery, backend: str) -> None:
+    """A Redis result backend that does not answer is exit 1 at once (reading through it
+    would retry for half a minute first: ``result_backend_always_retry``)."""
+    ping = getattr(getattr(celery_app.backend, "client", None), "ping", None)
+    if not callable(ping):
+        return
+    try:
+        ping()
+    except Exception as exc:
+        if not (unreachable(exc) or isinstance(exc, OSError)):
+            raise
+        raise CliError(f"could not reach the result backend {backend}: {short(exc)}", 1) from None
+
+
 def _noted(last: TaskView, exc: BaseException) -> TaskView:
     if not (unreachable(exc) or isinstance(exc, OSError)):
         raise exc
@@ -482,6 +496,7 @@ def _show_command(
         celery_app = load_app(app_spec)
     backend = mask_password(str(celery_app.conf.result_backend))
     with _reported(backend):
+        _check_backend(celery_app, backend)
         if not watch_task:
             view = read_task(celery_app, task_id)
             if not view.known:

@@ -41,8 +41,4 @@ def broken(self: ResilientTask, path: str) -> None:
 
 
 #: An app whose result backend never answers (nothing listens on port 1), with a password.
-down = redis_test_app(
-    "tkcli-task-down",
-    result_backend="redis://:s3cret@127.0.0.1:1/0",
-    result_backend_always_retry=False,
-).app
+down = redis_test_app("tkcli-task-down", result_backend="redis://:s3cret@127.0.0.1:1/0").app
