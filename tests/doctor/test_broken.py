@@ -406,3 +406,15 @@ def test_a_service_that_never_answers_is_cut_at_the_deadline(project: Path):
     assert broker.verdict == "error"
     assert "did not answer within 0.5s" in broker.reason
     assert report.check("serializer").verdict == "ok"  # the others still report
+
+
+def test_settings_that_do_not_validate(project: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TASKKIT_LEASE_TTL", "soon")
+
+    report = diagnose(app_spec="no_such_app_module_xyz")
+
+    settings = report.check("settings")
+    assert settings.verdict == "error"
+    assert "TASKKIT_LEASE_TTL" in settings.reason
+    assert report.check("database").reason.startswith("not checked")
+    assert report.exit_code == 2
