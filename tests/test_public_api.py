@@ -266,6 +266,7 @@ CURATED = {
         "CIRCUIT_STATE_VALUES",
         "CONTENT_TYPE",
         "DB_CACHE_SECONDS",
+        "FLUSH_SECONDS",
         "BreakerCollector",
         "BudgetCollector",
         "DatabaseCollector",
