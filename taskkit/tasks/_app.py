@@ -12,9 +12,11 @@ from celery import Celery, signals
 import taskkit.broker  # registers the taskkit+sqlite:// transport with kombu
 from taskkit.config import Settings, get_settings
 from taskkit.errors import TaskkitWarning
-from taskkit.tasks import _events  # noqa: F401  (signal handlers)
-from taskkit.tasks import _logs  # noqa: F401  (signal handlers)
-from taskkit.tasks import _metrics  # noqa: F401  (signal handlers)
+from taskkit.tasks import (
+    _events,  # noqa: F401  (signal handlers)
+    _logs,  # noqa: F401  (signal handlers)
+    _metrics,  # noqa: F401  (signal handlers)
+)
 from taskkit.tasks._options import check_app_config
 from taskkit.tasks._rabbitmq import ConsumerTimeout, amqp_defaults
 from taskkit.tasks._visibility import VisibilityKeeper, check_visibility, uses_visibility_timeout
