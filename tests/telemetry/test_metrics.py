@@ -364,3 +364,25 @@ def test_the_service_answers_metrics_without_a_token(
     assert value(found, "taskkit_dead_letters", status="dead") == 1
     assert value(found, "taskkit_circuit_state", breaker="svc-breaker") == 0
     assert "t0k3n" not in answer.text
+
+
+def test_a_worker_without_a_metrics_port_subscribes_and_serves_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from taskkit.config import reset_settings
+    from taskkit.tasks import _metrics as wiring
+
+    monkeypatch.delenv("TASKKIT_METRICS_PORT", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    reset_settings()
+    try:
+        before = list(events._subscribers)
+        wiring._prepare(sender=None)
+        wiring._subscribe_pool_process()
+        wiring._serve()
+        assert events._subscribers == before
+        assert metrics.installed() is None
+        assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        assert "server" not in wiring._serving
+    finally:
+        reset_settings()
