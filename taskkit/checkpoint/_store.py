@@ -32,6 +32,7 @@ from taskkit.errors import (
     CheckpointWarning,
     ConfigurationError,
 )
+from taskkit.recovery import events
 
 __all__ = ["CheckpointStore", "storage_from_settings"]
 
@@ -80,6 +81,10 @@ class CheckpointStore:
       state at once (a later change to it cannot leak into the checkpoint) and returns; one
       writer thread stores it. The next ``save``, ``wait``, ``close`` wait for it, and the first
       ``save``/``wait`` after a failed background write raises its error.
+    - **Events.** Once a checkpoint is durable (with background writes: when its write ends, on
+      the writer thread) a ``CheckpointSaved`` event goes to ``taskkit.recovery.events`` while
+      someone listens: the run id as given, step, size in bytes, seconds spent serialising and
+      writing, ``is_best``, and ``task`` (the task that trains the run, when known).
 
     ``None`` arguments come from ``settings`` (default ``get_settings()``): the storage
     (``storage_from_settings``), ``checkpoint_keep_last``, ``checkpoint_keep_best``, and the
@@ -119,9 +124,13 @@ class CheckpointStore:
         background: bool = False,
         settings: Settings | None = None,
         run_uid: str | None = None,
+        task: str | None = None,
     ) -> None:
         #: The run's identity (``ModelRun.uid``): part of the storage key and of every manifest.
         self.run_uid = _check_run_uid(run_uid)
+        #: The name of the task that trains the run, if known (``CheckpointSaved`` carries it).
+        self.task = task
+        self._given_run_id = run_id
         key = run_id if run_uid is None else f"{_validate_run_id(run_id)}-{run_uid}"
         self._run_id = _validate_run_id(key)
         settings = settings or get_settings()
@@ -201,6 +210,7 @@ class CheckpointStore:
             self.wait()
         else:
             self._raise_finished()
+        started = time.perf_counter()
         try:
             payload = encode(state, self.format, self.compress_level)
         except Exception as exc:
@@ -221,6 +231,7 @@ class CheckpointStore:
                 raise CheckpointError(
                     f"{self.storage!r} returned without asking for the manifest", self._run_id, step
                 )
+            self._saved(holder[0], time.perf_counter() - started)
             self._retain(holder[0], inline=False)
             return holder[0]
         # Background: copy what still belongs to the caller (array memory) while hashing it,
@@ -229,7 +240,7 @@ class CheckpointStore:
         owned = payload.owned()
         info = self._finish(template, digest.hexdigest())
         del payload
-        self._submit(self._write_and_retain, step, owned, info)
+        self._submit(self._write_and_retain, step, owned, info, time.perf_counter() - started)
         return info
 
     def _submit(self, work: Callable[..., None], *args: Any) -> None:
@@ -273,9 +284,22 @@ class CheckpointStore:
                 step,
             ) from exc
 
-    def _write_and_retain(self, step: int, payload: Payload, info: CheckpointInfo) -> None:
+    def _write_and_retain(
+        self, step: int, payload: Payload, info: CheckpointInfo, serialising: float
+    ) -> None:
+        started = time.perf_counter()
         self._write(step, payload, lambda: info)
+        self._saved(info, serialising + time.perf_counter() - started)
         self._retain(info, inline=True)
+
+    def _saved(self, info: CheckpointInfo, seconds: float) -> None:
+        """Checkpoint ``info`` is durable: its ``CheckpointSaved`` event."""
+        if events.active():
+            events.emit(
+                events.CheckpointSaved(
+                    self._given_run_id, info.step, info.size, seconds, info.is_best, self.task
+                )
+            )
 
     def _retain(self, saved: CheckpointInfo, *, inline: bool) -> None:
         """Decide what retention deletes, now that ``saved`` is durable, and delete it.

@@ -2,8 +2,10 @@
 
 Recording is an upsert on (task, batch, item) for items and on (task, task id) for whole
 tasks, so an item or a task that fails again after a crash updates its letter instead of adding
-a second one. Sending letters again is
-``taskkit.tasks.replay_dead_letters``; this module selects and marks them and imports no Celery.
+a second one. Every letter stored is one WARNING log record (``taskkit_event="dead_letter"``)
+and, while someone listens, a ``DeadLettered`` event on ``taskkit.recovery.events``. Sending
+letters again is ``taskkit.tasks.replay_dead_letters``; this module selects and marks them and
+imports no Celery.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from taskkit.db.models import DeadLetter
 from taskkit.deadletter._json import jsonable
 from taskkit.deadletter._publish import publish_letters
 from taskkit.errors import ConfigurationError, DeadLetterNotFound, ReplayRejected
+from taskkit.recovery import events
 
 __all__ = [
     "STATUSES",
@@ -202,8 +205,10 @@ class DeadLetterStore:
             ) from exc
 
     def publish(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Publish letters (``DeadLetterEntry.row()`` dicts) to the dead-letter broker queue,
-        if one is set; failures are logged, never raised."""
+        """Announce letters just stored (``DeadLetterEntry.row()`` dicts, once committed): one
+        log record and one ``DeadLettered`` event each; then publish them to the dead-letter
+        broker queue, if one is set (failures are logged, never raised)."""
+        _announce(rows)
         if self.queue and rows:
             publish_letters(self.app, self.queue, rows)
 
@@ -405,6 +410,42 @@ class DeadLetterStore:
         if ids is not None:
             query = query.where(DeadLetter.id.in_([i for i in map(int, ids) if fits_row_id(i)]))
         return query
+
+
+def _announce(rows: Sequence[dict[str, Any]]) -> None:
+    """One log record per stored letter, and its ``DeadLettered`` event while someone listens."""
+    observed = events.active()
+    for row in rows:
+        letter_id = row.get("id")
+        logger.warning(
+            "taskkit: dead letter %s stored: %s%s%s failed with %s after %d attempt(s)",
+            letter_id if letter_id is not None else "(no id)",
+            row["task_name"],
+            "" if row["task_id"] is None else f"[{row['task_id']}]",
+            ""
+            if row["item_key"] is None
+            else f" item {row['item_key']!r} of batch {row['batch_id']}",
+            row["error_type"],
+            row["attempts"],
+            extra={
+                "taskkit_event": "dead_letter",
+                "attempt": row["attempts"],
+                "layer": None,
+                "task": row["task_name"],
+                "task_id": row["task_id"],
+            },
+        )
+        if observed:
+            events.emit(
+                events.DeadLettered(
+                    row["task_name"],
+                    letter_id,
+                    row["error_type"],
+                    task_id=row["task_id"],
+                    batch_id=row["batch_id"],
+                    item_key=row["item_key"],
+                )
+            )
 
 
 def write_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:

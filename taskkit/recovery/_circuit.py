@@ -534,7 +534,14 @@ class CircuitBreaker:
 
     def _announce(self, old: CircuitState, new: CircuitState) -> None:
         level = logging.WARNING if new is _OPEN else logging.INFO
-        logger.log(level, "taskkit.circuit: %r %s -> %s", self.name, old.name, new.name)
+        logger.log(
+            level,
+            "taskkit.circuit: %r %s -> %s",
+            self.name,
+            old.name,
+            new.name,
+            extra={"taskkit_event": "circuit_state", "attempt": None, "layer": None},
+        )
         events.emit(events.CircuitStateChanged(self.name, old.value, new.value))
         for listener in tuple(self._listeners):
             call_hook(listener, self, old, new)

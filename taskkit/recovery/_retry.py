@@ -9,7 +9,7 @@ import logging
 import random
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
@@ -82,7 +82,15 @@ class Retrying:
     """A retry policy: validated once, then applied to any number of functions.
 
     ``retry(...)`` returns one; use it as a decorator or call ``policy.call(fn, *args)``. See
-    ``retry`` for the options.
+    ``retry`` for the options. ``emit_events=False`` keeps its ``RetryScheduled``/``GaveUp``
+    events off ``taskkit.recovery.events`` and its give-ups out of the log (a caller that
+    reports attempts itself: ``ResilientTask``'s in-process ladder, which emits
+    ``TaskAttemptEnded``); retries are still logged.
+
+    Example::
+
+        policy = Retrying(max_attempts=5, delay=0.2, exceptions=(ConnectionError,))
+        rows = policy.call(fetch_rows, "orders")
     """
 
     def __init__(
@@ -104,6 +112,8 @@ class Retrying:
         sleep: Callable[[float], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        emit_events: bool = True,
+        _log_extra: Callable[[], Mapping[str, object]] | None = None,
         _stacklevel: int = 2,
     ) -> None:
         self.max_delay, self._jitter = validate_schedule(
@@ -151,6 +161,11 @@ class Retrying:
         self._sleep = sleep
         self._clock = clock
         self._rng = rng
+        #: Whether ``RetryScheduled``/``GaveUp`` go to ``taskkit.recovery.events`` (False for a
+        #: caller that reports its attempts itself: ``ResilientTask``'s in-process ladder).
+        self.emit_events = emit_events
+        # What the caller adds to the retry log records (its task, task id, run id, layer).
+        self._log_extra = _log_extra
         # The clock is read after a failure only when something needs the time.
         self._timed = deadline is not None or on_retry is not None
         # A schedule without randomness is computed once, not per retry.
@@ -357,6 +372,7 @@ class Retrying:
                 max_attempts,
                 _describe(error, result),
                 wait,
+                extra=self._extra("retry", attempt),
             )
         if self.on_retry is not None:
             call_hook(
@@ -365,7 +381,7 @@ class Retrying:
                     fn, attempt, max_attempts, error, result, wait, now - state.first_failure
                 ),
             )
-        if events.active():
+        if self.emit_events and events.active():
             events.emit(
                 events.RetryScheduled(qualified_name(fn), attempt, max_attempts, wait, error)
             )
@@ -400,8 +416,35 @@ class Retrying:
             # Exceptions with __slots__ cannot take the attribute; the note is enough there.
             with contextlib.suppress(AttributeError, TypeError):
                 error.taskkit_attempts = attempts  # type: ignore[attr-defined]
+        if not self.emit_events:
+            return  # the caller reports the attempt (and logs it) itself
+        # One record per give-up; an error never retried at all (a permanent one, or one that
+        # retry_if rejects on its first attempt) is routine: INFO, not WARNING.
+        routine = (
+            attempts == 1
+            and error is not None
+            and (isinstance(error, self.give_up_on) or reason.startswith("retry_if"))
+        )
+        level = logging.INFO if routine else logging.WARNING
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "taskkit.retry: gave up on %s after %d attempt(s): %s (%s)",
+                name,
+                attempts,
+                reason,
+                _describe(error, None) if error is not None else "result rejected",
+                extra=self._extra("gave_up", attempts),
+            )
         if events.active():
             events.emit(events.GaveUp(name, attempts, reason, error))
+
+    def _extra(self, kind: str, attempt: int) -> dict[str, object]:
+        """The ``extra`` of a retry or give-up log record (``taskkit.telemetry.logs``)."""
+        extra: dict[str, object] = {"taskkit_event": kind, "attempt": attempt, "layer": None}
+        if self._log_extra is not None:
+            extra.update(self._log_extra())
+        return extra
 
 
 @overload

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +38,8 @@ import redis.exceptions
 from celery import Task, signals
 from celery._state import _task_stack  # type: ignore[attr-defined]
 from celery.app.task import Context
-from celery.exceptions import Ignore
-from celery.states import IGNORED, SUCCESS
+from celery.exceptions import Ignore, Reject, Retry
+from celery.states import IGNORED, STARTED, SUCCESS
 from celery.utils.saferepr import saferepr
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 
@@ -46,7 +47,7 @@ from taskkit._utils import call_hook, did_you_mean, is_control_flow
 from taskkit.db import is_transient
 from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
 from taskkit.errors import ConfigurationError, LeaseLost, PermanentError
-from taskkit.recovery import Retrying, RetryStrategy, next_wait
+from taskkit.recovery import RetryCallState, Retrying, RetryStrategy, events, next_wait
 from taskkit.tasks import _options
 from taskkit.tasks._duplicates import record_duplicate
 from taskkit.tasks._lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
@@ -60,6 +61,7 @@ from taskkit.tasks._progress import (
     write_training_progress,
 )
 from taskkit.tasks._visibility import SAFE_SHARE, uses_visibility_timeout, visibility_timeout
+from taskkit.telemetry import tracing
 
 __all__ = ["DEFAULT_PERMANENT_ERRORS", "DEFAULT_TRANSIENT_ERRORS", "ResilientTask", "TaskFailure"]
 
@@ -123,6 +125,17 @@ class _Run:
     progress_keys: list[Any] = field(default_factory=list)
     #: Epochs a ``TrainingRun`` reported that are not written yet (with the next progress).
     epochs: EpochLog = field(default_factory=EpochLog)
+    #: The task running this call (the in-process ladder's hooks find it here).
+    task: Any = None
+    #: Whether this call reports ``TaskAttemptEnded`` (someone was subscribed when it began).
+    observed: bool = False
+    #: Calls of the body so far in this delivery (counted when observed or traced).
+    inner: int = 0
+    #: What the last call of the body raised, until its attempt is reported.
+    error: BaseException | None = None
+    #: The last progress meta stored, and the attempts record once an inner retry happened.
+    meta: dict[str, Any] | None = None
+    attempts: dict[str, int] | None = None
 
 
 _runs = threading.local()
@@ -237,6 +250,10 @@ class ResilientTask(Task[Any, Any]):
             retry_if=cls.is_transient,
             give_up_on=cls._permanent,
             sleep=cls.sleep,
+            on_retry=_inner_retried,
+            # TaskAttemptEnded replaces RetryScheduled/GaveUp: nothing is counted twice.
+            emit_events=False,
+            _log_extra=_inner_log_extra,
         )
         cls._argument_index = {p: i for i, p in enumerate(_run_parameters(cls))}
         _check_sensitive_args(cls)
@@ -302,6 +319,23 @@ class ResilientTask(Task[Any, Any]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
+        run = _Run(None, Throttle(self.progress_interval), task=self)
+        if request.called_directly:
+            return self._deliver(request, run, args, kwargs)
+        run.observed = events.active()
+        try:
+            result = self._deliver(request, run, args, kwargs)
+        except BaseException as exc:
+            self._delivery_failed(request, run, exc)
+            raise
+        if run.observed:
+            self._attempt_ended(request, run, "outer", "success")
+        return result
+
+    def _deliver(
+        self, request: Any, run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """One delivery of the task: screening, lease, the in-process ladder, the outer one."""
         in_worker = not request.called_directly and not request.is_eager
         watcher = in_worker and bool(request.get("taskkit_watcher"))
         redelivered = in_worker and bool(
@@ -309,17 +343,13 @@ class ResilientTask(Task[Any, Any]):
         )
         if redelivered or watcher:
             self._screen_redelivery(request)
-        run = _Run(
-            None,
-            Throttle(self.progress_interval),
-            self._argument(args, kwargs, self.progress_run_arg),
-        )
+        run.run_id = self._argument(args, kwargs, self.progress_run_arg)
         stack = _run_stack()
         stack.append(run)
         try:
             if in_worker and self.lease_key:
                 # Inside the ladder: a lease store that is briefly unreachable means a retry.
-                run.lease = self._take_lease(request, args, kwargs)
+                run.lease = self._take_lease(request, args, kwargs, run)
                 run.lease.start_heartbeat()
             if redelivered and not watcher:
                 self._count_redelivery(request)
@@ -329,6 +359,8 @@ class ResilientTask(Task[Any, Any]):
             body = self.body()
             if request.called_directly:
                 body = functools.partial(_called_directly, self, body)
+            elif run.observed or tracing.enabled():
+                body = self._attempts_of(body, request, run)
             return self._inner.call(body, *args, **kwargs)
         except LeaseLost as lost:
             holder = self.lease_store().holder(lost.key)
@@ -365,6 +397,142 @@ class ResilientTask(Task[Any, Any]):
                 run.progress_keys.append(("training-epochs", run.run_id))
             if run.progress_keys:
                 progress_writer().flush(self.progress_flush_timeout)
+
+    # -- attempts: events, log records, spans -------------------------------------------------
+
+    def _attempts_of(self, body: Callable[..., Any], request: Any, run: _Run) -> Callable[..., Any]:
+        """``body``, counting its calls (the inner attempts), each in an attempt span when
+        tracing is on, reporting the ones that return."""
+        outer = int(request.retries or 0) + 1
+        traced = tracing.enabled()
+
+        def attempt(*args: Any, **kwargs: Any) -> Any:
+            run.inner += 1
+            try:
+                if traced:
+                    with tracing.attempt_span(
+                        self.name, str(request.id), outer_attempt=outer, inner_attempt=run.inner
+                    ):
+                        result = body(*args, **kwargs)
+                else:
+                    result = body(*args, **kwargs)
+            except BaseException as exc:
+                run.error = exc  # reported by the ladder: a retry, or how the delivery ended
+                raise
+            if run.observed:
+                self._attempt_ended(request, run, "inner", "success")
+            return result
+
+        attempt.__qualname__ = getattr(body, "__qualname__", attempt.__qualname__)
+        return attempt
+
+    def _inner_retry(self, run: _Run, state: RetryCallState) -> None:
+        """The in-process ladder retries: the attempts record, and the inner attempt's event
+        (its log record is the ladder's own warning)."""
+        request = self.request
+        if request.id is None or request.called_directly:
+            return
+        run.error = None
+        run.attempts = {"inner": state.attempt + 1, "outer": int(request.retries or 0) + 1}
+        if run.meta is not None:
+            self._store_state(request, PROGRESS, {**run.meta, "attempts": run.attempts})
+        else:
+            started = {"pid": os.getpid(), "hostname": request.hostname}
+            self._store_state(request, STARTED, {**started, "attempts": run.attempts})
+        if run.observed:
+            error = state.exception
+            self._attempt_ended(
+                request,
+                run,
+                "inner",
+                "retry",
+                attempt=state.attempt,
+                error_type=None if error is None else type(error).__name__,
+                wait=state.wait,
+            )
+
+    def _store_state(self, request: Any, state: str, meta: dict[str, Any]) -> None:
+        try:
+            self.update_state(state=state, meta=meta)
+        except Exception:
+            logger.warning("taskkit: could not store the state of %s", request.id, exc_info=True)
+
+    def _delivery_failed(self, request: Any, run: _Run, exc: BaseException) -> None:
+        """A delivery ended with ``exc``: the outer retry's log record; with subscribers, the
+        last inner attempt's event (if the body raised) and the delivery's."""
+        retried = isinstance(exc, Retry)
+        if isinstance(exc, Retry):
+            self._log_outer_retry(request, run, exc)
+        if not run.observed:
+            return
+        if retried:
+            outcome, cause = "retry", getattr(exc, "exc", None)
+        elif isinstance(exc, Ignore | Reject | LeaseLost):
+            outcome, cause = "ignored", exc
+        else:
+            outcome, cause = "failure", exc
+        if run.error is not None:
+            inner = "escalated" if outcome == "retry" else outcome
+            self._attempt_ended(request, run, "inner", inner, error_type=type(run.error).__name__)
+            run.error = None
+        self._attempt_ended(
+            request,
+            run,
+            "outer",
+            outcome,
+            error_type=None if cause is None else type(cause).__name__,
+            wait=_seconds_until(getattr(exc, "when", None)) if retried else None,
+        )
+
+    def _attempt_ended(
+        self,
+        request: Any,
+        run: _Run,
+        layer: str,
+        outcome: str,
+        *,
+        attempt: int | None = None,
+        error_type: str | None = None,
+        wait: float | None = None,
+    ) -> None:
+        if attempt is None:
+            attempt = run.inner if layer == "inner" else int(request.retries or 0) + 1
+        events.emit(
+            events.TaskAttemptEnded(
+                self.name,
+                str(request.id),
+                layer,
+                attempt,
+                outcome,
+                error_type=error_type,
+                wait=wait,
+                run_id=run.run_id,
+            )
+        )
+
+    def _log_outer_retry(self, request: Any, run: _Run, retry: Retry) -> None:
+        """The one log record of an outer retry (a re-queue), whoever asked for it."""
+        cause = getattr(retry, "exc", None)
+        wait = _seconds_until(getattr(retry, "when", None))
+        attempt = int(request.retries or 0) + 1
+        logger.warning(
+            "taskkit: task %s[%s] attempt %d failed: %s; sent again%s (retry %d%s)",
+            self.name,
+            request.id,
+            attempt,
+            "retry requested" if cause is None else f"{type(cause).__name__}: {cause}",
+            "" if wait is None else f" to run in {wait:.3g}s",
+            attempt,
+            "" if self.max_retries is None else f" of {self.max_retries}",
+            extra={
+                "taskkit_event": "retry",
+                "attempt": attempt,
+                "layer": "outer",
+                "task": self.name,
+                "task_id": request.id,
+                "run_id": run.run_id,
+            },
+        )
 
     def body(self) -> Callable[..., Any]:
         """What the ladder runs with the task's arguments: ``run`` (``BatchTask``: the batch)."""
@@ -476,18 +644,20 @@ class ResilientTask(Task[Any, Any]):
             store = self._lease_stores[key] = lease_store_from_url(url)
         return store
 
-    def _take_lease(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Lease:
+    def _take_lease(
+        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], run: _Run
+    ) -> Lease:
         key = self.lease_name(args, kwargs)
         store = self.lease_store()
         owner = LeaseOwner.here(request.id)
         lease = store.acquire(key, owner, self.lease_ttl)
         if lease is not None:
-            return lease
+            return self._taken(lease, request, run)
         holder = store.holder(key)
         if holder is None:  # released between the two calls
             lease = store.acquire(key, owner, self.lease_ttl)
             if lease is not None:
-                return lease
+                return self._taken(lease, request, run)
             holder = store.holder(key)
         if holder is not None and holder.task_id != request.id:
             # Another task does this work (taskkit.tasks._duplicates): drop this one, no watcher.
@@ -510,6 +680,22 @@ class ResilientTask(Task[Any, Any]):
             request, countdown=self.lease_ttl, retries=request.retries
         ).apply_async(headers=cast(dict[str, str], {"taskkit_watcher": True}))
         raise Ignore()
+
+    def _taken(self, lease: Lease, request: Any, run: _Run) -> Lease:
+        """``lease``, announcing a takeover (the lease store logged it)."""
+        previous = getattr(lease, "previous_owner", None)
+        if previous is not None and events.active():
+            events.emit(
+                events.LeaseTakenOver(
+                    self.name,
+                    str(request.id),
+                    lease.key,
+                    previous.describe(),
+                    lease.token,
+                    run_id=run.run_id,
+                )
+            )
+        return lease
 
     def _store_ignored(self, request: Any, key: str, holder: LeaseOwner) -> None:
         """Store ``IGNORED`` as the dropped duplicate's state (its result would stay STARTED),
@@ -547,8 +733,13 @@ class ResilientTask(Task[Any, Any]):
             return report
         request = self.request
         if request.id is not None and not request.called_directly:
+            meta = report.meta()
+            if run is not None:
+                run.meta = meta
+                if run.attempts is not None:  # an inner retry happened in this delivery
+                    meta = {**meta, "attempts": run.attempts}
             try:
-                self.update_state(state=PROGRESS, meta=report.meta())
+                self.update_state(state=PROGRESS, meta=meta)
             except Exception:
                 logger.warning("taskkit: could not store progress of %s", request.id, exc_info=True)
             if self.progress_events and not ResilientTask._events_broken:
@@ -627,6 +818,37 @@ def _called_directly(
     finally:
         task.pop_request()
         _task_stack.pop()
+
+
+def _inner_retried(state: RetryCallState) -> None:
+    """``on_retry`` of every ResilientTask's in-process ladder."""
+    stack = _run_stack()
+    if stack and stack[-1].task is not None:
+        stack[-1].task._inner_retry(stack[-1], state)
+
+
+def _inner_log_extra() -> dict[str, object]:
+    """What the in-process ladder's retry log records carry besides the attempt."""
+    stack = _run_stack()
+    task = stack[-1].task if stack else None
+    if task is None:
+        return {"layer": "inner"}
+    return {
+        "layer": "inner",
+        "task": task.name,
+        "task_id": task.request.id,
+        "run_id": stack[-1].run_id,
+    }
+
+
+def _seconds_until(when: Any) -> float | None:
+    """A retry's ``when`` (a countdown in seconds, or an eta) as seconds from now."""
+    if isinstance(when, int | float) and not isinstance(when, bool):
+        return float(when)
+    if isinstance(when, datetime):
+        moment = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+    return None
 
 
 class _RedactingBackend:
@@ -731,6 +953,7 @@ def _record_terminal_failure(
         attempts=int(getattr(sender.request, "retries", 0) or 0) + 1,
         redacted=redacted,
     )
+    run_id = _run_id_of(sender, args, kwargs)
     logger.error(
         "taskkit: task %s[%s] failed for good after %d attempt(s): %s: %s; %s",
         failure.task_name,
@@ -739,6 +962,32 @@ def _record_terminal_failure(
         failure.error_type,
         failure.error,
         _arguments_repr(failure.args, failure.kwargs),
-        extra={"taskkit_failure": failure},
+        extra={
+            "taskkit_failure": failure,
+            "taskkit_event": "terminal_failure",
+            "attempt": failure.attempts,
+            "layer": "outer",
+            "task": failure.task_name,
+            "task_id": failure.task_id,
+            "run_id": run_id,
+        },
     )
+    if events.active():
+        events.emit(
+            events.TaskFailed(
+                failure.task_name,
+                failure.task_id,
+                failure.error_type,
+                failure.attempts,
+                run_id=run_id,
+            )
+        )
     call_hook(sender.record_failure, failure)
+
+
+def _run_id_of(task: ResilientTask, args: Any, kwargs: Any) -> Any:
+    """The run id argument of a call (``progress_run_arg``), or None."""
+    try:
+        return task._argument(tuple(args or ()), dict(kwargs or {}), task.progress_run_arg)
+    except Exception:
+        return None

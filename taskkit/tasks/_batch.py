@@ -57,7 +57,7 @@ from taskkit.deadletter import (
     batch_progress,
 )
 from taskkit.errors import BrokerUnavailable, ConfigurationError, LeaseLost
-from taskkit.recovery import batch_with_retry
+from taskkit.recovery import batch_with_retry, events
 from taskkit.tasks._base import ResilientTask, TaskFailure
 from taskkit.tasks._options import (
     Alias,
@@ -295,6 +295,10 @@ class BatchTask(ResilientTask):
             for index, error in outcome.failed
         ]
         self._finish(chunk, ledger, dead)
+        if events.active():
+            self._chunk_finished(
+                chunk, done=len(todo) - len(outcome.failed), dead=len(dead), skipped=len(finished)
+            )
         failed = sorted(
             {index for index, _ in outcome.failed}
             | {i for i, key in enumerate(chunk.keys) if finished.get(key) == "dead"}
@@ -308,6 +312,20 @@ class BatchTask(ResilientTask):
             "batch_id": chunk.batch_id,
             "skipped": len(finished),
         }
+
+    def _chunk_finished(
+        self, chunk: _Chunk, *, done: int, dead: int, skipped: int, task_id: str | None = None
+    ) -> None:
+        events.emit(
+            events.BatchChunkFinished(
+                self.name,
+                str(task_id or self.request.id),
+                chunk.batch_id,
+                done=done,
+                dead=dead,
+                skipped=skipped,
+            )
+        )
 
     def _chunk(
         self, items: Sequence[Any], batch_id: str | None, keys: Sequence[Any] | None, offset: int
@@ -440,6 +458,15 @@ class BatchTask(ResilientTask):
             len(dead),
         )
         self._store_dead(ledger, [], dead, self.dead_letters())
+        if events.active():
+            # The chunk's end: what the ledger had finished is "skipped", the rest is dead.
+            self._chunk_finished(
+                chunk,
+                done=0,
+                dead=len(dead),
+                skipped=len(chunk.keys) - len(dead),
+                task_id=failure.task_id,
+            )
 
 
 def _batch_arguments(

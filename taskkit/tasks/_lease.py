@@ -3,23 +3,27 @@
 A lease says "task T is working on key K (a run id) on host H, process P". A second copy of
 the work (a redelivered message, a resubmitted run) looks at the lease before it starts:
 
-- no lease, or an expired one: it takes the lease and runs;
+- no lease, or an expired one: it takes the lease and runs (an expired one is a takeover:
+  ``Lease.previous_owner`` names the owner that let it lapse);
 - a lease whose owner is provably dead (same host, process gone): it takes over at once;
 - a lease whose owner is alive: it does not run (see ``ResilientTask`` for what happens then).
 
 The owner's heartbeat renews the lease every third of its ``ttl``; if the owner dies, the lease
 expires ``ttl`` seconds after its last heartbeat. Every acquisition gets a fencing token larger
 than all before it for that key, so a writer can refuse work stamped with an older token, and
-an owner that finds its lease taken over (``lost``) stops at its next progress report. Hooks
+an owner that finds its lease taken over (``lost``) stops at its next progress report. A
+takeover is one WARNING log record (``taskkit_event="takeover"``). Hooks
 registered with ``Lease.on_beat`` run after each successful renewal (``TrainingTask`` records
 the run's heartbeat in the database there).
 
 Two stores behind one small interface:
 
-- ``RedisLeaseStore``: for a fleet (keys ``taskkit:lease:<key>`` and ``taskkit:fence:<key>``,
-  updated by Lua scripts so each step is atomic);
+- ``RedisLeaseStore``: for a fleet (keys ``taskkit:lease:<key>``, ``taskkit:fence:<key>`` and
+  ``taskkit:held:<key>``, the last holder until it releases, which tells a lease that lapsed
+  from one that was given up; updated by Lua scripts so each step is atomic);
 - ``FileLeaseStore``: for the embedded default on one host: an ``flock`` on a file per key. The
-  kernel releases it the moment the owner dies, so takeover is immediate.
+  kernel releases it the moment the owner dies, so takeover is immediate; the file keeps the
+  holder until it releases.
 
 Example::
 
@@ -115,6 +119,7 @@ class Lease:
         ttl: float,
         renew: _Renew,
         release: _Release,
+        previous_owner: LeaseOwner | None = None,
     ) -> None:
         self.key = key
         #: Larger than the token of every earlier holder of this key.
@@ -123,6 +128,9 @@ class Lease:
         self.ttl = ttl
         #: Set once a heartbeat finds the lease gone or taken over.
         self.lost = False
+        #: The owner this lease was taken over from (it died, or let the lease lapse without
+        #: releasing it); None when the key was free.
+        self.previous_owner = previous_owner
         self._renew = renew
         self._release = release
         self._stop = threading.Event()
@@ -221,24 +229,51 @@ class _Release(Protocol):
     def __call__(self, lease: Lease, /) -> None: ...
 
 
-# KEYS[1] lease, KEYS[2] fencing counter; ARGV[1] owner json (without token), ARGV[2] ttl ms,
-# ARGV[3] the value to replace (a dead owner's), or "" to acquire only a free key.
+#: Seconds the last holder of a key is remembered (``taskkit:held:<key>``) after it stops
+#: renewing: a takeover later than that is reported without the previous owner.
+HELD_TTL = 7 * 24 * 3600
+
+# KEYS[1] lease, KEYS[2] fencing counter, KEYS[3] last holder; ARGV[1] owner json (without
+# token), ARGV[2] ttl ms, ARGV[3] the value to replace (a dead owner's), or "" to acquire only a
+# free key, ARGV[4] seconds the holder is remembered. Returns {token, value, previous holder's
+# value or ""} (a previous holder: one that died or let the lease lapse without releasing it).
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[3] then return {0, current} end
+if current and current ~= ARGV[3] then return {0, current, ''} end
+local previous = current or redis.call('GET', KEYS[3]) or ''
 local token = redis.call('INCR', KEYS[2])
 local value = tostring(token) .. '|' .. ARGV[1]
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-return {token, value}
+redis.call('SET', KEYS[3], value, 'EX', ARGV[4])
+return {token, value, previous}
 """
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS[1] lease, KEYS[2] last holder; ARGV[1] the holder's value.
 _RELEASE = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _log_takeover(key: str, owner: LeaseOwner, previous: LeaseOwner, why: str, token: int) -> None:
+    """The one log record of a takeover (the task emits ``LeaseTakenOver``)."""
+    logger.warning(
+        "taskkit: lease %r: %s; taken over by task %s (fencing token %d)",
+        key,
+        why,
+        owner.task_id,
+        token,
+        extra={
+            "taskkit_event": "takeover",
+            "attempt": None,
+            "layer": None,
+            "task_id": owner.task_id,
+        },
+    )
 
 
 def _parse_value(value: bytes | str) -> tuple[int, LeaseOwner]:
@@ -262,31 +297,41 @@ class RedisLeaseStore:
         return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5), **kwargs)  # type: ignore[arg-type]
 
     def _keys(self, key: str) -> list[str]:
-        return [f"{self.prefix}:lease:{key}", f"{self.prefix}:fence:{key}"]
+        return [
+            f"{self.prefix}:lease:{key}",
+            f"{self.prefix}:fence:{key}",
+            f"{self.prefix}:held:{key}",
+        ]
 
     def acquire(self, key: str, owner: LeaseOwner, ttl: float) -> Lease | None:
         keys = self._keys(key)
         body = json.dumps(asdict(owner), sort_keys=True)
-        token, value = self._acquire(keys=keys, args=[body, int(ttl * 1000), ""])
+        token, value, previous = self._acquire(
+            keys=keys, args=[body, int(ttl * 1000), "", HELD_TTL]
+        )
+        why = "its owner {} let it lapse"
         if not token:
             _, holder = _parse_value(value)
             if not holder.is_provably_dead():
                 return None
-            logger.warning(
-                "taskkit: lease %r: owner %s is dead; taking over", key, holder.describe()
+            token, value, previous = self._acquire(
+                keys=keys, args=[body, int(ttl * 1000), value, HELD_TTL]
             )
-            token, value = self._acquire(keys=keys, args=[body, int(ttl * 1000), value])
             if not token:  # someone else took it over first
                 return None
+            why = "its owner {} is dead"
         held = value.decode() if isinstance(value, bytes) else value
+        previous_owner = _parse_value(previous)[1] if previous else None
+        if previous_owner is not None:
+            _log_takeover(key, owner, previous_owner, why.format(previous_owner.describe()), token)
 
         def renew(lease: Lease) -> bool:
             return bool(self._renew_script(keys=keys[:1], args=[held, int(lease.ttl * 1000)]))
 
         def release(lease: Lease) -> None:
-            self._release_script(keys=keys[:1], args=[held])
+            self._release_script(keys=[keys[0], keys[2]], args=[held])
 
-        return Lease(key, int(token), owner, ttl, renew, release)
+        return Lease(key, int(token), owner, ttl, renew, release, previous_owner)
 
     def holder(self, key: str) -> LeaseOwner | None:
         value = self.client.get(self._keys(key)[0])
@@ -318,23 +363,33 @@ class FileLeaseStore:
             os.close(fd)
             return None
         raw = os.pread(fd, 4096, 0).decode(errors="replace")
+        previous: LeaseOwner | None = None
         try:
-            token = int(json.loads(raw)["token"]) + 1 if raw.strip() else 1
+            found = json.loads(raw) if raw.strip() else {}
+            token = int(found["token"]) + 1 if found else 1
+            if "task_id" in found:  # the holder never released it: it died
+                previous = LeaseOwner(found["task_id"], found["host"], int(found["pid"]))
         except (ValueError, KeyError, TypeError):
             token = 1
         record = json.dumps({"token": token, **asdict(owner)}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
+        if previous is not None:
+            _log_takeover(key, owner, previous, f"its owner {previous.describe()} died", token)
 
         def renew(lease: Lease) -> bool:
             return True  # the lock lives as long as this process holds the descriptor
 
         def release(lease: Lease) -> None:
             with contextlib.suppress(OSError):
+                # Only the token stays: the next holder sees the key was given up, not lost.
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"token": token}).encode(), 0)
+            with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
 
-        return Lease(key, token, owner, ttl, renew, release)
+        return Lease(key, token, owner, ttl, renew, release, previous)
 
     def holder(self, key: str) -> LeaseOwner | None:
         path = self._path(key)

@@ -52,7 +52,15 @@ from taskkit._utils import mask_password
 from taskkit.checkpoint import CheckpointStore
 from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
-from taskkit.errors import ConfigurationError, LeaseHeld, LeaseLost, RunNotFound, TaskkitWarning
+from taskkit.errors import (
+    CheckpointError,
+    ConfigurationError,
+    LeaseHeld,
+    LeaseLost,
+    RunNotFound,
+    TaskkitWarning,
+)
+from taskkit.recovery import events
 from taskkit.tasks import _runs as runs
 from taskkit.tasks._base import ResilientTask, _run_stack
 from taskkit.tasks._options import Alias, Option, boolean, one_of, optional_name, positive_int
@@ -375,6 +383,17 @@ def _heartbeat_failed(run_id: Any, exc: Exception) -> None:
     )
 
 
+def _raise_soft_limit(exc: CheckpointError) -> None:
+    """Raise the soft time limit ``exc`` wraps, if it wraps one.
+
+    Celery raises the limit wherever the task is; inside a checkpoint write or load the store
+    turns it into a ``CheckpointError``, which the retry ladder retries in place: the run would
+    go on past its limit, ``retrying`` and never ``failed``.
+    """
+    if isinstance(exc.__cause__, SoftTimeLimitExceeded):
+        raise exc.__cause__ from None
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, SoftTimeLimitExceeded):
         return "soft time limit exceeded; checkpointed, continue with: taskkit resume"
@@ -402,6 +421,8 @@ class TrainingRun:
         self.run_id = run_id
         self.total_epochs = total_epochs
         self.store = task.checkpoint_store(run_id)
+        if getattr(self.store, "task", None) is None:
+            self.store.task = task.name  # its CheckpointSaved events name the task
         #: The first epoch this attempt trains (0, or the one after the checkpoint).
         self.start_epoch = 0
         #: Epochs trained by this attempt.
@@ -417,6 +438,8 @@ class TrainingRun:
         self._warned_random_state = False
         self._heartbeat: _HeartbeatWriter | None = None
         self._stop_checked_at: float | None = None
+        #: When the epoch being trained started (or the previous report), for EpochFinished.
+        self._epoch_mark = time.perf_counter()
 
     # -- context --------------------------------------------------------------------------------
 
@@ -442,7 +465,11 @@ class TrainingRun:
         if lease is not None:
             self._heartbeat = _HeartbeatWriter(self.run_id, database_url)
             lease.on_beat(self._heartbeat.beat)
-        checkpoint = self.store.load_latest()
+        try:
+            checkpoint = self.store.load_latest()
+        except CheckpointError as exc:
+            _raise_soft_limit(exc)
+            raise
         if checkpoint is not None:
             payload = checkpoint.state
             if not isinstance(payload, dict) or payload.get("version") != PAYLOAD_VERSION:
@@ -457,12 +484,26 @@ class TrainingRun:
             self.best_score = payload.get("best_score")
             self.best_epoch = payload.get("best_epoch")
             self.last_metrics = dict(payload.get("metrics") or {})
+            task_id = None if request.called_directly else request.id
             logger.info(
                 "taskkit: run %s resumes at epoch %d (checkpoint of epoch %d)",
                 self.run_id,
                 self.start_epoch,
                 payload["epoch"],
+                extra={
+                    "taskkit_event": "resume",
+                    "attempt": None,
+                    "layer": None,
+                    "task": self.task.name,
+                    "task_id": task_id,
+                    "run_id": self.run_id,
+                },
             )
+            if events.active():
+                events.emit(
+                    events.RunResumed(self.task.name, self.run_id, task_id, self.start_epoch)
+                )
+        self._epoch_mark = time.perf_counter()
         return self
 
     def __exit__(
@@ -540,6 +581,7 @@ class TrainingRun:
         """The epochs left: from the one after the checkpoint to ``total_epochs - 1``."""
         self._apply_rng()
         for epoch in range(self.start_epoch, self.total_epochs):
+            self._epoch_mark = time.perf_counter()
             yield epoch
             self.epochs_run += 1
 
@@ -553,6 +595,10 @@ class TrainingRun:
     ) -> None:
         """Epoch ``epoch`` is done: write progress, and checkpoint ``state`` by policy."""
         task = self.task
+        now = time.perf_counter()
+        seconds, self._epoch_mark = now - self._epoch_mark, now
+        if events.active():
+            events.emit(events.EpochFinished(task.name, self.run_id, epoch, seconds))
         metrics = dict(metrics or {})
         if score is None and task.score_metric is not None:
             value = metrics.get(task.score_metric)
@@ -642,7 +688,11 @@ class TrainingRun:
         lease = self.task.lease
         if lease is not None:
             lease.check()  # a trainer that lost the run must not overwrite the new owner's state
-        self.store.save(payload, step=epoch, metrics=metrics, is_best=is_best)
+        try:
+            self.store.save(payload, step=epoch, metrics=metrics, is_best=is_best)
+        except CheckpointError as exc:
+            _raise_soft_limit(exc)
+            raise
         self._saved_epoch = epoch
         self._pending = None
 
