@@ -10,8 +10,10 @@ Connected at import (``taskkit.tasks._app`` imports this module):
   pool process that set its logging up anew (a ``%i`` log file) and for apps that configure
   logging themselves (Celery's ``setup_logging`` signal: then the handlers are theirs, on the
   root logger; ``worker_ready`` does the same in the main process).
-- ``worker_init`` (main process) and ``worker_process_init`` (pool processes): the alert
-  notifiers are installed when ``alert_on_circuit_open`` is on.
+- ``worker_process_init`` (each pool process), or ``worker_init`` for a pool that runs tasks
+  in the main process (solo, threads): the alert notifiers are installed when
+  ``alert_on_circuit_open`` is on. A prefork main process runs no task and subscribes nothing
+  (its webhook thread and lock would not belong in the processes it forks).
 
 The settings are taskkit's process settings (``get_settings()``, the ``TASKKIT_*`` variables).
 """
@@ -83,9 +85,17 @@ def _after_setup_task_logger(logger: logging.Logger | None = None, **_: Any) -> 
         _configure(list(logger.handlers))
 
 
+def _forks(sender: Any) -> bool:
+    """Whether the worker's pool forks (prefork): its main process runs no task."""
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    return pool is None or "prefork" in str(name)
+
+
 @signals.worker_init.connect(weak=False)
-def _alerts_in_main_process(**_: Any) -> None:
-    install_alerts(get_settings())
+def _alerts_in_main_process(sender: Any = None, **_: Any) -> None:
+    if not _forks(sender):  # solo, threads...: tasks run in this process
+        install_alerts(get_settings())
 
 
 @signals.worker_ready.connect(weak=False)

@@ -3,7 +3,7 @@ one JSON record per event of a task that retries inner and outer and then fails 
 taskkit record names its task, Celery's own records are JSON too, an opened breaker writes its
 transition and one alert; the ``LOG_*`` settings drop their kinds in the worker.
 
-The worker imports this module as its Celery app (real Redis broker, prefork pool)."""
+The worker imports this module as its Celery app (real Redis broker; prefork and solo pools)."""
 
 from __future__ import annotations
 
@@ -71,13 +71,14 @@ def _records(log: str) -> list[dict[str, Any]]:
 
 
 def _run(
-    tmp_path: Path, name: str, *, posted: bool = False, **env: str
+    tmp_path: Path, name: str, *, posted: bool = False, pool: str = "prefork", **env: str
 ) -> tuple[list[dict[str, Any]], str, str]:
     worker = WorkerProcess(
         name,
         tmp_path,
         app=__name__,
         queue=kit.queue,
+        pool=pool,
         env={"TASKKIT_LOG_FORMAT": "json", "TASKKIT_HOME": str(tmp_path / "home"), **env},
     )
     try:
@@ -103,18 +104,20 @@ def _of(records: list[dict[str, Any]], task_id: str) -> list[dict[str, Any]]:
     return [r for r in records if r.get("task_id") == task_id and r.get("taskkit_event")]
 
 
-def test_one_json_record_per_event_in_the_worker_log(tmp_path: Path):
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_one_json_record_per_event_in_the_worker_log(tmp_path: Path, pool: str):
+    _Hook.bodies.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/hook/secret-token"
     try:
         records, failed, tripped = _run(
-            tmp_path, "json", posted=True, TASKKIT_ALERT_WEBHOOK_URL=url
+            tmp_path, pool, posted=True, pool=pool, TASKKIT_ALERT_WEBHOOK_URL=url
         )
     finally:
         server.shutdown()
         server.server_close()
-    breaker = f"{kit.prefix}-json"
+    breaker = f"{kit.prefix}-{pool}"
     assert [(b["breaker"], b["state"]) for b in _Hook.bodies] == [(breaker, "open")]
     assert not any("secret-token" in json.dumps(r) for r in records)
     assert any(r["logger"].startswith("celery") and "ready." in r["message"] for r in records)
