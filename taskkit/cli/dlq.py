@@ -358,10 +358,22 @@ def letter_record(letter: DeadLetter, *, full: bool = False) -> dict[str, Any]:
 
 
 #: Columns of the ``list`` table that give way when the terminal is narrow, in the order they
-#: give way, each down to its narrowest.
-_SHRINK_ORDER = (("MESSAGE", 12), ("BATCH", 8), ("ITEM", 8), ("TASK", 16), ("ERROR", 10))
+#: give way, each step down to the width given: ids and keys first, the message and the task
+#: name (what a reader looks for) last. 100 columns fit with the STATUS column.
+_SHRINK_ORDER = (
+    ("BATCH", 10),
+    ("ITEM", 10),
+    ("MESSAGE", 24),
+    ("TASK", 24),
+    ("ERROR", 14),
+    ("BATCH", 6),
+    ("ITEM", 6),
+    ("MESSAGE", 10),
+    ("TASK", 12),
+    ("ERROR", 8),
+)
 #: Widest a column gets before the message (the message takes what is left).
-_CAPS = {"TASK": 40, "BATCH": 16, "ITEM": 16, "ERROR": 24}
+_CAPS = {"TASK": 40, "BATCH": 16, "ITEM": 20, "ERROR": 24}
 _ELLIPSIS = "…"
 
 
@@ -433,7 +445,7 @@ def letters_table(
         for letter in letters
     ]
     natural = {c: max([len(c), *(len(row[c]) for row in rows)]) for c in columns}
-    flexible = [name for name, _ in _SHRINK_ORDER]
+    flexible = ["TASK", "BATCH", "ITEM", "ERROR", "MESSAGE"]
     sizes: dict[str, int] = {}
     if not wide:
         gaps = 2 * (len(columns) - 1)

@@ -877,7 +877,8 @@ def test_dlq_list_fits_100_columns_one_line_per_letter(runner: CliRunner, add: A
         assert all("…" in line for line in lines[1:])  # cut, and saying so
         assert all("ConnectionRefusedError" in line or "…" in line for line in lines[1:])
     # a task's own name is at the end of its path: that end is kept
-    assert "function_name" in lines[2]
+    assert lines[2].split()[1].startswith("…")
+    assert lines[2].split()[1].endswith("unction_name")
 
 
 def test_dlq_list_says_how_many_more_the_limit_left_out(runner: CliRunner, add: AddLetter):
@@ -1005,3 +1006,44 @@ def test_dlq_purge_deletes_only_what_it_counted(
     assert "deleted 1 dead letter from " in result.stdout
     assert statuses(letters) == {late[0]: "dead"}
     assert first not in statuses(letters)
+
+
+def test_dlq_list_table_keeps_ids_counts_times_and_statuses_whole_at_100_columns():
+    """The worst case: long names, ids, keys and messages, STATUS shown: only the text columns
+    are cut, never the id, the attempts, the time or the status."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    now = datetime.now(UTC)
+    letters = [
+        SimpleNamespace(
+            id=123456 + i,
+            task_name="workers.batch.score_items_with_a_long_name",
+            batch_id="f" * 64,
+            item_key="item-" + "k" * 60,
+            error_type="ConnectionRefusedError",
+            error_message="refused " * 30,
+            attempts=12,
+            last_failed_at=now,
+            status="discarded",
+        )
+        for i in range(3)
+    ]
+    buffer = io.StringIO()
+    Console(file=buffer, width=100).print(
+        cli_dlq.letters_table(letters, width=100, status=True)  # type: ignore[arg-type]
+    )
+
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 4
+    assert max(len(line) for line in lines) <= 100
+    assert lines[0].split()[-4:] == ["ATTEMPTS", "LAST", "FAILURE", "STATUS"]
+    for i, line in enumerate(lines[1:]):
+        cells = line.split()
+        assert cells[0] == str(123456 + i)
+        assert cells[-4:] == ["12", *cli_dlq.when(now).split(), "discarded"]
+        task = cells[1]
+        assert task.startswith("…")  # cut at the start: the task's own name is kept
+        assert task.endswith("_long_name")
