@@ -1,10 +1,13 @@
 """The ``taskkit`` command: the typer app and ``main`` (the console script's entry point).
 
 One module per command group, each readable alone: ``db`` (migrations), ``runs`` (list, show,
-watch), ``train`` (``train`` and ``resume``), ``dlq`` (the dead-letter queue), ``serve`` (the
-HTTP service); ``_common`` holds what they share (the consoles, ``--url``/``--app``, the
-database a command uses, the error lines and exit codes), ``_launch`` loads run configs and
-Celery apps, ``_runview`` reads and draws runs. Nothing heavy is imported to build the command
+watch), ``train`` (``train`` and ``resume``), ``dlq`` (the dead-letter queue), ``tasks`` (one
+Celery task: state, attempts, progress, lease), ``batches`` (one batch: ledger counts, rate,
+ETA), ``serve`` (the HTTP service); ``_common`` holds what they share (the consoles,
+``--url``/``--app``, the database a command uses, the error lines and exit codes, JSON output),
+``_launch`` loads run configs and Celery apps, ``_runview`` reads and draws runs, ``_watch`` is
+the ``--watch`` loop of ``tasks show`` and ``batches show``. Listing and show commands take
+``--json`` (one JSON document). Nothing heavy is imported to build the command
 tree: SQLAlchemy, the settings, Celery, the app and its task modules load inside the commands
 that use them, so ``taskkit --help`` starts in a fraction of a second
 (``tests/cli/test_startup.py``).
