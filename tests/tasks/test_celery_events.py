@@ -20,8 +20,11 @@ from typing import Any
 import pytest
 from kombu.clocks import LamportClock
 
+from taskkit.db.migrate import upgrade
+from taskkit.db.models import ModelRun
+from taskkit.db.session import session_scope
 from taskkit.recovery import events
-from taskkit.tasks import ResilientTask
+from taskkit.tasks import BatchTask, ResilientTask, TrainingTask
 from taskkit.tasks._events import EVENT_TYPES, SharedLamportClock, celery_event
 from tests._support.apps import redis_test_app
 from tests._support.workers import WorkerProcess, wait_for
@@ -57,6 +60,36 @@ def emitting(self: ResilientTask, gate: str) -> int:
     events.emit(events.BatchChunkFinished(self.name, task_id, "batch-1", 9, 1, 2))
     self.progress(1, 1, "done")
     return os.getpid()
+
+
+# -- tasks whose events come from taskkit's own sources ----------------------------------------
+
+
+@app.task(base=ResilientTask, bind=True, max_retries=0)
+def connects_second_time(self: ResilientTask, name: str) -> int:
+    """Fail with ConnectionError on the first call (an inner retry follows), then succeed."""
+    calls = int(counter.incr(kit.key("calls", name)))
+    if calls == 1:
+        raise ConnectionError("connection reset (first call)")
+    return calls
+
+
+@app.task(base=BatchTask, bind=True, item_delay=0, item_max_attempts=2)
+def reprice(self: BatchTask, item_id: int) -> None:
+    """Item 3 always fails (KeyError): retried once, then dead-lettered."""
+    if item_id == 3:
+        raise KeyError(item_id)
+
+
+@app.task(base=TrainingTask, bind=True, checkpoint_background=True, score_metric=None)
+def fit(self: TrainingTask, model_run_id: int, epochs: int) -> dict[str, Any]:
+    """Epochs that count; a checkpoint per epoch, written by the background writer thread."""
+    with self.training(total_epochs=epochs) as run:
+        state = run.restore() or {"seen": 0}
+        for epoch in run.epochs():
+            state = {"seen": state["seen"] + 1}
+            run.report(epoch, {"seen": state["seen"]}, state)
+        return run.complete(state)
 
 
 @contextlib.contextmanager
@@ -197,6 +230,62 @@ def test_custom_events_reach_a_monitor_with_their_fields_and_the_task_uuid(event
     # Sent from the pool process that ran the task.
     assert {e["pid"] for e in custom.values()} <= events_worker.children()
     assert events_worker.pid not in {e["pid"] for e in custom.values()}
+
+
+def test_taskkit_sources_send_inner_retry_dead_letter_batch_and_checkpoint_events(
+    events_worker,
+):
+    """The events of a task with an inner retry, a batch chunk with a dead item and a training
+    run whose checkpoints the background writer stores, as taskkit's sources emit them."""
+    upgrade()
+    with session_scope() as db:
+        row = ModelRun(name="celery-events", model_type="counter")
+        db.add(row)
+        db.flush()
+        run_id = row.id
+    batch_id = f"cev-{uuid.uuid4().hex}"
+    received: list[dict[str, Any]] = []
+    with listening(received):
+        retried = connects_second_time.delay(uuid.uuid4().hex)
+        chunk = reprice.delay([1, 2, 3], batch_id=batch_id)
+        trained = fit.delay(run_id, 2)
+        assert retried.get(timeout=60) == 2
+        assert chunk.get(timeout=60)["failed_ids"] == [3]
+        assert trained.get(timeout=60)["status"] == "success"
+
+        def custom(task_id: str) -> list[dict[str, Any]]:
+            return [e for e in received if e.get("uuid") == task_id and e["type"] in EVENT_TYPES]
+
+        wait_for(lambda: len(custom(trained.id)) >= 2, 30, "the checkpoint events")
+        wait_for(lambda: len(custom(chunk.id)) >= 2, 30, "the batch events")
+        wait_for(lambda: custom(retried.id), 30, "the inner retry event")
+
+    (inner,) = custom(retried.id)
+    assert (inner["type"], inner["attempt"], inner["error_type"]) == (
+        "task-inner-retry",
+        1,
+        "ConnectionError",
+    )
+    assert inner["wait"] >= 0
+    batch_events = {e["type"]: e for e in custom(chunk.id)}
+    assert sorted(batch_events) == ["task-batch-summary", "task-dead-lettered"]
+    dead, summary = batch_events["task-dead-lettered"], batch_events["task-batch-summary"]
+    assert (dead["error_type"], dead["batch_id"], dead["item_key"]) == ("KeyError", batch_id, "3")
+    assert isinstance(dead["letter_id"], int)
+    assert {k: summary[k] for k in ("done", "dead", "skipped", "batch_id")} == {
+        "done": 2,
+        "dead": 1,
+        "skipped": 0,
+        "batch_id": batch_id,
+    }
+    checkpoints = custom(trained.id)
+    assert [e["type"] for e in checkpoints] == ["task-checkpoint"] * 2
+    assert [e["step"] for e in checkpoints] == [0, 1]
+    assert all(e["bytes"] > 0 and e["seconds"] >= 0 for e in checkpoints)
+    assert {e["run_id"] for e in checkpoints} == {run_id}
+    assert {e["pid"] for e in received if e.get("uuid") == trained.id} <= (
+        events_worker.children() | {events_worker.pid}
+    )
 
 
 def test_pool_process_events_never_carry_a_clock_behind_the_workers(events_worker):
