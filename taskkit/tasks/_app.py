@@ -15,7 +15,7 @@ from taskkit.errors import TaskkitWarning
 from taskkit.tasks import (
     _events,  # noqa: F401  (signal handlers)
     _logs,  # noqa: F401  (signal handlers)
-    _metrics,  # noqa: F401  (signal handlers)
+    _metrics,  # signal handlers, and the worker's --metrics-port
 )
 from taskkit.tasks._options import check_app_config
 from taskkit.tasks._rabbitmq import ConsumerTimeout, amqp_defaults
@@ -164,6 +164,7 @@ def create_app(
     check_visibility(app)
     app.steps["consumer"].add(VisibilityKeeper)
     app.steps["consumer"].add(ConsumerTimeout)
+    _metrics.add_worker_option(app)
     return app
 
 

@@ -1,8 +1,8 @@
 """A worker's Prometheus ``/metrics`` (Celery signals; ``taskkit.telemetry.metrics`` does the rest).
 
-On only when ``TASKKIT_METRICS_PORT`` is set (``TASKKIT_METRICS_PORT=9108 celery -A app
-worker``); otherwise these handlers return at once and nothing is imported, subscribed or
-served: zero cost.
+On only when ``celery -A app worker --metrics-port 9108`` (apps made by ``create_app``) or
+``TASKKIT_METRICS_PORT`` is set; otherwise these handlers return at once and nothing is
+imported, subscribed or served: zero cost.
 
 - ``worker_init`` (main process, before the pool forks): empty ``TASKKIT_METRICS_DIR`` (default
   ``$TASKKIT_HOME/metrics``) and turn prometheus_client's multiprocess mode on there. A solo or
@@ -33,15 +33,47 @@ from celery import signals
 
 from taskkit.config import get_settings
 
-__all__: list[str] = []
+__all__ = ["add_worker_option"]
 
 logger = logging.getLogger("taskkit.tasks")
 
 _serving: dict[str, Any] = {}
 
+#: ``celery worker --metrics-port N`` (set in the main process, inherited by the pool).
+_option: dict[str, int] = {}
+
+
+def add_worker_option(app: Any) -> None:
+    """Give ``celery -A app worker`` a ``--metrics-port`` option (it wins over
+    ``TASKKIT_METRICS_PORT``); ``create_app`` calls it.
+
+    Example::
+
+        add_worker_option(app)   # celery -A myapp worker --metrics-port 9108
+    """
+    import click  # noqa: PLC0415 - Celery's command line is click
+
+    options = app.user_options["worker"]
+    if not any("--metrics-port" in getattr(o, "opts", ()) for o in options):
+        options.add(
+            click.Option(
+                ["--metrics-port"],
+                type=click.IntRange(0, 65535),
+                default=None,
+                help="Serve Prometheus /metrics of all pool processes on this port "
+                "(default: TASKKIT_METRICS_PORT; 0: a free port, logged).",
+            )
+        )
+
+
+def _port() -> int | None:
+    if "port" in _option:
+        return _option["port"]
+    return get_settings().metrics_port
+
 
 def _enabled() -> bool:
-    return get_settings().metrics_port is not None
+    return _port() is not None
 
 
 def _database_url(sender: Any) -> str | None:
@@ -52,6 +84,9 @@ def _database_url(sender: Any) -> str | None:
 
 @signals.worker_init.connect(weak=False)
 def _prepare(sender: Any = None, **_: Any) -> None:
+    given = (getattr(sender, "options", None) or {}).get("metrics_port")
+    if given is not None:
+        _option["port"] = int(given)
     if not _enabled():
         return
     from taskkit.telemetry import metrics  # noqa: PLC0415
@@ -99,7 +134,7 @@ def _serve(**_: Any) -> None:
         return
     from taskkit.telemetry import metrics  # noqa: PLC0415
 
-    port = get_settings().metrics_port
+    port = _port()
     assert port is not None
     extra = [metrics.DatabaseCollector(_serving.get("database_url")), metrics.BreakerCollector()]
     try:

@@ -187,3 +187,55 @@ def test_one_scrape_of_a_prefork_worker_counts_what_happened(worker: WorkerProce
     assert total(found, "taskkit_runs", status="completed") >= 1
     assert total(found, "taskkit_runs", status="running", stale="true") == 0
     assert total(found, "taskkit_lease_takeovers_total") == 0
+
+
+def test_metrics_port_option_of_a_solo_worker(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``celery worker --metrics-port 0`` without ``TASKKIT_METRICS_PORT``: a solo pool runs
+    tasks in the main process, which then subscribes itself and serves them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests._support.workers import REPO
+
+    monkeypatch.delenv("TASKKIT_METRICS_PORT")
+    child_env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log_path = tmp_path / "solo.log"
+    command = [
+        sys.executable, "-m", "celery", "-A", "tests.telemetry.metricsapp", "worker",
+        "--pool", "solo", "--queues", apps.QUEUE, "--hostname", "metrics-solo@%h",
+        "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--metrics-port", "0",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            found: list[str] = []
+
+            def announced() -> bool:
+                if process.poll() is not None:
+                    raise AssertionError(log_path.read_text()[-3000:])
+                text = log_path.read_text(errors="replace")
+                found[:] = re.findall(r"taskkit: metrics on http://[^:]+:(\d+)/metrics", text)
+                return bool(found)
+
+            wait_for(announced, 60, "the solo worker to serve /metrics")
+            name = f"solo-{uuid.uuid4().hex[:8]}"
+            assert apps.inner_flaky.delay(name, 1).get(timeout=60) == 2
+            scraped = scrape(f"http://127.0.0.1:{found[-1]}/metrics")
+            task = apps.inner_flaky.name
+            attempts = "taskkit_task_attempts_total"
+            assert total(scraped, attempts, task=task, layer="inner", outcome="retry") == 1
+            assert total(scraped, attempts, task=task, layer="outer", outcome="success") == 1
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
