@@ -230,14 +230,14 @@ def read_task(celery_app: Celery, task_id: str, *, with_lease: bool = True) -> T
     )
     if state in ("STARTED", "PROGRESS", "RETRY", "RECEIVED"):
         view = replace(view, inner=1 if state != "RETRY" else None)
-    if isinstance(result, dict) and state not in ("SUCCESS", "FAILURE", "RETRY", "REVOKED"):
-        view = _with_meta(view, result)
-    elif state in ("FAILURE", "RETRY", "REVOKED") and result is not None:
-        view = replace(view, **_error(result))
+    if state == "IGNORED":
+        view = replace(view, extra={"ignored": result if isinstance(result, dict) else None})
+    elif state in ("FAILURE", "RETRY", "REVOKED"):
+        view = replace(view, **_error(result)) if result is not None else view
     elif state == "SUCCESS":
         view = replace(view, result=result)
-    elif state == "IGNORED" and isinstance(result, dict):
-        view = replace(view, extra={"ignored": result})
+    elif isinstance(result, dict):  # a running task's meta: progress, the attempts record
+        view = _with_meta(view, result)
     if with_lease and task is not None and not view.ended and view.known:
         view = replace(view, lease=_lease(task, task_id, view.args, view.kwargs))
     return view
@@ -402,6 +402,14 @@ def task_panel(view: TaskView) -> RenderableType:
         rows.append(("lease", _lease_text(view.lease)))
     if view.state == "SUCCESS":
         rows.append(("result", _cut(repr(_masked(view.result)))))
+    ignored = view.extra.get("ignored")
+    if isinstance(ignored, dict) and ignored.get("duplicate_of"):
+        rows.append(
+            (
+                "duplicate of",
+                f"task {ignored['duplicate_of']} (it held lease {ignored.get('lease', '-')})",
+            )
+        )
     if view.error_type is not None:
         error = f"{view.error_type}: {view.error}" if view.error else view.error_type
         rows.append(("error", Text(mask_password(error), style="red")))

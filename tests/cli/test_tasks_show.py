@@ -190,3 +190,25 @@ def test_tasks_show_on_the_embedded_defaults(runner: CliRunner):
     assert record["progress"] == progress
     assert record["lease"]["holder"].startswith(f"task {task_id} on ")
     assert record["lease"]["heartbeat_age"] is None
+
+
+def test_tasks_show_of_a_dropped_duplicate_names_the_task_that_runs(runner: CliRunner):
+    from celery.app.task import Context
+
+    from tests.cli import embeddedapp
+
+    task_id, holder = str(uuid.uuid4()), str(uuid.uuid4())
+    request = Context(id=task_id, task=embeddedapp.job.name, args=["k2"], kwargs={}, retries=0)
+    meta = {"duplicate_of": holder, "lease": f"{embeddedapp.job.name}:k2", "holder": "x"}
+    embeddedapp.app.backend.store_result(task_id, meta, "IGNORED", request=request)
+
+    shown = runner.invoke(
+        app, ["tasks", "show", task_id, "--app", "tests.cli.embeddedapp"], env=WIDE
+    )
+    watched = runner.invoke(
+        app, ["tasks", "show", task_id, "--watch", "--app", "tests.cli.embeddedapp"], env=WIDE
+    )
+
+    assert shown.exit_code == 0, shown.output
+    assert f"duplicate of  task {holder} (it held lease {embeddedapp.job.name}:k2)" in shown.stdout
+    assert watched.exit_code == 0, watched.output  # it ended: another delivery runs the work
