@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,7 +26,13 @@ from taskkit.db.models import ModelRun
 from taskkit.db.session import session_scope
 from taskkit.recovery import events
 from taskkit.tasks import BatchTask, ResilientTask, TrainingTask
-from taskkit.tasks._events import EVENT_TYPES, SharedLamportClock, celery_event
+from taskkit.tasks._events import (
+    EVENT_TYPES,
+    PAUSE_AFTER_FAILURE,
+    SharedLamportClock,
+    _Sink,
+    celery_event,
+)
 from tests._support.apps import redis_test_app
 from tests._support.workers import WorkerProcess, wait_for
 
@@ -396,3 +403,30 @@ def test_the_shared_clock_continues_from_whatever_any_process_sent():
     os.close(read)
     assert clock.value == 53
     assert clock.forward() == 54
+
+
+def test_a_failed_send_pauses_custom_events_in_the_process(clock):
+    """The broker is down: one attempt, then none for PAUSE_AFTER_FAILURE seconds."""
+    attempts: list[str] = []
+
+    class Down:
+        def send(self, kind: str, **fields: Any) -> None:
+            attempts.append(kind)
+            raise ConnectionError("broker down")
+
+    @contextlib.contextmanager
+    def default_dispatcher(hostname: str | None = None) -> Iterator[Down]:
+        yield Down()
+
+    fake_app = SimpleNamespace(events=SimpleNamespace(default_dispatcher=default_dispatcher))
+    sink = _Sink(clock=clock)
+    sink.running = [(fake_app, "task-1", "w1@host")]
+    summary = events.BatchChunkFinished("t", "task-1", None, 1, 0, 0)
+    sink(summary)
+    sink(summary)
+    clock.advance(PAUSE_AFTER_FAILURE - 1)
+    sink(summary)
+    assert attempts == ["task-batch-summary"]
+    clock.advance(1)
+    sink(summary)
+    assert attempts == ["task-batch-summary"] * 2
