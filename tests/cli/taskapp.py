@@ -1,6 +1,6 @@
 """The app of ``taskkit tasks show``'s tests, run by a real worker subprocess.
 
-``crawl`` fails its first call of each delivery with a ``ConnectionError`` (one inner retry),
+``crawl`` fails its first call with a ``ConnectionError`` (one inner retry),
 reports progress 3 of 10, then waits (bounded) until the test sets its ``go`` key, and
 finishes; ``broken`` fails for good. Names, queue and keys are under this session's prefix.
 """
@@ -33,6 +33,19 @@ def crawl(self: ResilientTask, key: str, steps: int = 10) -> dict[str, Any]:
         time.sleep(0.05)
     self.progress(steps, steps, "done", pages=steps)
     return {"pages": steps, "url": "https://crawler:hunter2@example.com/x"}
+
+
+@app.task(base=ResilientTask, bind=True, inner_max_attempts=2, max_retries=3)
+def requeued(self: ResilientTask, key: str) -> str:
+    """Fails both in-process attempts of its first delivery (re-queued by the outer layer),
+    then reports progress and waits for its ``go`` key."""
+    if self.request.retries == 0:
+        raise ConnectionError("the first delivery's connections were all reset")
+    self.progress(1, 2, "second delivery")
+    deadline = time.monotonic() + 60
+    while not kit.counter.exists(go_key(key)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return key
 
 
 @app.task(base=ResilientTask, bind=True)

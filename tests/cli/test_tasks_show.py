@@ -46,13 +46,19 @@ def meta(task_id: str) -> dict[str, Any]:
     return taskapp.app.backend.get_task_meta(task_id)
 
 
+def current(task_id: str) -> Any:
+    """The ``current`` of the task's progress meta (None: no progress stored)."""
+    result = meta(task_id).get("result")
+    return result.get("current") if isinstance(result, dict) else None
+
+
 def test_tasks_show_of_a_running_task_with_progress_an_inner_retry_and_a_lease(
     runner: CliRunner, worker: WorkerProcess
 ):
     key = uuid.uuid4().hex[:8]
     result = taskapp.crawl.delay(key, 10)
 
-    wait_for(lambda: (meta(result.id).get("result") or {}).get("current") == 3, 60, "progress 3")
+    wait_for(lambda: current(result.id) == 3, 60, "progress 3")
     shown = show(runner, result.id, "--json")
     table = show(runner, result.id)
 
@@ -212,3 +218,18 @@ def test_tasks_show_of_a_dropped_duplicate_names_the_task_that_runs(runner: CliR
     assert shown.exit_code == 0, shown.output
     assert f"duplicate of  task {holder} (it held lease {embeddedapp.job.name}:k2)" in shown.stdout
     assert watched.exit_code == 0, watched.output  # it ended: another delivery runs the work
+
+
+def test_tasks_show_counts_the_outer_attempt_of_a_requeued_task(
+    runner: CliRunner, worker: WorkerProcess
+):
+    key = uuid.uuid4().hex[:8]
+    result = taskapp.requeued.delay(key)
+
+    wait_for(lambda: current(result.id) == 1, 60, "delivery 2")
+    record = json.loads(show(runner, result.id, "--json").stdout)
+    taskapp.kit.counter.set(taskapp.go_key(key), 1, ex=600)
+
+    assert record["state"] == "PROGRESS"
+    assert record["attempts"] == {"outer": 2, "outer_max": 4, "inner": 1, "inner_max": 2}
+    assert record["progress"]["description"] == "second delivery"
