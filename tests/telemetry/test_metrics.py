@@ -174,13 +174,23 @@ def test_one_family_per_name_when_collectors_overlap() -> None:
 # -- the database -------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def clean(db: Session, engine: Any) -> Session:
+    """``db`` on empty tables (another module may have left rows in this session's schema)."""
+    from tests.conftest import empty_tables
+
+    empty_tables(engine)
+    return db
+
+
 def _letter(status: str, n: int) -> DeadLetter:
     return DeadLetter(
         task_name="t.x", item_key=f"k{n}", batch_id="b", payload={}, error_type="E", status=status
     )
 
 
-def test_dead_letters_and_runs_come_from_the_database(db: Session, db_url: str) -> None:
+def test_dead_letters_and_runs_come_from_the_database(clean: Session, db_url: str) -> None:
+    db = clean
     now = datetime.now(UTC)
     db.add_all([_letter("dead", n) for n in range(3)] + [_letter("replayed", 9)])
     db.add_all(
@@ -205,7 +215,8 @@ def test_dead_letters_and_runs_come_from_the_database(db: Session, db_url: str) 
     assert value(found, "taskkit_runs", status="completed", stale="false") == 1
 
 
-def test_the_database_is_read_once_per_window(db: Session, db_url: str) -> None:
+def test_the_database_is_read_once_per_window(clean: Session, db_url: str) -> None:
+    db = clean
     now = [100.0]
     collector = metrics.DatabaseCollector(db_url, ttl=5.0, clock=lambda: now[0])
     first = samples(metrics.render(extra=[collector]))
@@ -221,7 +232,8 @@ def test_the_database_is_read_once_per_window(db: Session, db_url: str) -> None:
     assert value(later, "taskkit_dead_letters", status="dead") == 1
 
 
-def test_an_unreachable_database_serves_the_last_reading(db: Session, db_url: str) -> None:
+def test_an_unreachable_database_serves_the_last_reading(clean: Session, db_url: str) -> None:
+    db = clean
     now = [0.0]
     collector = metrics.DatabaseCollector(db_url, ttl=1.0, clock=lambda: now[0])
     db.add(_letter("dead", 1))
@@ -343,8 +355,9 @@ def test_attempts_counted_in_memory_show_in_this_process_at_once() -> None:
 
 
 def test_the_service_answers_metrics_without_a_token(
-    db: Session, db_url: str, redis_url: str
+    clean: Session, db_url: str, redis_url: str
 ) -> None:
+    db = clean
     from fastapi.testclient import TestClient
 
     from taskkit.api import create_api

@@ -22,9 +22,10 @@ from sqlalchemy import func, select
 
 from taskkit.config import reset_settings
 from taskkit.db.models import BatchItem, DeadLetter, ModelRun, TrainingEpoch
-from taskkit.db.session import session_scope
+from taskkit.db.session import get_engine, session_scope
 from taskkit.tasks import submit_batch, submit_run
 from tests._support.workers import WorkerProcess, wait_for
+from tests.conftest import empty_tables
 from tests.telemetry import metricsapp as apps
 
 EPOCHS = 3
@@ -49,6 +50,7 @@ def env(
     apps.app.conf.taskkit_database_url = pg_schema_url
     yield values
     reset_settings()
+    empty_tables(get_engine(pg_schema_url))  # the schema is this session's, shared by tests
 
 
 @pytest.fixture
