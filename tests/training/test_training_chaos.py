@@ -174,6 +174,16 @@ def test_sigterm_checkpoints_hands_over_and_a_new_worker_loses_no_epoch(
     assert_identical(run_id)
 
 
+def history(config: dict[str, Any], started: list[int], worker: WorkerProcess) -> str:
+    """What a failed bound needs to be read: the epochs started, where each limit struck and
+    what each attempt resumed from (the worker's log)."""
+    marks = ("resumes at epoch", "Soft time limit", "checkpointing", "received", "succeeded")
+    lines = [line for line in worker.log().splitlines() if any(m in line for m in marks)]
+    return "\n".join(
+        [f"epochs started: {started}", *apps.limits(config), *(line[:200] for line in lines)]
+    )
+
+
 def test_a_real_soft_time_limit_fails_the_run_and_resume_finishes_it(
     env: dict[str, str], workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
@@ -197,5 +207,35 @@ def test_a_real_soft_time_limit_fails_the_run_and_resume_finishes_it(
 
     assert attempts >= 2
     # Each limit cuts at most the epoch in progress; the rest resumes from the checkpoint.
-    assert len(apps.epochs_started(config)) <= EPOCHS + attempts - 1
+    started = apps.epochs_started(config)
+    assert len(started) <= EPOCHS + attempts - 1, history(config, started, workers[0])
+    assert_identical(run_id)
+
+
+def test_a_soft_time_limit_inside_a_checkpoint_write_fails_the_run_and_is_not_retried(
+    env: dict[str, str], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """Celery raises the soft limit wherever the task is. Inside a checkpoint write the store
+    wrapped it in a ``CheckpointError``, which the retry ladder retried in place: the run went
+    on past its limit, ``retrying`` instead of ``failed``, and resumed one epoch more than the
+    limit had cut (the flake of the test above, when the real limit struck there)."""
+    config = {**new_config(), "test": {"soft_limit_in_checkpoint_at": 3}}
+    start(workers, "limit-in-write", tmp_path)
+    run_id, task_id = submit_run(apps.train_limit_in_write, config, name="limit-in-write")
+
+    wait_for(lambda: status(run_id) in ("completed", "failed"), 60, "the attempt to end")
+    with session_scope() as db:
+        run = db.get(ModelRun, run_id)
+        assert run is not None
+        assert (run.status, run.error_message) == (
+            "failed",
+            "soft time limit exceeded; checkpointed, continue with: taskkit resume",
+        )
+    assert apps.deliveries(task_id) == 1  # failed, not retried
+    assert apps.epochs_started(config) == [0, 1, 2, 3]
+
+    resume_run(apps.app, run_id)
+    wait_done(run_id)
+    # The write of epoch 3 was cut: the run resumed from epoch 2's checkpoint.
+    assert apps.epochs_started(config) == [0, 1, 2, 3, *range(3, EPOCHS)]
     assert_identical(run_id)
