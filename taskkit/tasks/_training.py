@@ -106,6 +106,9 @@ class ReproducibilityWarning(TaskkitWarning):
 _stop = threading.Event()
 _active_runs = 0
 _handler_installed = False
+#: Set when Celery's soft time limit signal reaches this pool process during a training task,
+#: even if code on the way (a progress write, a database read) caught what its handler raised.
+_soft_limit_struck = threading.Event()
 
 
 def request_stop() -> None:
@@ -137,6 +140,15 @@ def _install_sigterm_handler() -> None:
     if current_process().name == "MainProcess":
         return
     signal.signal(signal.SIGTERM, _on_sigterm)
+    soft_limit = getattr(signal, "SIGUSR1", None)  # billiard's SIG_SOFT_TIMEOUT
+    previous = signal.getsignal(soft_limit) if soft_limit is not None else None
+    if soft_limit is not None and callable(previous):
+
+        def _latch(signum: int, frame: FrameType | None) -> None:
+            _soft_limit_struck.set()
+            previous(signum, frame)  # billiard's: raises SoftTimeLimitExceeded
+
+        signal.signal(soft_limit, _latch)
     _handler_installed = True
 
 
@@ -221,6 +233,7 @@ class TrainingTask(ResilientTask):
         request = self.request
         if not request.called_directly and not request.is_eager:
             _install_sigterm_handler()
+            _soft_limit_struck.clear()
             run_id = self._argument(args, kwargs, self.run_arg)
             attempt = runs.screen_attempt(run_id, str(request.id), database_url=self._database_url)
             if attempt.verdict == "completed":
@@ -635,6 +648,11 @@ class TrainingRun:
         elif task.checkpoint_on_interrupt:
             data = pickle.dumps(self._build_payload(epoch, state), protocol=5)
             self._pending = (epoch, data, metrics)
+        if _soft_limit_struck.is_set():
+            # The soft limit struck during this epoch and something caught it: end the
+            # attempt here, as the limit would have (this epoch is checkpointed: by policy
+            # above, or on the way out).
+            raise SoftTimeLimitExceeded(f"run {self.run_id}: soft time limit exceeded")
         if halting:
             self._halt(epoch)
         if stopping:
