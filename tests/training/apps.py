@@ -12,11 +12,14 @@ faults at a chosen epoch, once per run:
 - ``kill_at``: SIGKILL the process that runs the task;
 - ``soft_limit_in_checkpoint_at``: raise ``SoftTimeLimitExceeded`` inside the write of that
   epoch's checkpoint (task ``train_limit_in_write``), as Celery's soft-limit signal handler
-  does when the limit strikes there.
+  does when the limit strikes there;
+- ``swallowed_soft_limit_at``: send this process Celery's soft-limit signal and catch what its
+  handler raises, as code with an ``except Exception`` on the way does (a progress write).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -72,6 +75,11 @@ def fault_injector(run_id: int, config: dict[str, Any]) -> Any:
             os.kill(os.getpid(), signal.SIGKILL)
         if faults.get("soft_limit_in_checkpoint_at") == epoch and _once("soft_in_write"):
             _limit_in_write.add(epoch)
+        if faults.get("swallowed_soft_limit_at") == epoch and _once("swallowed"):
+            try:  # Celery's soft-limit signal: its handler raises SoftTimeLimitExceeded here
+                signal.raise_signal(signal.SIGUSR1)
+            except Exception:
+                logging.getLogger(__name__).warning("swallowed", exc_info=True)
 
     return on_epoch
 

@@ -239,3 +239,31 @@ def test_a_soft_time_limit_inside_a_checkpoint_write_fails_the_run_and_is_not_re
     # The write of epoch 3 was cut: the run resumed from epoch 2's checkpoint.
     assert apps.epochs_started(config) == [0, 1, 2, 3, *range(3, EPOCHS)]
     assert_identical(run_id)
+
+
+def test_a_soft_time_limit_caught_on_the_way_still_ends_the_attempt_at_the_epoch_end(
+    env: dict[str, str], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """The limit is raised wherever the task is: a progress write or a database read that
+    catches every ``Exception`` swallowed it, and the attempt trained on with no limit at all
+    (the real soft-limit test then saw one attempt). The signal is latched: the report of the
+    epoch it struck in checkpoints that epoch and fails the run."""
+    config = {**new_config(), "test": {"swallowed_soft_limit_at": 4}}
+    start(workers, "swallowed", tmp_path)
+    run_id, task_id = submit_run(apps.train, config, name="swallowed-limit")
+
+    wait_for(lambda: status(run_id) in ("completed", "failed"), 60, "the attempt to end")
+    with session_scope() as db:
+        run = db.get(ModelRun, run_id)
+        assert run is not None
+        assert (run.status, run.error_message) == (
+            "failed",
+            "soft time limit exceeded; checkpointed, continue with: taskkit resume",
+        )
+    assert apps.deliveries(task_id) == 1
+    assert apps.epochs_started(config) == [0, 1, 2, 3, 4]
+
+    resume_run(apps.app, run_id)
+    wait_done(run_id)
+    assert apps.epochs_started(config) == list(range(EPOCHS))  # epoch 4 was checkpointed
+    assert_identical(run_id)
