@@ -22,6 +22,7 @@ import io
 import mmap
 import pickle
 import platform
+import queue
 import struct
 import threading
 import zlib
@@ -35,7 +36,9 @@ from taskkit.errors import CheckpointFormatError, TaskkitError
 __all__ = [
     "Buffer",
     "Digest",
+    "Hashed",
     "Payload",
+    "StreamDigest",
     "decode",
     "encode",
     "library_versions",
@@ -246,6 +249,72 @@ class Digest:
         if self._error is not None:
             raise self._error
         return self._hash.hexdigest()
+
+
+class StreamDigest:
+    """SHA-256 of pieces handed over one at a time, hashed on a thread while the next is read.
+
+    A storage reads a checkpoint piece by piece into one buffer and passes each piece, once
+    read, to ``update``; the thread hashes it while the storage reads the next (``readinto``
+    and ``hashlib`` both release the GIL), so a load costs about the longer of the two, not
+    their sum. ``threaded=False`` hashes in the caller's thread (small data). ``hexdigest()``
+    waits for the last piece; ``close()`` stops the thread without a result (a failed read).
+    The pieces must not change until ``hexdigest()`` or ``close()`` returns.
+    """
+
+    def __init__(self, threaded: bool = True) -> None:
+        self._hash = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._queue: queue.SimpleQueue[Buffer | None] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=self._run, name="taskkit-checkpoint-sha256", daemon=True
+            )
+            self._thread.start()
+
+    def update(self, piece: Buffer) -> None:
+        """Hash ``piece`` next (on the thread, or now when not threaded)."""
+        if self._queue is None:
+            self._hash.update(piece)
+        else:
+            self._queue.put(piece)
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (piece := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._hash.update(piece)
+                except BaseException as exc:  # handed to hexdigest()'s caller
+                    self._error = exc
+
+    def close(self) -> None:
+        """Stop the thread once the pieces handed over are done (idempotent)."""
+        if self._thread is not None:
+            assert self._queue is not None
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """Bytes a storage read and their SHA-256 (hex), computed while they were read.
+
+    ``read_hashed`` of ``DirectoryStorage`` and ``DatabaseStorage`` return one; ``unseal``
+    compares ``sha256`` with the manifest's instead of hashing ``data`` again.
+    """
+
+    data: Buffer
+    sha256: str
 
 
 def writable_buffer(size: int) -> memoryview:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from taskkit._keys import KeyRing
-from taskkit.checkpoint._codec import Buffer, decode, encode, library_versions, sha256_of
+from taskkit.checkpoint._codec import Buffer, Hashed, decode, encode, library_versions, sha256_of
 from taskkit.checkpoint._info import CheckpointInfo
 from taskkit.config import get_settings
 from taskkit.errors import CheckpointCorrupt, CheckpointError, CheckpointTampered
@@ -116,7 +116,7 @@ def seal(
 
 def unseal(
     info: CheckpointInfo,
-    data: Buffer | Callable[[], Buffer],
+    data: Buffer | Hashed | Callable[[], Buffer | Hashed],
     *,
     run_id: str,
     kind: Kind = "model",
@@ -126,7 +126,9 @@ def unseal(
     SHA-256); ``CheckpointTampered`` or ``CheckpointCorrupt`` otherwise, and nothing unpickled.
 
     ``data`` may be a callable, called only once the manifest is verified (so an unsigned
-    checkpoint's data is not even read). ``keys`` default to ``get_settings().signing_keys()``.
+    checkpoint's data is not even read). It may give a ``Hashed`` (the bytes and the SHA-256
+    the storage computed while reading them): that digest is compared, not recomputed.
+    ``keys`` default to ``get_settings().signing_keys()``.
     A verified object that cannot be decoded is a ``CheckpointError`` naming the versions it
     was saved with and the ones of this process.
     """
@@ -137,6 +139,10 @@ def unseal(
         raw = data() if callable(data) else data
     except FileNotFoundError as exc:
         raise _error(CheckpointCorrupt, "its data is missing", run_id, step, kind) from exc
+    sha256: str | None = None
+    if isinstance(raw, Hashed):
+        sha256 = raw.sha256
+        raw = raw.data
     if isinstance(raw, bytes) or memoryview(raw).readonly:
         raw = bytearray(raw)  # arrays made over it must be writable
     size = memoryview(raw).nbytes
@@ -149,7 +155,9 @@ def unseal(
             step,
             kind,
         )
-    if not hmac.compare_digest(sha256_of(raw), info.sha256):
+    if sha256 is None:
+        sha256 = sha256_of(raw)
+    if not hmac.compare_digest(sha256, info.sha256):
         raise _error(
             CheckpointCorrupt,
             "its data does not match the SHA-256 in its manifest",

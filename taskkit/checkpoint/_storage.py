@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from taskkit._utils import fsync_dir
-from taskkit.checkpoint._codec import Buffer, writable_buffer
+from taskkit.checkpoint._codec import (
+    _THREAD_MIN,
+    Buffer,
+    Hashed,
+    StreamDigest,
+    writable_buffer,
+)
 from taskkit.checkpoint._info import CheckpointInfo, validate_run_id
 from taskkit.errors import CheckpointCorrupt, CheckpointError, CheckpointWarning, ConfigurationError
 
@@ -137,6 +143,9 @@ _LOCK = re.compile(r"\.step-(?P<step>\d+)~(?P<host>[^~]*)~(?P<pid>\d+)~(?P<token
 _HOST = re.sub(r"[~/\\\s]", "_", socket.gethostname()) or "localhost"
 # Without flock (Windows), a temp file is an orphan once it has not changed for this long.
 _UNLOCKED_GRACE = 3600.0
+# Bytes read per readinto when loading: small enough that the hashing thread finds each piece
+# still in the CPU cache, large enough that the system calls cost nothing.
+_READ_STEP = 1 << 20
 # Largest single os.write: some platforms refuse writes of 2 GiB or more.
 _MAX_WRITE = 1 << 30
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -288,6 +297,26 @@ class DirectoryStorage:
     def read(self, run_id: str, step: int) -> Buffer:
         """The data file's bytes, read into one writable buffer; ``FileNotFoundError`` if none,
         ``CheckpointCorrupt`` if it is a symbolic link."""
+        return self._read(run_id, step, None)
+
+    def read_hashed(self, run_id: str, step: int) -> Hashed:
+        """``read``, and the SHA-256 of the bytes, hashed on a second thread while the next
+        piece is read (as ``write`` hashes while writing): about the longer of reading and
+        hashing, not their sum."""
+        fd, size = self._open_data(run_id, step)
+        digest = StreamDigest(threaded=size >= _THREAD_MIN)
+        try:
+            data = self._read_fd(fd, size, digest)
+        finally:
+            digest.close()
+        return Hashed(data, digest.hexdigest())
+
+    def _read(self, run_id: str, step: int, digest: StreamDigest | None) -> Buffer:
+        fd, size = self._open_data(run_id, step)
+        return self._read_fd(fd, size, digest)
+
+    def _open_data(self, run_id: str, step: int) -> tuple[int, int]:
+        """An fd of the step's data file (never a symbolic link) and its size."""
         dir_fd = self._open_run_dir(run_id)
         name = _data_name(step)
         if dir_fd is None:
@@ -303,14 +332,25 @@ class DirectoryStorage:
                 ) from exc
         finally:
             os.close(dir_fd)
+        try:
+            return fd, os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _read_fd(fd: int, size: int, digest: StreamDigest | None) -> Buffer:
+        """Read ``fd`` (closed after) into one preallocated buffer, ``_READ_STEP`` bytes at a
+        time, each piece handed to ``digest`` once it is in."""
         with open(fd, "rb", buffering=0) as file:
-            size = os.fstat(file.fileno()).st_size
             view = writable_buffer(size)
             done = 0
             while done < size:
-                n = file.readinto(view[done:])
+                n = file.readinto(view[done : min(size, done + _READ_STEP)])
                 if not n:
                     break
+                if digest is not None:
+                    digest.update(view[done : done + n])
                 done += n
         if done < size:  # shrank while being read: return what is there, the checksum decides
             return view[:done]
@@ -401,6 +441,16 @@ class DirectoryStorage:
                 if not dead:
                     return True
         return False
+
+
+def read_hashed(storage: CheckpointStorage, run_id: str, step: int) -> Buffer | Hashed:
+    """The step's data, with its SHA-256 when the storage hashes while reading
+    (``read_hashed``); a storage without one is only read (``unseal`` hashes it then)."""
+    method = getattr(storage, "read_hashed", None)
+    if callable(method):
+        result: Buffer | Hashed = method(run_id, step)
+        return result
+    return storage.read(run_id, step)
 
 
 def _check_root(root: Path) -> None:

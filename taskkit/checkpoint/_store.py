@@ -24,7 +24,7 @@ from taskkit.checkpoint._database import DatabaseStorage
 from taskkit.checkpoint._info import FORMATS, Checkpoint, CheckpointInfo, plain_metrics
 from taskkit.checkpoint._info import validate_run_id as _validate_run_id
 from taskkit.checkpoint._seal import sign_info, unseal, verify_info
-from taskkit.checkpoint._storage import CheckpointStorage, DirectoryStorage
+from taskkit.checkpoint._storage import CheckpointStorage, DirectoryStorage, read_hashed
 from taskkit.config import Settings, get_settings
 from taskkit.errors import (
     CheckpointCorrupt,
@@ -527,7 +527,7 @@ class CheckpointStore:
         step = info.step
         state = unseal(
             info,
-            lambda: self.storage.read(self._run_id, step),
+            lambda: read_hashed(self.storage, self._run_id, step),
             run_id=self._run_id,
             kind="checkpoint",
             keys=self._keys,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from taskkit.checkpoint import CheckpointStorage, CheckpointStore, DatabaseStorage, DirectoryStorage
 
@@ -100,7 +100,6 @@ class RawDatabase(Raw):
     def __init__(self, storage: DatabaseStorage, url: str) -> None:
         self.storage = storage
         self.url = url
-        self.listener: tuple[Any, Any] | None = None
 
     def _record(self, db: Any, run_id: str, step: int) -> Any:
         from taskkit.db.models import CheckpointRecord
@@ -147,21 +146,22 @@ class RawDatabase(Raw):
             db.execute(delete(CheckpointChunk).filter_by(checkpoint_id=record.id))
 
     def fail_writes(self, monkeypatch: pytest.MonkeyPatch, after_bytes: int) -> None:
-        from taskkit.db.session import get_engine
+        # The chunks go to the database as they are made (INSERTs, or one binary COPY on
+        # PostgreSQL): the disk "fills up" in the middle of sending them.
+        from taskkit.checkpoint import _database
 
-        engine = get_engine(self.url)
         monkeypatch.setattr(self.storage, "chunk_size", 1024)
-        written = 0
+        rechunk = _database._rechunk
 
-        def before(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
-            nonlocal written
-            if statement.lstrip().upper().startswith("INSERT INTO CHECKPOINT_CHUNKS"):
+        def failing(buffers: Any, size: int) -> Iterator[Any]:
+            written = 0
+            for chunk in rechunk(buffers, size):
                 if written >= after_bytes:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                written += 1024
+                written += len(chunk)
+                yield chunk
 
-        event.listen(engine, "before_cursor_execute", before)
-        self.listener = (engine, before)  # removed by the fixture
+        monkeypatch.setattr(_database, "_rechunk", failing)
 
     def leftovers(self, run_id: str) -> list[str]:
         from taskkit.db.models import CheckpointChunk, CheckpointRecord
@@ -191,8 +191,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[An
     database = DatabaseStorage(url)
     raw = RawDatabase(database, url)
     yield database, raw
-    if raw.listener is not None:
-        event.remove(raw.listener[0], "before_cursor_execute", raw.listener[1])
     empty_tables(get_engine(url))
 
 

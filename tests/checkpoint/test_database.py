@@ -87,24 +87,23 @@ def test_the_record_keeps_the_manifest_text_it_was_signed_as(url):
 CRASHING_WRITER = textwrap.dedent(
     """
     import os, sys
-    from sqlalchemy import event
-    from taskkit.checkpoint import CheckpointStore, DatabaseStorage
-    from taskkit.db.session import get_engine
+    from taskkit.checkpoint import CheckpointStore, DatabaseStorage, _database
 
     url = sys.argv[1]
     store = CheckpointStore("crashy", storage=DatabaseStorage(url, chunk_size=1024),
                             secret_key="{secret}")
     store.save({{"v": 1}}, step=1)
-    inserted = 0
+    rechunk = _database._rechunk
 
-    @event.listens_for(get_engine(url), "after_cursor_execute")
-    def crash(conn, cursor, statement, *args):
-        global inserted
-        if "checkpoint_chunks" in statement and statement.lstrip().upper().startswith("INSERT"):
-            inserted += 1
-            if inserted == 3:
+    def crash_after_two_chunks(buffers, size):
+        # The chunks go to the database as they are produced (INSERTs, or one COPY on
+        # PostgreSQL): two have been sent when the process dies in the middle of the write.
+        for number, chunk in enumerate(rechunk(buffers, size)):
+            if number == 2:
                 os._exit(3)  # killed in the middle of the transaction
+            yield chunk
 
+    _database._rechunk = crash_after_two_chunks
     store.save({{"v": 2, "blob": bytes(range(256)) * 40}}, step=2)
     """
 ).format(secret=SECRET)
