@@ -39,7 +39,10 @@ Prefork workers: prometheus_client's multiprocess mode. ``prepare_multiprocess_d
 the worker's main process before it forks the pool) empties the directory and points
 ``PROMETHEUS_MULTIPROC_DIR`` at it, so every value the pool processes create is an mmap file
 there; the serving process aggregates them (``MultiProcessCollector``) with the
-database-backed collectors, which run in the serving process only.
+database-backed collectors, which run in the serving process only. Task attempts (one or more
+per task) are counted in memory and added to their mmap file every ``FLUSH_SECONDS`` by a thread
+of each pool process, at its shutdown and at every ``render`` of this process: a multiprocess
+increment (a lock, a pid check, an mmap write) costs about as much as a trivial task.
 
 Example::
 
