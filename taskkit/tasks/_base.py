@@ -115,27 +115,32 @@ class TaskFailure:
     redacted: tuple[str, ...] = ()
 
 
-@dataclass
 class _Run:
-    """One execution of a task body in this thread: its lease, progress throttle, run id."""
+    """One execution of a task body in this thread: its lease, progress throttle, run id.
 
-    lease: Lease | None
-    throttle: Throttle
-    run_id: Any = None
-    progress_keys: list[Any] = field(default_factory=list)
-    #: Epochs a ``TrainingRun`` reported that are not written yet (with the next progress).
-    epochs: EpochLog = field(default_factory=EpochLog)
-    #: The task running this call (the in-process ladder's hooks find it here).
-    task: Any = None
+    A plain class: what only the unhappy path or an observed call sets is a class default, so
+    the happy path pays for the five attributes it needs.
+    """
+
     #: Whether this call reports ``TaskAttemptEnded`` (someone was subscribed when it began).
-    observed: bool = False
+    observed = False
     #: Calls of the body so far in this delivery (counted when observed or traced).
-    inner: int = 0
+    inner = 0
     #: What the last call of the body raised, until its attempt is reported.
     error: BaseException | None = None
     #: The last progress meta stored, and the attempts record once an inner retry happened.
     meta: dict[str, Any] | None = None
     attempts: dict[str, int] | None = None
+
+    def __init__(self, lease: Lease | None, throttle: Throttle, task: Any = None) -> None:
+        self.lease = lease
+        self.throttle = throttle
+        #: The task running this call (the in-process ladder's hooks find it here).
+        self.task = task
+        self.run_id: Any = None
+        self.progress_keys: list[Any] = []
+        #: Epochs a ``TrainingRun`` reported that are not written yet (with the next progress).
+        self.epochs = EpochLog()
 
 
 _runs = threading.local()
@@ -319,7 +324,7 @@ class ResilientTask(Task[Any, Any]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        run = _Run(None, Throttle(self.progress_interval), task=self)
+        run = _Run(None, Throttle(self.progress_interval), self)
         if request.called_directly:
             return self._deliver(request, run, args, kwargs)
         run.observed = events.active()
@@ -472,8 +477,12 @@ class ResilientTask(Task[Any, Any]):
         else:
             outcome, cause = "failure", exc
         if run.error is not None:
+            error: BaseException = run.error
+            wrapped = getattr(error, "exc", None) if isinstance(error, Retry) else None
+            if isinstance(wrapped, BaseException):  # the body's own self.retry(exc=...)
+                error = wrapped
             inner = "escalated" if outcome == "retry" else outcome
-            self._attempt_ended(request, run, "inner", inner, error_type=type(run.error).__name__)
+            self._attempt_ended(request, run, "inner", inner, error_type=type(error).__name__)
             run.error = None
         self._attempt_ended(
             request,
@@ -972,6 +981,7 @@ def _record_terminal_failure(
             "run_id": run_id,
         },
     )
+    call_hook(sender.record_failure, failure)  # stored first: observers come after
     if events.active():
         events.emit(
             events.TaskFailed(
@@ -982,7 +992,6 @@ def _record_terminal_failure(
                 run_id=run_id,
             )
         )
-    call_hook(sender.record_failure, failure)
 
 
 def _run_id_of(task: ResilientTask, args: Any, kwargs: Any) -> Any:

@@ -22,6 +22,10 @@ from taskkit.tasks import BatchTask, ResilientTask, TrainingTask
 from tests._support.apps import KEY_TTL, redis_test_app
 from tests.conftest import REDIS_URL
 
+# Tasks here are not shared (shared=False) and their names are their own: Celery copies a
+# shared task into every app of the process, under that app's prefix, where a task of the same
+# name would replace another app's.
+
 kit = redis_test_app("tkev", lease_ttl=3.0)
 app, counter, key = kit.app, kit.counter, kit.key
 PREFIX, QUEUE = kit.prefix, kit.queue
@@ -52,7 +56,8 @@ def record(event: events.Event) -> None:
 
 @signals.worker_init.connect(weak=False)
 def _subscribe(sender: Any = None, **_: Any) -> None:
-    events.subscribe(record)
+    if getattr(sender, "app", None) is app:  # not another app's in-process test worker
+        events.subscribe(record)
 
 
 def recorded() -> list[dict[str, Any]]:
@@ -67,8 +72,8 @@ def clear() -> None:
 ERRORS = {"ConnectionError": ConnectionError, "ValueError": ValueError, "KeyError": KeyError}
 
 
-@app.task(base=ResilientTask, bind=True, max_retries=3)
-def flaky(self: ResilientTask, name: str, failures: int, error: str = "ConnectionError") -> int:
+@app.task(base=ResilientTask, bind=True, shared=False, max_retries=3)
+def ev_flaky(self: ResilientTask, name: str, failures: int, error: str = "ConnectionError") -> int:
     """Fail the first ``failures`` runs with ``error``, then return the number of runs."""
     n = int(counter.incr(key("runs", name)))
     counter.expire(key("runs", name), KEY_TTL)
@@ -77,22 +82,22 @@ def flaky(self: ResilientTask, name: str, failures: int, error: str = "Connectio
     return n
 
 
-@app.task(base=ResilientTask, bind=True, lease_key="name", max_retries=2)
-def leased(self: ResilientTask, name: str) -> int:
+@app.task(base=ResilientTask, bind=True, shared=False, lease_key="name", max_retries=2)
+def ev_leased(self: ResilientTask, name: str) -> int:
     """Hold the lease of ``name`` for one call; return the lease's fencing token."""
     assert self.lease is not None
     return self.lease.token
 
 
-@app.task(base=BatchTask, bind=True, item_max_attempts=1)
-def items(self: BatchTask, item: int) -> None:
+@app.task(base=BatchTask, bind=True, shared=False, item_max_attempts=1)
+def ev_items(self: BatchTask, item: int) -> None:
     """An item that is a multiple of 3 (but not 0) is invalid: dead-lettered at once."""
     if item and item % 3 == 0:
         raise ValueError(f"item {item} is invalid")
 
 
-@app.task(base=TrainingTask, bind=True, checkpoint_every=1, max_retries=3)
-def train(self: TrainingTask, model_run_id: int, config: dict[str, Any]) -> dict[str, Any]:
+@app.task(base=TrainingTask, bind=True, shared=False, checkpoint_every=1, max_retries=3)
+def ev_train(self: TrainingTask, model_run_id: int, config: dict[str, Any]) -> dict[str, Any]:
     """Count ``config["epochs"]`` epochs, checkpointing each; fail once (a ``KeyError``, which
     is re-queued) before reporting epoch ``config["fail_at"]``."""
     with self.training(total_epochs=config["epochs"]) as run:

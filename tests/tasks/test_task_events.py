@@ -22,10 +22,13 @@ import redis
 from celery.result import AsyncResult
 from sqlalchemy import Engine
 
+from taskkit.config import reset_settings
+from taskkit.db.models import ModelRun
+from taskkit.db.session import session_scope
 from taskkit.deadletter import DeadLetterStore
 from taskkit.errors import CircuitBreakerError
 from taskkit.recovery import CircuitBreaker, events, retry
-from taskkit.tasks import ResilientTask, create_app, submit_batch, submit_run
+from taskkit.tasks import ResilientTask, TrainingTask, create_app, submit_batch, submit_run
 from taskkit.tasks._lease import FileLeaseStore, LeaseOwner, RedisLeaseStore
 from tests._support.workers import REPO, WorkerProcess, wait_for
 from tests.tasks import event_apps as ev
@@ -87,7 +90,7 @@ def of_type(kind: str, **fields: Any) -> list[dict[str, Any]]:
 
 @pytest.mark.usefixtures("recorded")
 def test_two_transient_failures_are_two_inner_retries_and_one_outer_success():
-    result = ev.flaky.delay(f"absorbed-{uuid.uuid4().hex}", 2)
+    result = ev.ev_flaky.delay(f"absorbed-{uuid.uuid4().hex}", 2)
     assert result.get(timeout=60) == 3
     assert attempts(result.id) == [
         ("inner", 1, "retry"),
@@ -97,7 +100,7 @@ def test_two_transient_failures_are_two_inner_retries_and_one_outer_success():
     ]
     inner_retries = of_type("TaskAttemptEnded", task_id=result.id, outcome="retry")
     assert {(e["error_type"], e["task"]) for e in inner_retries} == {
-        ("ConnectionError", ev.flaky.name)
+        ("ConnectionError", ev.ev_flaky.name)
     }
     assert all(e["wait"] is not None for e in inner_retries)
     # The task's in-process ladder reports through TaskAttemptEnded only.
@@ -106,7 +109,7 @@ def test_two_transient_failures_are_two_inner_retries_and_one_outer_success():
 
 @pytest.mark.usefixtures("recorded")
 def test_an_exhausted_inner_ladder_escalates_to_an_outer_retry():
-    result = ev.flaky.delay(f"escalated-{uuid.uuid4().hex}", 4)
+    result = ev.ev_flaky.delay(f"escalated-{uuid.uuid4().hex}", 4)
     assert result.get(timeout=60) == 5
     assert attempts(result.id) == [
         ("inner", 1, "retry"),
@@ -128,25 +131,25 @@ def test_an_exhausted_inner_ladder_escalates_to_an_outer_retry():
 def test_a_permanent_error_fails_both_layers_then_the_task_and_is_dead_lettered(
     pg_schema_url: str,
 ):
-    result = ev.flaky.delay(f"permanent-{uuid.uuid4().hex}", 5, "ValueError")
+    result = ev.ev_flaky.delay(f"permanent-{uuid.uuid4().hex}", 5, "ValueError")
     with pytest.raises(ValueError):
         result.get(timeout=60)
-    wait_for(lambda: of_type("DeadLettered", task_id=result.id), 30, "the dead letter")
+    wait_for(lambda: of_type("TaskFailed", task_id=result.id), 30, "the terminal failure")
     ours = [e for e in ev.recorded() if e.get("task_id") == result.id]
     assert [e["type"] for e in ours] == [
         "TaskAttemptEnded",
         "TaskAttemptEnded",
+        "DeadLettered",  # record_failure stores the letter first
         "TaskFailed",
-        "DeadLettered",
     ]
     assert attempts(result.id) == [("inner", 1, "failure"), ("outer", 1, "failure")]
     (failed,) = of_type("TaskFailed", task_id=result.id)
     assert (failed["task"], failed["error_type"], failed["attempts"]) == (
-        ev.flaky.name,
+        ev.ev_flaky.name,
         "ValueError",
         1,
     )
-    (letter,) = DeadLetterStore(pg_schema_url).list(task=ev.flaky.name)
+    (letter,) = DeadLetterStore(pg_schema_url).list(task=ev.ev_flaky.name)
     (dead,) = of_type("DeadLettered", task_id=result.id)
     assert (dead["letter_id"], dead["error_type"], dead["batch_id"]) == (
         letter.id,
@@ -157,7 +160,7 @@ def test_a_permanent_error_fails_both_layers_then_the_task_and_is_dead_lettered(
 
 @pytest.mark.usefixtures("recorded")
 def test_a_batch_reports_each_dead_item_and_each_chunk_with_its_counts(pg_schema_url: str):
-    submission = submit_batch(ev.items, list(range(10)), chunk_size=4)
+    submission = submit_batch(ev.ev_items, list(range(10)), chunk_size=4)
     summary = submission.get(timeout=90)
     assert sorted(summary["failed_ids"]) == [3, 6, 9]
     chunk_ids = [child.id for child in submission.result.results]
@@ -177,13 +180,13 @@ def test_a_batch_reports_each_dead_item_and_each_chunk_with_its_counts(pg_schema
         (letter.item_key, letter.id) for letter in letters
     )
     assert sorted(e["item_key"] for e in dead) == ["3", "6", "9"]
-    assert {(e["task"], e["error_type"]) for e in dead} == {(ev.items.name, "ValueError")}
+    assert {(e["task"], e["error_type"]) for e in dead} == {(ev.ev_items.name, "ValueError")}
 
 
 @pytest.mark.usefixtures("recorded")
 def test_a_training_run_reports_epochs_checkpoints_and_its_resume(pg_schema_url: str):
     config = {"epochs": 4, "fail_at": 2, "nonce": uuid.uuid4().hex}
-    run_id, task_id = submit_run(ev.train, config, database_url=pg_schema_url)
+    run_id, task_id = submit_run(ev.ev_train, config, database_url=pg_schema_url)
     assert AsyncResult(task_id, app=ev.app).get(timeout=120)["status"] == "success"
     kinds = ("EpochFinished", "CheckpointSaved", "RunResumed")
     trail = [
@@ -203,33 +206,35 @@ def test_a_training_run_reports_epochs_checkpoints_and_its_resume(pg_schema_url:
         ("CheckpointSaved", 3),
     ]
     (resumed,) = of_type("RunResumed")
-    assert (resumed["task"], resumed["task_id"]) == (ev.train.name, task_id)
+    assert (resumed["task"], resumed["task_id"]) == (ev.ev_train.name, task_id)
     for saved in of_type("CheckpointSaved"):
-        assert saved["task"] == ev.train.name
+        assert saved["task"] == ev.ev_train.name
         assert saved["size"] > 0
         assert saved["seconds"] >= 0
         assert saved["is_best"] is True
-    assert all(e["seconds"] >= 0 and e["task"] == ev.train.name for e in of_type("EpochFinished"))
+    assert all(
+        e["seconds"] >= 0 and e["task"] == ev.ev_train.name for e in of_type("EpochFinished")
+    )
     assert attempts(task_id)[-1] == ("outer", 2, "success")
 
 
 @pytest.mark.usefixtures("recorded")
 def test_a_lease_left_to_lapse_is_taken_over_with_a_new_fencing_token(redis_url: str):
     name = f"lapsed-{uuid.uuid4().hex}"
-    key = f"{ev.leased.name}:{name}"
+    key = f"{ev.ev_leased.name}:{name}"
     store = RedisLeaseStore.from_url(redis_url)
     ghost = LeaseOwner("ghost-task", "another-host", 4242)
     stale = store.acquire(key, ghost, ttl=0.2)
     assert stale is not None  # never renewed, never released: it lapses
     wait_for(lambda: store.holder(key) is None, 10, "the ghost's lease to lapse")
 
-    result = ev.leased.delay(name)
+    result = ev.ev_leased.delay(name)
     token = result.get(timeout=60)
     assert token == stale.token + 1
     (taken,) = of_type("LeaseTakenOver")
     assert taken == {
         "type": "LeaseTakenOver",
-        "task": ev.leased.name,
+        "task": ev.ev_leased.name,
         "task_id": result.id,
         "key": key,
         "previous_owner": ghost.describe(),
@@ -237,7 +242,7 @@ def test_a_lease_left_to_lapse_is_taken_over_with_a_new_fencing_token(redis_url:
         "run_id": None,
     }
     # Released at the end: the next holder takes a free key, no takeover.
-    assert ev.leased.delay(name).get(timeout=60) == token + 1
+    assert ev.ev_leased.delay(name).get(timeout=60) == token + 1
     assert len(of_type("LeaseTakenOver")) == 1
 
 
@@ -296,6 +301,32 @@ def test_each_retry_of_a_task_is_one_record_with_its_layer_and_attempt(caplog, s
     assert not [e for e in seen if isinstance(e, events.RetryScheduled | events.GaveUp)]
 
 
+def test_the_bodys_own_self_retry_is_an_escalation_and_an_outer_retry(caplog, seen):
+    app = make_app()
+    runs = {"n": 0}
+
+    @app.task(base=ResilientTask, bind=True, shared=False, max_retries=2)
+    def seed(self: ResilientTask) -> str:
+        runs["n"] += 1
+        if runs["n"] == 1:
+            raise self.retry(exc=RuntimeError("first run fails"), countdown=0.5)
+        return "ok"
+
+    with caplog.at_level(logging.DEBUG):
+        result = seed.apply()
+    assert result.get() == "ok"
+    ended = [e for e in seen if isinstance(e, events.TaskAttemptEnded)]
+    assert [(e.layer, e.attempt, e.outcome, e.error_type, e.wait) for e in ended] == [
+        ("inner", 1, "escalated", "RuntimeError", None),
+        ("outer", 1, "retry", "RuntimeError", 0.5),
+        ("inner", 1, "success", None, None),
+        ("outer", 2, "success", None, None),
+    ]
+    (record,) = tagged(caplog)
+    assert (record.taskkit_event, record.layer, record.attempt) == ("retry", "outer", 1)  # type: ignore[attr-defined]
+    assert "RuntimeError: first run fails" in record.getMessage()
+
+
 def test_a_terminal_failure_and_its_dead_letter_are_one_record_each(
     caplog, seen, pg_schema_url: str, pg_engine: Engine
 ):
@@ -318,10 +349,11 @@ def test_a_terminal_failure_and_its_dead_letter_are_one_record_each(
     assert [type(e).__name__ for e in seen] == [
         "TaskAttemptEnded",
         "TaskAttemptEnded",
-        "TaskFailed",
         "DeadLettered",
+        "TaskFailed",
     ]
-    assert seen[-1] == events.DeadLettered(parse.name, letter.id, "ValueError", task_id=result.id)
+    assert seen[-2] == events.DeadLettered(parse.name, letter.id, "ValueError", task_id=result.id)
+    assert seen[-1] == events.TaskFailed(parse.name, result.id, "ValueError", 1)
 
 
 def test_a_plain_retry_logs_its_retry_and_its_give_up(caplog, seen):
@@ -350,8 +382,9 @@ def test_a_breaker_transition_is_one_record(caplog, seen, unique: str):
             breaker.call(down)
         with pytest.raises(CircuitBreakerError):
             breaker.call(down)
-    (record,) = tagged(caplog)
-    assert (record.taskkit_event, record.layer, record.attempt) == ("circuit_state", None, None)  # type: ignore[attr-defined]
+    # (an alert notifier a worker installed in this process may log an "alert" record too)
+    (record,) = [r for r in tagged(caplog) if r.taskkit_event == "circuit_state"]  # type: ignore[attr-defined]
+    assert (record.layer, record.attempt) == (None, None)  # type: ignore[attr-defined]
     assert seen == [events.CircuitStateChanged(unique, "closed", "open")]
 
 
@@ -413,6 +446,49 @@ def test_a_lapsed_redis_lease_is_taken_over_and_a_released_one_is_not(
     assert third.previous_owner is None
     assert tagged(caplog) == []
     third.release()
+
+
+def test_a_resumed_training_attempt_is_one_record_and_one_event(
+    caplog, seen, pg_schema_url: str, pg_engine: Engine, tmp_path: Path, monkeypatch
+):
+    monkeypatch.setenv("TASKKIT_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("TASKKIT_SECRET_KEY", KEY)
+    reset_settings()
+    app = make_app(taskkit_database_url=pg_schema_url)
+    failed: list[int] = []
+
+    @app.task(base=TrainingTask, bind=True, shared=False, checkpoint_every=1, max_retries=2)
+    def fit(self: TrainingTask, model_run_id: int, epochs: int) -> dict[str, Any]:
+        with self.training(total_epochs=epochs) as run:
+            state = run.restore() or {"w": 0}
+            for epoch in run.epochs():
+                state = {"w": state["w"] + 1}
+                if epoch == 2 and not failed:
+                    failed.append(epoch)
+                    raise KeyError("injected")  # unclassified: the task is sent again
+                run.report(epoch, {"score": float(epoch)}, state)
+            return run.complete(state)
+
+    try:
+        with session_scope(pg_schema_url) as session:
+            row = ModelRun(name="resume", model_type="test", status="queued", task_name=fit.name)
+            session.add(row)
+            session.flush()
+            run_id = row.id
+        with caplog.at_level(logging.DEBUG):
+            result = fit.apply(args=(run_id, 4))
+        assert result.get()["status"] == "success"
+    finally:
+        reset_settings()
+    (record,) = [r for r in tagged(caplog) if r.taskkit_event == "resume"]  # type: ignore[attr-defined]
+    assert (record.task, record.task_id, record.run_id) == (fit.name, result.id, run_id)  # type: ignore[attr-defined]
+    assert (record.attempt, record.layer) == (None, None)  # type: ignore[attr-defined]
+    resumed = [e for e in seen if isinstance(e, events.RunResumed)]
+    assert resumed == [events.RunResumed(fit.name, run_id, result.id, 2)]
+    epochs = [e.epoch for e in seen if isinstance(e, events.EpochFinished)]
+    assert epochs == [0, 1, 2, 3]
+    saved = [e for e in seen if isinstance(e, events.CheckpointSaved)]
+    assert [(e.run_id, e.step, e.task) for e in saved] == [(run_id, s, fit.name) for s in range(4)]
 
 
 # -- the attempts record (``taskkit tasks show``) ------------------------------------------------
