@@ -2,9 +2,9 @@
 
 ``predict_rows`` is a ``BatchTask`` over rows ``{"id": ..., "run_id": ..., <features>...}``.
 Its ``setup_chunk`` loads each run's model once per chunk and scores the chunk's valid rows as
-one matrix; the item function then buffers each row's ``Prediction`` (or raises the row's
-``ValueError``, naming the bad columns, so the row is dead-lettered at once with itself as the
-payload), and ``flush_items`` stores the buffer with ``safe_bulk_insert``.
+one matrix (``score_rows``); the item function then buffers each row's ``Prediction`` (or raises
+the row's ``ValueError``, naming the bad columns, so the row is dead-lettered at once with
+itself as the payload), and ``flush_items`` stores the buffer with ``safe_bulk_insert``.
 
 Example::
 
@@ -26,6 +26,12 @@ Decisions:
   fails ``setup_chunk``, so the whole chunk fails without retry and, in a worker, its rows are
   dead-lettered with that error: ``taskkit dlq replay --error-type RunNotResumable`` once the
   run has completed. ``predict_dataframe`` checks the run before sending anything.
+- Rows are checked into the matrix by the types of their values and ``np.isfinite`` over the
+  whole matrix; only unusual rows go through ``row_features`` one by one (a chunk scores about
+  100x the rows/s of a row at a time: docs/benchmarks.md). Should ``predict`` raise, the matrix
+  is scored in halves until the rows the model refuses stand alone: each fails alone with the
+  model's error (scored alone once more on its item's second try), the others are stored. A
+  time limit striking inside the call fails the chunk; it is never taken for a row's error.
 - A prediction refused only because ``(model_run_id, item_key)`` exists (a redelivered chunk)
   counts as stored; any other refusal raises ``PredictionsNotStored`` so no row is marked done
   before its prediction is stored.
@@ -38,13 +44,15 @@ import contextlib
 import json
 import math
 import numbers
+import operator
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy import select
 
 from taskkit.db import safe_bulk_insert
@@ -60,6 +68,7 @@ __all__ = [
     "ScoredChunk",
     "dataframe_rows",
     "feature_columns",
+    "feature_matrix",
     "predict_dataframe",
     "predict_rows",
     "row_features",
@@ -67,6 +76,8 @@ __all__ = [
 ]
 
 ID, RUN_ID = "id", "run_id"
+#: Raised into a task by its time limits: never taken for a row's error.
+_TIME_LIMITS = (SoftTimeLimitExceeded, TimeLimitExceeded)
 
 
 class PredictionsNotStored(PermanentError):
@@ -89,11 +100,18 @@ def row_features(row: Mapping[str, Any], features: Sequence[str]) -> list[float]
             problems.append(f"{name} has no value")
         elif isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
             problems.append(f"{name} is not a number: {value!r}")
-        elif not math.isfinite(value):
+        elif not _finite(value):
             problems.append(f"{name} is not a finite number: {value!r}")
     if problems:
         raise ValueError(f"row {row.get(ID)!r} cannot be scored: {'; '.join(problems)}")
     return [float(row[name]) for name in features]
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows one)
+        return False
 
 
 def _run_id(row: Any) -> int:
@@ -105,31 +123,122 @@ def _run_id(row: Any) -> int:
     return int(run_id)
 
 
-def score_rows(run_id: int, model: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The ``Prediction`` records of the rows ``model`` can score, by row id: one ``predict``
-    (and ``predict_proba``) call for all of them. Rows that cannot be scored are left out."""
-    features = feature_columns(model)
-    scorable, values = [], []
+#: The types of feature values the matrix takes as they are (what JSON decodes numbers to);
+#: a row with any other value (NumPy scalars, None, text, bool) goes through ``row_features``.
+_PLAIN = frozenset({float, int})
+
+
+def feature_matrix(
+    rows: Sequence[Mapping[str, Any]], features: Sequence[str]
+) -> tuple[list[Mapping[str, Any]], np.ndarray]:
+    """The rows of ``rows`` that can be scored and their ``features`` as one float matrix (row i
+    of the matrix is the i-th row returned); rows ``row_features`` refuses are left out.
+
+    The usual row, every feature a plain ``float`` or ``int``, is checked by its types and, for
+    the whole matrix at once, by ``np.isfinite``; any other row is checked by ``row_features``.
+
+    Example::
+
+        scorable, X = feature_matrix([{"f0": 1.0}, {"f0": None}], ["f0"])  # 1 row, X 1x1
+    """
+    if len(features) == 1:
+        name = features[0]
+        get: Callable[[Mapping[str, Any]], tuple[Any, ...]] = lambda row: (row[name],)  # noqa: E731
+    else:
+        get = operator.itemgetter(*features)
+    plain: list[Mapping[str, Any]] = []
+    cells: list[tuple[Any, ...]] = []
+    odd: list[Mapping[str, Any]] = []
     for row in rows:
+        try:
+            cell = get(row)
+        except KeyError:
+            odd.append(row)
+            continue
+        if _PLAIN.issuperset(map(type, cell)):
+            plain.append(row)
+            cells.append(cell)
+        else:
+            odd.append(row)
+    try:
+        X = np.array(cells, dtype=np.float64).reshape(len(cells), len(features))
+    except OverflowError:  # an int too large for a float: let row_features name it
+        X, odd, plain = np.empty((0, len(features))), plain + odd, []
+    finite = np.isfinite(X).all(axis=1)
+    if not finite.all():
+        keep: list[bool] = finite.tolist()
+        odd += [row for row, ok in zip(plain, keep, strict=True) if not ok]
+        plain, X = [row for row, ok in zip(plain, keep, strict=True) if ok], X[finite]
+    extra = []
+    for row in odd:
         with contextlib.suppress(ValueError):  # raised again by the row's own item
-            values.append(row_features(row, features))
-            scorable.append(row)
+            extra.append(row_features(row, features))
+            plain.append(row)
+    if extra:
+        X = np.vstack([X, np.array(extra, dtype=np.float64)])
+    return plain, X
+
+
+def _predict(model: Any, X: np.ndarray, features: Sequence[str]) -> list[Any]:
+    """``(prediction, confidence)`` of every row of ``X``, from one ``predict`` (and one
+    ``predict_proba``) call; when a call raises, the two halves are scored apart, down to the
+    single row, whose item is the error (``_TIME_LIMITS`` pass through)."""
+    try:
+        named = hasattr(model, "feature_names_in_")  # fitted on a DataFrame: give it one
+        data = pd.DataFrame(X, columns=list(features)) if named else X
+        predicted = np.asarray(model.predict(data)).tolist()  # NumPy scalars as plain JSON
+        if hasattr(model, "predict_proba"):
+            confidence = np.asarray(model.predict_proba(data)).max(axis=1).tolist()
+        else:
+            confidence = [None] * len(X)
+        if not len(predicted) == len(confidence) == len(X):
+            raise ValueError(f"the model returned {len(predicted)} predictions for {len(X)} rows")
+    except _TIME_LIMITS:
+        raise
+    except Exception as error:
+        if len(X) == 1:
+            return [error]
+        middle = len(X) // 2
+        return _predict(model, X[:middle], features) + _predict(model, X[middle:], features)
+    return list(zip(predicted, confidence, strict=True))
+
+
+def score_rows(
+    run_id: int,
+    model: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    refused: dict[str, Exception] | None = None,
+) -> dict[str, Any]:
+    """The ``Prediction`` records of the rows ``model`` can score, by row id: the rows are
+    checked into one matrix (``feature_matrix``) and scored with one ``predict`` (and
+    ``predict_proba``) call. Rows that cannot be scored are left out. Should a call raise, the
+    matrix is split in halves until the rows the model refuses stand alone: each such row is
+    left out too, its error put in ``refused`` by row id, and the others are scored.
+
+    Example::
+
+        records = score_rows(7, model, rows)  # {"row-1": {"model_run_id": 7, ...}, ...}
+    """
+    features = feature_columns(model)
+    scorable, X = feature_matrix(rows, features)
     if not scorable:
         return {}
-    named = hasattr(model, "feature_names_in_")  # fitted on a DataFrame: give it one
-    X = pd.DataFrame(values, columns=features) if named else np.asarray(values)
-    predicted = model.predict(X)
-    confidence = model.predict_proba(X).max(axis=1) if hasattr(model, "predict_proba") else None
-    return {
-        str(row[ID]): {
+    records = {}
+    for row, x, scored in zip(scorable, X.tolist(), _predict(model, X, features), strict=True):
+        key = str(row[ID])
+        if isinstance(scored, Exception):
+            if refused is not None:
+                refused[key] = scored
+            continue
+        records[key] = {
             "model_run_id": run_id,
-            "item_key": str(row[ID]),
+            "item_key": key,
             "input_data": dict(zip(features, x, strict=True)),
-            "prediction": predicted[i].item(),  # a NumPy scalar as plain JSON
-            "confidence": None if confidence is None else float(confidence[i]),
+            "prediction": scored[0],
+            "confidence": None if scored[1] is None else float(scored[1]),
         }
-        for i, (row, x) in enumerate(zip(scorable, values, strict=True))
-    }
+    return records
 
 
 def feature_columns(model: Any) -> list[str]:
@@ -146,21 +255,38 @@ def feature_columns(model: Any) -> list[str]:
 
 @dataclass
 class ScoredChunk:
-    """What ``setup_chunk`` yields: the chunk's records by row id, the features of each run
-    (to explain a row that was not scored), and the records waiting for ``flush_items``."""
+    """What ``setup_chunk`` yields: the chunk's records by row id, the features and model of
+    each run (to explain or score again a row that was not scored), the errors of the rows the
+    model refused, and the records waiting for ``flush_items``."""
 
     database_url: str | None
     records: dict[str, Any] = field(default_factory=dict)
     features: dict[int, list[str]] = field(default_factory=dict)
     buffer: list[dict[str, Any]] = field(default_factory=list)
+    models: dict[int, Any] = field(default_factory=dict)
+    refused: dict[str, Exception] = field(default_factory=dict)
 
     def stage(self, row: Mapping[str, Any]) -> None:
-        """Buffer ``row``'s prediction; ``ValueError`` for a row that could not be scored."""
+        """Buffer ``row``'s prediction. ``ValueError`` for a row that could not be scored; for a
+        row the model refused, the model's error, and on the item's next try the row is scored
+        again alone."""
         run_id = _run_id(row)
-        record = self.records.get(str(row.get(ID)))
+        key = str(row.get(ID))
+        record = self.records.get(key)
         if record is None or record["model_run_id"] != run_id:
+            error = self.refused.pop(key, None)
+            if error is not None:
+                raise error  # what the model raised on this row alone
             row_features(row, self.features[run_id])  # raises, naming the bad columns
-            raise ValueError(f"row {row.get(ID)!r} was not scored with its chunk")
+            model = self.models.get(run_id)
+            if model is not None:  # a retry of a refused row, or an id another run scored
+                self.records.update(score_rows(run_id, model, [row], refused=self.refused))
+                record = self.records.get(key)
+            if record is None or record["model_run_id"] != run_id:
+                error = self.refused.pop(key, None)
+                if error is not None:
+                    raise error
+                raise ValueError(f"row {row.get(ID)!r} was not scored with its chunk")
         self.buffer.append(record)
 
 
@@ -186,7 +312,8 @@ class PredictionTask(BatchTask):
                 by_run.setdefault(_run_id(row), []).append(row)
         for run_id, rows in by_run.items():
             model = load_model(run_id, database_url=chunk.database_url)  # once per chunk
-            chunk.records.update(score_rows(run_id, model, rows))
+            chunk.models[run_id] = model
+            chunk.records.update(score_rows(run_id, model, rows, refused=chunk.refused))
             chunk.features[run_id] = feature_columns(model)
         yield chunk
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from sklearn.linear_model import SGDClassifier
 from sqlalchemy import func, select
 
@@ -258,8 +259,8 @@ def test_a_prediction_the_database_refuses_keeps_the_rows_unfinished_until_store
     rows = dataframe_rows(frame, run_id)
     real = batch.score_rows
 
-    def refused_for_row_4(run: int, model: Any, chunk_rows: Any) -> dict[str, Any]:
-        records = real(run, model, chunk_rows)
+    def refused_for_row_4(run: int, model: Any, chunk_rows: Any, **options: Any) -> dict[str, Any]:
+        records = real(run, model, chunk_rows, **options)
         records["row-4"]["input_data"] = {"not json": {1, 2}}
         return records
 
@@ -478,3 +479,113 @@ def test_a_real_worker_scores_a_dataframe_and_dead_letters_what_it_cannot_score(
     replayed = predict_rows(payloads, batch_id="replay-early")  # what a replay runs
     assert replayed["successful"] == 12
     assert_scored_like_the_model(unfinished, early, model=load_model(run_id))
+
+
+class RefusingModel(CountingModel):
+    """A run's model whose ``predict`` raises on a matrix holding a row whose ``f0`` is one of
+    ``poison`` (each poison value refuses ``times`` calls, then scores)."""
+
+    def __init__(self, model: Any, calls: list[tuple[str, int]], poison: dict[float, int]) -> None:
+        super().__init__(model, calls)
+        self.poison = poison
+
+    def predict(self, X: Any) -> Any:
+        self.calls.append(("predict", len(X)))
+        for value in sorted(set(np.asarray(X)[:, 0].tolist()) & set(self.poison)):
+            if self.poison[value]:
+                self.poison[value] -= 1
+                raise RuntimeError(f"the model cannot score f0={value}")
+        return self.model.predict(X)
+
+
+def refusing_model(
+    monkeypatch: pytest.MonkeyPatch, poison: dict[float, int]
+) -> list[tuple[str, int]]:
+    calls: list[tuple[str, int]] = []
+    real = batch.load_model
+    monkeypatch.setattr(
+        batch, "load_model", lambda run, **o: RefusingModel(real(run, **o), calls, poison)
+    )
+    monkeypatch.setattr(predict_rows, "item_delay", 0.0)
+    return calls
+
+
+def test_rows_the_model_refuses_fail_alone_with_its_error_and_the_others_are_scored(
+    run_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame = rows_frame(40)
+    frame.loc[[7, 29], "f0"] = [1234.5, 6789.5]
+    calls = refusing_model(monkeypatch, {1234.5: 99, 6789.5: 99})
+    rows = dataframe_rows(frame, run_id)
+    rows[12]["f3"] = None  # refused by the checks: never reaches the model
+
+    summary = predict_rows(rows, batch_id="refusing")
+
+    assert summary["failed_ids"] == ["row-7", "row-12", "row-29"]
+    assert (summary["successful"], summary["failed"]) == (37, 3)
+    dead = letters("refusing")
+    for key, value in (("row-7", 1234.5), ("row-29", 6789.5)):
+        assert (dead[key].error_type, dead[key].attempts) == ("RuntimeError", 2)
+        assert dead[key].error_message == f"the model cannot score f0={value}"
+        assert dead[key].payload == rows[int(key.split("-")[1])]
+    assert dead["row-12"].error_type == "ValueError"
+    assert_scored_like_the_model(run_id, frame.drop(index=[7, 12, 29]))
+    predicts = [size for name, size in calls if name == "predict"]
+    assert predicts[0] == 39  # the chunk's matrix first
+    # Halves down to each refused row (2 log2(39) calls at most), then each refused row
+    # alone once more on its item's second try; predict_proba only where predict succeeded.
+    assert len(predicts) <= 2 * 2 * 6 + 2
+    assert predicts[-2:] == [1, 1]
+    assert sum(size for name, size in calls if name == "predict_proba") == 37
+
+
+def test_a_row_the_model_refused_once_is_scored_alone_on_its_items_next_try(
+    run_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame = rows_frame(16)
+    frame.loc[5, "f0"] = 1234.5
+    # Refused by the 5 calls of the halves holding row 5 (16, 8, 4, 2, 1 rows), not after.
+    calls = refusing_model(monkeypatch, {1234.5: 5})
+
+    summary = predict_rows(dataframe_rows(frame, run_id), batch_id="fluke")
+
+    assert (summary["successful"], summary["failed"]) == (16, 0)
+    assert letters("fluke") == {}
+    assert_scored_like_the_model(run_id, frame)
+    # Halves, depth first: 0-16 and 0-8 refused, 0-4 scored, 4-8 and 4-6 refused, 4 scored,
+    # 5 refused alone, 6-8 and 8-16 scored; then row 5 alone again, on its item's second try.
+    assert [size for name, size in calls if name == "predict"] == [16, 8, 4, 4, 2, 1, 1, 2, 8, 1]
+    assert calls[-2:] == [("predict", 1), ("predict_proba", 1)]
+
+
+def test_a_time_limit_inside_the_models_call_fails_the_chunk_and_is_not_bisected(
+    run_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, int]] = []
+    real = batch.load_model
+
+    class Slow(CountingModel):
+        def predict(self, X: Any) -> Any:
+            calls.append(("predict", len(X)))
+            raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(batch, "load_model", lambda run, **o: Slow(real(run, **o), calls))
+
+    with pytest.raises(SoftTimeLimitExceeded):
+        predict_rows(dataframe_rows(rows_frame(20), run_id), batch_id="limit")
+
+    assert calls == [("predict", 20)]
+    assert prediction_count() == 0
+
+
+def test_a_number_too_large_for_a_float_fails_its_row_alone(run_id: int) -> None:
+    frame = rows_frame(10)
+    rows = dataframe_rows(frame, run_id)
+    rows[2]["f6"] = 10**400  # what JSON decodes a 401-digit number to
+
+    summary = predict_rows(rows, batch_id="huge")
+
+    assert (summary["successful"], summary["failed_ids"]) == (9, ["row-2"])
+    message = letters("huge")["row-2"].error_message
+    assert message.startswith("row 'row-2' cannot be scored: f6 is not a finite number: 1000")
+    assert_scored_like_the_model(run_id, frame.drop(index=[2]))
