@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -492,5 +493,233 @@ Target: the killed chunk runs again within {REQUEUE_TARGET:g} s (median). Measur
 """
 
 
+# -- workers/batch.py: scoring a chunk, row at a time against one matrix ------------------------
+
+#: Rows per chunk (submit_batch's default chunk size) and timed rounds (contestants take turns).
+SCORE_ROWS = 1000
+SCORE_ROUNDS = 7
+#: Target (issue 18): a chunk scored as one matrix, at least 20x the rows/s of row at a time.
+SCORE_TARGET = 20.0
+SCORE_HEADERS = ["contestant", "µs per row (median)", "rows/s", "vs row at a time"]
+
+
+def _score_row_at_a_time(run_id: int, model: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How workers/batch.py scored before issue 18 (commit 83d17ce,
+    ``prediction_record``): each row checked, made a 1-row matrix and scored on its own."""
+    import numpy as np
+
+    from workers.batch import ID, feature_columns, row_features
+
+    features = feature_columns(model)
+    records = {}
+    for row in rows:
+        with suppress(ValueError):
+            values = row_features(row, features)
+            X = np.asarray([values], dtype=np.float64)
+            confidence = float(np.max(model.predict_proba(X)[0]))
+            records[str(row[ID])] = {
+                "model_run_id": run_id,
+                "item_key": str(row[ID]),
+                "input_data": dict(zip(features, values, strict=True)),
+                "prediction": model.predict(X)[0].item(),
+                "confidence": confidence,
+            }
+    return records
+
+
+def _score_checked_one_by_one(
+    run_id: int, model: Any, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One matrix, but each row checked by ``row_features`` in Python and each record built
+    from NumPy scalars (workers/batch.py at commit d866ea3)."""
+    import numpy as np
+
+    from workers.batch import ID, feature_columns, row_features
+
+    features = feature_columns(model)
+    scorable, values = [], []
+    for row in rows:
+        with suppress(ValueError):
+            values.append(row_features(row, features))
+            scorable.append(row)
+    X = np.asarray(values)
+    predicted = model.predict(X)
+    confidence = model.predict_proba(X).max(axis=1)
+    return {
+        str(row[ID]): {
+            "model_run_id": run_id,
+            "item_key": str(row[ID]),
+            "input_data": dict(zip(features, x, strict=True)),
+            "prediction": predicted[i].item(),
+            "confidence": float(confidence[i]),
+        }
+        for i, (row, x) in enumerate(zip(scorable, values, strict=True))
+    }
+
+
+def _assert_same(records: dict[str, Any], others: dict[str, Any]) -> None:
+    """The same records (confidences within rounding: a 1-row matrix sums in another order)."""
+    assert records.keys() == others.keys()
+    for key, record in records.items():
+        other = others[key]
+        assert {**record, "confidence": 0} == {**other, "confidence": 0}, key
+        assert math.isclose(record["confidence"], other["confidence"], rel_tol=1e-9), key
+
+
+class _Refusing:
+    """The model, except that ``predict`` raises on a matrix holding a row whose ``f0`` is in
+    ``refuse`` (a model that fails on some inputs)."""
+
+    def __init__(self, model: Any, refuse: set[float]) -> None:
+        self.model, self.refuse = model, refuse
+        self.n_features_in_ = model.n_features_in_
+
+    def predict(self, X: Any) -> Any:
+        if self.refuse & set(X[:, 0].tolist()):
+            raise ArithmeticError("refused")
+        return self.model.predict(X)
+
+    def predict_proba(self, X: Any) -> Any:
+        return self.model.predict_proba(X)
+
+
+def score_measure() -> tuple[dict[str, float], int]:
+    """µs per row of each contestant, median of ``SCORE_ROUNDS`` rounds (each the best of
+    timeit repeats); and the number of ``predict`` calls of the bad chunk."""
+    import pandas as pd
+    from sklearn.linear_model import SGDClassifier
+
+    from workers.batch import dataframe_rows, score_rows
+    from workers.training import EXAMPLE_DATASET, TARGET
+
+    data = pd.read_csv(EXAMPLE_DATASET)
+    features = [f"f{i}" for i in range(10)]
+    model = SGDClassifier(loss="log_loss", random_state=0)  # what workers.training trains
+    model.fit(data[features].to_numpy(), data[TARGET].to_numpy())
+    frame = data[features].iloc[:SCORE_ROWS].copy()
+    frame.insert(0, "id", [f"row-{i}" for i in range(SCORE_ROWS)])
+    rows = json.loads(json.dumps(dataframe_rows(frame, 1)))  # as a worker receives them
+    bad = json.loads(json.dumps(rows))
+    for i in range(0, SCORE_ROWS, SCORE_ROWS // 10):  # 10 rows the checks refuse
+        bad[i]["f3"] = None
+    refuse = {bad[i]["f0"] for i in (123, 777)}  # 2 rows the model raises on
+    refusing = _Refusing(model, refuse)
+    calls = 0
+
+    def counted(X: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return _Refusing.predict(refusing, X)
+
+    _assert_same(_score_row_at_a_time(1, model, rows), score_rows(1, model, rows))
+    _assert_same(_score_checked_one_by_one(1, model, rows), score_rows(1, model, rows))
+    refused: dict[str, Exception] = {}
+    refusing.predict = counted  # type: ignore[method-assign]
+    assert len(score_rows(1, refusing, bad, refused=refused)) == SCORE_ROWS - 12
+    assert sorted(refused) == ["row-123", "row-777"]
+    refusing.predict = lambda X: _Refusing.predict(refusing, X)  # type: ignore[method-assign]
+    cases: dict[str, Callable[[], object]] = {
+        "row at a time (before: 1-row matrix, `predict` + `predict_proba` per row)": (
+            lambda: _score_row_at_a_time(1, model, rows)
+        ),
+        "one matrix, rows checked one by one in Python (before this change)": (
+            lambda: _score_checked_one_by_one(1, model, rows)
+        ),
+        "**`score_rows`: checked into one matrix, one call** (now)": (
+            lambda: score_rows(1, model, rows)
+        ),
+        "`score_rows`, 10 rows refused by the checks, 2 by the model (bisected)": (
+            lambda: score_rows(1, refusing, bad, refused={})
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_number in range(1, SCORE_ROUNDS + 1):
+        say(f"  round {round_number}/{SCORE_ROUNDS}")
+        for name, case in cases.items():
+            times[name].append(per_call_ns(case, repeat=3) / SCORE_ROWS / 1000)
+    return {name: statistics.median(values) for name, values in times.items()}, calls
+
+
+def scoring_section() -> str:
+    say("workers/batch.py scoring: row at a time against one matrix")
+    logging.disable(logging.CRITICAL)
+    try:
+        measured, calls = score_measure()
+    finally:
+        logging.disable(logging.NOTSET)
+    names = list(measured)
+    old, new = measured[names[0]], measured[names[2]]
+    rows = [
+        [name, f"{us:,.2f}", f"{1e6 / us:,.0f}", f"{old / us:,.1f}x"]
+        for name, us in measured.items()
+    ]
+    ratio = old / new
+    verdict = "met" if ratio >= SCORE_TARGET else "**not met**"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    from benchmarks._harness import machine
+
+    return f"""## Batch prediction: scoring a chunk row at a time against one matrix
+
+`workers/batch.py`'s scoring of one chunk of {SCORE_ROWS:,} rows (submit_batch's default chunk
+size), in process: rows as a worker receives them (JSON-decoded dicts of 10 float features),
+the model `workers.training` trains (`SGDClassifier(loss="log_loss")`, `predict` and
+`predict_proba`), the records `flush_items` stores built for each row. No database: this is the
+scoring alone. Each figure is the median of {SCORE_ROUNDS} rounds, the contestants taking turns,
+each round the best of timeit repeats. All contestants produce the same records (checked).
+
+{table(SCORE_HEADERS, rows)}
+
+Row at a time, each row pays a whole `predict` and `predict_proba` call (scikit-learn's input
+checks, a 1x10 matrix): that fixed cost is the time. One matrix pays it once per chunk; what is
+left per row is Python: the row's checks and its record. `feature_matrix` checks a usual row by
+the types of its values (plain `float`/`int`, in C) and all rows' finiteness at once with
+`np.isfinite`; only the other rows (NumPy scalars, None, text, bool, missing columns) go through
+`row_features` one by one, which names each bad column. When `predict` raises, the matrix is cut
+in halves until the rows the model refuses stand alone: the bad chunk above took {calls}
+`predict` calls for its 2 refused rows, each of which is dead-lettered with the model's own
+error while the others are stored.
+
+Target: one matrix at least {SCORE_TARGET:g}x the rows/s of row at a time. Measured:
+{ratio:,.1f}x, target {verdict}.
+
+Measured with `python -m benchmarks.bench_batch scoring` (this section alone; `make bench` runs
+it too) on {machine()}, {when}, commit {_commit_of(["workers/batch.py", __file__])}.
+"""
+
+
+def _commit_of(paths: list[str]) -> str:
+    """HEAD's short hash, "+uncommitted" when one of ``paths`` differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=False,
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", *paths],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=False,
+    )
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
+
+
+def run_scoring() -> None:
+    """``python -m benchmarks.bench_batch scoring``: this section alone, replaced in
+    docs/benchmarks.md."""
+    from benchmarks._harness import replace_section
+
+    replace_section(scoring_section())
+
+
 def run() -> str:
-    return "\n".join([overhead_section(), ledger_section(), requeue_section()])
+    return "\n".join([overhead_section(), ledger_section(), requeue_section(), scoring_section()])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["scoring"]:
+    run_scoring()
