@@ -24,11 +24,11 @@ beside it. Other drivers and SQLite use plain parameterised statements.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, ScalarResult, make_url
 from sqlalchemy.orm import Session
 
 from taskkit.checkpoint._codec import _THREAD_MIN, Buffer, Hashed, StreamDigest, writable_buffer
@@ -174,7 +174,7 @@ class DatabaseStorage:
             digest = None if start is None else start(view.nbytes)
             done = 0
             driver = _psycopg(db)
-            chunks = (
+            chunks: Generator[bytes, None, None] | ScalarResult[bytes] = (
                 _binary_chunks(driver, record_id)
                 if driver is not None
                 else db.execute(
@@ -184,12 +184,15 @@ class DatabaseStorage:
                     .execution_options(yield_per=1)  # one chunk in memory at a time
                 ).scalars()
             )
-            for chunk in chunks:
-                end = min(done + len(chunk), view.nbytes)
-                view[done:end] = chunk[: end - done]
-                if digest is not None:
-                    digest.update(view[done:end])
-                done += len(chunk)
+            try:
+                for chunk in chunks:
+                    end = min(done + len(chunk), view.nbytes)
+                    view[done:end] = chunk[: end - done]
+                    if digest is not None:
+                        digest.update(view[done:end])
+                    done += len(chunk)
+            finally:
+                chunks.close()  # the server-side cursor, before the transaction ends
         if done != view.nbytes:  # changed while being read: the checksum will tell
             return view[: min(done, view.nbytes)]
         return view
@@ -254,7 +257,7 @@ def _copy_in(driver: Any, record_id: int, chunks: Iterator[Buffer]) -> int:
     return size
 
 
-def _binary_chunks(driver: Any, record_id: int) -> Iterator[bytes]:
+def _binary_chunks(driver: Any, record_id: int) -> Generator[bytes, None, None]:
     """The record's chunks in order, in binary format, one row per round trip (a server-side
     cursor: never more than one chunk in memory)."""
     with driver.cursor(name="taskkit_checkpoint_read", binary=True) as cursor:

@@ -192,3 +192,38 @@ def test_on_postgresql_chunks_are_copied_in_not_inserted_one_by_one(pg_schema_ur
         empty_tables(engine)
     assert statements  # the record and the manifest still go through SQLAlchemy
     assert not [s for s in statements if "INSERT INTO checkpoint_chunks" in s]
+
+
+def test_a_database_read_that_fails_midway_leaves_the_storage_usable(url_storage, monkeypatch):
+    """The chunk cursor is closed before the transaction ends; the next read works."""
+    storage = url_storage
+    data = os.urandom(3 * 1024 + 5)
+    storage.write("midway", 1, [data], lambda: _manifest("midway", 1, data))
+    calls = 0
+    real_update = StreamDigest.update
+
+    def update(self: StreamDigest, piece: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(5, "Input/output error")
+        real_update(self, piece)
+
+    monkeypatch.setattr(StreamDigest, "update", update)
+    with pytest.raises(OSError, match="Input/output"):
+        storage.read_hashed("midway", 1)
+    monkeypatch.undo()
+    result = storage.read_hashed("midway", 1)
+    assert bytes(result.data) == data
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url_storage(request: pytest.FixtureRequest) -> Any:
+    from tests.conftest import empty_tables
+
+    url = request.getfixturevalue(
+        "pg_schema_url" if request.param == "postgresql" else "sqlite_url"
+    )
+    yield DatabaseStorage(url, chunk_size=1024)
+    empty_tables(get_engine(url))
