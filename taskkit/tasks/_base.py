@@ -325,83 +325,77 @@ class ResilientTask(Task[Any, Any]):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         run = _Run(None, Throttle(self.progress_interval), self)
-        if request.called_directly:
-            return self._deliver(request, run, args, kwargs)
-        run.observed = events.active()
+        if not request.called_directly and events.active():
+            run.observed = True
         try:
-            result = self._deliver(request, run, args, kwargs)
+            in_worker = not request.called_directly and not request.is_eager
+            watcher = in_worker and bool(request.get("taskkit_watcher"))
+            redelivered = in_worker and bool(
+                request.get("redelivered") or (request.delivery_info or {}).get("redelivered")
+            )
+            if redelivered or watcher:
+                self._screen_redelivery(request)
+            run.run_id = self._argument(args, kwargs, self.progress_run_arg)
+            stack = _run_stack()
+            stack.append(run)
+            try:
+                if in_worker and self.lease_key:
+                    # Inside the ladder: a lease store that is briefly unreachable means a retry.
+                    run.lease = self._take_lease(request, args, kwargs, run)
+                    run.lease.start_heartbeat()
+                if redelivered and not watcher:
+                    self._count_redelivery(request)
+                # In a worker (and in apply()) Celery has pushed the request already and, for a task
+                # without a custom __call__, calls run() directly; do the same (Task.__call__ would
+                # push a second copy of the request: 80% of this class's overhead per task).
+                body = self.body()
+                if request.called_directly:
+                    body = functools.partial(_called_directly, self, body)
+                elif run.observed or tracing.enabled():
+                    body = self._attempts_of(body, request, run)
+                result = self._inner.call(body, *args, **kwargs)
+            except LeaseLost as lost:
+                holder = self.lease_store().holder(lost.key)
+                logger.warning(
+                    "taskkit: %s[%s] lost its lease to %s; stopping",
+                    self.name,
+                    request.id,
+                    holder.describe() if holder else "nobody",
+                )
+                if holder is not None and holder.task_id == request.id:
+                    raise Ignore() from None  # a copy of this very task carries on with its result
+                if holder is None and in_worker:
+                    # Nobody took it over: the lease store lost it (a Redis restart, an eviction,
+                    # an outage longer than the ttl). Not this task's fault: run it again.
+                    raise self.retry(
+                        exc=lost, countdown=self.outer_countdown(request.retries, lost)
+                    ) from None
+                raise  # another task owns the key now: this one fails, and is not retried
+            except Exception as exc:
+                if is_control_flow(exc) or self.is_permanent(exc):
+                    raise
+                if not (self.retry_unknown_errors or self.is_transient(exc)):
+                    raise
+                raise self.retry(
+                    exc=exc, countdown=self.outer_countdown(request.retries, exc)
+                ) from None
+            finally:
+                stack.pop()
+                if run.lease is not None:
+                    run.lease.release()
+                if run.run_id is not None and submit_epochs(
+                    run.run_id, run.epochs, database_url=self.app.conf.get("taskkit_database_url")
+                ):
+                    run.progress_keys.append(("training-epochs", run.run_id))
+                if run.progress_keys:
+                    progress_writer().flush(self.progress_flush_timeout)
         except BaseException as exc:
-            self._delivery_failed(request, run, exc)
+            if not request.called_directly:
+                self._delivery_failed(request, run, exc)
             raise
         if run.observed:
             self._attempt_ended(request, run, "outer", "success")
         return result
-
-    def _deliver(
-        self, request: Any, run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        """One delivery of the task: screening, lease, the in-process ladder, the outer one."""
-        in_worker = not request.called_directly and not request.is_eager
-        watcher = in_worker and bool(request.get("taskkit_watcher"))
-        redelivered = in_worker and bool(
-            request.get("redelivered") or (request.delivery_info or {}).get("redelivered")
-        )
-        if redelivered or watcher:
-            self._screen_redelivery(request)
-        run.run_id = self._argument(args, kwargs, self.progress_run_arg)
-        stack = _run_stack()
-        stack.append(run)
-        try:
-            if in_worker and self.lease_key:
-                # Inside the ladder: a lease store that is briefly unreachable means a retry.
-                run.lease = self._take_lease(request, args, kwargs, run)
-                run.lease.start_heartbeat()
-            if redelivered and not watcher:
-                self._count_redelivery(request)
-            # In a worker (and in apply()) Celery has pushed the request already and, for a task
-            # without a custom __call__, calls run() directly; do the same (Task.__call__ would
-            # push a second copy of the request: 80% of this class's overhead per task).
-            body = self.body()
-            if request.called_directly:
-                body = functools.partial(_called_directly, self, body)
-            elif run.observed or tracing.enabled():
-                body = self._attempts_of(body, request, run)
-            return self._inner.call(body, *args, **kwargs)
-        except LeaseLost as lost:
-            holder = self.lease_store().holder(lost.key)
-            logger.warning(
-                "taskkit: %s[%s] lost its lease to %s; stopping",
-                self.name,
-                request.id,
-                holder.describe() if holder else "nobody",
-            )
-            if holder is not None and holder.task_id == request.id:
-                raise Ignore() from None  # a copy of this very task carries on with its result
-            if holder is None and in_worker:
-                # Nobody took it over: the lease store lost it (a Redis restart, an eviction,
-                # an outage longer than the ttl). Not this task's fault: run it again.
-                raise self.retry(
-                    exc=lost, countdown=self.outer_countdown(request.retries, lost)
-                ) from None
-            raise  # another task owns the key now: this one fails, and is not retried
-        except Exception as exc:
-            if is_control_flow(exc) or self.is_permanent(exc):
-                raise
-            if not (self.retry_unknown_errors or self.is_transient(exc)):
-                raise
-            raise self.retry(
-                exc=exc, countdown=self.outer_countdown(request.retries, exc)
-            ) from None
-        finally:
-            stack.pop()
-            if run.lease is not None:
-                run.lease.release()
-            if run.run_id is not None and submit_epochs(
-                run.run_id, run.epochs, database_url=self.app.conf.get("taskkit_database_url")
-            ):
-                run.progress_keys.append(("training-epochs", run.run_id))
-            if run.progress_keys:
-                progress_writer().flush(self.progress_flush_timeout)
 
     # -- attempts: events, log records, spans -------------------------------------------------
 
