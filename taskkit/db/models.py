@@ -127,6 +127,8 @@ class ModelRun(Base):
     __table_args__ = (
         Index(None, "status", "created_at"),
         Index("ix_model_runs_name_id", "name", "id"),
+        # runs list --status S: newest id first, read backwards to the limit (migration 0009)
+        Index("ix_model_runs_status_id", "status", "id"),
     )
 
 
@@ -317,4 +319,7 @@ class DeadLetter(Base):
         UniqueConstraint("task_name", "batch_id", "item_key"),
         Index(None, "status", "task_name"),
         Index(None, "last_failed_at"),
+        # dlq list's first page and a batch's letters at 1M letters (migration 0009)
+        Index("ix_dead_letters_status_last_failed_at_id", "status", "last_failed_at", "id"),
+        Index("ix_dead_letters_batch_id_status_id", "batch_id", "status", "id"),
     )
