@@ -124,9 +124,9 @@ class _Run:
 
     #: Whether this call reports ``TaskAttemptEnded`` (someone was subscribed when it began).
     observed = False
-    #: Calls of the body so far in this delivery (counted when observed or traced).
+    #: The inner attempt running (0 until the body is called; the ladder's on_retry counts).
     inner = 0
-    #: What the last call of the body raised, until its attempt is reported.
+    #: What the ladder caught when the delivery failed (before it became a Retry or Ignore).
     error: BaseException | None = None
     #: The last progress meta stored, and the attempts record once an inner retry happened.
     meta: dict[str, Any] | None = None
@@ -351,10 +351,13 @@ class ResilientTask(Task[Any, Any]):
                 body = self.body()
                 if request.called_directly:
                     body = functools.partial(_called_directly, self, body)
-                elif run.observed or tracing.enabled():
-                    body = self._attempts_of(body, request, run)
+                else:
+                    run.inner = 1  # the ladder's on_retry counts the next ones
+                    if tracing.enabled():
+                        body = self._traced(body, request, run)
                 result = self._inner.call(body, *args, **kwargs)
             except LeaseLost as lost:
+                run.error = lost
                 holder = self.lease_store().holder(lost.key)
                 logger.warning(
                     "taskkit: %s[%s] lost its lease to %s; stopping",
@@ -372,6 +375,7 @@ class ResilientTask(Task[Any, Any]):
                     ) from None
                 raise  # another task owns the key now: this one fails, and is not retried
             except Exception as exc:
+                run.error = exc
                 if is_control_flow(exc) or self.is_permanent(exc):
                     raise
                 if not (self.retry_unknown_errors or self.is_transient(exc)):
@@ -394,33 +398,21 @@ class ResilientTask(Task[Any, Any]):
                 self._delivery_failed(request, run, exc)
             raise
         if run.observed:
+            self._attempt_ended(request, run, "inner", "success")
             self._attempt_ended(request, run, "outer", "success")
         return result
 
     # -- attempts: events, log records, spans -------------------------------------------------
 
-    def _attempts_of(self, body: Callable[..., Any], request: Any, run: _Run) -> Callable[..., Any]:
-        """``body``, counting its calls (the inner attempts), each in an attempt span when
-        tracing is on, reporting the ones that return."""
+    def _traced(self, body: Callable[..., Any], request: Any, run: _Run) -> Callable[..., Any]:
+        """``body``, each call (each inner attempt) in an attempt span."""
         outer = int(request.retries or 0) + 1
-        traced = tracing.enabled()
 
         def attempt(*args: Any, **kwargs: Any) -> Any:
-            run.inner += 1
-            try:
-                if traced:
-                    with tracing.attempt_span(
-                        self.name, str(request.id), outer_attempt=outer, inner_attempt=run.inner
-                    ):
-                        result = body(*args, **kwargs)
-                else:
-                    result = body(*args, **kwargs)
-            except BaseException as exc:
-                run.error = exc  # reported by the ladder: a retry, or how the delivery ended
-                raise
-            if run.observed:
-                self._attempt_ended(request, run, "inner", "success")
-            return result
+            with tracing.attempt_span(
+                self.name, str(request.id), outer_attempt=outer, inner_attempt=run.inner
+            ):
+                return body(*args, **kwargs)
 
         attempt.__qualname__ = getattr(body, "__qualname__", attempt.__qualname__)
         return attempt
@@ -431,8 +423,8 @@ class ResilientTask(Task[Any, Any]):
         request = self.request
         if request.id is None or request.called_directly:
             return
-        run.error = None
-        run.attempts = {"inner": state.attempt + 1, "outer": int(request.retries or 0) + 1}
+        run.inner = state.attempt + 1
+        run.attempts = {"inner": run.inner, "outer": int(request.retries or 0) + 1}
         if run.meta is not None:
             self._store_state(request, PROGRESS, {**run.meta, "attempts": run.attempts})
         else:
@@ -470,8 +462,8 @@ class ResilientTask(Task[Any, Any]):
             outcome, cause = "ignored", exc
         else:
             outcome, cause = "failure", exc
-        if run.error is not None:
-            error: BaseException = run.error
+        if run.inner:  # the body ran: its last attempt ended with the delivery
+            error: BaseException = run.error or exc
             wrapped = getattr(error, "exc", None) if isinstance(error, Retry) else None
             if isinstance(wrapped, BaseException):  # the body's own self.retry(exc=...)
                 error = wrapped
@@ -502,14 +494,7 @@ class ResilientTask(Task[Any, Any]):
             attempt = run.inner if layer == "inner" else int(request.retries or 0) + 1
         events.emit(
             events.TaskAttemptEnded(
-                self.name,
-                str(request.id),
-                layer,
-                attempt,
-                outcome,
-                error_type=error_type,
-                wait=wait,
-                run_id=run.run_id,
+                self.name, str(request.id), layer, attempt, outcome, error_type, wait, run.run_id
             )
         )
 
