@@ -49,7 +49,8 @@ def trip(breaker: CircuitBreaker, times: int) -> None:
 
 @pytest.fixture
 def storage(redis_client, key_prefix) -> RedisCircuitStorage:
-    return RedisCircuitStorage(redis_client, prefix=key_prefix)
+    # The exact mode (one round trip per call); test_redis_circuit_staleness.py tests the default.
+    return RedisCircuitStorage(redis_client, prefix=key_prefix, max_staleness=0)
 
 
 def shared(storage: RedisCircuitStorage, name: str, **options) -> CircuitBreaker:
@@ -197,7 +198,7 @@ def test_unreachable_redis_can_fail_closed(unique):
 
 
 def test_redis_going_away_and_coming_back(private_redis, unique, caplog):
-    storage = RedisCircuitStorage(private_redis.url, retry_interval=0.2)
+    storage = RedisCircuitStorage(private_redis.url, retry_interval=0.2, max_staleness=0)
     breaker = CircuitBreaker(failure_threshold=2, recovery_timeout=60, name=unique, storage=storage)
     trip(breaker, 2)
     assert breaker.state is CircuitState.OPEN  # shared, in Redis
