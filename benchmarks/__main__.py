@@ -15,6 +15,7 @@ from benchmarks import (
     bench_metrics,
     bench_outage,
     bench_recovery,
+    bench_scale,
     bench_tasks,
     bench_training,
 )
@@ -32,6 +33,7 @@ SECTIONS = [
     bench_outage,
     bench_cli,
     bench_api,
+    bench_scale,
 ]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
