@@ -24,9 +24,12 @@ Example::
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -117,7 +120,9 @@ class Settings(BaseSettings):
     #: Least seconds between two progress writes of one task (first and last always written).
     progress_interval: float = Field(1.0, ge=0)
     #: Directory of checkpoint files, one directory per run; default ``home / "checkpoints"``.
-    checkpoint_dir: Path = Path("checkpoints")
+    #: An object-storage URL (``s3://bucket/prefix``, ``gs://...``; ``taskkit[s3]``) stays a
+    #: string and is opened with fsspec; ``file:///path`` is the folder ``/path``.
+    checkpoint_dir: Path | str = Path("checkpoints")
     #: Where ``CheckpointStore`` keeps checkpoints: files, or the database (in chunks).
     checkpoint_storage: Literal["directory", "database"] = "directory"
     #: Newest checkpoints a run keeps (older ones are deleted once a newer one is durable).
@@ -186,8 +191,21 @@ class Settings(BaseSettings):
 
     @field_validator("home", "checkpoint_dir")
     @classmethod
-    def _absolute_home(cls, value: Path) -> Path:
-        return value.expanduser().absolute()
+    def _absolute_home(cls, value: Path | str) -> Path | str:
+        return value if isinstance(value, str) else value.expanduser().absolute()
+
+    @field_validator("checkpoint_dir", mode="before")
+    @classmethod
+    def _folder_or_url(cls, value: object) -> object:
+        # A URL with a scheme is object storage (kept as given); anything else is a folder.
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("file://"):
+                return Path(url2pathname(urlsplit(value).path))
+            if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]+://\S+", value):
+                return value
+            return Path(value)
+        return value
 
     @field_validator("metrics_dir", "metrics_port", mode="before")
     @classmethod

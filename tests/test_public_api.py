@@ -173,6 +173,7 @@ CURATED = {
         "CheckpointStore",
         "DatabaseStorage",
         "DirectoryStorage",
+        "FsspecStorage",
         "seal",
         "storage_from_settings",
         "unseal",

@@ -19,6 +19,7 @@ Example::
 """
 
 from taskkit.checkpoint._database import DatabaseStorage
+from taskkit.checkpoint._fsspec import FsspecStorage
 from taskkit.checkpoint._info import Checkpoint, CheckpointInfo, validate_run_id
 from taskkit.checkpoint._seal import seal, unseal
 from taskkit.checkpoint._storage import CheckpointStorage, DirectoryStorage
@@ -31,6 +32,7 @@ __all__ = [
     "CheckpointStore",
     "DatabaseStorage",
     "DirectoryStorage",
+    "FsspecStorage",
     "seal",
     "storage_from_settings",
     "unseal",

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from taskkit._keys import KeyRing, check_key
 from taskkit.checkpoint._codec import Digest, Payload, encode, library_versions, sha256_of
 from taskkit.checkpoint._database import DatabaseStorage
+from taskkit.checkpoint._fsspec import FsspecStorage
 from taskkit.checkpoint._info import FORMATS, Checkpoint, CheckpointInfo, plain_metrics
 from taskkit.checkpoint._info import validate_run_id as _validate_run_id
 from taskkit.checkpoint._seal import sign_info, unseal, verify_info
@@ -47,7 +48,8 @@ _RUN_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{7,63}")
 
 def storage_from_settings(settings: Settings | None = None) -> CheckpointStorage:
     """The storage ``TASKKIT_CHECKPOINT_STORAGE`` names: files under ``TASKKIT_CHECKPOINT_DIR``
-    (``directory``, the default) or taskkit's database (``database``).
+    (``directory``, the default; an ``s3://``/``gs://`` URL there: ``FsspecStorage``) or
+    taskkit's database (``database``).
 
     Example::
 
@@ -57,6 +59,8 @@ def storage_from_settings(settings: Settings | None = None) -> CheckpointStorage
     settings = settings or get_settings()
     if settings.checkpoint_storage == "database":
         return DatabaseStorage(settings.database_url)
+    if isinstance(settings.checkpoint_dir, str):
+        return FsspecStorage(settings.checkpoint_dir)
     return DirectoryStorage(settings.checkpoint_dir)
 
 

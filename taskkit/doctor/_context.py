@@ -19,6 +19,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from taskkit._utils import mask_password
@@ -173,7 +174,12 @@ def _find_newest(settings: Settings | None) -> NewestCheckpoint:
     from taskkit.checkpoint import storage_from_settings  # noqa: PLC0415
 
     try:
-        if settings.checkpoint_storage == "directory" and not settings.checkpoint_dir.exists():
+        folder = settings.checkpoint_dir
+        if (
+            settings.checkpoint_storage == "directory"
+            and isinstance(folder, Path)
+            and not folder.exists()
+        ):
             return NewestCheckpoint()
         storage = storage_from_settings(settings)
         runs = storage.runs()[:MAX_RUNS]

@@ -152,8 +152,10 @@ def _uses_home(settings: Settings) -> list[str]:
     ):
         if home in url:
             used.append(label)
-    if settings.checkpoint_storage == "directory" and settings.checkpoint_dir.is_relative_to(
-        settings.home
+    if (
+        settings.checkpoint_storage == "directory"
+        and isinstance(settings.checkpoint_dir, Path)
+        and settings.checkpoint_dir.is_relative_to(settings.home)
     ):
         used.append("the checkpoints")
     if settings.secret_key is None and settings.secret_key_file is None:
@@ -398,6 +400,18 @@ def check_checkpoint_storage(ctx: Context) -> Check:
         return Check("checkpoint_storage", "ok", reason, None, details)
     folder = settings.checkpoint_dir
     details["folder"] = str(folder)
+    if isinstance(folder, str):  # object storage (s3://, gs://): nothing local to check
+        if newest.error is not None:
+            return Check(
+                "checkpoint_storage",
+                "error",
+                f"the checkpoints at {folder} cannot be read: {newest.error}",
+                "check the URL, the credentials and that the bucket exists",
+                details,
+            )
+        return Check(
+            "checkpoint_storage", "ok", f"checkpoints are stored at {folder}", None, details
+        )
     existing = _existing(folder)
     if existing.exists() and not existing.is_dir():
         return Check(
