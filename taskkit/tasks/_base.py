@@ -7,6 +7,14 @@ redelivery, worker loss and leases are in ``docs/tasks.md``, the options in its 
 ``after_return``, ``on_progress``, ``record_failure``) are isolated: what they raise is logged,
 never fails the task.
 
+What a task shows of itself: while someone subscribes to ``taskkit.recovery.events``, one
+``TaskAttemptEnded`` per call of the body (``layer="inner"``) and one per delivery
+(``layer="outer"``), ``TaskFailed`` when it fails for good (after ``record_failure``), and
+``LeaseTakenOver``; each retry (inner and outer) and the terminal failure is one log record
+tagged ``taskkit_event`` (``taskkit.telemetry.logs``); with tracing on, each call of the body
+runs in an attempt span (``taskkit.telemetry.tracing``); after an inner retry the task's result
+meta carries ``"attempts": {"inner": n, "outer": m}`` (``taskkit tasks show``).
+
 Example::
 
     from taskkit.tasks import ResilientTask, create_app
