@@ -264,7 +264,9 @@ class BatchTask(ResilientTask):
 
     def _run_chunk(self, chunk: _Chunk) -> dict[str, Any]:
         ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
-        finished = ledger.claim(chunk.keys) if ledger is not None else {}
+        # Not durable: a worker that dies keeps the claim, and the chunk's last finish (durable)
+        # stores what a crash of PostgreSQL itself could have lost.
+        finished = ledger.claim(chunk.keys, durable=False) if ledger is not None else {}
         todo = [i for i, key in enumerate(chunk.keys) if key not in finished]
         try:
             outcome = batch_with_retry(
@@ -370,7 +372,7 @@ class BatchTask(ResilientTask):
                 try:
                     self.flush_items()
                     if ledger is not None:
-                        ledger.finish(done=flushed)
+                        ledger.finish(done=flushed, durable=False)
                 except Exception:
                     logger.warning(
                         "taskkit: %s: writing %d done item(s) failed; will try again",

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, exc, select
+from sqlalchemy import Engine, delete, event, exc, select, update
 
 from taskkit.db.models import Batch, BatchItem, DeadLetter
 from taskkit.deadletter import (
@@ -319,3 +320,87 @@ def test_claims_and_marks_of_more_keys_than_one_statement_takes(
         dead=len(dead_keys),
         claimed=len(keys) - len(done) - len(dead_keys) + 10,
     )
+
+
+# -- claims and mid-chunk flushes that do not wait for the WAL flush (issue 18) --------------------
+
+
+@pytest.fixture
+def sent(engine: Engine) -> Iterator[list[str]]:
+    """The ``SET LOCAL`` statements of the ledger's transactions, recorded during the test."""
+    settings: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("SET LOCAL"):
+            settings.append(statement)
+
+    event.listen(engine, "before_cursor_execute", note)
+    yield settings
+    event.remove(engine, "before_cursor_execute", note)
+
+
+def test_only_the_claim_and_mid_chunk_flushes_skip_the_wal_flush_on_postgresql(
+    ledger: ItemLedger, engine: Engine, batch_id: str, sent: list[str]
+):
+    ledger.claim(["a", "b", "c"], durable=False)
+    ledger.finish(done=["a"], durable=False)
+    ledger.finish(done=["b"], dead=dead(batch_id, "c"))
+
+    asynchronous = ["synchronous_commit = off" in statement for statement in sent]
+    if engine.dialect.name == "postgresql":
+        assert asynchronous == [True, True, False]
+    else:
+        assert sent == []
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+        "c": "dead",
+    }
+
+
+def test_the_durable_finish_writes_again_what_a_server_crash_lost(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    ledger.claim(["a", "b", "c", "d"], durable=False)
+    ledger.finish(done=["a", "b"], durable=False)
+    # What a crash of PostgreSQL within its WAL writer's delay could undo: the claim of "a"
+    # and the done mark of "b" (on SQLite nothing is unsure: the commits were durable).
+    with engine.begin() as connection:
+        connection.execute(
+            delete(BatchItem).where(BatchItem.batch_id == batch_id, BatchItem.item_key == "a")
+        )
+        connection.execute(
+            update(BatchItem)
+            .where(BatchItem.batch_id == batch_id, BatchItem.item_key == "b")
+            .values(status="claimed")
+        )
+    ledger.finish(done=["c"])
+
+    statuses = {key: status for key, (status, _) in rows(engine, batch_id).items()}
+    if engine.dialect.name == "postgresql":
+        assert statuses == {"a": "done", "b": "done", "c": "done", "d": "claimed"}
+        # Written once: the next durable finish has nothing unsure left to write again.
+        with engine.begin() as connection:
+            connection.execute(delete(BatchItem).where(BatchItem.item_key == "a"))
+        ledger.finish(done=["d"])
+        assert "a" not in rows(engine, batch_id)
+    else:
+        assert statuses == {"b": "claimed", "c": "done", "d": "claimed"}
+
+
+def test_a_key_both_unsure_and_done_again_is_written_once(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    ledger.claim(["a", "b"], durable=False)
+    ledger.finish(done=["a"], durable=False)
+    if engine.dialect.name == "postgresql":
+        assert ledger._unsure == ["a"]
+    ledger.finish(done=["a", "b"])  # a key both unsure and done now: written once
+
+    assert {key: s for key, (s, _) in rows(engine, batch_id).items()} == {"a": "done", "b": "done"}
+    assert ledger._unsure == []
+
+
+def test_dead_items_are_never_written_without_the_wal_flush(ledger: ItemLedger, batch_id: str):
+    with pytest.raises(ConfigurationError, match="durably"):
+        ledger.finish(dead=dead(batch_id, "a"), durable=False)
