@@ -393,9 +393,16 @@ class FsspecStorage:
         self._rm(f"{directory}/{_data_name(step)}")
 
     def runs(self) -> list[str]:
-        """Run ids that have objects under the root, sorted."""
+        """Run ids that have objects under the root, sorted; ``FileNotFoundError`` when the
+        bucket does not exist."""
         names = set()
-        for entry in self._list(self.root):
+        entries = self._list(self.root)
+        if not entries and self._s3:
+            bucket = self.root.split("/", 1)[0]
+            if not self._call(self.fs.exists, bucket):
+                # No checkpoints yet is normal; no bucket is a configuration to fix.
+                raise FileNotFoundError(errno.ENOENT, "the bucket does not exist", bucket)
+        for entry in entries:
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if entry.get("type") == "directory" and _is_run_id(name):
                 names.add(name)

@@ -291,3 +291,26 @@ def test_background_writes_to_s3_are_serialised_before_returning(server, bucket)
     store.wait()
     assert np.array_equal(store.load_latest().state["w"], np.zeros(10))
     store.close()
+
+
+def test_doctor_reports_an_object_storage_and_its_newest_checkpoint(server, bucket, monkeypatch):
+    from taskkit.doctor import diagnose
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": server.url,
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": KEY,
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(secret_key=SECRET, checkpoint_dir=f"s3://{bucket}/doc")
+    CheckpointStore("r", storage=storage_from_settings(settings), secret_key=SECRET).save(
+        {"v": 1}, step=3
+    )
+    report = diagnose(settings)
+    check = report.check("checkpoint_storage")
+    assert check.verdict == "ok", check
+    assert f"s3://{bucket}/doc" in check.reason
+    assert report.check("secret_key").verdict == "ok", report.check("secret_key")
+    missing = diagnose(Settings(secret_key=SECRET, checkpoint_dir="s3://no-such-bucket-x/p"))
+    assert missing.check("checkpoint_storage").verdict == "error"
