@@ -1,10 +1,11 @@
 """Recovery primitives for any Python code: no Celery, no database.
 
 ``retry`` (schedules: ``delays``, ``RetryStrategy``), ``timeout``, ``CircuitBreaker`` (shared
-by a fleet with ``RedisCircuitStorage``), ``RetryBudget``/``RedisRetryBudget``, ``fallback``,
-``safe_execute``, ``batch_with_retry``, ``parallel_batch_process``, ``TransactionManager`` and
-``events``. Importing this package imports neither Celery nor SQLAlchemy (nor Redis, until a
-Redis-backed primitive is created). Behaviour and decisions: ``docs/recovery.md``.
+by a fleet with ``RedisCircuitStorage``), ``RetryBudget``/``RedisRetryBudget``, fleet-wide
+limits (``FleetRateLimit``, ``FleetConcurrency``), ``fallback``, ``safe_execute``,
+``batch_with_retry``, ``parallel_batch_process``, ``TransactionManager`` and ``events``.
+Importing this package imports neither Celery nor SQLAlchemy (nor Redis, until a Redis-backed
+primitive is created). Behaviour and decisions: ``docs/recovery.md``.
 
 Example::
 
@@ -23,6 +24,13 @@ from taskkit.recovery._batch import BatchResult, batch_with_retry
 from taskkit.recovery._budget import Budget, RetryBudget
 from taskkit.recovery._circuit import CircuitBreaker, CircuitState, CircuitStorage
 from taskkit.recovery._fallback import fallback, safe_execute
+from taskkit.recovery._fleet import (
+    FleetConcurrency,
+    FleetDecision,
+    FleetRateLimit,
+    FleetSlot,
+    parse_rate,
+)
 from taskkit.recovery._parallel import parallel_batch_process
 from taskkit.recovery._redis_budget import RedisRetryBudget
 from taskkit.recovery._redis_circuit import RedisCircuitStorage
@@ -37,6 +45,10 @@ __all__ = [
     "CircuitBreaker",
     "CircuitState",
     "CircuitStorage",
+    "FleetConcurrency",
+    "FleetDecision",
+    "FleetRateLimit",
+    "FleetSlot",
     "RedisCircuitStorage",
     "RedisRetryBudget",
     "RetryBudget",
@@ -50,6 +62,7 @@ __all__ = [
     "fallback",
     "next_wait",
     "parallel_batch_process",
+    "parse_rate",
     "retry",
     "safe_execute",
     "timeout",
