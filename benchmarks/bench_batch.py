@@ -131,7 +131,8 @@ ITEM_COSTS: list[tuple[str, float | None]] = [
     ("100 µs of CPU work (a small model's prediction)", 100e-6),
     ("one PostgreSQL upsert of its result (the idempotent side effect)", None),
 ]
-LEDGER_TARGET = 0.8
+#: Issue 18's target ratio (with / without) per row of ITEM_COSTS (the upsert row: issue 9's 0.8x).
+LEDGER_TARGETS = [0.5, 0.9, 0.97, 0.8]
 LEDGER_HEADERS = [
     "item function",
     "items/s without ledger",
@@ -204,11 +205,13 @@ def ledger_measure(url: str) -> list[tuple[str, float, float]]:
 
 
 def ledger_section() -> str:
+    from benchmarks._harness import machine
+
     say("BatchTask with and without the ledger on PostgreSQL")
     with postgres_schema("taskkit_bench_batch") as url:
         measured = ledger_measure(url)
     rows = []
-    for label, without, with_ in measured:
+    for (label, without, with_), target in zip(measured, LEDGER_TARGETS, strict=True):
         ratio = with_ / without
         cost_us = (1 / with_ - 1 / without) * 1e6
         rows.append(
@@ -217,28 +220,41 @@ def ledger_section() -> str:
                 f"{without:,.0f}",
                 f"{with_:,.0f}",
                 f"{cost_us:,.1f}",
-                f"{ratio:.2f}x" + ("" if ratio >= LEDGER_TARGET else " (below 0.8x)"),
+                f"{ratio:.2f}x" + (f" (target {target}x)" if ratio < target else ""),
             ]
         )
+    load = os.getloadavg()[0]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    commit = _commit_of(["taskkit/deadletter/_ledger.py", "taskkit/tasks/_batch.py", __file__])
     return f"""## BatchTask throughput with the item ledger on PostgreSQL
 
 One chunk of {CHUNK:,} items (submit_batch's default chunk size) run by a `BatchTask` in
 process, with the ledger on PostgreSQL (`ledger=True`, the default) and without it
 (`ledger=False`); the same item function, no failures, so the difference is the ledger: one
 claim statement for the chunk before it runs (an `INSERT ... SELECT unnest(...)` of the keys),
-one `UPDATE` marking items done per `ledger_flush_every` (500) items and at the end, each in
-its own committed transaction. Median of {LEDGER_ROUNDS} chunks per row, the two tasks taking
-turns; each chunk is a new batch. Run in process because the broker and the worker add the same
-cost to both and would only move the ratio towards 1.
+one `UPDATE` marking items done per `ledger_flush_every` (500) items, and the chunk's last
+write at its end. The claim and the mid-chunk flushes commit without waiting for the WAL flush
+(`synchronous_commit = off`: a killed worker loses nothing, the server has them); the last
+write is durable and writes again what those could lose in a crash of PostgreSQL itself.
+Median of {LEDGER_ROUNDS} chunks per row, the two tasks taking turns; each chunk is a new batch.
+Run in process because the broker and the worker add the same cost to both and would only move
+the ratio towards 1.
 
 {table(LEDGER_HEADERS, rows)}
 
-Target: at least 0.8x. The ledger costs a roughly fixed 10 to 15 µs per item (two row writes
-in PostgreSQL, batched, committed), so the target is met once an item does about 50 µs of work
-or more, as items worth a retry do (a model prediction, a database write, an HTTP call), and
-missed for items cheaper than that: for an item that does nothing at all the ledger is nearly
-all of the time. `ledger=False` is the choice when items are that cheap and re-running a
-chunk's done items after a crash is acceptable.
+Targets (issue 18): 0.5x with no work, 0.9x at 20 µs, 0.97x at 100 µs (0.8x for the upsert).
+Not met with a ledger row per item: each of the {CHUNK:,} items is a row of `batch_items`
+written twice (claimed, then done), and PostgreSQL's B-tree insert and update of a row cost a
+few µs each (`EXPLAIN ANALYZE` on this machine: the claim's `INSERT` of 1,000 rows 4.8 ms of
+server time, an `UPDATE` of 500 rows 1.2 ms), more than the 1 to 1.4 µs per item the whole
+chunk takes without the ledger, before the round trips; the chunk's one durable commit is one
+WAL fsync (7 ms measured for a one-row commit under this load). Meeting 0.5x
+needs per-chunk ledger rows (the done items of a flush as one row), a schema change not made
+here. `ledger=False` is the choice when items are that cheap and re-running a chunk's done
+items after a crash is acceptable.
+
+Measured with `python -m benchmarks.bench_batch ledger` on {machine()}, {when}, commit
+{commit}, load average {load:.1f} (other jobs on the same 2 cores).
 """
 
 
@@ -717,9 +733,19 @@ def run_scoring() -> None:
     replace_section(scoring_section())
 
 
+def run_ledger() -> None:
+    """``python -m benchmarks.bench_batch ledger``: the ledger section alone, replaced in
+    docs/benchmarks.md."""
+    from benchmarks._harness import replace_section
+
+    replace_section(ledger_section())
+
+
 def run() -> str:
     return "\n".join([overhead_section(), ledger_section(), requeue_section(), scoring_section()])
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["scoring"]:
     run_scoring()
+if __name__ == "__main__" and sys.argv[1:] == ["ledger"]:
+    run_ledger()
