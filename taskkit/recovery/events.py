@@ -5,7 +5,9 @@ event. The recovery primitives emit only on the unhappy path (a retry, a give-up
 changing state), never for a call that simply succeeds; taskkit's Celery tasks, checkpoints and
 dead letters emit the task-level events below (one per attempt, checkpoint, dead letter...),
 and only while someone is subscribed (``active()``). A subscriber that raises is logged and
-ignored: observing a failure must never cause one.
+ignored: observing a failure must never cause one. Events are plain slotted dataclasses, not
+frozen ones (a frozen dataclass costs four times as much to build, on a path taken per task
+attempt): treat them as read-only.
 
 taskkit's metrics, structured logs, alert notifiers and Celery custom events are subscribers
 of this one bus (``taskkit.telemetry``, ``taskkit.tasks``).
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RetryScheduled:
     """An attempt failed and another one follows after ``wait`` seconds."""
 
@@ -60,7 +62,7 @@ class RetryScheduled:
     error: BaseException | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GaveUp:
     """No more attempts: ``reason`` says why (attempts, deadline, budget, permanent error...)."""
 
@@ -70,7 +72,7 @@ class GaveUp:
     error: BaseException | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CircuitStateChanged:
     """A breaker moved from ``old`` to ``new`` (``"closed"``, ``"open"``, ``"half_open"``)."""
 
@@ -79,7 +81,7 @@ class CircuitStateChanged:
     new: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskAttemptEnded:
     """One attempt of a taskkit task ended.
 
@@ -100,7 +102,7 @@ class TaskAttemptEnded:
     run_id: object = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskFailed:
     """A taskkit task failed for good (``error_type`` is the exception's class name)."""
 
@@ -111,7 +113,7 @@ class TaskFailed:
     run_id: object = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeadLettered:
     """A failed task or batch item was stored in the dead-letter queue as ``letter_id``."""
 
@@ -123,7 +125,7 @@ class DeadLettered:
     item_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LeaseTakenOver:
     """A task took over the lease ``key`` that ``previous_owner`` held and let lapse."""
 
@@ -135,7 +137,7 @@ class LeaseTakenOver:
     run_id: object = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckpointSaved:
     """A checkpoint of ``step`` is durable: ``size`` bytes written in ``seconds``."""
 
@@ -147,7 +149,7 @@ class CheckpointSaved:
     task: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchChunkFinished:
     """A batch chunk ended: items ``done`` now, ``dead`` (dead-lettered) and ``skipped``
     (already done by an earlier delivery, found in the ledger)."""
@@ -160,7 +162,7 @@ class BatchChunkFinished:
     skipped: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EpochFinished:
     """A training run finished ``epoch`` (0-based) in ``seconds``."""
 
@@ -170,7 +172,7 @@ class EpochFinished:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunResumed:
     """A training run resumed at ``epoch`` from its checkpoint of ``epoch - 1``."""
 
