@@ -55,7 +55,16 @@ from taskkit._utils import call_hook, did_you_mean, is_control_flow
 from taskkit.db import is_transient
 from taskkit.deadletter import DeadLetterEntry, DeadLetterStore
 from taskkit.errors import ConfigurationError, LeaseLost, PermanentError
-from taskkit.recovery import RetryCallState, Retrying, RetryStrategy, events, next_wait
+from taskkit.recovery import (
+    FleetConcurrency,
+    FleetRateLimit,
+    FleetSlot,
+    RetryCallState,
+    Retrying,
+    RetryStrategy,
+    events,
+    next_wait,
+)
 from taskkit.tasks import _options
 from taskkit.tasks._duplicates import record_duplicate
 from taskkit.tasks._lease import Lease, LeaseOwner, LeaseStore, lease_store_from_url
@@ -226,12 +235,19 @@ class ResilientTask(Task[Any, Any]):
     sleep: Callable[[float], object] | None
     dead_letter: bool
     sensitive_args: tuple[str, ...]
+    fleet_rate_limit: str | None
+    fleet_concurrency: int | None
+    fleet_key: str | Callable[[tuple[Any, ...], dict[str, Any]], str] | None
+    fleet_fail_open: bool
 
     _inner: ClassVar[Retrying]
     _transient: ClassVar[tuple[type[BaseException], ...]]
     _permanent: ClassVar[tuple[type[BaseException], ...]]
     _argument_index: ClassVar[dict[str, int]]
     _lease_stores: ClassVar[dict[tuple[int, str], LeaseStore]] = {}
+    _fleet_cache: ClassVar[
+        dict[tuple[int, str], tuple[FleetRateLimit | None, FleetConcurrency | None]]
+    ] = {}
     _events_broken: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -346,7 +362,10 @@ class ResilientTask(Task[Any, Any]):
             run.run_id = self._argument(args, kwargs, self.progress_run_arg)
             stack = _run_stack()
             stack.append(run)
+            slot = None
             try:
+                if in_worker and (self.fleet_rate_limit or self.fleet_concurrency):
+                    slot = self._fleet_admit(request, args, kwargs)  # or re-queued: Ignore
                 if in_worker and self.lease_key:
                     # Inside the ladder: a lease store that is briefly unreachable means a retry.
                     run.lease = self._take_lease(request, args, kwargs, run)
@@ -393,6 +412,8 @@ class ResilientTask(Task[Any, Any]):
                 ) from None
             finally:
                 stack.pop()
+                if slot is not None:
+                    slot.release()
                 if run.lease is not None:
                     run.lease.release()
                 if run.run_id is not None and submit_epochs(
@@ -675,6 +696,81 @@ class ResilientTask(Task[Any, Any]):
         self.signature_from_request(
             request, countdown=self.lease_ttl, retries=request.retries
         ).apply_async(headers=cast(dict[str, str], {"taskkit_watcher": True}))
+        raise Ignore()
+
+    # -- fleet limits -------------------------------------------------------------------------
+
+    def _fleet_admit(
+        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> FleetSlot | None:
+        """Pass the fleet rate limit, then take a fleet concurrency slot (heartbeated until the
+        body ends), or re-queue this very task (same id, same ``retries``) after the wait the
+        limiter computed and drop this delivery with ``Ignore``: a throttled call is neither a
+        retry nor a failure (its ``TaskAttemptEnded`` outcome is ``ignored``)."""
+        rate, slots = self._fleet_limits()
+        key = ""
+        if self.fleet_key is not None:
+            key = str(
+                self.fleet_key(args, kwargs)
+                if callable(self.fleet_key)
+                else self._argument(args, kwargs, self.fleet_key)
+            )
+        if rate is not None:
+            decision = rate.acquire(key)
+            if not decision.allowed:
+                self._throttled(request, decision.wait, "rate")
+        if slots is None:
+            return None
+        slot, decision = slots.acquire(key)
+        if slot is None:
+            if decision.allowed:  # Redis unreachable, failing open
+                return None
+            self._throttled(request, decision.wait, "concurrency")
+        assert slot is not None
+        slot.start_heartbeat()
+        return slot
+
+    def _fleet_limits(self) -> tuple[FleetRateLimit | None, FleetConcurrency | None]:
+        cache_key = (id(self.app), self.name)
+        limits = self._fleet_cache.get(cache_key)
+        if limits is None:
+            conf = self.app.conf
+            url = str(
+                conf.get("taskkit_lease_backend")
+                or conf.get("taskkit_lease_url")
+                or conf.broker_url
+                or ""
+            )
+            if not url.startswith(("redis://", "rediss://", "unix://")):
+                raise ConfigurationError(
+                    f"task {self.name}: fleet limits need Redis (taskkit_lease_backend or a "
+                    "Redis broker)"
+                )
+            rate = concurrency = None
+            if self.fleet_rate_limit:
+                rate = FleetRateLimit(
+                    url, self.name, self.fleet_rate_limit, fail_open=self.fleet_fail_open
+                )
+            if self.fleet_concurrency:
+                concurrency = FleetConcurrency(
+                    url,
+                    self.name,
+                    self.fleet_concurrency,
+                    ttl=self.lease_ttl,
+                    fail_open=self.fleet_fail_open,
+                )
+            limits = self._fleet_cache[cache_key] = (rate, concurrency)
+        return limits
+
+    def _throttled(self, request: Any, wait: float, limit: str) -> None:
+        logger.info(
+            "taskkit: %s[%s] over its fleet %s limit; re-queued in %.3fs",
+            self.name,
+            request.id,
+            limit,
+            wait,
+        )
+        self.signature_from_request(request, countdown=wait, retries=request.retries).apply_async()
         raise Ignore()
 
     def _taken(self, lease: Lease, request: Any, run: _Run) -> Lease:

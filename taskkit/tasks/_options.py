@@ -126,6 +126,18 @@ def _names(value: Any) -> bool:
     return isinstance(value, tuple | list) and all(isinstance(v, str) and v for v in value)
 
 
+def _rate(value: Any) -> bool:
+    if value is None:
+        return True
+    from taskkit.recovery import parse_rate  # noqa: PLC0415 - only when a rate is given
+
+    try:
+        parse_rate(value)
+    except ConfigurationError:
+        return False
+    return True
+
+
 def _as_tuple(value: Any) -> tuple[Any, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (value,)
 
@@ -172,6 +184,19 @@ RESILIENT_OPTIONS: tuple[Option, ...] = (
            "The in-process wait function (tests inject a recorder); None: `time.sleep`."),
     Option("dead_letter", True, boolean, "True or False",
            "Store a terminal failure in the dead-letter queue (`TASKKIT_DEAD_LETTER`)."),
+    Option("fleet_rate_limit", None, _rate, "None or a rate like '100/m'",
+           "Calls per period for the whole fleet (every worker, every host), through Redis; "
+           "a call over it is re-queued with the limiter's wait, not counted as a retry."),
+    Option("fleet_concurrency", None, lambda v: v is None or positive_int(v),
+           "None or an integer >= 1",
+           "Bodies running at once across the fleet; a dead worker's slot is freed after "
+           "`lease_ttl`."),
+    Option("fleet_key", None,
+           lambda v: v is None or isinstance(v, str) or callable(v),
+           "None, an argument name, or a callable (args, kwargs) -> str",
+           "Fleet limits per key (e.g. per customer) instead of one for the task."),
+    Option("fleet_fail_open", False, boolean, "True or False",
+           "Run calls when Redis is unreachable (False: re-queue them, fail closed)."),
     Option("sensitive_args", (), _names, "a tuple of argument names",
            "Arguments (by name, positional or keyword) shown as `[redacted]` in logs, task "
            "events, the result backend and dead letters (whose payload lists them under "
