@@ -229,6 +229,7 @@ CURATED = {
         "resume_run",
         "run_is_alive",
         "stop_run",
+        "submit",
         "submit_batch",
         "submit_run",
     },

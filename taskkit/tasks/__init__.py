@@ -54,6 +54,7 @@ from taskkit.tasks._base import (
 )
 from taskkit.tasks._batch import BatchSubmission, BatchTask, submit_batch
 from taskkit.tasks._duplicates import duplicate_count, duplicate_dropped
+from taskkit.tasks._idempotent import submit
 from taskkit.tasks._lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
 from taskkit.tasks._options import Option, options_markdown
 from taskkit.tasks._progress import PROGRESS, ProgressReport
@@ -101,6 +102,7 @@ __all__ = [
     "resume_run",
     "run_is_alive",
     "stop_run",
+    "submit",
     "submit_batch",
     "submit_run",
 ]

@@ -15,6 +15,9 @@ def fleet_app() -> Iterator[RedisTestApp]:
 
     yield apps.kit
     client = apps.kit.counter
-    keys = list(client.scan_iter(f"taskkit:fleet:*{apps.kit.prefix}*", count=1000))
+    keys = [
+        *client.scan_iter(f"taskkit:fleet:*{apps.kit.prefix}*", count=1000),
+        *client.scan_iter(f"taskkit:idempotency:{apps.kit.prefix}*", count=1000),
+    ]
     if keys:
         client.delete(*keys)
