@@ -163,10 +163,12 @@ def test_a_lost_connection_is_not_a_bad_record_and_nothing_is_committed(
                 with pg_engine.connect() as admin:
                     admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
 
+    # Instances take the INSERT path on PostgreSQL too (dicts take COPY: test_bulk_copy.py).
+    instances = [Prediction(**row) for row in rows(run.id, 500)]
     event.listen(pg_engine, "before_cursor_execute", kill_during_third_batch)
     try:
         with pytest.raises(OperationalError):
-            safe_bulk_insert(pg_db, Prediction, rows(run.id, 500), batch_size=100)
+            safe_bulk_insert(pg_db, Prediction, instances, batch_size=100)
     finally:
         event.remove(pg_engine, "before_cursor_execute", kill_during_third_batch)
     pg_db.rollback()
