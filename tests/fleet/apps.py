@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from taskkit.tasks import ResilientTask
 from tests._support.apps import KEY_TTL, redis_test_app
 
-kit = redis_test_app("fleet")
+# TASKKIT_TEST_FLEET_REDIS: the Redis the limits live in (a test stops it); default the broker's.
+_limits = os.environ.get("TASKKIT_TEST_FLEET_REDIS")
+kit = redis_test_app("fleet", **({"taskkit_lease_backend": _limits} if _limits else {}))
 app, counter, key = kit.app, kit.counter, kit.key
 
 
