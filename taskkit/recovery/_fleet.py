@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FleetConcurrency", "FleetDecision", "FleetRateLimit", "FleetSlot", "parse_rate"]
 
-# KEYS[1]: the tat key. ARGV: emission interval (s), tau (s), now ('' = Redis TIME).
-# Reply: {admitted 1/0, wait seconds as a string}. Times within a microsecond (Redis TIME's
-# resolution) count as equal.
+# KEYS[1]: the tat key. ARGV: emission interval (s), tau (s), now ('' = Redis TIME), longest
+# reservation (s). Reply: {1 admitted / 2 a later slot reserved / 0 denied, wait as a string}.
+# Times within a microsecond (Redis TIME's resolution) count as equal.
 _GCRA = """
 local now
 if ARGV[3] == '' then
@@ -58,7 +58,14 @@ local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local allow_at = tat - tau
 if now + 0.000001 < allow_at then
-  return {0, string.format('%.17g', allow_at - now)}
+  local wait = allow_at - now
+  if wait <= tonumber(ARGV[4]) then
+    local booked = tat + interval
+    local booked_ms = math.ceil((booked - now) * 1000) + 1000
+    redis.call('SET', KEYS[1], string.format('%.17g', booked), 'PX', booked_ms)
+    return {2, string.format('%.17g', wait)}
+  end
+  return {0, string.format('%.17g', wait)}
 end
 local new_tat = tat + interval
 local ttl_ms = math.ceil((new_tat - now) * 1000) + 1000
@@ -134,12 +141,14 @@ def parse_rate(rate: str | float) -> float:
 
 @dataclass(frozen=True)
 class FleetDecision:
-    """Whether a call may go now and, if not, ``wait`` seconds before asking again;
-    ``unavailable`` when Redis could not be asked (the decision is the fail-open/closed one)."""
+    """Whether a call may go now and, if not, ``wait`` seconds before asking again (or, when
+    ``reserved``, before running without asking); ``unavailable`` when Redis could not be asked
+    (the decision is then the fail-open/closed one)."""
 
     allowed: bool
     wait: float = 0.0
     unavailable: bool = False
+    reserved: bool = False
 
 
 class FleetRateLimit:
@@ -183,19 +192,24 @@ class FleetRateLimit:
         self._clock = clock
         self._script = self.link.register(_GCRA)
 
-    def acquire(self, key: str = "") -> FleetDecision:
-        """Admit one call now (and count it), or say how long to wait."""
+    def acquire(self, key: str = "", *, reserve: float = 0.0) -> FleetDecision:
+        """Admit one call now (and count it), or say how long to wait.
+
+        ``reserve``: when the wait is at most this many seconds, book the call's slot now
+        (``reserved``): the caller must run it after ``wait`` without asking again. Waiting
+        callers then line up instead of all asking again at the next slot (a herd)."""
         if self.link.up:
             now = "" if self._clock is None else repr(self._clock())
             try:
                 admitted, wait = self._script(
-                    keys=[f"{self.prefix}:{key}"], args=[self.interval, self.tau, now]
+                    keys=[f"{self.prefix}:{key}"], args=[self.interval, self.tau, now, reserve]
                 )
             except self.link.errors as exc:
                 self.link.failed(exc)
             else:
                 self.link.succeeded()
-                return FleetDecision(int(admitted) == 1, max(0.0, float(text(wait))))
+                code = int(admitted)
+                return FleetDecision(code == 1, max(0.0, float(text(wait))), reserved=code == 2)
         return _unavailable(self.fail_open, self.link)
 
 

@@ -110,6 +110,11 @@ REDACTED = "[redacted]"
 #: Longest repr of a task's arguments in one log line; the rest is cut, saying how much.
 MAX_LOGGED_ARGUMENTS = 2048
 
+#: Longest wait (seconds) for which a throttled task books its fleet rate slot and is re-queued
+#: to run then; longer waits are asked again after them (a countdown stays well below the Redis
+#: transport's visibility timeout).
+FLEET_RESERVE = 30.0
+
 #: Hooks a subclass may override; each override is wrapped so its errors are only logged.
 ISOLATED_HOOKS = ("on_failure", "on_retry", "on_success", "after_return", "on_progress")
 
@@ -715,10 +720,11 @@ class ResilientTask(Task[Any, Any]):
                 if callable(self.fleet_key)
                 else self._argument(args, kwargs, self.fleet_key)
             )
-        if rate is not None:
-            decision = rate.acquire(key)
+        booked = request.get("taskkit_fleet_booked")
+        if rate is not None and booked != str(request.retries or 0):
+            decision = rate.acquire(key, reserve=FLEET_RESERVE)
             if not decision.allowed:
-                self._throttled(request, decision.wait, "rate")
+                self._throttled(request, decision.wait, "rate", decision.reserved)
         if slots is None:
             return None
         slot, decision = slots.acquire(key)
@@ -762,7 +768,9 @@ class ResilientTask(Task[Any, Any]):
             limits = self._fleet_cache[cache_key] = (rate, concurrency)
         return limits
 
-    def _throttled(self, request: Any, wait: float, limit: str) -> None:
+    def _throttled(self, request: Any, wait: float, limit: str, booked: bool = False) -> None:
+        """Re-queue this task after ``wait``; ``booked``: its rate slot is reserved, so that
+        delivery (same ``retries``) runs without asking the rate limit again."""
         logger.info(
             "taskkit: %s[%s] over its fleet %s limit; re-queued in %.3fs",
             self.name,
@@ -770,7 +778,10 @@ class ResilientTask(Task[Any, Any]):
             limit,
             wait,
         )
-        self.signature_from_request(request, countdown=wait, retries=request.retries).apply_async()
+        headers = {"taskkit_fleet_booked": str(request.retries or 0) if booked else ""}
+        self.signature_from_request(request, countdown=wait, retries=request.retries).apply_async(
+            headers=headers
+        )
         raise Ignore()
 
     def _taken(self, lease: Lease, request: Any, run: _Run) -> Lease:

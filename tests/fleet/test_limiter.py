@@ -119,3 +119,19 @@ def test_unreachable_redis_fails_closed_or_open(name: str) -> None:
     assert slot is None
     assert not decision.allowed
     assert decision.unavailable
+
+
+def test_gcra_reservations_line_callers_up(redis_url: str, name: str) -> None:
+    clock = Clock()
+    limit = FleetRateLimit(redis_url, name, "10/s", clock=clock)
+    assert limit.acquire(reserve=0.25).allowed
+    first = limit.acquire(reserve=0.25)
+    second = limit.acquire(reserve=0.25)
+    assert (first.reserved, first.wait) == (True, pytest.approx(0.1))
+    assert (second.reserved, second.wait) == (True, pytest.approx(0.2))
+    third = limit.acquire(reserve=0.25)  # 0.3 s away: beyond the horizon, not booked
+    assert not third.reserved
+    assert not third.allowed
+    assert third.wait == pytest.approx(0.3)
+    clock.now += 0.3
+    assert limit.acquire().allowed  # the booked slots are used; the next free one is at 0.3
