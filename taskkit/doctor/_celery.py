@@ -1,18 +1,17 @@
 """Checks of the worker's Celery settings: the visibility timeout against the tasks' limits and
 countdowns, acknowledgement, serializers, RabbitMQ's consumer timeout, the embedded broker.
 
-The visibility rules are those of ``taskkit.tasks`` (its private ``_visibility`` module, which
-this layer may not import; ``tests/doctor/test_rules.py`` holds the two to the same answers):
-the Redis transport (and the embedded ``taskkit+sqlite`` broker) redelivers a message once it
-is ``visibility_timeout`` seconds old; a worker's keeper (``TASKKIT_EXTEND_VISIBILITY``, on by
-default) re-stamps the messages it holds every third of it; without the keeper, taskkit clamps
-a ResilientTask's retry countdowns to 90% of the timeout, and a task running longer than the
-timeout is delivered again while it runs.
+The rules are those of ``taskkit.tasks`` (``uses_visibility_timeout``, ``visibility_timeout``,
+``extends_visibility``, ``task_time_limits``, ``effective_consumer_timeout``...), called here,
+not copied: the Redis transport (and the embedded ``taskkit+sqlite`` broker) redelivers a
+message once it is ``visibility_timeout`` seconds old; a worker's keeper
+(``TASKKIT_EXTEND_VISIBILITY``, on by default) re-stamps the messages it holds every third of
+it; without the keeper, taskkit clamps a ResilientTask's retry countdowns to 90% of the
+timeout, and a task running longer than the timeout is delivered again while it runs.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,17 @@ from taskkit._utils import mask_password
 from taskkit.doctor._context import PROBE_TIMEOUT, Context, one_line
 from taskkit.doctor._model import Check
 from taskkit.doctor._tasks import is_taskkit_task, user_tasks
+from taskkit.tasks import (
+    VISIBILITY_SAFE_SHARE,
+    consumer_timeout_supported,
+    effective_consumer_timeout,
+    extends_visibility,
+    rabbitmq_version,
+    task_time_limits,
+    uses_amqp,
+    uses_visibility_timeout,
+    visibility_timeout,
+)
 
 __all__ = [
     "check_acks",
@@ -29,39 +39,9 @@ __all__ = [
     "check_visibility_timeout",
 ]
 
-#: Broker schemes that redeliver by age (``taskkit.tasks``' rule).
-AGE_SCHEMES = frozenset({"redis", "rediss", "sentinel", "sqs", "taskkit"})
-#: Schemes whose messages the worker's keeper can re-stamp.
-KEEPER_SCHEMES = frozenset({"redis", "rediss", "sentinel", "taskkit"})
-#: Share of the timeout a countdown may use when nothing extends it.
-SAFE_SHARE = 0.9
-#: Celery's visibility timeout when the transport options set none.
-CELERY_DEFAULT_TIMEOUT = 3600.0
-AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "librabbitmq"})
-#: RabbitMQ's own consumer timeout unless rabbitmq.conf says otherwise (30 min).
-RABBITMQ_DEFAULT_TIMEOUT = 1800.0
-#: The first RabbitMQ release that honours ``x-consumer-timeout``.
-FIRST_SUPPORTING = (3, 12)
 UNSAFE = frozenset({"pickle", "application/x-python-serialize", "yaml", "application/x-yaml"})
 #: File systems a SQLite file must not live on (its locks are not reliable there).
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "glusterfs"})
-
-
-def _scheme(url: str) -> str:
-    return url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
-
-
-def _limits(app: Any, task: Any) -> dict[str, float]:
-    conf = app.conf
-    found: dict[str, float] = {}
-    for label, own, app_wide in (
-        ("soft_time_limit", "soft_time_limit", "task_soft_time_limit"),
-        ("time_limit", "time_limit", "task_time_limit"),
-    ):
-        value = getattr(task, own, None) or conf.get(app_wide)
-        if value:
-            found[label] = float(value)
-    return found
 
 
 def _countdown(task: Any) -> float:
@@ -76,24 +56,23 @@ def check_visibility_timeout(ctx: Context) -> Check:
     app = ctx.app
     conf = app.conf
     url = str(conf.broker_url or "")
-    scheme = _scheme(url)
-    if scheme not in AGE_SCHEMES:
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if not uses_visibility_timeout(app):
         return Check(
             "visibility_timeout",
             "ok",
             f"the broker ({scheme or 'unknown'}) redelivers on connection loss, not by age: no "
             "visibility timeout applies",
         )
-    timeout = float((conf.broker_transport_options or {}).get("visibility_timeout", 0) or 0)
-    timeout = timeout or CELERY_DEFAULT_TIMEOUT
-    keeper = bool(conf.get("taskkit_extend_visibility", False)) and scheme in KEEPER_SCHEMES
+    timeout = visibility_timeout(app)
+    keeper = extends_visibility(app)
     tasks = user_tasks(app, ctx.load.registered if ctx.load.app is not None else None)
     longest: tuple[str, str, float] | None = None
     no_limit: list[str] = []
     long_running: list[str] = []
     clamped: list[str] = []
     for name, task in tasks.items():
-        limits = _limits(app, task)
+        limits = task_time_limits(app, task)
         if not limits:
             no_limit.append(name)
         for label, value in limits.items():
@@ -102,7 +81,7 @@ def check_visibility_timeout(ctx: Context) -> Check:
             if value > timeout:
                 long_running.append(f"{name} ({label}={value:g}s)")
         countdown = _countdown(task)
-        if countdown > timeout * SAFE_SHARE:
+        if countdown > timeout * VISIBILITY_SAFE_SHARE:
             clamped.append(f"{name} (outer_max_delay={countdown:g}s)")
     details: dict[str, Any] = {
         "visibility_timeout": timeout,
@@ -123,13 +102,13 @@ def check_visibility_timeout(ctx: Context) -> Check:
         )
     raise_to = max(
         [timeout]
-        + [v for _, task in tasks.items() for v in _limits(app, task).values()]
-        + [_countdown(task) / SAFE_SHARE for _, task in tasks.items()]
+        + [v for _, task in tasks.items() for v in task_time_limits(app, task).values()]
+        + [_countdown(task) / VISIBILITY_SAFE_SHARE for _, task in tasks.items()]
     )
     why_off = (
-        "TASKKIT_EXTEND_VISIBILITY is off"
-        if scheme in KEEPER_SCHEMES
-        else f"the {scheme} transport has no keeper"
+        f"the {scheme} transport has no keeper"
+        if conf.get("taskkit_extend_visibility", False)
+        else "TASKKIT_EXTEND_VISIBILITY is off"
     )
     if long_running:
         return Check(
@@ -147,7 +126,7 @@ def check_visibility_timeout(ctx: Context) -> Check:
         problems = []
         if clamped:
             problems.append(
-                f"retry countdowns are clamped to {timeout * SAFE_SHARE:g}s (90% of the "
+                f"retry countdowns are clamped to {timeout * VISIBILITY_SAFE_SHARE:g}s (90% of the "
                 f"visibility_timeout, {why_off}): " + ", ".join(clamped)
             )
         if no_limit:
@@ -268,16 +247,11 @@ def check_serializer(ctx: Context) -> Check:
     return Check("serializer", "ok", "task messages and results are JSON only", None, details)
 
 
-def _version(raw: str | None) -> tuple[int, ...] | None:
-    match = re.match(r"\d+(?:\.\d+)*", (raw or "").strip())
-    return tuple(int(part) for part in match.group().split(".")) if match else None
-
-
 def check_consumer_timeout(ctx: Context) -> Check:
     app = ctx.app
     conf = app.conf
     url = str(conf.broker_url or "")
-    if _scheme(url) not in AMQP_SCHEMES:
+    if not uses_amqp(app):
         return Check(
             "consumer_timeout", "ok", "the broker is not RabbitMQ: no consumer timeout applies"
         )
@@ -297,15 +271,15 @@ def check_consumer_timeout(ctx: Context) -> Check:
         )
     raw = properties.get("version")
     raw = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
-    version = _version(raw if isinstance(raw, str) else None)
+    version = rabbitmq_version(properties)
     details["rabbitmq_version"] = raw
-    supported = None if version is None else version[:2] >= FIRST_SUPPORTING
-    effective = asked if (asked and supported) else RABBITMQ_DEFAULT_TIMEOUT
+    supported = consumer_timeout_supported(version)
+    effective = effective_consumer_timeout(app, version)
     tasks = user_tasks(app, ctx.load.registered if ctx.load.app is not None else None)
     longer = []
     unbounded = []
     for name, task in tasks.items():
-        limits = _limits(app, task)
+        limits = task_time_limits(app, task)
         if not limits:
             unbounded.append(name)
         if any(value > effective for value in limits.values()):

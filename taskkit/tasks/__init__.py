@@ -18,6 +18,12 @@
 ``check_reachable``          whether the app's broker and Redis result backend answer now
 ``duplicate_count``,         deliveries the lease dropped as duplicates, and the signal sent
 ``duplicate_dropped``        for each (the hook for metrics)
+``uses_visibility_timeout``, the broker's redelivery rules, shared with ``taskkit doctor``:
+``visibility_timeout``,      whether it redelivers by age, after how long, whether workers
+``extends_visibility``,      keep their messages invisible (and the countdown share allowed
+``VISIBILITY_SAFE_SHARE``    when not), a task's time limits; RabbitMQ's consumer timeout
+``task_time_limits``,        (``uses_amqp``, ``rabbitmq_version``,
+``uses_amqp`` ...            ``consumer_timeout_supported``, ``effective_consumer_timeout``)
 ===========================  ====================================================================
 
 Redelivery, visibility timeout and takeover: with Redis as the broker, a worker that dies
@@ -58,6 +64,13 @@ from taskkit.tasks._idempotent import submit
 from taskkit.tasks._lease import FileLeaseStore, Lease, LeaseOwner, LeaseStore, RedisLeaseStore
 from taskkit.tasks._options import Option, options_markdown
 from taskkit.tasks._progress import PROGRESS, ProgressReport
+from taskkit.tasks._rabbitmq import (
+    consumer_timeout_supported,
+    effective_consumer_timeout,
+    rabbitmq_version,
+    task_time_limits,
+    uses_amqp,
+)
 from taskkit.tasks._replay import replay_dead_letters
 from taskkit.tasks._runs import fork_run, load_model, resume_run, stop_run, submit_run
 from taskkit.tasks._submit import check_reachable
@@ -69,11 +82,18 @@ from taskkit.tasks._training import (
     resume_orphaned_runs,
     run_is_alive,
 )
+from taskkit.tasks._visibility import (
+    VISIBILITY_SAFE_SHARE,
+    extends_visibility,
+    uses_visibility_timeout,
+    visibility_timeout,
+)
 
 __all__ = [
     "DEFAULT_PERMANENT_ERRORS",
     "DEFAULT_TRANSIENT_ERRORS",
     "PROGRESS",
+    "VISIBILITY_SAFE_SHARE",
     "BatchSubmission",
     "BatchTask",
     "FileLeaseStore",
@@ -89,12 +109,16 @@ __all__ = [
     "TrainingRun",
     "TrainingTask",
     "check_reachable",
+    "consumer_timeout_supported",
     "create_app",
     "duplicate_count",
     "duplicate_dropped",
+    "effective_consumer_timeout",
+    "extends_visibility",
     "fork_run",
     "load_model",
     "options_markdown",
+    "rabbitmq_version",
     "reliable_defaults",
     "replay_dead_letters",
     "request_stop",
@@ -105,4 +129,8 @@ __all__ = [
     "submit",
     "submit_batch",
     "submit_run",
+    "task_time_limits",
+    "uses_amqp",
+    "uses_visibility_timeout",
+    "visibility_timeout",
 ]

@@ -51,8 +51,10 @@ __all__ = [
     "adopting",
     "amqp_defaults",
     "consumer_timeout_supported",
+    "effective_consumer_timeout",
     "outlasting",
-    "server_version",
+    "rabbitmq_version",
+    "task_time_limits",
     "uses_amqp",
 ]
 
@@ -64,6 +66,9 @@ CONSUMER_TIMEOUT_ARGUMENT = "x-consumer-timeout"
 #: The first RabbitMQ release that honours ``x-consumer-timeout``.
 FIRST_SUPPORTING = (3, 12)
 
+#: RabbitMQ's own consumer timeout unless rabbitmq.conf says otherwise (30 min).
+RABBITMQ_DEFAULT_TIMEOUT = 1800.0
+
 #: The app setting holding the timeout (seconds) the workers ask for; 0 or None: none.
 SETTING = "taskkit_consumer_timeout"
 
@@ -71,7 +76,13 @@ AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "librabbitmq"})
 
 
 def uses_amqp(app: Celery) -> bool:
-    """Whether the app's broker speaks AMQP (RabbitMQ)."""
+    """Whether the app's broker speaks AMQP (RabbitMQ).
+
+    Example::
+
+        app = create_app(broker_url="amqp://guest:guest@localhost//")
+        assert uses_amqp(app)
+    """
     return _scheme(str(app.conf.broker_url or "")) in AMQP_SCHEMES
 
 
@@ -94,8 +105,14 @@ def amqp_defaults(broker_url: str, consumer_timeout: float) -> dict[str, Any]:
     return conf
 
 
-def server_version(properties: dict[str, Any] | None) -> tuple[int, ...] | None:
-    """The broker's version from the AMQP ``connection.start`` server properties, or None."""
+def rabbitmq_version(properties: dict[str, Any] | None) -> tuple[int, ...] | None:
+    """The broker's version from the AMQP ``connection.start`` server properties, or None.
+
+    Example::
+
+        assert rabbitmq_version({"version": b"3.13.7"}) == (3, 13, 7)
+        assert rabbitmq_version({}) is None
+    """
     raw = (properties or {}).get("version")
     if isinstance(raw, bytes):
         raw = raw.decode("ascii", "replace")
@@ -116,6 +133,20 @@ def consumer_timeout_supported(version: tuple[int, ...] | None) -> bool | None:
     if version is None:
         return None
     return version[:2] >= FIRST_SUPPORTING
+
+
+def effective_consumer_timeout(app: Celery, version: tuple[int, ...] | None) -> float:
+    """The consumer timeout (seconds) that applies to the app's workers on a RabbitMQ of
+    ``version``: the one they ask for (``TASKKIT_CONSUMER_TIMEOUT``) when the broker honours
+    it, else RabbitMQ's default, 30 min (rabbitmq.conf may say otherwise; AMQP does not tell).
+
+    Example::
+
+        app = create_app(broker_url="amqp://guest:guest@localhost//")
+        assert effective_consumer_timeout(app, (3, 10, 8)) == 1800.0
+    """
+    asked = float(app.conf.get(SETTING) or 0)
+    return asked if (asked and consumer_timeout_supported(version)) else RABBITMQ_DEFAULT_TIMEOUT
 
 
 def _timeout_ms(app: Celery) -> int | None:
@@ -188,6 +219,27 @@ def _running_request(message: Any, body: Any) -> Any:
     return None
 
 
+def task_time_limits(app: Celery, task: Any) -> dict[str, float]:
+    """A task's time limits in seconds, its own or else the app-wide ones: the keys
+    ``soft_time_limit`` and ``time_limit``, each present only when set.
+
+    Example::
+
+        app = create_app(task_time_limit=7200)
+        assert task_time_limits(app, app.tasks["myproject.train"]) == {"time_limit": 7200.0}
+    """
+    conf = app.conf
+    found: dict[str, float] = {}
+    for label, app_wide in (
+        ("soft_time_limit", "task_soft_time_limit"),
+        ("time_limit", "task_time_limit"),
+    ):
+        value = getattr(task, label, None) or conf.get(app_wide)
+        if value:
+            found[label] = float(value)
+    return found
+
+
 def outlasting(app: Celery, seconds: float) -> list[str]:
     """Names of the app's tasks whose time limit (own or app-wide, hard or soft) is longer than
     ``seconds``; a task without a limit is not listed (its length is unknown).
@@ -197,16 +249,11 @@ def outlasting(app: Celery, seconds: float) -> list[str]:
         app = create_app(task_time_limit=7200)
         assert "myproject.train" in outlasting(app, 3600)
     """
-    conf = app.conf
     names = []
     for name, task in sorted(app.tasks.items()):
         if name.startswith("celery."):
             continue
-        limits = [
-            getattr(task, "time_limit", None) or conf.get("task_time_limit"),
-            getattr(task, "soft_time_limit", None) or conf.get("task_soft_time_limit"),
-        ]
-        if any(limit and limit > seconds for limit in limits):
+        if any(limit > seconds for limit in task_time_limits(app, task).values()):
             names.append(name)
     return names
 
@@ -238,7 +285,7 @@ class ConsumerTimeout(bootsteps.StartStopStep):
             return
         self._warned = True
         transport = getattr(getattr(parent, "connection", None), "connection", None)
-        version = server_version(getattr(transport, "server_properties", None))
+        version = rabbitmq_version(getattr(transport, "server_properties", None))
         asked = _timeout_ms(parent.app)
         if consumer_timeout_supported(version) is False and asked:
             logger.warning(

@@ -31,23 +31,73 @@ from celery import Celery, bootsteps
 from taskkit.errors import TaskkitWarning
 from taskkit.tasks._options import DEFAULTS
 
-__all__ = ["VisibilityKeeper", "check_visibility", "uses_visibility_timeout"]
+__all__ = [
+    "VISIBILITY_SAFE_SHARE",
+    "VisibilityKeeper",
+    "check_visibility",
+    "extends_visibility",
+    "uses_visibility_timeout",
+    "visibility_timeout",
+]
 
 logger = logging.getLogger("taskkit.tasks")
 
-#: Share of the visibility timeout a countdown may use when nothing extends it.
-SAFE_SHARE = 0.9
+#: Share of the visibility timeout a retry countdown may use when nothing extends it.
+VISIBILITY_SAFE_SHARE = SAFE_SHARE = 0.9
+
+#: Broker schemes whose transport redelivers an unacknowledged message by its age.
+AGE_SCHEMES = frozenset({"redis", "rediss", "sentinel", "sqs", "taskkit"})
+#: Of those, the transports whose messages the worker's keeper can re-stamp.
+KEEPER_SCHEMES = frozenset({"redis", "rediss", "sentinel", "taskkit"})
+#: Celery's visibility timeout when the transport options set none.
+CELERY_DEFAULT_TIMEOUT = 3600.0
+
+
+def _scheme(app: Celery) -> str:
+    url = str(app.conf.broker_url or "")
+    return url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
 
 
 def uses_visibility_timeout(app: Celery) -> bool:
-    """Whether the broker redelivers by age (Redis, SQS) rather than on connection loss."""
-    scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+", 1)[0]
-    return scheme in {"redis", "rediss", "sentinel", "sqs", "taskkit"}
+    """Whether the app's broker redelivers by age (Redis, SQS, the embedded ``taskkit+sqlite``)
+    rather than on connection loss (RabbitMQ).
+
+    Example::
+
+        app = create_app(broker_url="redis://localhost:6379/0")
+        assert uses_visibility_timeout(app)
+    """
+    return _scheme(app) in AGE_SCHEMES
 
 
 def visibility_timeout(app: Celery) -> float:
+    """The broker's visibility timeout in seconds (``broker_transport_options``; Celery's
+    one hour when they set none).
+
+    Example::
+
+        app = create_app(broker_url="redis://localhost:6379/0")
+        assert visibility_timeout(app) == 30.0  # TASKKIT_VISIBILITY_TIMEOUT
+    """
     options = app.conf.broker_transport_options or {}
-    return float(options.get("visibility_timeout", 3600))
+    return float(options.get("visibility_timeout") or CELERY_DEFAULT_TIMEOUT)
+
+
+def extends_visibility(app: Celery) -> bool:
+    """Whether the app's workers keep the messages they hold invisible (the keeper): the
+    broker redelivers by age, its transport is one the keeper knows (Redis, the embedded
+    broker; not SQS) and ``TASKKIT_EXTEND_VISIBILITY`` is on. When False, retry countdowns
+    are clamped to ``VISIBILITY_SAFE_SHARE`` of the timeout and a task running longer than it
+    is delivered again while it runs.
+
+    Example::
+
+        app = create_app(broker_url="redis://localhost:6379/0")
+        assert extends_visibility(app)  # TASKKIT_EXTEND_VISIBILITY defaults to true
+    """
+    return bool(app.conf.get("taskkit_extend_visibility", False)) and (
+        _scheme(app) in KEEPER_SCHEMES
+    )
 
 
 def check_visibility(app: Celery) -> list[str]:
@@ -64,7 +114,7 @@ def check_visibility(app: Celery) -> list[str]:
     conf = app.conf
     timeout = visibility_timeout(app)
     problems: list[str] = []
-    if conf.get("taskkit_extend_visibility", False):
+    if extends_visibility(app):
         return problems
     safe = timeout * SAFE_SHARE
     cap = conf.get("taskkit_outer_max_delay") or DEFAULTS["outer_max_delay"]
@@ -107,8 +157,7 @@ class VisibilityKeeper(bootsteps.StartStopStep):
         self._thread: threading.Thread | None = None
 
     def include_if(self, parent: Any) -> bool:
-        app = parent.app
-        return bool(app.conf.get("taskkit_extend_visibility")) and uses_visibility_timeout(app)
+        return extends_visibility(parent.app)
 
     def start(self, parent: Any) -> None:
         interval = visibility_timeout(parent.app) / 3

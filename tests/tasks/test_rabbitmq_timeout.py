@@ -28,7 +28,7 @@ from taskkit.tasks._rabbitmq import (
     amqp_defaults,
     consumer_timeout_supported,
     outlasting,
-    server_version,
+    rabbitmq_version,
 )
 from tests._support.apps import KEY_TTL, RUN
 from tests._support.workers import WorkerProcess, wait_for
@@ -252,9 +252,9 @@ def queue_size(rabbit: PrivateRabbitMQ) -> int:
 
 
 def test_the_broker_version_decides_whether_the_argument_is_honoured():
-    assert server_version({"version": b"3.10.8"}) == (3, 10, 8)
-    assert server_version({"version": "4.0.0-rc.1"}) == (4, 0, 0)
-    assert server_version({}) is None
+    assert rabbitmq_version({"version": b"3.10.8"}) == (3, 10, 8)
+    assert rabbitmq_version({"version": "4.0.0-rc.1"}) == (4, 0, 0)
+    assert rabbitmq_version({}) is None
     assert consumer_timeout_supported((3, 10, 8)) is False
     assert consumer_timeout_supported((3, 12, 0)) is True
     assert consumer_timeout_supported(None) is None
