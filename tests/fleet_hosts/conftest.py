@@ -1,0 +1,54 @@
+"""Two simulated hosts (``tests/_support/netns.py``) and the services they reach over their
+links: a Redis of the test's own and a forwarder to the shared PostgreSQL. Tests here fail
+under ``CI=true`` when namespaces cannot be made, and skip otherwise, with the reason."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests._support.netns import Forwarder, Hosts, RedisOnLinks, unavailable
+
+
+@dataclass
+class Fleet:
+    hosts: Hosts
+    redis: RedisOnLinks
+    postgres: Forwarder
+    directory: pathlib.Path
+
+    def database_url(self, schema_url: str, address: str) -> str:
+        """``schema_url`` reached through the forwarder on ``address``."""
+        url = make_url(schema_url).set(host=address, port=self.postgres.port)
+        return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_url: str, postgres_url: str) -> Iterator[Fleet]:
+    reason = unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"two simulated hosts need network namespaces: {reason}", pytrace=False)
+        pytest.skip(f"two simulated hosts need network namespaces: {reason}")
+    pg = make_url(postgres_url)
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="tk-hosts-"))
+    hosts = Hosts.create(2)
+    stops: list[Callable[[], None]] = []
+    try:
+        server = RedisOnLinks(hosts.root_ips(), directory)
+        stops.append(server.stop)
+        forwarder = Forwarder(hosts.root_ips(), (pg.host or "127.0.0.1", pg.port or 5432))
+        stops.append(forwarder.close)
+        yield Fleet(hosts, server, forwarder, directory)
+    finally:
+        for stop in reversed(stops):
+            stop()
+        hosts.destroy()
+        shutil.rmtree(directory, ignore_errors=True)
