@@ -92,7 +92,7 @@ def safe_bulk_insert(
     checked at the end of the COPY), the chunk is bisected as above. SQLite, instances and
     models whose defaults only SQL can compute take the ``INSERT`` path.
 
-    Speed: on 100,000 rows with 10 bad ones, the COPY path runs at about 2x the speed of a
+    Speed: on 100,000 rows with 10 bad ones, the COPY path runs at about 1.5x the speed of a
     plain ORM insert (the ``INSERT`` path, with a savepoint per batch, at 0.64x to 1x);
     ``docs/benchmarks.md`` has the numbers.
 
