@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -52,3 +53,45 @@ def fleet(redis_url: str, postgres_url: str) -> Iterator[Fleet]:
             stop()
         hosts.destroy()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class ObjectStore:
+    """The S3 server (moto, on 127.0.0.1) and a forwarder to it on the hosts' links."""
+
+    server: Any
+    forwarder: Forwarder
+    bucket: str
+
+    def env(self, address: str | None = None) -> dict[str, str]:
+        """What a process needs to keep checkpoints there (through ``address``'s forwarder)."""
+        from tests._support.s3 import KEY, REGION
+
+        endpoint = self.server.url if address is None else f"http://{address}:{self.forwarder.port}"
+        return {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": KEY,
+            "AWS_SECRET_ACCESS_KEY": KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "TASKKIT_CHECKPOINT_DIR": f"s3://{self.bucket}/hosts",
+        }
+
+    def objects(self) -> list[tuple[str, str]]:
+        listed = self.server.client().list_objects_v2(Bucket=self.bucket)
+        return sorted((o["Key"], o["ETag"]) for o in listed.get("Contents", []))
+
+
+@pytest.fixture(scope="module")
+def object_store(fleet: Fleet) -> Iterator[ObjectStore]:
+    from tests._support.s3 import MotoServer, new_bucket
+
+    server = MotoServer()
+    try:
+        port = int(server.url.rsplit(":", 1)[1])
+        forwarder = Forwarder(fleet.hosts.root_ips(), ("127.0.0.1", port))
+        try:
+            yield ObjectStore(server, forwarder, new_bucket(server))
+        finally:
+            forwarder.close()
+    finally:
+        server.close()

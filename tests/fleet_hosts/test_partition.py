@@ -29,7 +29,7 @@ from taskkit.tasks import load_model, submit_run
 from tests._support.netns import NamespacedWorker
 from tests._support.workers import wait_for
 from tests.conftest import empty_tables
-from tests.fleet_hosts.conftest import Fleet
+from tests.fleet_hosts.conftest import Fleet, ObjectStore
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -39,15 +39,35 @@ SECRET = "two-hosts-tests-key-0123"
 WRITTEN = ("checkpoints", "checkpoint_chunks", "training_epochs", "training_progress", "model_runs")
 
 
+@pytest.fixture(params=["database", "s3"])
+def storage(request: pytest.FixtureRequest) -> ObjectStore | None:
+    """Where checkpoints are shared: PostgreSQL (DatabaseStorage) or the S3 server
+    (FsspecStorage), each reached by the hosts over their links."""
+    if request.param == "s3":
+        return request.getfixturevalue("object_store")  # type: ignore[no-any-return]
+    return None
+
+
+def storage_env(storage: ObjectStore | None, address: str | None = None) -> dict[str, str]:
+    if storage is None:
+        return {"TASKKIT_CHECKPOINT_STORAGE": "database"}
+    return storage.env(address)
+
+
 @pytest.fixture
-def apps(fleet: Fleet, pg_schema_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The hosts' app in this process (Redis at 127.0.0.1, PostgreSQL directly)."""
+def apps(
+    fleet: Fleet,
+    storage: ObjectStore | None,
+    pg_schema_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[ModuleType]:
+    """The hosts' app in this process (Redis at 127.0.0.1, PostgreSQL and S3 directly)."""
     values = {
         "TASKKIT_TEST_HOSTS_REDIS": fleet.redis.url(),
         "TASKKIT_TEST_HOSTS_DIR": str(fleet.directory),
         "TASKKIT_DATABASE_URL": pg_schema_url,
-        "TASKKIT_CHECKPOINT_STORAGE": "database",
         "TASKKIT_SECRET_KEY": SECRET,
+        **storage_env(storage),
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -71,6 +91,7 @@ def start_worker(
     fleet: Fleet,
     index: int,
     schema_url: str,
+    storage: ObjectStore | None,
     workers: dict[str, NamespacedWorker],
     tmp: pathlib.Path,
 ) -> NamespacedWorker:
@@ -80,8 +101,8 @@ def start_worker(
         "TASKKIT_TEST_HOSTS_REDIS": fleet.redis.url(host.root_ip),
         "TASKKIT_TEST_HOSTS_DIR": str(fleet.directory),
         "TASKKIT_DATABASE_URL": fleet.database_url(schema_url, host.root_ip),
-        "TASKKIT_CHECKPOINT_STORAGE": "database",
         "TASKKIT_SECRET_KEY": SECRET,
+        **storage_env(storage, host.root_ip),
     }
     worker = NamespacedWorker(
         host, f"host-{host.label}", tmp, app="tests.fleet_hosts.apps", queue="tk-hosts-q", env=env
@@ -97,24 +118,27 @@ def status(run_id: int) -> str:
         return run.status if run is not None else "missing"
 
 
-def snapshot(schema_url: str) -> dict[str, list[Any]]:
-    """Every row of the tables a trainer writes (checkpoints are in the database here)."""
+def snapshot(schema_url: str, storage: ObjectStore | None) -> dict[str, list[Any]]:
+    """Every row of the tables a trainer writes, and every object of the S3 storage."""
     with get_engine(schema_url).connect() as connection:
-        return {
+        found = {
             table: sorted(map(tuple, connection.execute(text(f"SELECT * FROM {table}"))), key=repr)
             for table in WRITTEN
         }
+    found["s3 objects"] = storage.objects() if storage is not None else []
+    return found
 
 
 def test_a_partitioned_host_loses_the_run_to_the_other_and_writes_nothing_after(
     fleet: Fleet,
     apps: ModuleType,
+    storage: ObjectStore | None,
     pg_schema_url: str,
     workers: dict[str, NamespacedWorker],
     tmp_path: pathlib.Path,
 ) -> None:
     for index in (0, 1):
-        start_worker(fleet, index, pg_schema_url, workers, tmp_path)
+        start_worker(fleet, index, pg_schema_url, storage, workers, tmp_path)
     nonce = uuid.uuid4().hex
     config = {**CONFIG, "nonce": nonce}
     run_id, _ = submit_run(apps.train, config, name="two-hosts")
@@ -132,7 +156,7 @@ def test_a_partitioned_host_loses_the_run_to_the_other_and_writes_nothing_after(
         assert taken_over, "host B ran no epoch"
         assert taken_over[0] > 0, "host B started over instead of resuming A's checkpoint"
         model = load_model(run_id)
-        written = snapshot(pg_schema_url)
+        written = snapshot(pg_schema_url, storage)
     finally:
         a.heal()
 
@@ -140,7 +164,7 @@ def test_a_partitioned_host_loses_the_run_to_the_other_and_writes_nothing_after(
     # task (A's, B's, a re-queued copy) ends.
     wait_for(lambda: "was lost" in worker_a.log(), 60, "host A's trainer to find its lease lost")
     wait_for(lambda: all_ended(workers.values()), 60, "every delivery of the task to end")
-    stale = changes(written, snapshot(pg_schema_url))
+    stale = changes(written, snapshot(pg_schema_url, storage))
 
     reference = reference_model(apps)
     assert np.array_equal(model.coef_, reference.coef_)
@@ -171,9 +195,9 @@ def changes(before: dict[str, list[Any]], after: dict[str, list[Any]]) -> dict[s
         return repr(row)[:120]
 
     found = {}
-    for table in WRITTEN:
-        gained = [shown(r) for r in after[table] if r not in before[table]]
-        lost = [shown(r) for r in before[table] if r not in after[table]]
+    for table, rows in before.items():
+        gained = [shown(r) for r in after[table] if r not in rows]
+        lost = [shown(r) for r in rows if r not in after[table]]
         if gained or lost:
             found[table] = {"gained": gained, "lost": lost}
     return found
