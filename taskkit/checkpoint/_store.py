@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from taskkit._keys import KeyRing, check_key
+from taskkit._utils import is_control_flow
 from taskkit.checkpoint._codec import Digest, Payload, encode, library_versions, sha256_of
 from taskkit.checkpoint._database import DatabaseStorage
 from taskkit.checkpoint._fsspec import FsspecStorage
@@ -315,6 +316,8 @@ class CheckpointStore:
         try:
             infos = self.storage.infos(self._run_id)
         except Exception as exc:
+            if is_control_flow(exc):  # a soft time limit struck here: it is the task's
+                raise
             self._warn_retention(saved.step, exc)
             return
         keep = {saved.step}

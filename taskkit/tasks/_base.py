@@ -843,7 +843,9 @@ class ResilientTask(Task[Any, Any]):
                     meta = {**meta, "attempts": run.attempts}
             try:
                 self.update_state(state=PROGRESS, meta=meta)
-            except Exception:
+            except Exception as exc:
+                if is_control_flow(exc):  # the soft time limit struck here: it is the task's
+                    raise
                 logger.warning("taskkit: could not store progress of %s", request.id, exc_info=True)
             if self.progress_events and not ResilientTask._events_broken:
                 self._send_progress_event(report)
@@ -868,6 +870,8 @@ class ResilientTask(Task[Any, Any]):
         try:
             self.send_event("task-progress", retry=False, **report.meta())
         except Exception as exc:  # a transport without fanout (the embedded broker)
+            if is_control_flow(exc):  # the soft time limit struck here: it is the task's
+                raise
             ResilientTask._events_broken = True
             logger.info("taskkit: task-progress events are off in this process: %s", exc)
 

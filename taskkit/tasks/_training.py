@@ -462,6 +462,8 @@ class TrainingRun:
         # The heartbeat first: a run shown running is never without one (stale at once).
         try:
             write_heartbeat(self.run_id, database_url=database_url)
+        except SoftTimeLimitExceeded:
+            raise  # the limit struck during the write: it ends the attempt, it is no outage
         except Exception as exc:  # mark_running says whether the database is really gone
             _heartbeat_failed(self.run_id, exc)
         stop = runs.mark_running(
@@ -668,6 +670,8 @@ class TrainingRun:
         self._stop_checked_at = now
         try:
             return runs.stop_requested(self.run_id, database_url=self.task._database_url)
+        except SoftTimeLimitExceeded:
+            raise  # the limit struck during the read: it ends the attempt, it is no outage
         except Exception as exc:
             logger.warning(
                 "taskkit: run %s: could not read its stop request: %s",

@@ -374,3 +374,36 @@ def test_a_checkpoint_of_another_run_identity_is_not_restored(training_env: str)
 
     assert result["resumed_from"] is None
     assert apps.epochs_started(victim) == list(range(8))
+
+
+def test_a_soft_limit_during_the_first_heartbeat_write_ends_the_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The limit strikes wherever the task is; inside the heartbeat write it is no outage."""
+    from taskkit.tasks import _training
+
+    def struck(*args: Any, **kwargs: Any) -> None:
+        raise SoftTimeLimitExceeded("soft time limit (in the heartbeat write)")
+
+    monkeypatch.setattr(_training, "write_heartbeat", struck)
+    config = cfg()
+    run_id = new_run(config)
+
+    with pytest.raises(SoftTimeLimitExceeded):
+        apps.train(run_id, config)
+
+
+def test_a_soft_limit_during_the_stop_request_read_ends_the_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from taskkit.tasks import _runs
+
+    def struck(*args: Any, **kwargs: Any) -> bool:
+        raise SoftTimeLimitExceeded("soft time limit (in the stop request read)")
+
+    monkeypatch.setattr(_runs, "stop_requested", struck)
+    config = cfg()
+    run_id = new_run(config)
+
+    with pytest.raises(SoftTimeLimitExceeded):
+        apps.train(run_id, config)
