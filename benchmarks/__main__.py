@@ -12,6 +12,7 @@ from benchmarks import (
     bench_checkpoint,
     bench_cli,
     bench_db,
+    bench_fleet,
     bench_metrics,
     bench_objectstore,
     bench_outage,
@@ -36,6 +37,7 @@ SECTIONS = [
     bench_cli,
     bench_api,
     bench_scale,
+    bench_fleet,
 ]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
