@@ -28,11 +28,6 @@ from taskkit.recovery import (
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def server_time(client: redis.Redis) -> float:
-    seconds, micros = client.time()
-    return seconds + micros / 1e6
-
-
 def failing():
     raise ConnectionError("down")
 
@@ -242,46 +237,6 @@ def run_fleet(scenario: str, processes: int, **options) -> list[dict]:
         assert child.returncode == 0, err.decode()
         results.append(json.loads(out.decode().strip().splitlines()[-1]))
     return results
-
-
-def executions(client: redis.Redis, prefix: str) -> list[tuple[float, float]]:
-    rows = [json.loads(r) for r in client.lrange(f"{prefix}executions", 0, -1)]
-    return sorted((s[0] + s[1] / 1e6, e[0] + e[1] / 1e6) for _, s, e in rows)
-
-
-@pytest.mark.parametrize("outcome", ["fail", "succeed"])
-def test_a_fleet_sees_one_state_and_runs_exactly_one_probe(
-    redis_url, redis_client, key_prefix, storage, unique, outcome
-):
-    recovery = 1.5
-    opener = shared(storage, unique, recovery_timeout=recovery)
-    trip(opener, 3)
-    open_until = float(redis_client.hget(storage.keys(unique)[0], "open_until"))
-    until = server_time(redis_client) + recovery + 1.2
-    results = run_fleet(
-        "hammer",
-        4,
-        url=redis_url,
-        prefix=key_prefix,
-        name=unique,
-        until=until,
-        recovery=recovery,
-        call_seconds=0.3,
-        outcome=outcome,
-    )
-    assert all(r["rejections"] > 0 for r in results), results  # every process was turned away
-    runs = executions(redis_client, key_prefix)
-    # Nothing ran while the breaker was open...
-    assert runs, "the probe never ran"
-    assert runs[0][0] >= open_until
-    first_end = runs[0][1]
-    if outcome == "fail":
-        # ...one probe ran, failed, and reopened the breaker past the end of the test.
-        assert len(runs) == 1
-    else:
-        # ...one probe ran alone; once it closed the breaker, traffic resumed.
-        assert len(runs) > 1
-        assert all(start >= first_end for start, _ in runs[1:])
 
 
 def test_a_shared_budget_caps_retries_across_processes(redis_url, key_prefix, unique):
