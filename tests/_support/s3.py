@@ -181,7 +181,11 @@ def _serve_proxy(port: int, target: int, die_after: int) -> None:
 
     while True:
         client, _ = listener.accept()
-        server = socket.create_connection(("127.0.0.1", target))
+        try:
+            server = socket.create_connection(("127.0.0.1", target))
+        except OSError:
+            client.close()  # the server is down: so is this connection
+            continue
         threading.Thread(target=pipe, args=(client, server, True), daemon=True).start()
         threading.Thread(target=pipe, args=(server, client, False), daemon=True).start()
 

@@ -169,7 +169,8 @@ def test_a_transient_cut_is_retried_through_taskkits_retry(server, bucket):
 
         def sleep(seconds: float) -> None:
             waits.append(seconds)
-            proxy.restart()  # back up while we wait
+            if proxy.process.poll() is not None:
+                proxy.restart()  # back up while we wait
 
         storage = storage_on(
             server, bucket, proxy.url, part_size=5 * MiB, concurrency=2, retry=fast_retry(sleep)
@@ -178,14 +179,15 @@ def test_a_transient_cut_is_retried_through_taskkits_retry(server, bucket):
         proxy.restart(die_after=8 * MiB)
         state = big_state(3, mib=16)
         store.save(state, step=1)
-        assert len(waits) >= 1
+        assert len(waits) == 1  # one cut, one retry
         assert np.array_equal(store.load_latest().state["w"], state["w"])
     # The cut upload's abort could not reach the server: its parts stay until an orphan sweep
     uploads = server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert [u["Key"] for u in uploads] == ["ckpt/flaky/step-00000001.ckpt"]
-    assert storage_on(server, bucket, orphan_grace=0).remove_orphans("flaky") == 1
+    direct = storage_on(server, bucket, orphan_grace=0)
+    assert direct.remove_orphans("flaky") == 1
     assert server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert [i.step for i in store.list()] == [1]
+    assert [i.step for i in direct.infos("flaky")] == [1]
 
 
 def test_a_crashed_writers_data_object_is_removed_as_an_orphan(server, bucket):
