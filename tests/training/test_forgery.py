@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import pickle
@@ -81,6 +82,32 @@ def no_key(
     yield values
     monkeypatch.undo()
     reset_settings()
+
+
+def drop_messages_of(task_id: str) -> int:
+    """Delete every message of ``task_id`` from the test app's queues and its unacknowledged
+    set (what a stopped worker left requeued): none may reach the next test's worker, whose
+    database reuses run ids. Returns how many were dropped."""
+    client = apps.kit.counter
+    prefix = f"{apps.PREFIX}:"
+
+    def of_task(raw: bytes) -> bool:
+        message = json.loads(raw)
+        if isinstance(message, list):  # unacked entries: [message, exchange, routing key]
+            message = message[0]
+        return bool((message.get("headers") or {}).get("id") == task_id)
+
+    dropped = 0
+    for key in client.scan_iter(f"{prefix}{apps.QUEUE}*"):
+        if client.type(key) == b"list":
+            for raw in client.lrange(key, 0, -1):
+                if of_task(raw):
+                    dropped += int(client.lrem(key, 0, raw))
+    for tag, raw in client.hgetall(f"{prefix}unacked").items():
+        if of_task(raw):
+            dropped += int(client.hdel(f"{prefix}unacked", tag))
+            client.zrem(f"{prefix}unacked_index", tag)
+    return dropped
 
 
 def completed_run(data: bytes, seal: dict[str, Any]) -> int:
@@ -185,6 +212,12 @@ def test_taskkit_resume_and_a_real_worker_refuse_a_forged_checkpoint(
         _, error = refused()
     finally:
         worker.stop()
+        # Stopping the worker may requeue the refused task (a retry): drop it, so it cannot
+        # run against the next test's run of the same id.
+        with session_scope() as db:
+            task_id = db.get(ModelRun, run_id).task_id  # type: ignore[union-attr]
+        if task_id:
+            drop_messages_of(task_id)
     assert not marker.exists()
     assert "refusing to unpickle" in worker.log()
     assert "CheckpointTampered" in error
