@@ -230,7 +230,8 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # repr() and str() end up in logs and tracebacks: never with a URL's password
         for name, value in super().__repr_args__():
-            yield name, mask_password(value) if name in _URL_FIELDS and value else value
+            masked = name in _URL_FIELDS and isinstance(value, str) and value
+            yield name, mask_password(value) if masked else value
 
     @field_validator("secret_key", "secret_keys_old", "api_token", "alert_webhook_url")
     @classmethod
@@ -351,7 +352,7 @@ def _signing_keys(
 
 
 _URL_FIELDS = frozenset(
-    {"database_url", "broker_url", "result_backend", "lease_url", "predictor_url"}
+    {"database_url", "broker_url", "result_backend", "lease_url", "predictor_url", "checkpoint_dir"}
 )
 
 

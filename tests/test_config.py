@@ -317,6 +317,7 @@ SECRET_URLS = {
     "TASKKIT_BROKER_URL": f"redis://:{PASSWORD}@broker:6379/0",
     "TASKKIT_RESULT_BACKEND": f"redis://:{PASSWORD}@results:6379/1",
     "TASKKIT_LEASE_URL": f"rediss://leases:{PASSWORD}@leases:6380/2",
+    "TASKKIT_CHECKPOINT_DIR": f"s3://AKIAEXAMPLE:{PASSWORD}@models/checkpoints",
 }
 
 
