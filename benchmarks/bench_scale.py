@@ -340,6 +340,7 @@ def _plot(
         ax.set_ylim(bottom=0)
         if limit is not None and "ms" in ylabel:
             ax.axhline(limit, color="grey", linestyle="--", linewidth=1, label="100 ms target")
+            ax.set_ylim(0, max(ax.get_ylim()[1], limit * 1.1))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     figure.suptitle(title)
