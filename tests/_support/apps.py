@@ -10,6 +10,7 @@ of the tasks it starts. ``delete_own_keys`` deletes exactly these keys: never an
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -124,6 +125,11 @@ def redis_test_app(kind: str, *, lease_ttl: float = 6.0, **config: Any) -> Redis
 
     # Tasks declared without a name get one under the prefix, like those that pass kit.name().
     app.gen_task_name = under_prefix  # type: ignore[method-assign]
+    # Celery copies a shared task (its default) into every app of the process, under that
+    # app's prefix: two test folders each declaring a `flaky` task then meet under one name,
+    # and whichever app finalizes first decides which function runs. A test app's tasks are
+    # its own.
+    app.task = functools.partial(app.task, shared=False)  # type: ignore[method-assign]
     signals.task_prerun.connect(kit._started, weak=False)
     BUILT.append(kit)
     return kit
