@@ -236,9 +236,9 @@ def test_listeners_hear_every_change_and_a_broken_one_is_isolated(clock, caplog)
         ("svc", CircuitState.OPEN, CircuitState.HALF_OPEN),
         ("svc", CircuitState.HALF_OPEN, CircuitState.CLOSED),
     ]
-    assert [r.getMessage() for r in caplog.records] == [
-        "taskkit: hook 'broken' raised; ignored"
-    ] * 3
+    # An alert notifier another test installed may report the opening too (taskkit.alerts).
+    hooks = [r.getMessage() for r in caplog.records if r.name != "taskkit.alerts"]
+    assert hooks == ["taskkit: hook 'broken' raised; ignored"] * 3
 
 
 def test_state_changes_are_events(clock):
