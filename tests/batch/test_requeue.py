@@ -75,6 +75,10 @@ def test_a_killed_chunk_runs_again_before_the_queued_chunks(
 
     wait_for(lambda: len(starts(batch_id)) == 2, 30, "two chunks to start")
     victim = starts(batch_id)[0]
+    # Kill it inside its item (a PAUSE-long sleep), not between the chunk's start and the item:
+    # the item's first run is then counted, and the copy's run is the second.
+    nonce = items[victim["offset"]]["nonce"]
+    wait_for(lambda: apps.runs(nonce), 30, "the killed chunk's item to start")
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.time()
     running = {e["offset"] for e in starts(batch_id)}
