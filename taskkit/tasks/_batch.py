@@ -437,7 +437,8 @@ class BatchTask(ResilientTask):
             super().record_failure(failure)
             return
         ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
-        statuses = ledger.statuses(chunk.keys) if ledger is not None else {}
+        # Claimed (its chunk row), so the dead flags land in the chunk's own row.
+        statuses = ledger.claim(chunk.keys) if ledger is not None else {}
         dead = [
             DeadLetterEntry(
                 task_name=self.name,
