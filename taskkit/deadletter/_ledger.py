@@ -122,7 +122,7 @@ class ItemLedger:
         chunk = hashlib.sha256(keys_json.encode()).hexdigest()
         now = datetime.now(UTC)
         zeros = "0" * len(keys)
-        with _transaction(self.engine, durable=durable) as connection:
+        with _statement(self.engine, durable=durable) as connection:
             row = connection.execute(
                 text(
                     "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, "
@@ -130,7 +130,7 @@ class ItemLedger:
                     ":zeros, 1, :now) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
                     "claims = c.claims + 1, updated_at = excluded.updated_at "
                     "RETURNING done, dead, EXISTS (SELECT 1 FROM batch_item_rows r "
-                    "WHERE r.batch_id = :batch_id)"
+                    f"WHERE r.batch_id = :batch_id){_asynchronous(connection, durable)}"
                 ),
                 {
                     "batch_id": self.batch_id,
@@ -141,8 +141,9 @@ class ItemLedger:
                     "now": now,
                 },
             ).one()
-            done, dead = bytearray(row[0].encode()), bytearray(row[1].encode())
-            if row[2]:  # rows of the old ledger (or of loose keys): move them into the chunk
+        done, dead = bytearray(row[0].encode()), bytearray(row[1].encode())
+        if row[2]:  # rows of the old ledger (or of loose keys): move them into the chunk
+            with _transaction(self.engine) as connection:
                 moved = _take_rows(connection, self.batch_id, keys)
                 if moved:
                     for position, key in enumerate(keys):
@@ -219,7 +220,9 @@ class ItemLedger:
             else:
                 dead_flags[position] = ord("1")
                 done_flags[position] = ord("0")
-        with _transaction(self.engine, durable=durable) as connection:
+        alone = not (loose_done or loose_dead or rows)  # one statement: no transaction needed
+        scope = _statement if alone else _transaction
+        with scope(self.engine, durable=durable) as connection:
             if self._chunk is not None:
                 _write_flags(
                     connection,
@@ -229,6 +232,7 @@ class ItemLedger:
                     done_flags,
                     dead_flags,
                     now,
+                    durable=durable,
                 )
             if loose_done:
                 _insert_missing(connection, self.batch_id, loose_done, now)
@@ -266,6 +270,8 @@ def _write_flags(
     done: bytearray,
     dead: bytearray,
     now: datetime,
+    *,
+    durable: bool = True,
 ) -> None:
     """The chunk's flags merged with the stored ones (a flag once set stays set; a dead item
     is not done), its row written whole if it is missing: one statement on PostgreSQL."""
@@ -287,7 +293,7 @@ def _write_flags(
                 "dead = CAST(CAST(c.dead AS VARBIT) | CAST(excluded.dead AS VARBIT) AS TEXT), "
                 "done = CAST((CAST(c.done AS VARBIT) | CAST(excluded.done AS VARBIT)) "
                 "& ~(CAST(c.dead AS VARBIT) | CAST(excluded.dead AS VARBIT)) AS TEXT), "
-                "updated_at = excluded.updated_at"
+                "updated_at = excluded.updated_at" + _asynchronous(connection, durable, "RETURNING")
             ),
             parameters,
         )
@@ -351,6 +357,29 @@ def _mark(
             .values(status=status, updated_at=now)
         ).rowcount
     return found
+
+
+@contextmanager
+def _statement(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
+    """A connection for one ledger statement. On PostgreSQL it runs in autocommit, so the
+    statement is its own transaction and costs one round trip, not four (``BEGIN``, the
+    settings, the statement, ``COMMIT``); a statement that skips the WAL flush says so itself
+    (``_asynchronous``). Elsewhere, a ``_transaction``."""
+    if engine.dialect.name != "postgresql":
+        with _transaction(engine, durable=durable) as connection:
+            yield connection
+        return
+    with engine.connect() as connection:
+        yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _asynchronous(connection: Connection, durable: bool, clause: str = ",") -> str:
+    """PostgreSQL, not ``durable``: a ``RETURNING`` item that sets ``synchronous_commit = off``
+    for the statement's own transaction (it is read at its commit), without a round trip of
+    its own. ``clause``: what comes before it (``,`` after other items, or ``RETURNING``)."""
+    if durable or connection.dialect.name != "postgresql":
+        return ""
+    return f" {clause} set_config('synchronous_commit', 'off', true)".replace(" ,", ",")
 
 
 @contextmanager

@@ -366,8 +366,9 @@ class BatchTask(ResilientTask):
     ) -> Callable[[int, int], None]:
         total = len(chunk.items)
 
-        def report(finished: int, _todo: int) -> None:
-            if len(chunk.done) >= self.ledger_flush_every:
+        def report(finished: int, todo: int) -> None:
+            # The last report is followed by the chunk's end, which writes the same flags.
+            if len(chunk.done) >= self.ledger_flush_every and finished < todo:
                 flushed = list(chunk.done)
                 try:
                     self.flush_items()
