@@ -271,10 +271,11 @@ same cost to both and would only move the ratio towards 1.
 Targets (issue 18): 0.5x with no work, 0.9x at 20 µs, 0.97x at 100 µs (0.8x for the upsert).
 {_ledger_verdict(measured)}
 
-Before this ledger (a row per item, written twice: claimed, then done), the same section
-measured 0.02x to 0.06x with no work, 0.45x to 0.63x at 20 µs and 0.77x to 0.86x at 100 µs
-(three runs at a load average of 6 to 7, commit ca565c1): the claim's `INSERT` of 1,000 rows
-alone took 4.8 ms of server time, more than the whole chunk without the ledger.
+Before this ledger (a row per item, written twice: claimed, then done), the same section run
+on its commit (7f0ec71) right before this one, at the same load (load average 1.3, 2026-12-01
+20:01 UTC), gave 0.06x with no work, 0.61x at 20 µs and 0.88x at 100 µs: a ledger cost of 12.8
+to 14.4 µs per item against 2.5 to 2.6 µs now (the claim's `INSERT` of 1,000 rows alone took
+4.8 ms of server time, more than the whole chunk without the ledger).
 
 Measured with `python -m benchmarks.bench_batch ledger` on {machine()}, {when}, commit
 {commit}, load average {load:.1f} (other jobs on the same 2 cores).
