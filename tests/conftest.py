@@ -301,7 +301,8 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 TABLES = (
     "dead_letters",
-    "batch_items",
+    "batch_chunks",
+    "batch_item_rows",
     "batches",
     "checkpoint_chunks",
     "checkpoints",

@@ -136,7 +136,9 @@ CURATED = {
     "taskkit.db.models": {
         "Base",
         "Batch",
+        "BatchChunk",
         "BatchItem",
+        "BatchItemRow",
         "CheckpointChunk",
         "CheckpointRecord",
         "Dataset",

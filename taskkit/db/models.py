@@ -41,7 +41,9 @@ from taskkit.db._types import Json, UTCDateTime, utcnow
 __all__ = [
     "Base",
     "Batch",
+    "BatchChunk",
     "BatchItem",
+    "BatchItemRow",
     "CheckpointChunk",
     "CheckpointRecord",
     "Dataset",
@@ -264,22 +266,80 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class BatchItem(Base):
-    """One item of a batch in the ledger: ``claimed`` before it runs, then ``done`` or ``dead``."""
+class BatchChunk(Base):
+    """The ledger of one chunk of a batch: one row however many items (issue 18).
+
+    A chunk's items and their order are fixed by its message, so the row holds its keys once
+    (a JSON array) and what became of each position as a string of ``0``/``1`` flags: ``done``
+    and ``dead``, one character per item. A flush of done items is one update of one row.
+    ``chunk`` is the sha256 of the keys' JSON: a batch id reused with other items is another
+    chunk."""
+
+    __tablename__ = "batch_chunks"
+
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    chunk: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The item keys, in order, as a JSON array of strings.
+    keys: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    #: One character per item: ``1`` done.
+    done: Mapped[str] = mapped_column(Text)
+    #: One character per item: ``1`` dead-lettered.
+    dead: Mapped[str] = mapped_column(Text)
+    #: How many deliveries claimed the chunk.
+    claims: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<BatchChunk {self.batch_id!r}/{self.chunk[:12]} of {self.size}>"
+
+
+class BatchItemRow(Base):
+    """One item of a batch with a ledger row of its own: items finished outside a claimed
+    chunk (``ItemLedger.finish`` of other keys) and the rows of ledgers older than
+    ``batch_chunks`` (migration 0010 kept them under this name)."""
+
+    __tablename__ = "batch_item_rows"
+
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    item_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: claimed, done, dead.
+    status: Mapped[str] = mapped_column(String(16), default="claimed")
+    claims: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = ({"postgresql_with": {"fillfactor": 70}},)
+
+    def __repr__(self) -> str:
+        return f"<BatchItemRow {self.batch_id!r}/{self.item_key!r} {self.status}>"
+
+
+#: The view ``batch_items`` (migration 0010): not in ``Base.metadata``, so neither
+#: ``create_all`` nor the migrations' comparison takes it for a table.
+_VIEWS = MetaData()
+
+
+class _ViewBase(DeclarativeBase):
+    metadata = _VIEWS
+
+
+class BatchItem(_ViewBase):
+    """One item of a batch as the ledger sees it (read only: the view ``batch_items`` over
+    ``batch_chunks``, one row per position, and ``batch_item_rows``): ``claimed``, ``done`` or
+    ``dead``. Example::
+
+        select(BatchItem.item_key).where(BatchItem.batch_id == "b", BatchItem.status == "done")
+    """
 
     __tablename__ = "batch_items"
 
     batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     item_key: Mapped[str] = mapped_column(String(255), primary_key=True)
     #: claimed, done, dead.
-    status: Mapped[str] = mapped_column(String(16), default="claimed")
-    #: How many deliveries of the batch claimed the item (more than 1: a crash or a retry).
-    claims: Mapped[int] = mapped_column(Integer, default=1)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-    # Room in each page for the update that marks an item done, so PostgreSQL can make it a
-    # heap-only update (no new index entry): 25% faster done marks.
-    __table_args__ = ({"postgresql_with": {"fillfactor": 70}},)
+    status: Mapped[str] = mapped_column(String(16))
+    #: How many deliveries claimed the item's chunk (more than 1: a crash or a retry).
+    claims: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     def __repr__(self) -> str:
         return f"<BatchItem {self.batch_id!r}/{self.item_key!r} {self.status}>"

@@ -366,8 +366,9 @@ class BatchTask(ResilientTask):
     ) -> Callable[[int, int], None]:
         total = len(chunk.items)
 
-        def report(finished: int, _todo: int) -> None:
-            if len(chunk.done) >= self.ledger_flush_every:
+        def report(finished: int, todo: int) -> None:
+            # The last report is followed by the chunk's end, which writes the same flags.
+            if len(chunk.done) >= self.ledger_flush_every and finished < todo:
                 flushed = list(chunk.done)
                 try:
                     self.flush_items()
@@ -437,7 +438,8 @@ class BatchTask(ResilientTask):
             super().record_failure(failure)
             return
         ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
-        statuses = ledger.statuses(chunk.keys) if ledger is not None else {}
+        # Claimed (its chunk row), so the dead flags land in the chunk's own row.
+        statuses = ledger.claim(chunk.keys) if ledger is not None else {}
         dead = [
             DeadLetterEntry(
                 task_name=self.name,

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, update
 from typer.testing import CliRunner, Result
 
 from taskkit.cli import app
-from taskkit.db.models import Batch, BatchItem
+from taskkit.db.models import Batch, BatchChunk
 from taskkit.db.session import session_scope
 from taskkit.deadletter import DeadLetterEntry, DeadLetterStore, ItemLedger, batch_report
 
@@ -38,7 +38,10 @@ def make_batch(
             session.add(Batch(id=batch_id, task_name=TASK, total=total, chunks=2))
     ledger = ItemLedger(batch_id, engine)
     keys = [f"k{i}" for i in range(done + dead + claimed)]
-    ledger.claim(keys)
+    # Two chunks: the finished items' (aged below) and the claimed ones' (changed now).
+    ledger.claim(keys[: done + dead])
+    if claimed:
+        ItemLedger(batch_id, engine).claim(keys[done + dead :])
     dead_entries = [
         DeadLetterEntry(
             task_name=TASK,
@@ -53,8 +56,8 @@ def make_batch(
     ledger.finish(done=keys[:done], dead=dead_entries, store=DeadLetterStore(database, queue=""))
     with engine.begin() as connection:
         connection.execute(
-            update(BatchItem)
-            .where(BatchItem.batch_id == batch_id, BatchItem.status != "claimed")
+            update(BatchChunk)
+            .where(BatchChunk.batch_id == batch_id, BatchChunk.chunk == ledger._chunk)
             .values(updated_at=datetime.now(UTC) - ago)
         )
 

@@ -159,3 +159,50 @@ def test_0005_gives_every_existing_run_an_identity_of_its_own(empty_database: st
     assert len(uids) == 2
     assert len(set(uids)) == 2
     assert all(isinstance(u, str) and len(u) == 32 for u in uids)
+
+
+def test_0010_keeps_a_batch_in_flight_readable_and_downgrade_expands_the_chunks(
+    empty_database: str,
+):
+    """Rows of the per-item ledger written before 0010 are read through the view; a chunk
+    claimed after it takes them over; a downgrade turns every chunk back into item rows."""
+    from alembic import command
+
+    from taskkit.db.migrate import _alembic_config
+    from taskkit.deadletter import ItemLedger
+
+    engine = create_engine_for(empty_database)
+    select_items = sqlalchemy.text(
+        "SELECT item_key, status FROM batch_items WHERE batch_id = 'b' ORDER BY item_key"
+    )
+    try:
+        with engine.begin() as connection:
+            command.upgrade(_alembic_config(connection), "0009")
+        with engine.begin() as connection:
+            connection.execute(
+                sqlalchemy.text(
+                    "INSERT INTO batch_items (batch_id, item_key, status, claims, updated_at) "
+                    "VALUES ('b', 'x', 'done', 1, CURRENT_TIMESTAMP), "
+                    "('b', 'y', 'claimed', 1, CURRENT_TIMESTAMP)"
+                )
+            )
+        assert upgrade(engine) == head_revision()
+        with engine.connect() as connection:
+            assert list(connection.execute(select_items)) == [("x", "done"), ("y", "claimed")]
+
+        ledger = ItemLedger("b", engine)
+        assert ledger.claim(["x", "y", "z"]) == {"x": "done"}
+        ledger.finish(done=["y"])
+        with engine.connect() as connection:
+            assert connection.scalar(sqlalchemy.text("SELECT count(*) FROM batch_item_rows")) == 0
+
+        with engine.begin() as connection:
+            command.downgrade(_alembic_config(connection), "0009")
+        with engine.connect() as connection:
+            assert list(connection.execute(select_items)) == [
+                ("x", "done"),
+                ("y", "done"),
+                ("z", "claimed"),
+            ]
+    finally:
+        engine.dispose()

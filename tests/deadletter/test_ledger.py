@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, event, exc, select, update
+from sqlalchemy import Engine, delete, event, exc, func, insert, select, update
 
-from taskkit.db.models import Batch, BatchItem, DeadLetter
+from taskkit.db.models import Batch, BatchChunk, BatchItem, BatchItemRow, DeadLetter
 from taskkit.deadletter import (
     BatchProgress,
     DeadLetterEntry,
@@ -108,18 +108,31 @@ def test_a_redelivery_reports_the_done_keys_so_they_are_skipped(
     assert finished == {"a": "done", "c": "done"}
     to_run = [key for key in ["a", "b", "c"] if key not in finished]
     assert to_run == ["b"]
-    assert rows(engine, batch_id) == {"a": ("done", 1), "b": ("claimed", 2), "c": ("done", 1)}
+    # claims counts the deliveries of the chunk (one row for all its items).
+    assert rows(engine, batch_id) == {"a": ("done", 2), "b": ("claimed", 2), "c": ("done", 2)}
 
 
-def test_claims_count_the_deliveries_of_an_unfinished_item(
-    ledger: ItemLedger, engine: Engine, batch_id: str
-):
+def test_claims_count_the_deliveries_of_a_chunk(ledger: ItemLedger, engine: Engine, batch_id: str):
     for _ in range(3):  # three deliveries: two workers died before any flush
         assert ledger.claim(["a", "b"]) == {}
     ledger.finish(done=["a"])
-    ledger.claim(["a", "b", "c"])  # a fourth, with an item the earlier ones did not have
 
-    assert rows(engine, batch_id) == {"a": ("done", 3), "b": ("claimed", 4), "c": ("claimed", 1)}
+    assert rows(engine, batch_id) == {"a": ("done", 3), "b": ("claimed", 3)}
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(BatchChunk)) == 1
+
+
+def test_a_chunk_is_its_keys_in_order_another_list_is_another_chunk(engine: Engine, batch_id: str):
+    """One ledger row per chunk, keyed by the sha256 of its keys: a message fixes its chunk's
+    keys, so only a redelivery of the same message finds the chunk's flags."""
+    first = ItemLedger(batch_id, engine)
+    first.claim(["a", "b"])
+    first.finish(done=["a", "b"])
+
+    assert ItemLedger(batch_id, engine).claim(["c", "d"]) == {}
+    assert ItemLedger(batch_id, engine).claim(["a", "b"]) == {"a": "done", "b": "done"}
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(BatchChunk)) == 2
 
 
 def test_the_same_keys_in_two_batches_never_collide(engine: Engine, batch_id: str):
@@ -303,14 +316,13 @@ def test_claims_and_marks_of_more_keys_than_one_statement_takes(
     done = keys[: _CHUNK + 3]  # across the first statement's boundary
     dead_keys = keys[-(_CHUNK + 1) :]  # across the last one's
     ledger.finish(done=done, dead=dead(batch_id, *dead_keys))
-    finished = ledger.claim([*keys, *(f"new-{i}" for i in range(10))])
+    finished = ledger.claim(keys)  # the chunk delivered again
+    ItemLedger(batch_id, engine).claim([f"new-{i}" for i in range(10)])  # another chunk
 
     assert finished == {**dict.fromkeys(done, "done"), **dict.fromkeys(dead_keys, "dead")}
     ledger_rows = rows(engine, batch_id)
     assert len(ledger_rows) == len(keys) + 10
-    assert {k for k, (status, claims) in ledger_rows.items() if claims == 2} == set(keys) - set(
-        done
-    ) - set(dead_keys)
+    assert {k for k, (_, claims) in ledger_rows.items() if claims == 2} == set(keys)
     assert set(letters(engine, batch_id)) == set(dead_keys)
     assert ledger.statuses(keys) == {**dict.fromkeys(keys, "claimed"), **finished}
     assert batch_progress(batch_id, db_url) == BatchProgress(
@@ -327,11 +339,11 @@ def test_claims_and_marks_of_more_keys_than_one_statement_takes(
 
 @pytest.fixture
 def sent(engine: Engine) -> Iterator[list[str]]:
-    """The ``SET LOCAL`` statements of the ledger's transactions, recorded during the test."""
+    """The statements writing ``batch_chunks``, recorded during the test."""
     settings: list[str] = []
 
     def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("SET LOCAL"):
+        if statement.startswith("INSERT INTO batch_chunks"):
             settings.append(statement)
 
     event.listen(engine, "before_cursor_execute", note)
@@ -346,11 +358,11 @@ def test_only_the_claim_and_mid_chunk_flushes_skip_the_wal_flush_on_postgresql(
     ledger.finish(done=["a"], durable=False)
     ledger.finish(done=["b"], dead=dead(batch_id, "c"))
 
-    asynchronous = ["synchronous_commit = off" in statement for statement in sent]
+    asynchronous = ["'synchronous_commit', 'off'" in statement for statement in sent]
     if engine.dialect.name == "postgresql":
         assert asynchronous == [True, True, False]
     else:
-        assert sent == []
+        assert not any(asynchronous)
     assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
         "a": "done",
         "b": "done",
@@ -363,42 +375,81 @@ def test_the_durable_finish_writes_again_what_a_server_crash_lost(
 ):
     ledger.claim(["a", "b", "c", "d"], durable=False)
     ledger.finish(done=["a", "b"], durable=False)
-    # What a crash of PostgreSQL within its WAL writer's delay could undo: the claim of "a"
-    # and the done mark of "b" (on SQLite nothing is unsure: the commits were durable).
+    # What a crash of PostgreSQL within its WAL writer's delay could undo: the flush, or the
+    # claim's row itself. Every finish writes all the flags its ledger knows, the row if needed.
     with engine.begin() as connection:
         connection.execute(
-            delete(BatchItem).where(BatchItem.batch_id == batch_id, BatchItem.item_key == "a")
-        )
-        connection.execute(
-            update(BatchItem)
-            .where(BatchItem.batch_id == batch_id, BatchItem.item_key == "b")
-            .values(status="claimed")
+            update(BatchChunk).where(BatchChunk.batch_id == batch_id).values(done="0000")
         )
     ledger.finish(done=["c"])
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+        "c": "done",
+        "d": "claimed",
+    }
 
-    statuses = {key: status for key, (status, _) in rows(engine, batch_id).items()}
-    if engine.dialect.name == "postgresql":
-        assert statuses == {"a": "done", "b": "done", "c": "done", "d": "claimed"}
-        # Written once: the next durable finish has nothing unsure left to write again.
-        with engine.begin() as connection:
-            connection.execute(delete(BatchItem).where(BatchItem.item_key == "a"))
-        ledger.finish(done=["d"])
-        assert "a" not in rows(engine, batch_id)
-    else:
-        assert statuses == {"b": "claimed", "c": "done", "d": "claimed"}
+    with engine.begin() as connection:
+        connection.execute(delete(BatchChunk).where(BatchChunk.batch_id == batch_id))
+    ledger.finish(dead=dead(batch_id, "d"))
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+        "c": "done",
+        "d": "dead",
+    }
 
 
-def test_a_key_both_unsure_and_done_again_is_written_once(
-    ledger: ItemLedger, engine: Engine, batch_id: str
+def test_flags_are_merged_so_a_stale_writer_unsets_nothing(
+    engine: Engine, batch_id: str, db_url: str
 ):
-    ledger.claim(["a", "b"], durable=False)
-    ledger.finish(done=["a"], durable=False)
-    if engine.dialect.name == "postgresql":
-        assert ledger._unsure == ["a"]
-    ledger.finish(done=["a", "b"])  # a key both unsure and done now: written once
+    first = ItemLedger(batch_id, engine)
+    second = ItemLedger(batch_id, engine)
+    first.claim(["a", "b", "c"])
+    second.claim(["a", "b", "c"])
+    second.finish(done=["b"], dead=dead(batch_id, "c"))
+    first.finish(done=["a"], durable=False)
+    first.finish(done=["c"])  # stale: "c" is dead, and stays dead (never done too)
 
-    assert {key: s for key, (s, _) in rows(engine, batch_id).items()} == {"a": "done", "b": "done"}
-    assert ledger._unsure == []
+    assert {key: s for key, (s, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+        "c": "dead",
+    }
+    assert batch_progress(batch_id, db_url) == BatchProgress(batch_id, None, 2, 1, 0)
+
+
+def test_rows_of_the_per_item_ledger_are_moved_into_the_chunk_that_claims_them(
+    engine: Engine, batch_id: str, db_url: str
+):
+    """A batch in flight while migration 0010 ran: its rows (now ``batch_item_rows``) count,
+    and the chunk's next claim takes their statuses into its row."""
+    with engine.begin() as connection:
+        connection.execute(
+            insert(BatchItemRow),
+            [
+                {"batch_id": batch_id, "item_key": "a", "status": "done"},
+                {"batch_id": batch_id, "item_key": "b", "status": "dead"},
+                {"batch_id": batch_id, "item_key": "c", "status": "claimed"},
+            ],
+        )
+    assert ItemLedger(batch_id, engine).statuses(["a", "b", "c"]) == {
+        "a": "done",
+        "b": "dead",
+        "c": "claimed",
+    }
+
+    assert ItemLedger(batch_id, engine).claim(["a", "b", "c", "d"]) == {"a": "done", "b": "dead"}
+
+    assert {key: s for key, (s, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "dead",
+        "c": "claimed",
+        "d": "claimed",
+    }
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(BatchItemRow)) == 0
+    assert batch_progress(batch_id, db_url) == BatchProgress(batch_id, None, 1, 1, 2)
 
 
 def test_dead_items_are_never_written_without_the_wal_flush(ledger: ItemLedger, batch_id: str):
