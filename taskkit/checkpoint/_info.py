@@ -91,6 +91,10 @@ class CheckpointInfo:
     #: The identity of the run it belongs to (``ModelRun.uid``), when the store has one; a
     #: store of another identity never restores it.
     run_uid: str | None = None
+    #: The fencing token of the lease its writer held (``CheckpointStore.fence``), if any: a
+    #: writer with a smaller token never deletes or replaces it, and ``load_latest`` prefers
+    #: the largest token.
+    fence: int | None = None
     signature: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +155,7 @@ class CheckpointInfo:
             metrics=dict(get("metrics", (dict,))),
             is_best=get("is_best", (bool,)),
             run_uid=get("run_uid", (str,), optional=True),
+            fence=get("fence", (int,), optional=True),
             signature=get("signature", (str,), optional=True),
         )
 
@@ -180,6 +185,8 @@ class CheckpointInfo:
         del fields["signature"]
         if fields["run_uid"] is None:
             del fields["run_uid"]  # signatures made before run identities stay valid
+        if fields["fence"] is None:
+            del fields["fence"]  # and those made before fencing tokens
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return b"taskkit-checkpoint-v1\n" + canonical.encode("ascii")
 
