@@ -104,7 +104,10 @@ class CheckpointInfo:
 
             json.dumps(info.to_dict())
         """
-        return asdict(self)
+        fields = asdict(self)
+        if fields["fence"] is None:
+            del fields["fence"]  # a manifest written without a lease reads as it always did
+        return fields
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointInfo:
@@ -181,12 +184,10 @@ class CheckpointInfo:
         ``sha256``, so neither the data nor the checkpoint's place (run, identity, step) can be
         swapped. A manifest without ``run_uid`` signs the bytes it always did.
         """
-        fields = self.to_dict()
+        fields = self.to_dict()  # without a fence when there is none: old signatures hold
         del fields["signature"]
         if fields["run_uid"] is None:
             del fields["run_uid"]  # signatures made before run identities stay valid
-        if fields["fence"] is None:
-            del fields["fence"]  # and those made before fencing tokens
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return b"taskkit-checkpoint-v1\n" + canonical.encode("ascii")
 

@@ -399,7 +399,10 @@ class ResilientTask(Task[Any, Any]):
                 result = self._inner.call(body, *args, **kwargs)
             except LeaseLost as lost:
                 run.error = lost
-                holder = self.lease_store().holder(lost.key)
+                try:
+                    holder = self.lease_store().holder(lost.key)
+                except Exception:  # the store is out of reach (the lease was lost by time)
+                    holder = None
                 logger.warning(
                     "taskkit: %s[%s] lost its lease to %s; stopping",
                     self.name,

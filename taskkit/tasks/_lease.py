@@ -11,7 +11,10 @@ the work (a redelivered message, a resubmitted run) looks at the lease before it
 The owner's heartbeat renews the lease every third of its ``ttl``; if the owner dies, the lease
 expires ``ttl`` seconds after its last heartbeat. Every acquisition gets a fencing token larger
 than all before it for that key, so a writer can refuse work stamped with an older token, and
-an owner that finds its lease taken over (``lost``) stops at its next progress report. A
+an owner that finds its lease taken over (``lost``) stops at its next progress report. An owner
+whose Redis renewals have failed for ``ttl`` seconds (since the last one that succeeded, on the
+monotonic clock) fences itself: the lease may have lapsed and been taken, so ``check()`` raises
+``LeaseLost`` before any further write (a file lease never lapses by itself). A
 takeover is one WARNING log record (``taskkit_event="takeover"``). Hooks
 registered with ``Lease.on_beat`` run after each successful renewal (``TrainingTask`` records
 the run's heartbeat in the database there).

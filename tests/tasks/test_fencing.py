@@ -10,6 +10,7 @@ c. Checkpoints record the writer's token: a stale writer neither replaces nor de
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from taskkit.checkpoint import CheckpointStore, DirectoryStorage
 from taskkit.db.models import ModelRun, TrainingEpoch, TrainingProgress
 from taskkit.db.session import session_scope
-from taskkit.errors import LeaseLost
+from taskkit.errors import CheckpointTampered, LeaseLost
 from taskkit.tasks._fence import take_fence
 from taskkit.tasks._lease import Lease, LeaseOwner
 from taskkit.tasks._progress import EpochLog, ProgressReport, write_training_progress
@@ -260,3 +261,15 @@ def test_a_guard_that_finds_the_lease_lost_stops_the_write_before_its_manifest(
     with pytest.raises(LeaseLost):
         made.save({"epoch": 2}, step=2)
     assert [i.step for i in made.list()] == [1]
+
+
+def test_the_fencing_token_is_signed(tmp_path: Any) -> None:
+    made = store(tmp_path, 1)
+    info = made.save({"epoch": 1}, step=1)
+    manifest = next(tmp_path.rglob("*.json"))
+    data = json.loads(manifest.read_text())
+    assert data["fence"] == 1 == info.fence
+    data["fence"] = 99  # a writer claiming a newer holder's token
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CheckpointTampered):
+        store(tmp_path, None).load_latest()
