@@ -91,6 +91,10 @@ class CheckpointInfo:
     #: The identity of the run it belongs to (``ModelRun.uid``), when the store has one; a
     #: store of another identity never restores it.
     run_uid: str | None = None
+    #: The fencing token of the lease its writer held (``CheckpointStore.fence``), if any: a
+    #: writer with a smaller token never deletes or replaces it, and ``load_latest`` prefers
+    #: the largest token.
+    fence: int | None = None
     signature: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +104,10 @@ class CheckpointInfo:
 
             json.dumps(info.to_dict())
         """
-        return asdict(self)
+        fields = asdict(self)
+        if fields["fence"] is None:
+            del fields["fence"]  # a manifest written without a lease reads as it always did
+        return fields
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointInfo:
@@ -151,6 +158,7 @@ class CheckpointInfo:
             metrics=dict(get("metrics", (dict,))),
             is_best=get("is_best", (bool,)),
             run_uid=get("run_uid", (str,), optional=True),
+            fence=get("fence", (int,), optional=True),
             signature=get("signature", (str,), optional=True),
         )
 
@@ -176,7 +184,7 @@ class CheckpointInfo:
         ``sha256``, so neither the data nor the checkpoint's place (run, identity, step) can be
         swapped. A manifest without ``run_uid`` signs the bytes it always did.
         """
-        fields = self.to_dict()
+        fields = self.to_dict()  # without a fence when there is none: old signatures hold
         del fields["signature"]
         if fields["run_uid"] is None:
             del fields["run_uid"]  # signatures made before run identities stay valid

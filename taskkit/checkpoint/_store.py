@@ -33,6 +33,7 @@ from taskkit.errors import (
     CheckpointError,
     CheckpointWarning,
     ConfigurationError,
+    LeaseLost,
 )
 from taskkit.recovery import events
 
@@ -160,6 +161,13 @@ class CheckpointStore:
         self._pending: builtins.list[Future[None]] = []
         #: Steps retention has decided to delete and not yet deleted.
         self._doomed: set[int] = set()
+        #: The fencing token of the lease the writer holds (a ``TrainingRun`` sets it): every
+        #: manifest records it; a checkpoint with a larger token (a newer holder's) is never
+        #: replaced or deleted by this store, and a save finding one raises ``LeaseLost``.
+        self.fence: int | None = None
+        #: Called before each write and deletion (``Lease.check``: raises ``LeaseLost`` once
+        #: the lease is lost, also when the write was stalled past it).
+        self.guard: Callable[[], None] | None = None
         self._closed = False
         removed = self.storage.remove_orphans(self._run_id)
         if removed:
@@ -223,11 +231,13 @@ class CheckpointStore:
                 f"the state could not be serialised with {self.format}: {exc}", self._run_id, step
             ) from exc
         template = self._template(step, metrics, is_best, payload.size)
+        self._check_fence(step)
         if not self.background:
             digest = Digest(payload.chunks)  # hashes while the storage writes
             holder: list[CheckpointInfo] = []
 
             def manifest() -> CheckpointInfo:
+                self._guard()  # the data may have been stalled past the lease: no manifest
                 holder.append(self._finish(template, digest.hexdigest()))
                 return holder[0]
 
@@ -271,7 +281,34 @@ class CheckpointStore:
             metrics=metrics,
             is_best=bool(is_best),
             run_uid=self.run_uid,
+            fence=self.fence,
         )
+
+    def _guard(self) -> None:
+        if self.guard is not None:
+            self.guard()
+
+    def _newer(self, info: CheckpointInfo) -> bool:
+        """Whether ``info`` was written under a larger fencing token than this store's."""
+        return self.fence is not None and info.fence is not None and info.fence > self.fence
+
+    def _check_fence(self, step: int) -> None:
+        """Before a fenced write: the lease still holds, and no newer holder has written a
+        checkpoint of the run (else ``LeaseLost``: this writer was taken over)."""
+        if self.fence is None:
+            return
+        self._guard()
+        newer = [info.step for info in self.storage.infos(self._run_id) if self._newer(info)]
+        if newer:
+            logger.error(
+                "taskkit: checkpoint run %r, step %d refused: steps %s were written under a "
+                "newer fencing token than %d; this writer stops",
+                self._run_id,
+                step,
+                newer,
+                self.fence,
+            )
+            raise LeaseLost(self._run_id, self.fence)
 
     def _finish(self, template: CheckpointInfo, sha256: str) -> CheckpointInfo:
         return sign_info(_replace(template, sha256=sha256), self._keys)
@@ -279,7 +316,7 @@ class CheckpointStore:
     def _write(self, step: int, payload: Payload, manifest: Callable[[], CheckpointInfo]) -> None:
         try:
             self.storage.write(self._run_id, step, payload.chunks, manifest)
-        except CheckpointError:
+        except (CheckpointError, LeaseLost):
             raise
         except Exception as exc:
             raise CheckpointError(
@@ -293,7 +330,13 @@ class CheckpointStore:
         self, step: int, payload: Payload, info: CheckpointInfo, serialising: float
     ) -> None:
         started = time.perf_counter()
-        self._write(step, payload, lambda: info)
+        self._check_fence(step)
+
+        def manifest() -> CheckpointInfo:
+            self._guard()
+            return info
+
+        self._write(step, payload, manifest)
         self._saved(info, serialising + time.perf_counter() - started)
         self._retain(info, inline=True)
 
@@ -321,6 +364,7 @@ class CheckpointStore:
             self._warn_retention(saved.step, exc)
             return
         keep = {saved.step}
+        keep.update(info.step for info in infos if self._newer(info))  # a newer holder's
         keep.update(info.step for info in infos[-self.keep_last :])
         if self.keep_best:
             best = [info.step for info in reversed(infos) if info.is_best]
@@ -329,6 +373,12 @@ class CheckpointStore:
             doomed = [i.step for i in infos if i.step not in keep and i.step not in self._protected]
             self._doomed.update(doomed)
         if not doomed:
+            return
+        try:
+            self._guard()  # a writer that lost its lease deletes nothing
+        except LeaseLost:
+            with self._lock:
+                self._doomed.difference_update(doomed)
             return
         if inline:
             self._delete_steps(saved.step, doomed)
@@ -490,7 +540,7 @@ class CheckpointStore:
             next_epoch = 0 if info is None else info.step + 1
         """
         infos = self.list()
-        return infos[-1] if infos else None
+        return max(infos, key=_recency) if infos else None
 
     def load(self, step: int) -> Checkpoint:
         """Checkpoint ``step``, verified; ``CheckpointCorrupt``, ``CheckpointTampered``, or
@@ -517,7 +567,7 @@ class CheckpointStore:
             checkpoint = store.load_latest()
             start = 0 if checkpoint is None else checkpoint.info.step + 1
         """
-        for info in reversed(self.list()):
+        for info in sorted(self.list(), key=_recency, reverse=True):
             try:
                 return self._load(info)
             except CheckpointCorrupt as exc:
@@ -607,9 +657,12 @@ class CheckpointStore:
         infos = self.storage.infos(self._run_id)
         keep: set[int] = set()
         if keep_final and infos:
-            keep.add(infos[-1].step)
+            keep.add(max(infos, key=_recency).step)
         if keep_best:
             keep.update([info.step for info in reversed(infos) if info.is_best][:keep_best])
+        keep.update(info.step for info in infos if self._newer(info))
+        if self.fence is not None:
+            self._guard()
         for info in infos:
             if info.step not in keep:
                 self.storage.delete(self._run_id, info.step)
@@ -627,6 +680,12 @@ class CheckpointStore:
             self.storage.delete(self._run_id, info.step)
         with self._lock:
             self._protected.clear()
+
+
+def _recency(info: CheckpointInfo) -> tuple[int, int]:
+    """Newest first by fencing token (a newer lease holder's checkpoints win over a stale
+    writer's, whatever their steps), then by step."""
+    return (-1 if info.fence is None else info.fence, info.step)
 
 
 def _replace(info: CheckpointInfo, **changes: Any) -> CheckpointInfo:

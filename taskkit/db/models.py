@@ -123,6 +123,9 @@ class ModelRun(Base):
     #: A fork's origin: the run and the checkpoint step it started from.
     parent_run_id: Mapped[int | None]
     parent_step: Mapped[int | None]
+    #: The fencing token of the trainer that holds the run's lease (raised, only upwards, when
+    #: one takes it); a trainer's writes land only while it equals the trainer's token.
+    fence: Mapped[int | None] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012

@@ -153,6 +153,9 @@ class _Run:
     #: The last progress meta stored, and the attempts record once an inner retry happened.
     meta: dict[str, Any] | None = None
     attempts: dict[str, int] | None = None
+    #: The fencing token the run's writes carry (set by a ``TrainingRun`` once it took the
+    #: run's fence; None: written unfenced).
+    fence: int | None = None
 
     def __init__(self, lease: Lease | None, throttle: Throttle, task: Any = None) -> None:
         self.lease = lease
@@ -163,6 +166,12 @@ class _Run:
         self.progress_keys: list[Any] = []
         #: Epochs a ``TrainingRun`` reported that are not written yet (with the next progress).
         self.epochs = EpochLog()
+
+    def refused(self) -> None:
+        """A write under ``fence`` was refused (a newer trainer fenced the run): the lease
+        is lost, and the task stops at its next ``lease.check()``."""
+        if self.lease is not None:
+            self.lease.lose("a newer trainer fenced the run")
 
 
 _runs = threading.local()
@@ -390,7 +399,10 @@ class ResilientTask(Task[Any, Any]):
                 result = self._inner.call(body, *args, **kwargs)
             except LeaseLost as lost:
                 run.error = lost
-                holder = self.lease_store().holder(lost.key)
+                try:
+                    holder = self.lease_store().holder(lost.key)
+                except Exception:  # the store is out of reach (the lease was lost by time)
+                    holder = None
                 logger.warning(
                     "taskkit: %s[%s] lost its lease to %s; stopping",
                     self.name,
@@ -422,7 +434,11 @@ class ResilientTask(Task[Any, Any]):
                 if run.lease is not None:
                     run.lease.release()
                 if run.run_id is not None and submit_epochs(
-                    run.run_id, run.epochs, database_url=self.app.conf.get("taskkit_database_url")
+                    run.run_id,
+                    run.epochs,
+                    database_url=self.app.conf.get("taskkit_database_url"),
+                    fence=run.fence,
+                    on_refused=run.refused,
                 ):
                     run.progress_keys.append(("training-epochs", run.run_id))
                 if run.progress_keys:
@@ -859,6 +875,8 @@ class ResilientTask(Task[Any, Any]):
                     report,
                     database_url=self.app.conf.get("taskkit_database_url"),
                     epochs=run.epochs,
+                    fence=run.fence,
+                    on_refused=run.refused,
                 ),
             )
             if key not in run.progress_keys:

@@ -11,7 +11,10 @@ the work (a redelivered message, a resubmitted run) looks at the lease before it
 The owner's heartbeat renews the lease every third of its ``ttl``; if the owner dies, the lease
 expires ``ttl`` seconds after its last heartbeat. Every acquisition gets a fencing token larger
 than all before it for that key, so a writer can refuse work stamped with an older token, and
-an owner that finds its lease taken over (``lost``) stops at its next progress report. A
+an owner that finds its lease taken over (``lost``) stops at its next progress report. An owner
+whose Redis renewals have failed for ``ttl`` seconds (since the last one that succeeded, on the
+monotonic clock) fences itself: the lease may have lapsed and been taken, so ``check()`` raises
+``LeaseLost`` before any further write (a file lease never lapses by itself). A
 takeover is one WARNING log record (``taskkit_event="takeover"``). Hooks
 registered with ``Lease.on_beat`` run after each successful renewal (``TrainingTask`` records
 the run's heartbeat in the database there).
@@ -44,6 +47,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,6 +124,10 @@ class Lease:
         renew: _Renew,
         release: _Release,
         previous_owner: LeaseOwner | None = None,
+        *,
+        expires: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        renewed_at: float | None = None,
     ) -> None:
         self.key = key
         #: Larger than the token of every earlier holder of this key.
@@ -137,20 +145,62 @@ class Lease:
         self._thread: threading.Thread | None = None
         self._released = False
         self._beat_hooks: tuple[Callable[[Lease], object], ...] = ()
+        #: Whether the lease lapses by itself ``ttl`` seconds after its last renewal (a Redis
+        #: lease); a file lease lives as long as its process.
+        self.expires = expires
+        self._clock = clock
+        #: When the last successful renewal (or the acquisition) was *sent*, on ``clock``: the
+        #: store extended the lease no earlier than that.
+        self._renewed_at = clock() if renewed_at is None else renewed_at
+        self._lost_lock = threading.Lock()
 
     def check(self) -> None:
-        """Raise ``LeaseLost`` if the lease was taken over; cheap (no round trip)."""
+        """Raise ``LeaseLost`` if the lease was taken over, or (a lease that ``expires``) if no
+        renewal succeeded for ``ttl`` seconds: the store may have let it lapse and another
+        worker taken it, so the holder fences itself before it writes. Cheap (no round trip).
+
+        Example::
+
+            lease.check()   # before every write made under the lease
+        """
+        if not self.lost and self.expired():
+            self._lose(f"no renewal succeeded for {self.ttl:g} s")
         if self.lost:
             raise LeaseLost(self.key, self.token)
+
+    def expired(self) -> bool:
+        """Whether ``ttl`` seconds passed since the last successful renewal (never for a lease
+        that does not ``expires``)."""
+        return self.expires and self._clock() - self._renewed_at >= self.ttl
+
+    def lose(self, why: str) -> None:
+        """Consider the lease lost (``why``: one log line): a write refused because a newer
+        holder fenced it out. The heartbeat stops; ``check`` raises ``LeaseLost`` from now on."""
+        self._lose(why)
+
+    def _lose(self, why: str | None) -> None:
+        with self._lost_lock:
+            if self.lost:
+                return
+            self.lost = True
+        if why:
+            logger.error("taskkit: lease %r (token %d) was lost: %s", self.key, self.token, why)
+        else:
+            logger.error("taskkit: lease %r (token %d) was lost", self.key, self.token)
+        self._stop.set()
 
     def renew(self) -> bool:
         """Extend the lease by ``ttl``; False (and ``lost``) when it is no longer ours."""
         if self.lost:
             return False
-        if not self._renew(self):
-            self.lost = True
-            logger.error("taskkit: lease %r (token %d) was lost", self.key, self.token)
+        if self.expired():
+            self._lose(f"no renewal succeeded for {self.ttl:g} s")
             return False
+        sent = self._clock()
+        if not self._renew(self):
+            self._lose(None)
+            return False
+        self._renewed_at = sent
         self._run_beat_hooks()
         return True
 
@@ -219,6 +269,9 @@ class Lease:
                     return
             except Exception:  # a store blip: the next beat tries again before the ttl ends
                 logger.warning("taskkit: lease %r heartbeat failed", self.key, exc_info=True)
+                if self.expired():  # past the ttl: the store may have given it to another
+                    self._lose(f"no renewal succeeded for {self.ttl:g} s")
+                    return
 
 
 class _Renew(Protocol):
@@ -306,6 +359,7 @@ class RedisLeaseStore:
     def acquire(self, key: str, owner: LeaseOwner, ttl: float) -> Lease | None:
         keys = self._keys(key)
         body = json.dumps(asdict(owner), sort_keys=True)
+        sent = time.monotonic()
         token, value, previous = self._acquire(
             keys=keys, args=[body, int(ttl * 1000), "", HELD_TTL]
         )
@@ -331,7 +385,17 @@ class RedisLeaseStore:
         def release(lease: Lease) -> None:
             self._release_script(keys=[keys[0], keys[2]], args=[held])
 
-        return Lease(key, int(token), owner, ttl, renew, release, previous_owner)
+        return Lease(
+            key,
+            int(token),
+            owner,
+            ttl,
+            renew,
+            release,
+            previous_owner,
+            expires=True,
+            renewed_at=sent,
+        )
 
     def holder(self, key: str) -> LeaseOwner | None:
         value = self.client.get(self._keys(key)[0])

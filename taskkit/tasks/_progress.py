@@ -44,6 +44,7 @@ from sqlalchemy import select
 
 from taskkit.db.models import TrainingEpoch, TrainingProgress
 from taskkit.db.session import session_scope
+from taskkit.tasks._fence import holds_fence, refused
 
 __all__ = [
     "PROGRESS",
@@ -249,11 +250,24 @@ def write_training_progress(
     *,
     database_url: str | None = None,
     epochs: EpochLog | None = None,
+    fence: int | None = None,
+    on_refused: Callable[[], object] | None = None,
 ) -> None:
     """Upsert the run's ``TrainingProgress`` row from ``report`` and a ``TrainingEpoch`` row
-    per epoch in ``epochs`` (one short transaction); without ``report``, the epochs only."""
+    per epoch in ``epochs`` (one short transaction); without ``report``, the epochs only.
+
+    With ``fence`` (the trainer's fencing token), the transaction first locks the run's row and
+    writes only while its fence is that token: otherwise the write is dropped (one log line,
+    never retried) and ``on_refused()`` is called (the trainer's lease is lost)."""
     logged = epochs.snapshot() if epochs is not None else {}
     with session_scope(database_url) as session:
+        if not holds_fence(session, model_run_id, fence):
+            refused(model_run_id, fence or 0, "a progress write")
+            if epochs is not None and logged:
+                epochs.written(logged)  # dropped, not retried
+            if on_refused is not None:
+                on_refused()
+            return
         if logged:
             _upsert_epochs(session, model_run_id, logged)
         if report is not None:
@@ -277,7 +291,14 @@ def _upsert_progress(session: Any, model_run_id: int, report: ProgressReport) ->
     row.message = report.description
 
 
-def submit_epochs(model_run_id: Any, epochs: EpochLog, *, database_url: str | None) -> bool:
+def submit_epochs(
+    model_run_id: Any,
+    epochs: EpochLog,
+    *,
+    database_url: str | None,
+    fence: int | None = None,
+    on_refused: Callable[[], object] | None = None,
+) -> bool:
     """Hand the epochs still in ``epochs`` to the process's writer (the progress row is left
     as it is): what a run that ends without a last progress report (stopped, handed over,
     failed) does, so its throttled epochs are written too. False when there was none."""
@@ -286,7 +307,13 @@ def submit_epochs(model_run_id: Any, epochs: EpochLog, *, database_url: str | No
     progress_writer().submit(
         ("training-epochs", model_run_id),
         functools.partial(
-            write_training_progress, model_run_id, None, database_url=database_url, epochs=epochs
+            write_training_progress,
+            model_run_id,
+            None,
+            database_url=database_url,
+            epochs=epochs,
+            fence=fence,
+            on_refused=on_refused,
         ),
     )
     return True

@@ -58,6 +58,7 @@ from taskkit.errors import (
     RunNotResumable,
     RunNotStoppable,
 )
+from taskkit.tasks._fence import holds_fence, refused
 from taskkit.tasks._submit import PUBLISH_RETRY_POLICY, check_reachable, sending
 
 __all__ = [
@@ -148,10 +149,20 @@ def stopped_result(run_id: int, epoch: int | None = None) -> dict[str, Any]:
 
 
 @_status_write
-def mark_running(run_id: int, task_id: str | None, *, database_url: str | None = None) -> bool:
+def mark_running(
+    run_id: int,
+    task_id: str | None,
+    *,
+    database_url: str | None = None,
+    fence: int | None = None,
+) -> bool:
     """``running``; records the task id and, the first time, ``started_at``. Returns whether
-    a stop was requested (``stop_run``): the trainer then stops before it trains."""
+    a stop was requested (``stop_run``): the trainer then stops before it trains. With
+    ``fence`` (the trainer's fencing token), only while the run's fence is that token, else
+    ``LeaseLost`` and nothing is written."""
     with session_scope(database_url) as session:
+        if not holds_fence(session, run_id, fence):
+            raise refused(run_id, fence or 0, "status 'running'")
         run = _get(session, run_id)
         run.status = "running"
         if task_id is not None:
@@ -170,15 +181,23 @@ def stop_requested(run_id: int, *, database_url: str | None = None) -> bool:
 
 
 @_status_write
-def mark_stopped(run_id: int, epoch: int | None, *, database_url: str | None = None) -> None:
+def mark_stopped(
+    run_id: int,
+    epoch: int | None,
+    *,
+    database_url: str | None = None,
+    fence: int | None = None,
+) -> None:
     """``stopped`` on request, after ``epoch`` (checkpointed) or before training (None); the
-    progress row says so too. ``resume_run`` continues it."""
+    progress row says so too. ``resume_run`` continues it. ``fence``: as ``mark_running``."""
     message = (
         "stopped on request before this attempt trained"
         if epoch is None
         else f"stopped on request after epoch {epoch + 1} (checkpointed)"
     )
     with session_scope(database_url) as session:
+        if not holds_fence(session, run_id, fence):
+            raise refused(run_id, fence or 0, "status 'stopped'")
         run = _get(session, run_id)
         run.status = "stopped"
         run.error_message = None
@@ -232,19 +251,28 @@ def stop_run(
         return "stopped"
 
 
-def mark_retrying(run_id: int, error: str, *, database_url: str | None = None) -> None:
-    """``retrying``, with the error that caused the retry."""
-    _set_status(run_id, "retrying", error, database_url)
+def mark_retrying(
+    run_id: int, error: str, *, database_url: str | None = None, fence: int | None = None
+) -> None:
+    """``retrying``, with the error that caused the retry. ``fence``: as ``mark_running``."""
+    _set_status(run_id, "retrying", error, database_url, fence)
 
 
-def mark_failed(run_id: int, error: str, *, database_url: str | None = None) -> None:
-    """``failed``, with the error; the progress row says failed too."""
-    _set_status(run_id, "failed", error, database_url)
+def mark_failed(
+    run_id: int, error: str, *, database_url: str | None = None, fence: int | None = None
+) -> None:
+    """``failed``, with the error; the progress row says failed too. ``fence``: as
+    ``mark_running``."""
+    _set_status(run_id, "failed", error, database_url, fence)
 
 
 @_status_write
-def _set_status(run_id: int, status: str, error: str | None, database_url: str | None) -> None:
+def _set_status(
+    run_id: int, status: str, error: str | None, database_url: str | None, fence: int | None
+) -> None:
     with session_scope(database_url) as session:
+        if not holds_fence(session, run_id, fence):
+            raise refused(run_id, fence or 0, f"status {status!r}")
         run = _get(session, run_id)
         run.status = status
         run.error_message = error
@@ -262,10 +290,12 @@ def mark_completed(
     best_score: float | None,
     *,
     database_url: str | None = None,
+    fence: int | None = None,
 ) -> None:
-    """``completed``: stores the final model (sealed, see ``load_model``) and the best score."""
+    """``completed``: stores the final model (sealed, see ``load_model``) and the best score.
+    ``fence``: as ``mark_running``."""
     data, info = seal(model, str(run_id), kind="model")
-    _store_completed(run_id, data, info.to_dict(), best_score, database_url)
+    _store_completed(run_id, data, info.to_dict(), best_score, database_url, fence)
 
 
 @_status_write
@@ -275,8 +305,11 @@ def _store_completed(
     seal: dict[str, Any],
     best_score: float | None,
     database_url: str | None,
+    fence: int | None = None,
 ) -> None:
     with session_scope(database_url) as session:
+        if not holds_fence(session, run_id, fence):
+            raise refused(run_id, fence or 0, "the final model")
         run = _get(session, run_id)
         run.status = "completed"
         run.final_score = best_score

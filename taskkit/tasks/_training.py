@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -63,6 +64,7 @@ from taskkit.errors import (
 from taskkit.recovery import events
 from taskkit.tasks import _runs as runs
 from taskkit.tasks._base import ResilientTask, _run_stack
+from taskkit.tasks._fence import refused, take_fence
 from taskkit.tasks._options import Alias, Option, boolean, one_of, optional_name, positive_int
 from taskkit.tasks._progress import progress_writer, submit_epochs
 
@@ -86,6 +88,10 @@ _MISSING: Any = object()
 
 #: The clock of the stop checks (tests replace it).
 _clock: Callable[[], float] = time.monotonic
+
+#: The fencing token each training task id of this process trains under (set when its
+#: ``TrainingRun`` takes the run's fence; read by the status hooks, which run after the body).
+_fences: dict[str, int] = {}
 
 
 class RunStopped(Ignore):
@@ -263,11 +269,14 @@ class TrainingTask(ResilientTask):
                 raise Ignore()
         _active_runs += 1
         try:
-            return super().__call__(*args, **kwargs)
+            result = super().__call__(*args, **kwargs)
         except RunStopped as stopped:
+            _fences.pop(str(request.id), None)
             return stopped.result
         finally:
             _active_runs -= 1
+        _fences.pop(str(request.id), None)
+        return result
 
     @property
     def _database_url(self) -> str | None:
@@ -309,13 +318,17 @@ class TrainingTask(ResilientTask):
 
     def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         run_id = self._argument(tuple(args or ()), dict(kwargs or {}), self.run_arg)
-        runs.mark_retrying(run_id, _describe(exc), database_url=self._database_url)
+        fence = _fences.pop(str(task_id), None)
+        with contextlib.suppress(LeaseLost):  # fenced out: refused (logged) and dropped
+            runs.mark_retrying(run_id, _describe(exc), database_url=self._database_url, fence=fence)
 
     def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        fence = _fences.pop(str(task_id), None)
         if isinstance(exc, LeaseHeld | LeaseLost):
             return  # another task trains (or took over) this run: its status is not ours to set
         run_id = self._argument(tuple(args or ()), dict(kwargs or {}), self.run_arg)
-        runs.mark_failed(run_id, _describe(exc), database_url=self._database_url)
+        with contextlib.suppress(LeaseLost):  # fenced out: refused (logged) and dropped
+            runs.mark_failed(run_id, _describe(exc), database_url=self._database_url, fence=fence)
 
 
 def _utcnow() -> datetime:
@@ -323,9 +336,16 @@ def _utcnow() -> datetime:
 
 
 def write_heartbeat(
-    run_id: Any, *, database_url: str | None = None, now: Callable[[], datetime] = _utcnow
+    run_id: Any,
+    *,
+    database_url: str | None = None,
+    now: Callable[[], datetime] = _utcnow,
+    fence: int | None = None,
 ) -> None:
     """Record that run ``run_id``'s trainer is alive: ``ModelRun.heartbeat_at = now()``.
+
+    With ``fence`` (the trainer's fencing token) only while the run's fence is that token,
+    else ``LeaseLost`` (a newer trainer holds the run) and nothing is written.
 
     One UPDATE outside the ORM's version check, with ``updated_at`` left as it was: a heartbeat
     every few seconds neither conflicts with a status write nor counts as a change of the run.
@@ -336,13 +356,18 @@ def write_heartbeat(
 
         write_heartbeat(7)   # what a TrainingTask does at start and at each lease renewal
     """
+    query = update(ModelRun).where(ModelRun.id == run_id)
+    if fence is not None:
+        query = query.where(ModelRun.fence == fence)
     with session_scope(database_url) as session:
-        session.execute(
-            update(ModelRun)
-            .where(ModelRun.id == run_id)
-            .values(heartbeat_at=now(), updated_at=ModelRun.updated_at)
-            .execution_options(synchronize_session=False)
+        result = session.execute(
+            query.values(heartbeat_at=now(), updated_at=ModelRun.updated_at).execution_options(
+                synchronize_session=False
+            )
         )
+        written = getattr(result, "rowcount", 1)
+    if fence is not None and not written:
+        raise refused(run_id, fence, "a heartbeat")
 
 
 class _HeartbeatWriter:
@@ -354,9 +379,10 @@ class _HeartbeatWriter:
     next beat tries again.
     """
 
-    def __init__(self, run_id: Any, database_url: str | None) -> None:
+    def __init__(self, run_id: Any, database_url: str | None, lease: Any = None) -> None:
         self.run_id = run_id
         self.database_url = database_url
+        self.lease = lease
         self._due = threading.Event()
         self._closed = False
         self._thread = threading.Thread(
@@ -378,8 +404,17 @@ class _HeartbeatWriter:
             self._due.clear()
             if self._closed:
                 return
+            lease = self.lease
             try:
-                write_heartbeat(self.run_id, database_url=self.database_url)
+                write_heartbeat(
+                    self.run_id,
+                    database_url=self.database_url,
+                    fence=None if lease is None else lease.token,
+                )
+            except LeaseLost:
+                if lease is not None:
+                    lease.lose("a newer trainer fenced the run")
+                return
             except Exception as exc:
                 _heartbeat_failed(self.run_id, exc)
 
@@ -451,6 +486,8 @@ class TrainingRun:
         self._warned_random_state = False
         self._heartbeat: _HeartbeatWriter | None = None
         self._stop_checked_at: float | None = None
+        #: The fencing token this attempt writes under (its lease's), once it took the fence.
+        self.fence: int | None = None
         #: When the epoch being trained started (or the previous report), for EpochFinished.
         self._epoch_mark = time.perf_counter()
 
@@ -459,10 +496,13 @@ class TrainingRun:
     def __enter__(self) -> TrainingRun:
         request = self.task.request
         database_url = self.task._database_url
+        lease = self.task.lease
+        if lease is not None:
+            self._take_fence(lease, request, database_url)
         # The heartbeat first: a run shown running is never without one (stale at once).
         try:
-            write_heartbeat(self.run_id, database_url=database_url)
-        except SoftTimeLimitExceeded:
+            write_heartbeat(self.run_id, database_url=database_url, fence=self.fence)
+        except (SoftTimeLimitExceeded, LeaseLost):
             raise  # the limit struck during the write: it ends the attempt, it is no outage
         except Exception as exc:  # mark_running says whether the database is really gone
             _heartbeat_failed(self.run_id, exc)
@@ -470,15 +510,15 @@ class TrainingRun:
             self.run_id,
             None if request.called_directly else request.id,
             database_url=database_url,
+            fence=self.fence,
         )
         if stop:  # stopped while it waited in the queue or for a retry
             self.store.close()
-            runs.mark_stopped(self.run_id, None, database_url=database_url)
+            runs.mark_stopped(self.run_id, None, database_url=database_url, fence=self.fence)
             logger.warning("taskkit: run %s was asked to stop; not training it", self.run_id)
             raise RunStopped(runs.stopped_result(self.run_id))
-        lease = self.task.lease
         if lease is not None:
-            self._heartbeat = _HeartbeatWriter(self.run_id, database_url)
+            self._heartbeat = _HeartbeatWriter(self.run_id, database_url, lease)
             lease.on_beat(self._heartbeat.beat)
         try:
             checkpoint = self.store.load_latest()
@@ -520,6 +560,23 @@ class TrainingRun:
                 )
         self._epoch_mark = time.perf_counter()
         return self
+
+    def _take_fence(self, lease: Any, request: Any, database_url: str | None) -> None:
+        """Raise the run's fence to the lease's token: from now on only this attempt's writes
+        land (``LeaseLost`` if a newer trainer's token is there already). Checkpoints carry
+        the token too (``CheckpointStore.fence``)."""
+        lease.check()
+        if not take_fence(self.run_id, lease.token, database_url=database_url):
+            lease.lose("a newer trainer fenced the run")
+            raise refused(self.run_id, lease.token, "taking the run", lease.key)
+        self.fence = lease.token
+        if not request.called_directly:
+            _fences[str(request.id)] = lease.token
+        stack = _run_stack()
+        if stack:
+            stack[-1].fence = lease.token
+        self.store.fence = lease.token
+        self.store.guard = lease.check
 
     def __exit__(
         self,
@@ -687,9 +744,17 @@ class TrainingRun:
         # before the stopped status (which ends the event streams), not after it.
         stack = _run_stack()
         if stack and stack[-1].run_id is not None:
-            submit_epochs(self.run_id, stack[-1].epochs, database_url=self.task._database_url)
+            submit_epochs(
+                self.run_id,
+                stack[-1].epochs,
+                database_url=self.task._database_url,
+                fence=self.fence,
+                on_refused=stack[-1].refused,
+            )
         progress_writer().flush(self.task.progress_flush_timeout)
-        runs.mark_stopped(self.run_id, epoch, database_url=self.task._database_url)
+        runs.mark_stopped(
+            self.run_id, epoch, database_url=self.task._database_url, fence=self.fence
+        )
         logger.warning(
             "taskkit: run %s checkpointed epoch %d and stopped on request", self.run_id, epoch
         )
@@ -782,7 +847,11 @@ class TrainingRun:
         "resumed_from"}``."""
         self.store.wait()
         best = score if score is not None else self.best_score
-        runs.mark_completed(self.run_id, model, best, database_url=self.task._database_url)
+        if self.task.lease is not None:
+            self.task.lease.check()
+        runs.mark_completed(
+            self.run_id, model, best, database_url=self.task._database_url, fence=self.fence
+        )
         final = {**self.last_metrics, "best_score": best} if best is not None else self.last_metrics
         self.task.progress(self.total_epochs, self.total_epochs, "completed", **final)
         try:

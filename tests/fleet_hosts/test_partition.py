@@ -3,9 +3,10 @@ killed) mid-training; host B takes the run over after the lease ttl and complete
 bit-identical to an uninterrupted run; when A's link comes back, A's stale trainer writes
 nothing (no checkpoint, no progress row, no model) and stops.
 
-Today the last promise does not hold (writes stalled in A's PostgreSQL connections land when its
-link returns, and its LeaseLost retry rewrites the run's status): the test reports it as an
-expected failure naming the rows, after checking everything else; it passes once fixed.
+The last promise holds by fencing: A's lease counts as lost once its renewals failed for the
+ttl, every row A writes for the run lands only while the run's fence is A's token (B raised it
+when it took the run), and checkpoints carry their writer's token (a stale writer neither
+replaces nor deletes B's). Writes stalled in A's connections are refused where they land.
 Services reach the hosts only over their veth links (``tests/_support/netns.py``)."""
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def test_a_partitioned_host_loses_the_run_to_the_other_and_writes_nothing_after(
     try:
         wait_for(lambda: status(run_id) in ("completed", "failed"), 90, "host B to finish the run")
         assert status(run_id) == "completed", worker_a.log()[-3000:]
+        # B's task ends after the status: its last progress write and its checkpoint cleanup
+        # come after it, and are B's, not stale writes.
+        wait_for(lambda: "succeeded in" in workers[b.label].log(), 30, "host B's task to end")
         taken_over = apps.epochs_started(nonce, b.label)
         assert taken_over, "host B ran no epoch"
         assert taken_over[0] > 0, "host B started over instead of resuming A's checkpoint"
@@ -170,14 +174,9 @@ def test_a_partitioned_host_loses_the_run_to_the_other_and_writes_nothing_after(
     assert np.array_equal(model.coef_, reference.coef_)
     assert np.array_equal(model.intercept_, reference.intercept_)
 
-    if stale:
-        pytest.xfail(
-            "known bug (issue 19): healed, host A's stale trainer writes after B's takeover: "
-            "writes stalled on its PostgreSQL connection land when the link returns (a "
-            "checkpoint, whose retention deletes B's; an epoch and progress row) and its "
-            "LeaseLost retry sets the completed run back to 'retrying'; the fencing token is "
-            f"checked in the trainer's process only, never where the write lands: {stale}"
-        )
+    # Fenced (ModelRun.fence where the rows land, the fencing token in checkpoint manifests,
+    # and A's lease lost once its renewals failed for the ttl): nothing of A's lands.
+    assert stale == {}
 
 
 def all_ended(workers: Any) -> bool:
