@@ -1,7 +1,7 @@
 """model_runs.fence: the fencing token of the trainer that holds the run (issue 19).
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-01
 
 A trainer that takes a run's lease raises ``fence`` to its lease's fencing token (only
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0011"
-down_revision: str | None = "0009"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
