@@ -173,7 +173,7 @@ def _seed(settings: Settings, celery_app: Any) -> dict[str, list[Any]]:
     """Terminal runs (one completed with a model and checkpoints, one failed), dead letters of
     a registered task (one per batch item and one of a whole task), a batch."""
     from taskkit.checkpoint import CheckpointStore
-    from taskkit.db.models import Batch, BatchItem, DeadLetter, ModelRun, TrainingProgress
+    from taskkit.db.models import Batch, BatchItemRow, DeadLetter, ModelRun, TrainingProgress
     from taskkit.db.session import session_scope
     from taskkit.tasks._runs import mark_completed
 
@@ -217,8 +217,8 @@ def _seed(settings: Settings, celery_app: Any) -> dict[str, list[Any]]:
         db.add(Batch(id="batch-1", task_name="tkschema.work", total=2, chunks=1))
         db.add_all(
             [
-                BatchItem(batch_id="batch-1", item_key="a", status="done"),
-                BatchItem(batch_id="batch-1", item_key="b", status="dead"),
+                BatchItemRow(batch_id="batch-1", item_key="a", status="done"),
+                BatchItemRow(batch_id="batch-1", item_key="b", status="dead"),
             ]
         )
         letters = [
