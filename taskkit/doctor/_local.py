@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from taskkit._utils import did_you_mean, mask_password
 from taskkit.config import ENV_PREFIX, Settings
 from taskkit.doctor._context import Context, one_line
-from taskkit.doctor._model import Check
+from taskkit.doctor._model import Check, no_settings
 
 __all__ = [
     "check_checkpoint_storage",
@@ -130,15 +130,6 @@ def check_settings(ctx: Context) -> Check:
     )
 
 
-def _no_settings(name: str) -> Check:
-    return Check(
-        name,
-        "error",
-        "not checked: the settings could not be read (see the settings check)",
-        "fix the settings first",
-    )
-
-
 def _uses_home(settings: Settings) -> list[str]:
     """What lives under ``home`` with these settings."""
     home = str(settings.home)
@@ -183,7 +174,7 @@ def _existing(path: Path) -> Path:
 
 def check_home(ctx: Context) -> Check:
     if ctx.settings is None:
-        return _no_settings("home")
+        return no_settings("home")
     settings = ctx.settings
     home = settings.home
     source = setting_sources(settings)["home"]
@@ -271,7 +262,7 @@ def _verify(info: Any, run_key: str, keys: Any) -> str | None:
 
 def check_secret_key(ctx: Context) -> Check:
     if ctx.settings is None:
-        return _no_settings("secret_key")
+        return no_settings("secret_key")
     settings = ctx.settings
     source = _key_configured(settings)
     newest = ctx.newest_checkpoint()
@@ -382,7 +373,7 @@ def check_secret_key(ctx: Context) -> Check:
 
 def check_checkpoint_storage(ctx: Context) -> Check:
     if ctx.settings is None:
-        return _no_settings("checkpoint_storage")
+        return no_settings("checkpoint_storage")
     settings = ctx.settings
     newest = ctx.newest_checkpoint()
     last = int(newest.info.size) if newest.info is not None else None

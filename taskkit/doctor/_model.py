@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-__all__ = ["EXIT_CODES", "Check", "Report", "Scrubber", "Verdict", "worst"]
+__all__ = ["EXIT_CODES", "Check", "Report", "Scrubber", "Verdict", "no_settings", "worst"]
 
 Verdict = Literal["ok", "warning", "error"]
 
@@ -158,3 +158,13 @@ class Scrubber:
             fix=None if check.fix is None else self.text(check.fix),
             details=self.value(_plain(check.details)),
         )
+
+
+def no_settings(name: str) -> Check:
+    """The check ``name`` skipped because the settings could not be read."""
+    return Check(
+        name,
+        "error",
+        "not checked: the settings could not be read (see the settings check)",
+        "fix the settings first",
+    )

@@ -12,7 +12,7 @@ from typing import Any
 
 from taskkit._utils import mask_password
 from taskkit.doctor._context import PROBE_TIMEOUT, Context, one_line
-from taskkit.doctor._model import Check
+from taskkit.doctor._model import Check, no_settings
 
 __all__ = [
     "ERROR_SKEW_DATABASE",
@@ -186,7 +186,7 @@ def _database_name(ctx: Context) -> str:
 
 def check_database(ctx: Context) -> Check:
     if ctx.settings is None:
-        return _no_settings("database")
+        return no_settings("database")
     from taskkit.db.migrate import schema_status  # noqa: PLC0415
 
     name = _database_name(ctx)
@@ -222,15 +222,6 @@ def check_database(ctx: Context) -> Check:
     return Check("database", "error", problem.rstrip("; "), fix, details)
 
 
-def _no_settings(name: str) -> Check:
-    return Check(
-        name,
-        "error",
-        "not checked: the settings could not be read (see the settings check)",
-        "fix the settings first",
-    )
-
-
 def _skew_verdict(skew: float, error_at: float) -> str:
     if abs(skew) > error_at:
         return "error"
@@ -255,7 +246,7 @@ def _transport_timeout(ctx: Context) -> float:
 
 def check_clock_redis(ctx: Context) -> Check:
     if ctx.settings is None:
-        return _no_settings("clock_redis")
+        return no_settings("clock_redis")
     url = _redis_for_clock(ctx)
     if url is None:
         return Check("clock_redis", "ok", "no Redis is configured: nothing to compare")
@@ -307,7 +298,7 @@ def check_clock_redis(ctx: Context) -> Check:
 
 def check_clock_database(ctx: Context) -> Check:
     if ctx.settings is None:
-        return _no_settings("clock_database")
+        return no_settings("clock_database")
     from sqlalchemy.engine import make_url  # noqa: PLC0415
 
     url = make_url(ctx.settings.database_url)
