@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import NamedTuple, cast
 
 from sqlalchemy import (
@@ -47,6 +49,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
 from taskkit.db import db_retry, get_engine
@@ -60,6 +63,8 @@ _TABLE = cast(Table, BatchItemRow.__table__)
 _CHUNKS = cast(Table, BatchChunk.__table__)
 #: Keys per statement: well under SQLite's bound-parameter limit.
 _CHUNK = 900
+#: What ``json.dumps(..., ensure_ascii=False)`` escapes in a string.
+_JSON_ESCAPED = re.compile(r'[\x00-\x1f"\\]')
 
 
 class BatchProgress(NamedTuple):
@@ -89,8 +94,9 @@ class ItemLedger:
 
     Example::
 
-        ledger = ItemLedger("batch-42", get_engine())
-        skip = ledger.claim(keys)
+        with ItemLedger("batch-42", get_engine()) as ledger:   # one connection for the chunk
+            skip = ledger.claim(keys)
+            ledger.finish(done=[key for key in keys if key not in skip])
     """
 
     def __init__(self, batch_id: str, engine: Engine | None = None) -> None:
@@ -102,9 +108,58 @@ class ItemLedger:
         #: this object knows them (those read by the claim, then those it finished).
         self._chunk: str | None = None
         self._keys_json = ""
-        self._positions: dict[str, int] = {}
+        self._keys: list[str] = []
+        self._positions: dict[str, int] | None = None
         self._done: bytearray = bytearray()
         self._dead: bytearray = bytearray()
+        #: The chunk's row is known to exist: later writes send its flags, not its keys.
+        self._stored = False
+        #: PostgreSQL, inside ``with``: the one connection of this ledger's statements.
+        self._held: Connection | None = None
+        self._holding = False
+
+    def __enter__(self) -> ItemLedger:
+        """Keep one connection for the ledger's one-statement writes until the block ends
+        (PostgreSQL; elsewhere nothing changes). A connection that fails is dropped and the
+        next statement checks out another."""
+        self._holding = self.engine.dialect.name == "postgresql"
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._holding = False
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
+    @contextmanager
+    def _statement(self, *, durable: bool = True) -> Iterator[Connection]:
+        """The connection for one ledger statement: the held one inside ``with`` (checked out
+        on first use), else one from the pool (``_statement`` below)."""
+        if not self._holding:
+            with _statement(self.engine, durable=durable) as connection:
+                yield connection
+            return
+        if self._held is None:
+            held = self.engine.connect()
+            self._held = held.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            yield self._held
+        except DBAPIError:
+            broken, self._held = self._held, None
+            if broken is not None:
+                broken.invalidate()
+                broken.close()
+            raise
+
+    def _key_positions(self) -> dict[str, int]:
+        if self._positions is None:
+            self._positions = {key: position for position, key in enumerate(self._keys)}
+        return self._positions
 
     @db_retry(max_attempts=5)
     def claim(self, keys: Sequence[str], *, durable: bool = True) -> dict[str, str]:
@@ -118,11 +173,11 @@ class ItemLedger:
         keys = [str(key) for key in keys]
         if len(set(keys)) != len(keys):
             raise ConfigurationError(f"repeated keys in a chunk of batch {self.batch_id!r}")
-        keys_json = json.dumps(keys, separators=(",", ":"), ensure_ascii=False)
+        keys_json = _keys_json(keys)
         chunk = hashlib.sha256(keys_json.encode()).hexdigest()
         now = datetime.now(UTC)
         zeros = "0" * len(keys)
-        with _statement(self.engine, durable=durable) as connection:
+        with self._statement(durable=durable) as connection:
             row = connection.execute(
                 text(
                     "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, "
@@ -153,15 +208,16 @@ class ItemLedger:
                         elif status == "dead":
                             dead[position] = ord("1")
                     _write_flags(connection, self.batch_id, chunk, keys_json, done, dead, now)
-        self._chunk, self._keys_json = chunk, keys_json
-        self._positions = {key: position for position, key in enumerate(keys)}
+        self._chunk, self._keys_json, self._stored = chunk, keys_json, True
+        self._keys, self._positions = keys, None  # positions: on the first finish by key
         self._done, self._dead = done, dead
         finished: dict[str, str] = {}
-        for position, key in enumerate(keys):
-            if dead[position] == ord("1"):
-                finished[key] = "dead"
-            elif done[position] == ord("1"):
-                finished[key] = "done"
+        if b"1" in done or b"1" in dead:  # a first delivery finds nothing: skip the walk
+            for position, key in enumerate(keys):
+                if dead[position] == ord("1"):
+                    finished[key] = "dead"
+                elif done[position] == ord("1"):
+                    finished[key] = "done"
         return finished
 
     @db_retry(max_attempts=5)
@@ -173,8 +229,10 @@ class ItemLedger:
         store: DeadLetterStore | None = None,
         record: bool = True,
         durable: bool = True,
+        done_at: Sequence[int] = (),
     ) -> None:
-        """In one transaction: mark ``done`` keys done, mark the keys of the ``dead`` entries
+        """In one transaction: mark ``done`` keys (and the keys at positions ``done_at`` of the
+        claimed chunk: cheaper than naming them) done, mark the keys of the ``dead`` entries
         dead and (``record``) store the entries as dead letters; then publish them through
         ``store`` (its broker queue, if set).
 
@@ -199,30 +257,39 @@ class ItemLedger:
                 f"a dead item of batch {self.batch_id!r} has no item_key ({keyless[0]})"
             )
         in_chunk = self._chunk is not None
-        if not done and not dead and not (durable and in_chunk and "1" in self._done.decode()):
+        if done_at and not in_chunk:
+            raise ConfigurationError("done_at names positions of a claimed chunk: claim it first")
+        if not (done or dead or done_at) and not (durable and in_chunk and b"1" in self._done):
             return
         now = datetime.now(UTC)
         rows = [entry.row() for entry in dead] if record else []
         done_flags, dead_flags = bytearray(self._done), bytearray(self._dead)
+        for position in done_at:
+            done_flags[position] = 49  # ord("1")
+        positions = self._key_positions() if done or dead else {}
         loose_done: list[str] = []
         loose_dead: list[str] = []
         for key in done:
-            position = self._positions.get(key)
+            position = positions.get(key)
             if position is None:
                 loose_done.append(key)
             else:
                 done_flags[position] = ord("1")
         for entry in dead:
             key = str(entry.item_key)
-            position = self._positions.get(key)
+            position = positions.get(key)
             if position is None:
                 loose_dead.append(key)
             else:
                 dead_flags[position] = ord("1")
                 done_flags[position] = ord("0")
         alone = not (loose_done or loose_dead or rows)  # one statement: no transaction needed
-        scope = _statement if alone else _transaction
-        with scope(self.engine, durable=durable) as connection:
+        scope = (
+            self._statement(durable=durable)
+            if alone
+            else _transaction(self.engine, durable=durable)
+        )
+        with scope as connection:
             if self._chunk is not None:
                 _write_flags(
                     connection,
@@ -233,6 +300,7 @@ class ItemLedger:
                     dead_flags,
                     now,
                     durable=durable,
+                    stored=self._stored,
                 )
             if loose_done:
                 _insert_missing(connection, self.batch_id, loose_done, now)
@@ -262,6 +330,15 @@ class ItemLedger:
         return found
 
 
+def _keys_json(keys: list[str]) -> str:
+    """``json.dumps(keys, separators=(",", ":"), ensure_ascii=False)``, the same text (the
+    chunk's id is its hash), joined directly when no key needs escaping: 10x cheaper."""
+    joined = '","'.join(keys)
+    if not keys or _JSON_ESCAPED.search(joined):
+        return json.dumps(keys, separators=(",", ":"), ensure_ascii=False)
+    return f'["{joined}"]'
+
+
 def _write_flags(
     connection: Connection,
     batch_id: str,
@@ -272,9 +349,32 @@ def _write_flags(
     now: datetime,
     *,
     durable: bool = True,
+    stored: bool = False,
 ) -> None:
     """The chunk's flags merged with the stored ones (a flag once set stays set; a dead item
-    is not done), its row written whole if it is missing: one statement on PostgreSQL."""
+    is not done), its row written whole if it is missing: one statement on PostgreSQL.
+    ``stored``: the row is known to exist, so the flags alone are sent (an update); if the row
+    is gone after all (a server crash lost an undurable claim), it is written whole."""
+    if stored and connection.dialect.name == "postgresql":
+        updated = connection.execute(
+            text(
+                "UPDATE batch_chunks AS c SET "
+                "dead = CAST(CAST(c.dead AS VARBIT) | CAST(:dead AS VARBIT) AS TEXT), "
+                "done = CAST((CAST(c.done AS VARBIT) | CAST(:done AS VARBIT)) "
+                "& ~(CAST(c.dead AS VARBIT) | CAST(:dead AS VARBIT)) AS TEXT), "
+                "updated_at = :now WHERE c.batch_id = :batch_id AND c.chunk = :chunk"
+                + _asynchronous(connection, durable, "RETURNING")
+            ),
+            {
+                "batch_id": batch_id,
+                "chunk": chunk,
+                "done": done.decode(),
+                "dead": dead.decode(),
+                "now": now,
+            },
+        )
+        if updated.rowcount:
+            return
     parameters = {
         "batch_id": batch_id,
         "chunk": chunk,

@@ -104,7 +104,8 @@ class _Chunk:
     keys: list[str]
     public_keys: list[Any]
     batch_id: str
-    done: list[str]
+    #: Positions (in ``keys``) of the items done and not yet written to the ledger.
+    done: list[int]
     failures: dict[int, int]
     stop: LeaseLost | None = None
 
@@ -263,7 +264,12 @@ class BatchTask(ResilientTask):
                 stack.pop()
 
     def _run_chunk(self, chunk: _Chunk) -> dict[str, Any]:
-        ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
+        if not self.ledger:
+            return self._run_ledgered(chunk, None)
+        with ItemLedger(chunk.batch_id, self._engine()) as ledger:  # one connection a chunk
+            return self._run_ledgered(chunk, ledger)
+
+    def _run_ledgered(self, chunk: _Chunk, ledger: ItemLedger | None) -> dict[str, Any]:
         # Not durable: a worker that dies keeps the claim, and the chunk's last finish (durable)
         # stores what a crash of PostgreSQL itself could have lost.
         finished = ledger.claim(chunk.keys, durable=False) if ledger is not None else {}
@@ -346,7 +352,7 @@ class BatchTask(ResilientTask):
         return _Chunk(items, stored, public, str(batch_id), [], {})
 
     def _item_call(self, chunk: _Chunk) -> Callable[[int], None]:
-        items, keys, done, failures = chunk.items, chunk.keys, chunk.done, chunk.failures
+        items, done, failures = chunk.items, chunk.done, chunk.failures
         process = self.process_item
 
         def call(index: int) -> None:
@@ -357,7 +363,7 @@ class BatchTask(ResilientTask):
             except BaseException:
                 failures[index] = failures.get(index, 0) + 1
                 raise
-            done.append(keys[index])
+            done.append(index)
 
         return call
 
@@ -373,7 +379,7 @@ class BatchTask(ResilientTask):
                 try:
                     self.flush_items()
                     if ledger is not None:
-                        ledger.finish(done=flushed, durable=False)
+                        ledger.finish(done_at=flushed, durable=False)
                 except Exception:
                     logger.warning(
                         "taskkit: %s: writing %d done item(s) failed; will try again",
@@ -406,12 +412,12 @@ class BatchTask(ResilientTask):
     def _store_dead(
         self,
         ledger: ItemLedger | None,
-        done: list[str],
+        done: list[int],
         dead: list[DeadLetterEntry],
         store: DeadLetterStore,
     ) -> None:
         if ledger is not None:
-            ledger.finish(done=done, dead=dead, store=store, record=self.dead_letter)
+            ledger.finish(done_at=done, dead=dead, store=store, record=self.dead_letter)
         elif self.dead_letter and dead:
             store.record(dead)
 

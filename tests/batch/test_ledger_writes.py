@@ -47,7 +47,7 @@ def transactions(db_url: str, engine: Engine) -> Iterator[list[str]]:
     sent: list[str] = []
 
     def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("INSERT INTO batch_chunks"):
+        if statement.startswith(("INSERT INTO batch_chunks", "UPDATE batch_chunks")):
             sent.append(statement)
 
     event.listen(engine, "before_cursor_execute", note)

@@ -343,7 +343,7 @@ def sent(engine: Engine) -> Iterator[list[str]]:
     settings: list[str] = []
 
     def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("INSERT INTO batch_chunks"):
+        if statement.startswith(("INSERT INTO batch_chunks", "UPDATE batch_chunks")):
             settings.append(statement)
 
     event.listen(engine, "before_cursor_execute", note)
@@ -455,3 +455,96 @@ def test_rows_of_the_per_item_ledger_are_moved_into_the_chunk_that_claims_them(
 def test_dead_items_are_never_written_without_the_wal_flush(ledger: ItemLedger, batch_id: str):
     with pytest.raises(ConfigurationError, match="durably"):
         ledger.finish(dead=dead(batch_id, "a"), durable=False)
+
+
+# -- what a chunk costs on PostgreSQL (issue 18) ---------------------------------------------------
+
+
+def test_only_the_claim_sends_the_chunks_keys_on_postgresql(
+    ledger: ItemLedger, engine: Engine, batch_id: str, sent: list[str]
+):
+    keys = [f"key-{i}" for i in range(50)]
+    ledger.claim(keys, durable=False)
+    ledger.finish(done_at=range(10), durable=False)
+    ledger.finish(done=keys[10:40])
+
+    kinds = [statement.split(" batch_chunks")[0] for statement in sent]
+    if engine.dialect.name == "postgresql":
+        assert kinds == ["INSERT INTO", "UPDATE", "UPDATE"]
+    assert ledger.statuses(keys) == {
+        **dict.fromkeys(keys[:40], "done"),
+        **dict.fromkeys(keys[40:], "claimed"),
+    }
+
+
+def test_a_claim_lost_by_the_server_is_written_whole_by_the_next_finish(
+    ledger: ItemLedger, engine: Engine, batch_id: str
+):
+    ledger.claim(["a", "b", "c"], durable=False)
+    with engine.begin() as connection:  # what a crash of the server within its WAL delay does
+        connection.execute(delete(BatchChunk).where(BatchChunk.batch_id == batch_id))
+    ledger.finish(done_at=[0], durable=False)
+    ledger.finish(done=["b"])
+
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+        "c": "claimed",
+    }
+
+
+def test_positions_and_keys_mark_the_same_items(engine: Engine, batch_id: str):
+    by_key, by_position = ItemLedger(batch_id, engine), ItemLedger(batch_id + "-p", engine)
+    keys = ["x", "y", "z"]
+    by_key.claim(keys)
+    by_position.claim(keys)
+    by_key.finish(done=["x", "z"])
+    by_position.finish(done_at=[0, 2])
+    assert rows(engine, batch_id) == {
+        key: (status, claims) for key, (status, claims) in rows(engine, batch_id + "-p").items()
+    }
+
+
+def test_positions_need_a_claimed_chunk(ledger: ItemLedger):
+    with pytest.raises(ConfigurationError, match="claim it first"):
+        ledger.finish(done_at=[0])
+
+
+def test_a_ledger_in_a_with_block_uses_one_connection(engine: Engine, batch_id: str):
+    checkouts: list[object] = []
+
+    def count(*_: Any) -> None:
+        checkouts.append(object())
+
+    event.listen(engine, "checkout", count)
+    try:
+        with ItemLedger(batch_id, engine) as ledger:
+            ledger.claim(["a", "b"], durable=False)
+            ledger.finish(done_at=[0], durable=False)
+            ledger.finish(done_at=[1])
+    finally:
+        event.remove(engine, "checkout", count)
+    expected = 1 if engine.dialect.name == "postgresql" else 3
+    assert len(checkouts) == expected
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+    }
+
+
+def test_a_held_connection_that_breaks_is_replaced(engine: Engine, batch_id: str):
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL holds a connection")
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a", "b"], durable=False)
+        held = ledger._held
+        assert held is not None
+        backend = held.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with engine.connect() as other:  # the server drops the ledger's connection
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})")
+        ledger.finish(done_at=[0, 1])  # retried on a new connection
+        assert ledger._held is not None and ledger._held is not held
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+    }
