@@ -264,8 +264,8 @@ class ItemLedger:
         now = datetime.now(UTC)
         rows = [entry.row() for entry in dead] if record else []
         done_flags, dead_flags = bytearray(self._done), bytearray(self._dead)
-        for position in done_at:
-            done_flags[position] = 49  # ord("1")
+        for at in done_at:
+            done_flags[at] = 49  # ord("1")
         positions = self._key_positions() if done or dead else {}
         loose_done: list[str] = []
         loose_dead: list[str] = []

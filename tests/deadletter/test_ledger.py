@@ -543,7 +543,8 @@ def test_a_held_connection_that_breaks_is_replaced(engine: Engine, batch_id: str
         with engine.connect() as other:  # the server drops the ledger's connection
             other.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})")
         ledger.finish(done_at=[0, 1])  # retried on a new connection
-        assert ledger._held is not None and ledger._held is not held
+        assert ledger._held is not None
+        assert ledger._held is not held
     assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
         "a": "done",
         "b": "done",
