@@ -27,9 +27,9 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -50,7 +50,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import ColumnElement, TextClause
 
 from taskkit.db import db_retry, get_engine
 from taskkit.db.models import Batch, BatchChunk, BatchItem, BatchItemRow
@@ -63,8 +63,8 @@ _TABLE = cast(Table, BatchItemRow.__table__)
 _CHUNKS = cast(Table, BatchChunk.__table__)
 #: Keys per statement: well under SQLite's bound-parameter limit.
 _CHUNK = 900
-#: What ``json.dumps(..., ensure_ascii=False)`` escapes in a string.
-_JSON_ESCAPED = re.compile(r'[\x00-\x1f"\\]')
+#: The control characters, deleted by ``str.translate`` (see ``_keys_json``).
+_CONTROL = dict.fromkeys(range(32))
 
 
 class BatchProgress(NamedTuple):
@@ -179,7 +179,7 @@ class ItemLedger:
         zeros = "0" * len(keys)
         with self._statement(durable=durable) as connection:
             row = connection.execute(
-                text(
+                _sql(
                     "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, "
                     "claims, updated_at) VALUES (:batch_id, :chunk, :keys, :size, :zeros, "
                     ":zeros, 1, :now) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
@@ -332,11 +332,17 @@ class ItemLedger:
 
 def _keys_json(keys: list[str]) -> str:
     """``json.dumps(keys, separators=(",", ":"), ensure_ascii=False)``, the same text (the
-    chunk's id is its hash), joined directly when no key needs escaping: 10x cheaper."""
+    chunk's id is its hash), joined directly when no key needs escaping: 3x cheaper."""
     joined = '","'.join(keys)
-    if not keys or _JSON_ESCAPED.search(joined):
-        return json.dumps(keys, separators=(",", ":"), ensure_ascii=False)
-    return f'["{joined}"]'
+    # JSON escapes only quotes, backslashes and control characters. Each check runs in C; a
+    # regular expression over the keys took longer than json.dumps itself.
+    plain = (
+        keys
+        and joined.count('"') == 2 * (len(keys) - 1)  # the separators' quotes only
+        and "\\" not in joined
+        and len(joined.translate(_CONTROL)) == len(joined)
+    )
+    return f'["{joined}"]' if plain else json.dumps(keys, separators=(",", ":"), ensure_ascii=False)
 
 
 def _write_flags(
@@ -357,7 +363,7 @@ def _write_flags(
     is gone after all (a server crash lost an undurable claim), it is written whole."""
     if stored and connection.dialect.name == "postgresql":
         updated = connection.execute(
-            text(
+            _sql(
                 "UPDATE batch_chunks AS c SET "
                 "dead = CAST(CAST(c.dead AS VARBIT) | CAST(:dead AS VARBIT) AS TEXT), "
                 "done = CAST((CAST(c.done AS VARBIT) | CAST(:done AS VARBIT)) "
@@ -386,7 +392,7 @@ def _write_flags(
     }
     if connection.dialect.name == "postgresql":
         connection.execute(
-            text(
+            _sql(
                 "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, claims, "
                 "updated_at) VALUES (:batch_id, :chunk, :keys, :size, :done, :dead, 1, :now) "
                 "ON CONFLICT (batch_id, chunk) DO UPDATE SET "
@@ -471,6 +477,13 @@ def _statement(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
         return
     with engine.connect() as connection:
         yield connection.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@functools.lru_cache(maxsize=32)
+def _sql(statement: str) -> TextClause:
+    """``text(statement)``, made once: ``text`` parses its bind parameters with a regular
+    expression each time, ~0.1 ms for the ledger's statements, paid on every write."""
+    return text(statement)
 
 
 def _asynchronous(connection: Connection, durable: bool, clause: str = ",") -> str:
