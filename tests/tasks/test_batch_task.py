@@ -5,6 +5,7 @@ tests/batch/test_batch_worker.py."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import uuid
 from collections import Counter
@@ -28,6 +29,7 @@ from taskkit.tasks import (
     create_app,
     submit_batch,
 )
+from taskkit.tasks._batch import _SeenKeys
 
 app = create_app(
     "tkbatchunit",
@@ -570,3 +572,20 @@ def test_a_chunk_that_failed_as_a_whole_is_counted_by_its_stored_arguments(
     finally:
         for forget in (task_id, first.id):
             stored.backend.forget(forget)
+
+
+def test_the_batch_key_check_finds_a_repeat_of_any_earlier_chunk() -> None:
+    """Pure logic: the hashes of earlier chunks are merged into ever larger sorted arrays; a
+    repeat of a key from any of them is found, wherever it went."""
+    seen = _SeenKeys(items_task)
+    for offset in range(0, 100_000, 1000):
+        seen.add(range(offset, offset + 1000), offset)
+    sizes = [len(level) for level in seen.levels]
+    assert sum(sizes) == 100_000
+    assert all(a > b for a, b in itertools.pairwise(sizes))  # a few arrays, largest first
+    for repeated in (0, 31_999, 64_000, 99_999):
+        with pytest.raises(ConfigurationError, match=rf"repeated: \['{repeated}'\]"):
+            seen.add([-5, repeated], 100_000)
+    seen.add([-5, 100_000], 100_000)  # new keys pass, and are remembered
+    with pytest.raises(ConfigurationError, match=r"repeated: \['-5'\]"):
+        seen.add([-5], 100_002)
