@@ -266,8 +266,14 @@ class BatchTask(ResilientTask):
     def _run_chunk(self, chunk: _Chunk) -> dict[str, Any]:
         ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
         # Not durable: a worker that dies keeps the claim, and the chunk's last finish (durable)
-        # stores what a crash of PostgreSQL itself could have lost.
-        finished = ledger.claim(chunk.keys, durable=False) if ledger is not None else {}
+        # stores what a crash of PostgreSQL itself could have lost. Fenced under a lease: once
+        # another delivery claimed the chunk (it took the lease over), this one's writes are
+        # refused where they land (LeaseLost), a write stalled in a cut-off host's connection too.
+        finished = (
+            ledger.claim(chunk.keys, durable=False, fenced=self.lease is not None)
+            if ledger is not None
+            else {}
+        )
         todo = [i for i, key in enumerate(chunk.keys) if key not in finished]
         try:
             outcome = batch_with_retry(
@@ -375,6 +381,9 @@ class BatchTask(ResilientTask):
                     self.flush_items()
                     if ledger is not None:
                         ledger.finish(done=flushed, durable=False)
+                except LeaseLost as lost:  # refused: another delivery claimed the chunk
+                    chunk.stop = self._lease_lost(lost)
+                    return
                 except Exception:
                     logger.warning(
                         "taskkit: %s: writing %d done item(s) failed; will try again",
@@ -396,13 +405,25 @@ class BatchTask(ResilientTask):
     ) -> None:
         store = self.dead_letters()
         try:
-            self.flush_items()
-        except BaseException:
-            # The failed items' letters do not depend on the buffered output: keep them, with
-            # their own errors, and leave the done items unmarked (they run again).
-            self._store_dead(ledger, [], dead, store)
-            raise
-        self._store_dead(ledger, chunk.done, dead, store)
+            try:
+                self.flush_items()
+            except BaseException:
+                # The failed items' letters do not depend on the buffered output: keep them,
+                # with their own errors, and leave the done items unmarked (they run again).
+                self._store_dead(ledger, [], dead, store)
+                raise
+            self._store_dead(ledger, chunk.done, dead, store)
+        except LeaseLost as lost:  # refused: another delivery claimed the chunk
+            raise self._lease_lost(lost) from None
+
+    def _lease_lost(self, refused: LeaseLost) -> LeaseLost:
+        """The ledger refused a write of this delivery (a newer one claimed the chunk): the
+        chunk's lease is lost, and ``LeaseLost`` names the lease (the task looks its holder up)."""
+        lease = self.lease
+        if lease is None:
+            return refused
+        lease.lose("the ledger refused its write: a newer delivery claimed the chunk")
+        return LeaseLost(lease.key, lease.token)
 
     def _store_dead(
         self,
