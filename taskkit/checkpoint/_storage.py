@@ -145,8 +145,11 @@ _HOST = re.sub(r"[~/\\\s]", "_", socket.gethostname()) or "localhost"
 # Without flock (Windows), a temp file is an orphan once it has not changed for this long.
 _UNLOCKED_GRACE = 3600.0
 # Bytes read per readinto when loading: small enough that the hashing thread finds each piece
-# still in the CPU cache, large enough that the system calls cost nothing.
-_READ_STEP = 1 << 20
+# still in the CPU cache (L3) and that the last piece, hashed after the read, is a few ms,
+# large enough that reading in pieces costs little: 1 MiB pieces were measured at ~0.65x of
+# one readinto of the whole file, 8 MiB at 0.8-0.9x (page cache, 100 MB, benchmarks/
+# bench_checkpoint.py's machine).
+_READ_STEP = 8 << 20
 # Largest single os.write: some platforms refuse writes of 2 GiB or more.
 _MAX_WRITE = 1 << 30
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

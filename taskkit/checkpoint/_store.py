@@ -20,7 +20,14 @@ from pydantic import SecretStr
 
 from taskkit._keys import KeyRing, check_key
 from taskkit._utils import is_control_flow
-from taskkit.checkpoint._codec import Digest, Payload, digest_of, encode, library_versions
+from taskkit.checkpoint._codec import (
+    DIGEST,
+    Digest,
+    Payload,
+    digest_of,
+    encode,
+    library_versions,
+)
 from taskkit.checkpoint._database import DatabaseStorage
 from taskkit.checkpoint._fsspec import FsspecStorage
 from taskkit.checkpoint._info import FORMATS, Checkpoint, CheckpointInfo, plain_metrics
@@ -239,7 +246,7 @@ class CheckpointStore:
 
             def manifest() -> CheckpointInfo:
                 self._guard()  # the data may have been stalled past the lease: no manifest
-                holder.append(self._finish(template, digest.algorithm, digest.hexdigest()))
+                holder.append(self._finish(template, digest.hexdigest(), digest.algorithm))
                 return holder[0]
 
             self._write(step, payload, manifest)
@@ -254,7 +261,7 @@ class CheckpointStore:
         # so save() returns a complete manifest and later changes to `state` cannot leak in.
         digest = Digest(payload.chunks)
         owned = payload.owned()
-        info = self._finish(template, digest.algorithm, digest.hexdigest())
+        info = self._finish(template, digest.hexdigest(), digest.algorithm)
         del payload
         self._submit(self._write_and_retain, step, owned, info, time.perf_counter() - started)
         return info
@@ -311,7 +318,9 @@ class CheckpointStore:
             )
             raise LeaseLost(self._run_id, self.fence)
 
-    def _finish(self, template: CheckpointInfo, algorithm: str, digest: str) -> CheckpointInfo:
+    def _finish(
+        self, template: CheckpointInfo, digest: str, algorithm: str = DIGEST
+    ) -> CheckpointInfo:
         """``template`` with the digest of its data (under ``algorithm``'s key), signed."""
         digests: dict[str, str | None] = {"blake3": None, "sha256": None, algorithm: digest}
         return sign_info(_replace(template, **digests), self._keys)
@@ -633,7 +642,7 @@ class CheckpointStore:
             signature=None,
             created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
         )
-        copied = self._finish(template, info.algorithm, info.digest)
+        copied = self._finish(template, info.digest, info.algorithm)
         self.wait()
         self._write(step, Payload([raw], [False], size), lambda: copied)
         return copied
