@@ -10,8 +10,13 @@ buffers::
 so a numpy array's memory is written straight from the array (no copy into a pickle string)
 and, on load, becomes an array over the bytes read (no copy out of one either), aligned for
 any dtype. ``"joblib"`` is ``joblib.dump`` into memory. Either may be zlib-compressed; size and
-checksum are always those of the stored bytes, so nothing is decompressed or parsed before it
+digest are always those of the stored bytes, so nothing is decompressed or parsed before it
 is verified.
+
+The digest of new checkpoints is BLAKE3 (``DIGEST``; about 3x SHA-256's speed on one core,
+so hashing hides under the read or the write it overlaps); a manifest names its algorithm
+(``"blake3"`` or, written before, ``"sha256"``) and is verified with that one. Every storage
+hashes through ``new_hash``/``Digest``/``StreamDigest`` here.
 """
 
 from __future__ import annotations
@@ -29,20 +34,25 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
+
+import blake3
 
 from taskkit.errors import CheckpointFormatError, TaskkitError
 
 __all__ = [
+    "DIGEST",
+    "DIGESTS",
     "Buffer",
     "Digest",
     "Hashed",
     "Payload",
     "StreamDigest",
     "decode",
+    "digest_of",
     "encode",
     "library_versions",
-    "sha256_of",
+    "new_hash",
     "writable_buffer",
 ]
 
@@ -58,6 +68,32 @@ _SMALL = 64 * 1024
 # Below this, hashing on a thread costs more than it saves.
 _THREAD_MIN = 4 * 1024 * 1024
 _INFLATE_STEP = 16 * 1024 * 1024
+
+#: The digest algorithm new checkpoints and models are written with.
+DIGEST = "blake3"
+#: Every algorithm a manifest may name (its key in the manifest): BLAKE3, and SHA-256 for
+#: manifests written before BLAKE3 (still verified, with SHA-256).
+DIGESTS = ("blake3", "sha256")
+#: Threads one BLAKE3 hash may use. One: the hash already runs beside the read or the write it
+#: overlaps, on a machine of few cores, and more threads were measured no faster there
+#: (benchmarks/bench_checkpoint.py, docs/benchmarks.md).
+_BLAKE3_THREADS = 1
+
+
+class _Hash(Protocol):
+    def update(self, data: Buffer, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_hash(algorithm: str = DIGEST) -> _Hash:
+    """A new hash object of ``algorithm`` (one of ``DIGESTS``); ``CheckpointFormatError``
+    for any other name. Both release the GIL while hashing large buffers."""
+    if algorithm == "blake3":
+        return blake3.blake3(max_threads=_BLAKE3_THREADS)
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise CheckpointFormatError(f"unknown digest algorithm {algorithm!r}; known: {DIGESTS}")
 
 
 @dataclass
@@ -216,15 +252,20 @@ def _unframe(view: memoryview) -> Any:
     return pickle.loads(head, buffers=buffers)
 
 
-class Digest:
-    """SHA-256 of ``chunks``; computed on a thread for large payloads, so it overlaps the write.
+_THREAD_NAME = "taskkit-checkpoint-digest"
 
-    ``hashlib`` releases the GIL on large buffers, as ``os.write`` does, so hashing and writing
+
+class Digest:
+    """The digest (``algorithm``, BLAKE3 by default) of ``chunks``; computed on a thread for
+    large payloads, so it overlaps the write.
+
+    The hash releases the GIL on large buffers, as ``os.write`` does, so hashing and writing
     the same (unchanging) memory run in parallel. ``hexdigest()`` waits for the result.
     """
 
-    def __init__(self, chunks: Sequence[Buffer]) -> None:
-        self._hash = hashlib.sha256()
+    def __init__(self, chunks: Sequence[Buffer], algorithm: str = DIGEST) -> None:
+        self.algorithm = algorithm
+        self._hash = new_hash(algorithm)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         total = sum(c.nbytes if isinstance(c, memoryview) else len(c) for c in chunks)
@@ -232,7 +273,7 @@ class Digest:
             self._run(chunks)
         else:
             self._thread = threading.Thread(
-                target=self._run, args=(chunks,), name="taskkit-checkpoint-sha256", daemon=True
+                target=self._run, args=(chunks,), name=_THREAD_NAME, daemon=True
             )
             self._thread.start()
 
@@ -252,26 +293,26 @@ class Digest:
 
 
 class StreamDigest:
-    """SHA-256 of pieces handed over one at a time, hashed on a thread while the next is read.
+    """The digest (``algorithm``, BLAKE3 by default) of pieces handed over one at a time,
+    hashed on a thread while the next is read.
 
     A storage reads a checkpoint piece by piece into one buffer and passes each piece, once
     read, to ``update``; the thread hashes it while the storage reads the next (``readinto``
-    and ``hashlib`` both release the GIL), so a load costs about the longer of the two, not
+    and the hash both release the GIL), so a load costs about the longer of the two, not
     their sum. ``threaded=False`` hashes in the caller's thread (small data). ``hexdigest()``
     waits for the last piece; ``close()`` stops the thread without a result (a failed read).
     The pieces must not change until ``hexdigest()`` or ``close()`` returns.
     """
 
-    def __init__(self, threaded: bool = True) -> None:
-        self._hash = hashlib.sha256()
+    def __init__(self, threaded: bool = True, algorithm: str = DIGEST) -> None:
+        self.algorithm = algorithm
+        self._hash = new_hash(algorithm)
         self._error: BaseException | None = None
         self._queue: queue.SimpleQueue[Buffer | None] | None = None
         self._thread: threading.Thread | None = None
         if threaded:
             self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(
-                target=self._run, name="taskkit-checkpoint-sha256", daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, name=_THREAD_NAME, daemon=True)
             self._thread.start()
 
     def update(self, piece: Buffer) -> None:
@@ -307,14 +348,17 @@ class StreamDigest:
 
 @dataclass(frozen=True)
 class Hashed:
-    """Bytes a storage read and their SHA-256 (hex), computed while they were read.
+    """Bytes a storage read and their digest (hex, of ``algorithm``), computed while they were
+    read.
 
-    ``read_hashed`` of ``DirectoryStorage`` and ``DatabaseStorage`` return one; ``unseal``
-    compares ``sha256`` with the manifest's instead of hashing ``data`` again.
+    ``read_hashed`` of ``DirectoryStorage``, ``DatabaseStorage`` and ``FsspecStorage`` (S3)
+    return one; ``unseal`` compares ``digest`` with the manifest's instead of hashing ``data``
+    again (when ``algorithm`` is the manifest's).
     """
 
     data: Buffer
-    sha256: str
+    digest: str
+    algorithm: str = DIGEST
 
 
 def writable_buffer(size: int) -> memoryview:
@@ -328,9 +372,12 @@ def writable_buffer(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, size))
 
 
-def sha256_of(data: Buffer) -> str:
-    """SHA-256 of ``data`` as hex (GIL released while hashing large buffers)."""
-    return hashlib.sha256(data).hexdigest()
+def digest_of(data: Buffer, algorithm: str = DIGEST) -> str:
+    """The digest of ``data`` as hex, BLAKE3 unless ``algorithm`` says otherwise (GIL released
+    while hashing large buffers)."""
+    hasher = new_hash(algorithm)
+    hasher.update(data)
+    return hasher.hexdigest()
 
 
 @functools.cache

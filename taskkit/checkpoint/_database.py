@@ -31,7 +31,14 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import URL, ScalarResult, make_url
 from sqlalchemy.orm import Session
 
-from taskkit.checkpoint._codec import _THREAD_MIN, Buffer, Hashed, StreamDigest, writable_buffer
+from taskkit.checkpoint._codec import (
+    _THREAD_MIN,
+    DIGEST,
+    Buffer,
+    Hashed,
+    StreamDigest,
+    writable_buffer,
+)
 from taskkit.checkpoint._info import CheckpointInfo, validate_run_id
 from taskkit.db.models import CheckpointChunk, CheckpointRecord
 from taskkit.db.session import session_scope
@@ -137,14 +144,14 @@ class DatabaseStorage:
         """The chunks of a step, concatenated; ``FileNotFoundError`` when the step has none."""
         return self._read(run_id, step, None)
 
-    def read_hashed(self, run_id: str, step: int) -> Hashed:
-        """``read``, and the SHA-256 of the bytes, each chunk hashed on a second thread while
-        the next one is fetched."""
+    def read_hashed(self, run_id: str, step: int, algorithm: str = DIGEST) -> Hashed:
+        """``read``, and the digest (``algorithm``: BLAKE3 unless the manifest names another)
+        of the bytes, each chunk hashed on a second thread while the next one is fetched."""
         digest: StreamDigest | None = None
 
         def start(size: int) -> StreamDigest:
             nonlocal digest
-            digest = StreamDigest(threaded=size >= _THREAD_MIN)
+            digest = StreamDigest(threaded=size >= _THREAD_MIN, algorithm=algorithm)
             return digest
 
         try:
@@ -153,7 +160,7 @@ class DatabaseStorage:
             if digest is not None:
                 digest.close()
         assert digest is not None
-        return Hashed(data, digest.hexdigest())
+        return Hashed(data, digest.hexdigest(), algorithm)
 
     def _read(self, run_id: str, step: int, start: Callable[[int], StreamDigest] | None) -> Buffer:
         run_id = validate_run_id(run_id)

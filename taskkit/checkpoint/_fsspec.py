@@ -10,7 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from taskkit.checkpoint._codec import _THREAD_MIN, Buffer, Hashed, StreamDigest, writable_buffer
+from taskkit.checkpoint._codec import (
+    _THREAD_MIN,
+    DIGEST,
+    Buffer,
+    Hashed,
+    StreamDigest,
+    writable_buffer,
+)
 from taskkit.checkpoint._info import CheckpointInfo, validate_run_id
 from taskkit.errors import CheckpointWarning, ConfigurationError
 from taskkit.recovery import Retrying
@@ -344,13 +351,14 @@ class FsspecStorage:
             result = self._call(self.fs.cat_file, path)
         return result
 
-    def read_hashed(self, run_id: str, step: int) -> Buffer | Hashed:
-        """``read``, and on S3 the SHA-256 of the bytes, hashed on a second thread while the
-        next piece of the GET arrives (one GET streamed into one buffer, no copy after)."""
+    def read_hashed(self, run_id: str, step: int, algorithm: str = DIGEST) -> Buffer | Hashed:
+        """``read``, and on S3 the digest (``algorithm``: BLAKE3 unless the manifest names
+        another) of the bytes, hashed on a second thread while the next piece of the GET
+        arrives (one GET streamed into one buffer, no copy after)."""
         if not self._s3:
             return self.read(run_id, step)
         path = f"{self._run_path(run_id)}/{_data_name(step)}"
-        result: Hashed = self._call(self._sync, self._stream, path)
+        result: Hashed = self._call(self._sync, self._stream, path, algorithm)
         return result
 
     def _sync(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -358,14 +366,14 @@ class FsspecStorage:
 
         return sync(self.fs.loop, fn, *args)
 
-    async def _stream(self, path: str) -> Hashed:
+    async def _stream(self, path: str, algorithm: str = DIGEST) -> Hashed:
         bucket, key, _ = self.fs.split_path(path)
         response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
         body = response["Body"]
         try:
             size = int(response["ContentLength"])
             view = writable_buffer(size)
-            digest = StreamDigest(threaded=size >= _THREAD_MIN)
+            digest = StreamDigest(threaded=size >= _THREAD_MIN, algorithm=algorithm)
             done = 0
             try:
                 while done < size:
@@ -378,11 +386,11 @@ class FsspecStorage:
             except BaseException:
                 digest.close()
                 raise
-            sha256 = digest.hexdigest()
+            hexdigest = digest.hexdigest()
         finally:
             body.close()
         # shorter than announced (cut): what is there, the size check refuses it
-        return Hashed(view[:done] if done < size else view, sha256)
+        return Hashed(view[:done] if done < size else view, hexdigest, algorithm)
 
     # -- deleting -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from taskkit.checkpoint._codec import DIGESTS as _DIGESTS
 from taskkit.errors import CheckpointFormatError, InvalidRunId
 
 __all__ = ["FORMATS", "Checkpoint", "CheckpointInfo", "plain_metrics", "validate_run_id"]
@@ -15,7 +16,7 @@ __all__ = ["FORMATS", "Checkpoint", "CheckpointInfo", "plain_metrics", "validate
 FORMATS = ("pickle", "joblib")
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _MAX_RUN_ID = 128
 
 
@@ -64,21 +65,25 @@ class CheckpointInfo:
     """A checkpoint's manifest: what was saved, when, with what, and how to verify it.
 
     It is JSON (``to_dict()``/``from_dict()``), written after the data, so a checkpoint exists
-    only once its manifest does. ``size`` and ``sha256`` are those of the stored bytes (after
-    compression); ``signature`` is the HMAC-SHA256 of every other field (see ``signed_bytes``),
+    only once its manifest does. ``size`` and the digest are those of the stored bytes (after
+    compression): exactly one of ``blake3`` (what taskkit writes) and ``sha256`` (manifests
+    written before BLAKE3, still verified with SHA-256) is set, ``algorithm`` and ``digest``
+    name it; ``signature`` is the HMAC-SHA256 of every other field (see ``signed_bytes``),
     or None when no secret key was set.
 
     Example::
 
         info = store.save(state, step=3, metrics={"loss": 0.4}, is_best=True)
         info.step, info.size, info.metrics["loss"]
+        info.algorithm, info.digest  # ("blake3", "9f86...")
         CheckpointInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info  # True
     """
 
     run_id: str
     step: int
     size: int
-    sha256: str
+    #: SHA-256 (hex) of the stored bytes: manifests written before BLAKE3; None otherwise.
+    sha256: str | None = None
     format: str = "pickle"
     compression: str | None = None
     #: ISO-8601, UTC (``2026-11-29T10:00:00.000000+00:00``).
@@ -95,7 +100,28 @@ class CheckpointInfo:
     #: writer with a smaller token never deletes or replaces it, and ``load_latest`` prefers
     #: the largest token.
     fence: int | None = None
+    #: BLAKE3 (hex, 32 bytes) of the stored bytes: what taskkit writes; None in older manifests.
+    blake3: str | None = None
     signature: str | None = None
+
+    def __post_init__(self) -> None:
+        present = [name for name in _DIGESTS if getattr(self, name) is not None]
+        if len(present) != 1:
+            raise CheckpointFormatError(
+                f"a manifest has exactly one digest of {_DIGESTS}, not {present or 'none'}"
+            )
+
+    @property
+    def algorithm(self) -> str:
+        """The digest's algorithm: ``"blake3"`` or ``"sha256"`` (the manifest key it is in)."""
+        return "blake3" if self.blake3 is not None else "sha256"
+
+    @property
+    def digest(self) -> str:
+        """The digest of the stored bytes (hex), of ``algorithm``."""
+        value = self.blake3 if self.blake3 is not None else self.sha256
+        assert value is not None  # __post_init__
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as a JSON-ready dict (a copy).
@@ -105,8 +131,11 @@ class CheckpointInfo:
             json.dumps(info.to_dict())
         """
         fields = asdict(self)
-        if fields["fence"] is None:
-            del fields["fence"]  # a manifest written without a lease reads as it always did
+        # A manifest written without a lease, or with SHA-256, reads (and signs) as it always
+        # did; one with BLAKE3 has no "sha256" key.
+        for name in ("fence", *_DIGESTS):
+            if fields[name] is None:
+                del fields[name]
         return fields
 
     @classmethod
@@ -138,9 +167,17 @@ class CheckpointInfo:
                 )
             return value
 
-        sha256 = get("sha256", (str,))
-        if not _SHA256.fullmatch(sha256):
-            raise CheckpointFormatError(f"manifest field 'sha256' is not a hex SHA-256: {sha256!r}")
+        digests = {name: get(name, (str,), optional=True) for name in _DIGESTS}
+        present = {name: value for name, value in digests.items() if value is not None}
+        if len(present) != 1:
+            raise CheckpointFormatError(
+                f"a manifest has exactly one digest of {_DIGESTS}, not {sorted(present) or 'none'}"
+            )
+        for name, value in present.items():
+            if not _HEX_DIGEST.fullmatch(value):
+                raise CheckpointFormatError(
+                    f"manifest field {name!r} is not a hex {name.upper()} digest: {value!r}"
+                )
         step, size = get("step", (int,)), get("size", (int,))
         if step < 0 or size < 0:
             raise CheckpointFormatError(f"manifest has a negative step or size: {step}, {size}")
@@ -148,7 +185,8 @@ class CheckpointInfo:
             run_id=get("run_id", (str,)),
             step=step,
             size=size,
-            sha256=sha256,
+            sha256=digests["sha256"],
+            blake3=digests["blake3"],
             format=get("format", (str,)),
             compression=get("compression", (str,), optional=True),
             created_at=get("created_at", (str,)),
@@ -180,9 +218,11 @@ class CheckpointInfo:
         """What the signature covers: canonical JSON of every field except ``signature``.
 
         Sorted keys, no whitespace, ASCII: the same bytes on every machine, and the same after
-        a JSON round trip. It includes ``run_id``, ``run_uid``, ``step``, ``size`` and
-        ``sha256``, so neither the data nor the checkpoint's place (run, identity, step) can be
-        swapped. A manifest without ``run_uid`` signs the bytes it always did.
+        a JSON round trip. It includes ``run_id``, ``run_uid``, ``step``, ``size`` and the
+        digest under its algorithm's name (``blake3`` or ``sha256``), so neither the data, nor
+        the algorithm it is verified with, nor the checkpoint's place (run, identity, step) can
+        be swapped. A manifest without ``run_uid``, or with ``sha256``, signs the bytes it
+        always did.
         """
         fields = self.to_dict()  # without a fence when there is none: old signatures hold
         del fields["signature"]

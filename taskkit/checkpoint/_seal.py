@@ -2,7 +2,8 @@
 
 ``unseal`` checks, in this order and before anything is decompressed or unpickled: the
 manifest's HMAC-SHA256 signature under one of the accepted keys, that the manifest belongs to
-the expected run, the size and the SHA-256 of the stored bytes. ``CheckpointStore`` loads
+the expected run, the size and the digest of the stored bytes (BLAKE3, or SHA-256 for a
+manifest written before BLAKE3: the algorithm the signed manifest names). ``CheckpointStore`` loads
 checkpoints with it and ``taskkit.tasks.load_model`` the final model of a run, so a forged
 model row is refused exactly like a forged checkpoint. ``kind`` keeps the two apart: a signed
 checkpoint is never accepted as a model, or the reverse.
@@ -16,7 +17,14 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from taskkit._keys import KeyRing
-from taskkit.checkpoint._codec import Buffer, Hashed, decode, encode, library_versions, sha256_of
+from taskkit.checkpoint._codec import (
+    Buffer,
+    Hashed,
+    decode,
+    digest_of,
+    encode,
+    library_versions,
+)
 from taskkit.checkpoint._info import CheckpointInfo
 from taskkit.config import get_settings
 from taskkit.errors import CheckpointCorrupt, CheckpointError, CheckpointTampered
@@ -28,6 +36,10 @@ Kind = Literal["checkpoint", "model"]
 # What the signature covers besides the manifest: a checkpoint signs the manifest bytes as they
 # always were (signatures made before this module stay valid), a model is domain-separated.
 _DOMAIN: dict[str, bytes] = {"checkpoint": b"", "model": b"taskkit-model-v1\n"}
+
+
+#: How an error names a digest algorithm.
+_NAMES = {"blake3": "BLAKE3 digest", "sha256": "SHA-256"}
 
 
 def _message(info: CheckpointInfo, kind: Kind) -> bytes:
@@ -103,7 +115,7 @@ def seal(
         run_id=run_id,
         step=0,
         size=len(data),
-        sha256=sha256_of(data),
+        blake3=digest_of(data, "blake3"),
         format="pickle",
         compression=None,
         created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -123,11 +135,13 @@ def unseal(
     keys: KeyRing | None = None,
 ) -> Any:
     """The object stored in ``data``, once ``info`` is verified (signature, run, size,
-    SHA-256); ``CheckpointTampered`` or ``CheckpointCorrupt`` otherwise, and nothing unpickled.
+    digest); ``CheckpointTampered`` or ``CheckpointCorrupt`` otherwise, and nothing unpickled.
 
-    ``data`` may be a callable, called only once the manifest is verified (so an unsigned
-    checkpoint's data is not even read). It may give a ``Hashed`` (the bytes and the SHA-256
-    the storage computed while reading them): that digest is compared, not recomputed.
+    The digest is of the algorithm the signed manifest names (``info.algorithm``: BLAKE3, or
+    SHA-256 for manifests written before). ``data`` may be a callable, called only once the
+    manifest is verified (so an unsigned checkpoint's data is not even read). It may give a
+    ``Hashed`` (the bytes and the digest the storage computed while reading them): that digest
+    is compared, not recomputed, when it is of the manifest's algorithm.
     ``keys`` default to ``get_settings().signing_keys()``.
     A verified object that cannot be decoded is a ``CheckpointError`` naming the versions it
     was saved with and the ones of this process.
@@ -139,9 +153,10 @@ def unseal(
         raw = data() if callable(data) else data
     except FileNotFoundError as exc:
         raise _error(CheckpointCorrupt, "its data is missing", run_id, step, kind) from exc
-    sha256: str | None = None
+    digest: str | None = None
     if isinstance(raw, Hashed):
-        sha256 = raw.sha256
+        if raw.algorithm == info.algorithm:
+            digest = raw.digest
         raw = raw.data
     if isinstance(raw, bytes) or memoryview(raw).readonly:
         raw = bytearray(raw)  # arrays made over it must be writable
@@ -155,12 +170,12 @@ def unseal(
             step,
             kind,
         )
-    if sha256 is None:
-        sha256 = sha256_of(raw)
-    if not hmac.compare_digest(sha256, info.sha256):
+    if digest is None:
+        digest = digest_of(raw, info.algorithm)
+    if not hmac.compare_digest(digest, info.digest):
         raise _error(
             CheckpointCorrupt,
-            "its data does not match the SHA-256 in its manifest",
+            f"its data does not match the {_NAMES[info.algorithm]} in its manifest",
             run_id,
             step,
             kind,

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 from taskkit._utils import fsync_dir
 from taskkit.checkpoint._codec import (
     _THREAD_MIN,
+    DIGEST,
     Buffer,
     Hashed,
     StreamDigest,
@@ -144,8 +145,11 @@ _HOST = re.sub(r"[~/\\\s]", "_", socket.gethostname()) or "localhost"
 # Without flock (Windows), a temp file is an orphan once it has not changed for this long.
 _UNLOCKED_GRACE = 3600.0
 # Bytes read per readinto when loading: small enough that the hashing thread finds each piece
-# still in the CPU cache, large enough that the system calls cost nothing.
-_READ_STEP = 1 << 20
+# still in the CPU cache (L3) and that the last piece, hashed after the read, is a few ms,
+# large enough that reading in pieces costs little: 1 MiB pieces were measured at ~0.65x of
+# one readinto of the whole file, 8 MiB at 0.8-0.9x (page cache, 100 MB, benchmarks/
+# bench_checkpoint.py's machine).
+_READ_STEP = 8 << 20
 # Largest single os.write: some platforms refuse writes of 2 GiB or more.
 _MAX_WRITE = 1 << 30
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -299,17 +303,17 @@ class DirectoryStorage:
         ``CheckpointCorrupt`` if it is a symbolic link."""
         return self._read(run_id, step, None)
 
-    def read_hashed(self, run_id: str, step: int) -> Hashed:
-        """``read``, and the SHA-256 of the bytes, hashed on a second thread while the next
-        piece is read (as ``write`` hashes while writing): about the longer of reading and
-        hashing, not their sum."""
+    def read_hashed(self, run_id: str, step: int, algorithm: str = DIGEST) -> Hashed:
+        """``read``, and the digest (``algorithm``: BLAKE3 unless the manifest names another)
+        of the bytes, hashed on a second thread while the next piece is read (as ``write``
+        hashes while writing): about the longer of reading and hashing, not their sum."""
         fd, size = self._open_data(run_id, step)
-        digest = StreamDigest(threaded=size >= _THREAD_MIN)
+        digest = StreamDigest(threaded=size >= _THREAD_MIN, algorithm=algorithm)
         try:
             data = self._read_fd(fd, size, digest)
         finally:
             digest.close()
-        return Hashed(data, digest.hexdigest())
+        return Hashed(data, digest.hexdigest(), algorithm)
 
     def _read(self, run_id: str, step: int, digest: StreamDigest | None) -> Buffer:
         fd, size = self._open_data(run_id, step)
@@ -443,12 +447,15 @@ class DirectoryStorage:
         return False
 
 
-def read_hashed(storage: CheckpointStorage, run_id: str, step: int) -> Buffer | Hashed:
-    """The step's data, with its SHA-256 when the storage hashes while reading
-    (``read_hashed``); a storage without one is only read (``unseal`` hashes it then)."""
+def read_hashed(
+    storage: CheckpointStorage, run_id: str, step: int, algorithm: str = DIGEST
+) -> Buffer | Hashed:
+    """The step's data, with its digest of ``algorithm`` (the manifest's) when the storage
+    hashes while reading (``read_hashed``); a storage without one is only read (``unseal``
+    hashes it then)."""
     method = getattr(storage, "read_hashed", None)
     if callable(method):
-        result: Buffer | Hashed = method(run_id, step)
+        result: Buffer | Hashed = method(run_id, step, algorithm)
         return result
     return storage.read(run_id, step)
 

@@ -20,7 +20,14 @@ from pydantic import SecretStr
 
 from taskkit._keys import KeyRing, check_key
 from taskkit._utils import is_control_flow
-from taskkit.checkpoint._codec import Digest, Payload, encode, library_versions, sha256_of
+from taskkit.checkpoint._codec import (
+    DIGEST,
+    Digest,
+    Payload,
+    digest_of,
+    encode,
+    library_versions,
+)
 from taskkit.checkpoint._database import DatabaseStorage
 from taskkit.checkpoint._fsspec import FsspecStorage
 from taskkit.checkpoint._info import FORMATS, Checkpoint, CheckpointInfo, plain_metrics
@@ -75,8 +82,9 @@ class CheckpointStore:
       disk) leaves the earlier checkpoints as they were, removes its temp files and raises
       ``CheckpointError`` naming the run and step.
     - **Signed, and verified before unpickling.** Every manifest carries an HMAC-SHA256
-      signature; loading checks it, then size and SHA-256 of the stored bytes, before anything
-      is unpickled (``taskkit.checkpoint.unseal``). Loading fails closed: an unsigned or
+      signature; loading checks it, then size and digest of the stored bytes (BLAKE3, or
+      SHA-256 in manifests written before BLAKE3), before anything is unpickled
+      (``taskkit.checkpoint.unseal``). Loading fails closed: an unsigned or
       wrongly signed checkpoint raises ``CheckpointTampered`` (no silent fallback past it);
       ``load_latest`` skips only a corrupt (truncated, missing) newest checkpoint, with a
       ``CheckpointWarning``, and takes the newest valid one.
@@ -238,7 +246,7 @@ class CheckpointStore:
 
             def manifest() -> CheckpointInfo:
                 self._guard()  # the data may have been stalled past the lease: no manifest
-                holder.append(self._finish(template, digest.hexdigest()))
+                holder.append(self._finish(template, digest.hexdigest(), digest.algorithm))
                 return holder[0]
 
             self._write(step, payload, manifest)
@@ -253,7 +261,7 @@ class CheckpointStore:
         # so save() returns a complete manifest and later changes to `state` cannot leak in.
         digest = Digest(payload.chunks)
         owned = payload.owned()
-        info = self._finish(template, digest.hexdigest())
+        info = self._finish(template, digest.hexdigest(), digest.algorithm)
         del payload
         self._submit(self._write_and_retain, step, owned, info, time.perf_counter() - started)
         return info
@@ -271,7 +279,7 @@ class CheckpointStore:
             run_id=self._run_id,
             step=step,
             size=size,
-            sha256="0" * 64,
+            blake3="0" * 64,  # the digest is set once the data is hashed (_finish)
             format=self.format,
             compression=None if self.compress_level is None else "zlib",
             created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -310,8 +318,12 @@ class CheckpointStore:
             )
             raise LeaseLost(self._run_id, self.fence)
 
-    def _finish(self, template: CheckpointInfo, sha256: str) -> CheckpointInfo:
-        return sign_info(_replace(template, sha256=sha256), self._keys)
+    def _finish(
+        self, template: CheckpointInfo, digest: str, algorithm: str = DIGEST
+    ) -> CheckpointInfo:
+        """``template`` with the digest of its data (under ``algorithm``'s key), signed."""
+        digests: dict[str, str | None] = {"blake3": None, "sha256": None, algorithm: digest}
+        return sign_info(_replace(template, **digests), self._keys)
 
     def _write(self, step: int, payload: Payload, manifest: Callable[[], CheckpointInfo]) -> None:
         try:
@@ -584,7 +596,7 @@ class CheckpointStore:
         step = info.step
         state = unseal(
             info,
-            lambda: read_hashed(self.storage, self._run_id, step),
+            lambda: read_hashed(self.storage, self._run_id, step, info.algorithm),
             run_id=self._run_id,
             kind="checkpoint",
             keys=self._keys,
@@ -595,7 +607,7 @@ class CheckpointStore:
         """Copy ``source``'s checkpoint ``step`` into this run as its checkpoint ``step``.
 
         The source is verified first, exactly as a load would (its signature under
-        ``source``'s keys, its run, then the size and SHA-256 of its bytes:
+        ``source``'s keys, its run, then the size and digest of its bytes:
         ``CheckpointTampered``, ``CheckpointCorrupt``, ``CheckpointError`` when there is no such
         step), but never unpickled: the same bytes are written under this run, with a manifest
         of this run's identity signed by this store's key. Used to fork a run from a checkpoint
@@ -615,9 +627,11 @@ class CheckpointStore:
         except FileNotFoundError as exc:
             raise CheckpointCorrupt("its data is missing", source.run_id, step) from exc
         size = memoryview(raw).nbytes
-        if size != info.size or not hmac.compare_digest(sha256_of(raw), info.sha256):
+        if size != info.size or not hmac.compare_digest(
+            digest_of(raw, info.algorithm), info.digest
+        ):
             raise CheckpointCorrupt(
-                "its data does not match the size and SHA-256 in its manifest",
+                "its data does not match the size and digest in its manifest",
                 source.run_id,
                 step,
             )
@@ -628,7 +642,7 @@ class CheckpointStore:
             signature=None,
             created_at=datetime.now(UTC).isoformat(timespec="microseconds"),
         )
-        copied = self._finish(template, info.sha256)
+        copied = self._finish(template, info.digest, info.algorithm)
         self.wait()
         self._write(step, Payload([raw], [False], size), lambda: copied)
         return copied

@@ -91,7 +91,12 @@ def batch_panel(report: BatchReport, note: str | None = None) -> RenderableType:
             Text(f"{report.percent:.0f}%  {report.finished}/{total}"),
         )
     else:
-        bar.add_row(Text(f"{report.finished} finished (total unknown: not sent by submit_batch)"))
+        bar.add_row(
+            Text(
+                f"{report.finished} finished (total unknown: not sent by submit_batch, "
+                "or its items are still being sent)"
+            )
+        )
     dead = Text(str(report.dead), style="bold red" if report.dead else "")
     if report.dead:
         dead.append(f"  (see: taskkit dlq list --batch {report.batch_id})", style="dim")

@@ -12,10 +12,14 @@ running it and the next flush (the item function must be idempotent per key).
 Decisions: one row per chunk, not per item (issue 18): a chunk of 1,000 items made 1,000 rows
 twice (claimed, then done), ~5 ms of server time against ~1 ms for the chunk's own messaging.
 The flags are merged, never overwritten (``|`` of bit strings on PostgreSQL), so a stale writer
-cannot unset what another delivery finished. Keys finished outside the claimed chunk (an API
-caller's own keys) get per-item rows in ``batch_item_rows``, where the rows of the old ledger
-live too; the view ``batch_items`` shows both, one row per item, and a chunk claimed while old
-rows of its batch exist moves their flags into its row. Writes are retried on transient errors.
+cannot unset what another delivery finished. A claim made under the chunk's lease (``fenced``)
+also fences the chunk: ``claims`` counts its claims, and that claim's writes land only while no
+later claim came, checked in the write's own statement (a stale delivery, on a host that was cut
+off while another took its chunk over, would otherwise set dead flags over the new holder's done
+ones, and add its letters). Keys finished outside the claimed chunk (an API caller's own keys)
+get per-item rows in ``batch_item_rows``, where the rows of the old ledger live too; the view
+``batch_items`` shows both, one row per item, and a chunk claimed while old rows of its batch
+exist moves their flags into its row. Writes are retried on transient errors.
 
 Cost on PostgreSQL (issue 18): used as a context manager (``with ItemLedger(...) as ledger``, as
 ``BatchTask`` does for each chunk), the ledger's one-statement writes go to a connection the
@@ -38,6 +42,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -65,9 +70,11 @@ from sqlalchemy.sql.elements import ColumnElement, TextClause
 from taskkit.db import db_retry, get_engine
 from taskkit.db.models import Batch, BatchChunk, BatchItem, BatchItemRow
 from taskkit.deadletter._store import DeadLetterEntry, DeadLetterStore, write_rows
-from taskkit.errors import ConfigurationError
+from taskkit.errors import ConfigurationError, LeaseLost
 
 __all__ = ["BatchProgress", "ItemLedger", "batch_progress"]
+
+logger = logging.getLogger("taskkit.deadletter")
 
 _TABLE = cast(Table, BatchItemRow.__table__)
 _CHUNKS = cast(Table, BatchChunk.__table__)
@@ -122,6 +129,8 @@ class ItemLedger:
         self._positions: dict[str, int] | None = None
         self._done: bytearray = bytearray()
         self._dead: bytearray = bytearray()
+        #: The chunk's claim count after this object's claim, when the claim is ``fenced``.
+        self._fence: int | None = None
         #: The chunk's row is known to exist: later writes send its flags, not its keys.
         self._stored = False
         #: PostgreSQL, inside ``with``: statements go to this thread's kept connection.
@@ -163,14 +172,27 @@ class ItemLedger:
         return self._positions
 
     @db_retry(max_attempts=5)
-    def claim(self, keys: Sequence[str], *, durable: bool = True) -> dict[str, str]:
+    def claim(
+        self, keys: Sequence[str], *, durable: bool = True, fenced: bool = False
+    ) -> dict[str, str]:
         """Claim the chunk of ``keys`` (in this order) for this delivery; returns
         ``{key: "done" | "dead"}`` for the keys already finished (skip them).
 
         One statement: the chunk's row is inserted, or its claims counted. ``durable=False``:
         on PostgreSQL the claim commits without waiting for its WAL flush; a crash of the
         server itself may lose it, and every ``finish`` of this object writes the whole row
-        again if it is missing."""
+        again if it is missing.
+
+        ``fenced``: this claim is the chunk's only live one (its caller holds the chunk's
+        lease), and a later claim means another delivery took the chunk over. Every ``finish``
+        of this object then lands only while the chunk's claim count is still this claim's, in
+        the same statement: otherwise it writes nothing (neither flags nor dead letters), logs
+        one error and raises ``LeaseLost``. A write that sat in a cut-off host's connection is
+        refused where it lands. Example::
+
+            finished = ledger.claim(keys, fenced=True)
+            ledger.finish(done=keys)          # LeaseLost if another delivery claimed since
+        """
         keys = [str(key) for key in keys]
         if len(set(keys)) != len(keys):
             raise ConfigurationError(f"repeated keys in a chunk of batch {self.batch_id!r}")
@@ -186,7 +208,7 @@ class ItemLedger:
                     ":zeros, 1, :now) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
                     "claims = c.claims + 1, updated_at = excluded.updated_at "
                     "RETURNING done, dead, EXISTS (SELECT 1 FROM batch_item_rows r "
-                    f"WHERE r.batch_id = :batch_id){_asynchronous(connection, durable)}"
+                    f"WHERE r.batch_id = :batch_id), claims{_asynchronous(connection, durable)}"
                 ),
                 {
                     "batch_id": self.batch_id,
@@ -212,6 +234,7 @@ class ItemLedger:
         self._chunk, self._keys_json, self._stored = chunk, keys_json, True
         self._keys, self._positions = keys, None  # positions: on the first finish by key
         self._done, self._dead = done, dead
+        self._fence = int(row[3]) if fenced else None
         finished: dict[str, str] = {}
         if b"1" in done or b"1" in dead:  # a first delivery finds nothing: skip the walk
             for position, key in enumerate(keys):
@@ -245,7 +268,8 @@ class ItemLedger:
         for its WAL flush; a worker that dies keeps it (the server has it), a crash of the
         server within its WAL writer's delay may lose it, and the next durable finish writes
         all of this object's flags again, so a chunk whose last finish returned has all its
-        marks stored. Example::
+        marks stored. After a ``fenced`` claim, ``LeaseLost`` (nothing written) once another
+        delivery has claimed the chunk. Example::
 
             ledger.finish(done=keys[:500], durable=False)   # mid-chunk flush
             ledger.finish(done=keys[500:])                  # the chunk's end: durable
@@ -291,18 +315,19 @@ class ItemLedger:
             else _transaction(self.engine, durable=durable)
         )
         with scope as connection:
-            if self._chunk is not None:
-                _write_flags(
-                    connection,
-                    self.batch_id,
-                    self._chunk,
-                    self._keys_json,
-                    done_flags,
-                    dead_flags,
-                    now,
-                    durable=durable,
-                    stored=self._stored,
-                )
+            if self._chunk is not None and not _write_flags(
+                connection,
+                self.batch_id,
+                self._chunk,
+                self._keys_json,
+                done_flags,
+                dead_flags,
+                now,
+                durable=durable,
+                fence=self._fence,
+                stored=self._stored,
+            ):
+                raise self._refused(len(done) + len(done_at), len(dead))
             if loose_done:
                 _insert_missing(connection, self.batch_id, loose_done, now)
                 _mark(connection, self.batch_id, loose_done, "done", now)
@@ -314,6 +339,21 @@ class ItemLedger:
         self._done, self._dead = done_flags, dead_flags
         if store is not None and rows:
             store.publish(rows)
+
+    def _refused(self, done: int, dead: int) -> LeaseLost:
+        """The ``LeaseLost`` of a write refused by the fence (logged once, as an error)."""
+        assert self._chunk is not None
+        assert self._fence is not None
+        logger.error(
+            "taskkit: batch %s chunk %s: a ledger write (%d done, %d dead) refused: a newer "
+            "delivery claimed the chunk (claim %d is stale); this delivery stops",
+            self.batch_id,
+            self._chunk[:12],
+            done,
+            dead,
+            self._fence,
+        )
+        return LeaseLost(f"batch {self.batch_id} chunk {self._chunk[:12]}", self._fence)
 
     def statuses(self, keys: Sequence[str]) -> dict[str, str]:
         """``{key: status}`` of the keys the ledger knows (claimed, done or dead)."""
@@ -356,12 +396,17 @@ def _write_flags(
     now: datetime,
     *,
     durable: bool = True,
+    fence: int | None = None,
     stored: bool = False,
-) -> None:
+) -> bool:
     """The chunk's flags merged with the stored ones (a flag once set stays set; a dead item
     is not done), its row written whole if it is missing: one statement on PostgreSQL.
-    ``stored``: the row is known to exist, so the flags alone are sent (an update); if the row
-    is gone after all (a server crash lost an undurable claim), it is written whole."""
+
+    ``fence``: merged only while the row's ``claims`` is ``fence`` (no later claim); False
+    when that refused the write (nothing written). ``stored``: the row is known to exist, so
+    the flags alone are sent (an update); if nothing was updated (the row is gone: a server
+    crash lost an undurable claim; or the fence refused it), the whole-row statement below
+    decides, keys included."""
     if stored and connection.dialect.name == "postgresql":
         updated = connection.execute(
             _sql(
@@ -370,6 +415,7 @@ def _write_flags(
                 "done = CAST((CAST(c.done AS VARBIT) | CAST(:done AS VARBIT)) "
                 "& ~(CAST(c.dead AS VARBIT) | CAST(:dead AS VARBIT)) AS TEXT), "
                 "updated_at = :now WHERE c.batch_id = :batch_id AND c.chunk = :chunk"
+                + ("" if fence is None else " AND c.claims = :fence")
                 + _asynchronous(connection, durable, "RETURNING")
             ),
             {
@@ -378,10 +424,11 @@ def _write_flags(
                 "done": done.decode(),
                 "dead": dead.decode(),
                 "now": now,
+                "fence": fence,
             },
         )
         if updated.rowcount:
-            return
+            return True
     parameters = {
         "batch_id": batch_id,
         "chunk": chunk,
@@ -390,9 +437,10 @@ def _write_flags(
         "done": done.decode(),
         "dead": dead.decode(),
         "now": now,
+        "fence": fence,
     }
     if connection.dialect.name == "postgresql":
-        connection.execute(
+        written = connection.execute(
             _sql(
                 "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, claims, "
                 "updated_at) VALUES (:batch_id, :chunk, :keys, :size, :done, :dead, 1, :now) "
@@ -400,13 +448,16 @@ def _write_flags(
                 "dead = CAST(CAST(c.dead AS VARBIT) | CAST(excluded.dead AS VARBIT) AS TEXT), "
                 "done = CAST((CAST(c.done AS VARBIT) | CAST(excluded.done AS VARBIT)) "
                 "& ~(CAST(c.dead AS VARBIT) | CAST(excluded.dead AS VARBIT)) AS TEXT), "
-                "updated_at = excluded.updated_at" + _asynchronous(connection, durable, "RETURNING")
+                "updated_at = excluded.updated_at"
+                + ("" if fence is None else " WHERE c.claims = :fence")
+                + " RETURNING 1"
+                + _asynchronous(connection, durable)
             ),
             parameters,
-        )
-        return
+        ).first()
+        return written is not None
     # Elsewhere (SQLite): take the write lock with the insert, then merge in Python.
-    connection.execute(
+    inserted = connection.execute(
         sqlite.insert(_CHUNKS)
         .values(
             batch_id=batch_id,
@@ -419,12 +470,14 @@ def _write_flags(
             updated_at=now,
         )
         .on_conflict_do_nothing()
-    )
-    stored_done, stored_dead = connection.execute(
-        select(BatchChunk.done, BatchChunk.dead).where(
+    ).rowcount
+    stored_done, stored_dead, claims = connection.execute(
+        select(BatchChunk.done, BatchChunk.dead, BatchChunk.claims).where(
             BatchChunk.batch_id == batch_id, BatchChunk.chunk == chunk
         )
     ).one()
+    if fence is not None and not inserted and claims != fence:
+        return False
     merged_dead = "".join(
         "1" if "1" in (a, b) else "0" for a, b in zip(stored_dead, dead.decode(), strict=True)
     )
@@ -437,6 +490,7 @@ def _write_flags(
         .where(BatchChunk.batch_id == batch_id, BatchChunk.chunk == chunk)
         .values(done=merged_done, dead=merged_dead, updated_at=now)
     )
+    return True
 
 
 def _take_rows(connection: Connection, batch_id: str, keys: list[str]) -> dict[str, str]:

@@ -160,8 +160,9 @@ class LetterQuery:
 class BatchReport:
     """A batch as its row and ledger show it now.
 
-    ``total`` is None for a batch that ``submit_batch`` did not send (a single task's items):
-    its ledger has rows but no ``batches`` row. ``recent`` items finished (done or dead) in the
+    ``total`` is None for a batch that ``submit_batch`` did not send (a single task's items),
+    or one it is still sending from an iterator (its row is written with the last chunk): its
+    ledger has rows but no ``batches`` row. ``recent`` items finished (done or dead) in the
     last ``window`` seconds before ``at``.
     """
 

@@ -32,22 +32,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, cast
 
-from celery import group
-from celery.result import GroupResult
-from sqlalchemy import Engine, Table
+import numpy as np
+from celery.result import AsyncResult, GroupResult
+from sqlalchemy import Engine, Table, select
 
 from taskkit._utils import check_int
-from taskkit.db.models import Batch
+from taskkit.db.models import Batch, DeadLetter
 from taskkit.db.session import get_engine
 from taskkit.deadletter import (
     BatchProgress,
@@ -271,8 +272,14 @@ class BatchTask(ResilientTask):
 
     def _run_ledgered(self, chunk: _Chunk, ledger: ItemLedger | None) -> dict[str, Any]:
         # Not durable: a worker that dies keeps the claim, and the chunk's last finish (durable)
-        # stores what a crash of PostgreSQL itself could have lost.
-        finished = ledger.claim(chunk.keys, durable=False) if ledger is not None else {}
+        # stores what a crash of PostgreSQL itself could have lost. Fenced under a lease: once
+        # another delivery claimed the chunk (it took the lease over), this one's writes are
+        # refused where they land (LeaseLost), a write stalled in a cut-off host's connection too.
+        finished = (
+            ledger.claim(chunk.keys, durable=False, fenced=self.lease is not None)
+            if ledger is not None
+            else {}
+        )
         todo = [i for i, key in enumerate(chunk.keys) if key not in finished]
         try:
             outcome = batch_with_retry(
@@ -380,6 +387,9 @@ class BatchTask(ResilientTask):
                     self.flush_items()
                     if ledger is not None:
                         ledger.finish(done_at=flushed, durable=False)
+                except LeaseLost as lost:  # refused: another delivery claimed the chunk
+                    chunk.stop = self._lease_lost(lost)
+                    return
                 except Exception:
                     logger.warning(
                         "taskkit: %s: writing %d done item(s) failed; will try again",
@@ -401,13 +411,25 @@ class BatchTask(ResilientTask):
     ) -> None:
         store = self.dead_letters()
         try:
-            self.flush_items()
-        except BaseException:
-            # The failed items' letters do not depend on the buffered output: keep them, with
-            # their own errors, and leave the done items unmarked (they run again).
-            self._store_dead(ledger, [], dead, store)
-            raise
-        self._store_dead(ledger, chunk.done, dead, store)
+            try:
+                self.flush_items()
+            except BaseException:
+                # The failed items' letters do not depend on the buffered output: keep them,
+                # with their own errors, and leave the done items unmarked (they run again).
+                self._store_dead(ledger, [], dead, store)
+                raise
+            self._store_dead(ledger, chunk.done, dead, store)
+        except LeaseLost as lost:  # refused: another delivery claimed the chunk
+            raise self._lease_lost(lost) from None
+
+    def _lease_lost(self, refused: LeaseLost) -> LeaseLost:
+        """The ledger refused a write of this delivery (a newer one claimed the chunk): the
+        chunk's lease is lost, and ``LeaseLost`` names the lease (the task looks its holder up)."""
+        lease = self.lease
+        if lease is None:
+            return refused
+        lease.lose("the ledger refused its write: a newer delivery claimed the chunk")
+        return LeaseLost(lease.key, lease.token)
 
     def _store_dead(
         self,
@@ -536,21 +558,26 @@ def _stored_key(task_name: str, key: Any) -> str:
 
 
 class BatchSubmission(NamedTuple):
-    """A batch sent by ``submit_batch``: its id, the chunks' group result, sizes."""
+    """A batch sent by ``submit_batch``: its id, the chunks' group result, sizes.
+
+    ``total`` is the number of items sent (a generator's length is known once it is read).
+    The items' keys are not kept: a chunk that failed as a whole has its keys derived again
+    when ``get()`` needs them (see ``get``)."""
 
     batch_id: str
     result: GroupResult
     total: int
     chunk_size: int
     task: Any
-    #: The items' keys, in order (to account for a chunk that failed as a whole).
-    keys: list[Any]
 
     def get(self, timeout: float | None = None, interval: float = 0.5) -> dict[str, Any]:
         """Wait for every chunk and merge their summaries into one.
 
         A chunk that failed as a whole counts its items from the ledger (done ones as
-        successful, the rest as failed: they were dead-lettered).
+        successful, the rest as failed: they were dead-lettered). Its keys come from its
+        arguments as the result backend stored them (``result_extended``, taskkit's default),
+        or, when it has none (another backend, ``sensitive_args``), from the chunk's dead
+        letters (its task id): its failed items are the ones dead-lettered.
         """
         outcomes = self.result.join(timeout=timeout, interval=interval, propagate=False)
         summary: dict[str, Any] = {
@@ -573,7 +600,17 @@ class BatchSubmission(NamedTuple):
         return batch_progress(self.batch_id, self.task.app.conf.get("taskkit_database_url"))
 
     def _from_ledger(self, index: int) -> dict[str, Any]:
-        keys = self.keys[index * self.chunk_size : (index + 1) * self.chunk_size]
+        size = max(0, min(self.chunk_size, self.total - index * self.chunk_size))
+        child = (self.result.results or [])[index]
+        keys = self._sent_keys(child, index * self.chunk_size, size)
+        if keys is None:
+            failed = self._dead_keys(str(child.id))
+            return {
+                "total": size,
+                "successful": size - len(failed),
+                "failed": len(failed),
+                "failed_ids": failed,
+            }
         stored = [_stored_key(self.task.name, key) for key in keys]
         engine = get_engine(self.task.app.conf.get("taskkit_database_url"))
         statuses = ItemLedger(self.batch_id, engine).statuses(stored)
@@ -585,74 +622,237 @@ class BatchSubmission(NamedTuple):
             "failed_ids": failed,
         }
 
+    def _sent_keys(self, child: Any, offset: int, size: int) -> list[Any] | None:
+        """The keys of the chunk at ``offset``, from its arguments in the result backend; None
+        when the backend has none (or only redacted ones) for it."""
+        if getattr(self.task, "sensitive_args", None):
+            return None
+        try:
+            args, kwargs = child.args, child.kwargs
+        except Exception:  # a backend that stores no arguments, or one that does not answer
+            return None
+        if args is None:
+            return None
+        items, _, keys, start = _batch_arguments(args, kwargs or {})
+        if not isinstance(items, list) or len(items) != size or start != offset:
+            return None
+        if keys is not None:
+            return list(keys)
+        return [self.task.key_of(item, offset + i) for i, item in enumerate(items)]
+
+    def _dead_keys(self, task_id: str) -> list[Any]:
+        """The keys of the dead letters of one chunk (its task id), as the items give them."""
+        engine = get_engine(self.task.app.conf.get("taskkit_database_url"))
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(DeadLetter.item_key, DeadLetter.payload)
+                .where(DeadLetter.batch_id == self.batch_id, DeadLetter.task_id == task_id)
+                .order_by(DeadLetter.id)
+            ).all()
+        keys: list[Any] = []
+        for stored, payload in rows:
+            try:  # an int key is stored as text: give it back as the item gives it
+                key = self.task.key_of(payload, 0)
+            except Exception:
+                key = stored
+            keys.append(key if str(key) == stored else stored)
+        return keys
+
+
+class _SeenKeys:
+    """The keys of a batch, chunk by chunk: unique within a chunk (exactly, by the keys) and
+    across the batch (by their 64-bit ``hash``; the keys themselves are not kept).
+
+    The hashes are held in sorted numpy arrays of doubling sizes (a new chunk's hashes are one
+    array; two arrays of equal size are merged), so a key costs 8 bytes (16 while the largest
+    arrays merge), a chunk is checked with one binary search per array, and there are about
+    log2(chunks) arrays."""
+
+    def __init__(self, task: BatchTask) -> None:
+        self.task = task
+        self.levels: list[np.ndarray[Any, np.dtype[np.int64]]] = []
+
+    def add(self, items: Sequence[Any], offset: int) -> None:
+        """``ConfigurationError`` for a key that is invalid or seen before in the batch."""
+        name = self.task.name
+        stored = _unique_keys(
+            name, [self.task.key_of(item, offset + i) for i, item in enumerate(items)]
+        )
+        hashes = np.fromiter((hash(key) for key in stored), dtype=np.int64, count=len(stored))
+        hashes.sort()
+        clash = np.zeros(len(hashes), dtype=bool)
+        for level in self.levels:
+            at = np.minimum(np.searchsorted(level, hashes), len(level) - 1)
+            clash |= level[at] == hashes
+        if clash.any():
+            found = set(hashes[clash].tolist())
+            repeated = sorted(key for key in stored if hash(key) in found)
+            raise ConfigurationError(
+                f"{name}: item keys must be unique in a batch; repeated: {repeated[:5]}"
+            )
+        self.levels.append(hashes)
+        while len(self.levels) > 1 and len(self.levels[-2]) <= len(self.levels[-1]):
+            last = self.levels.pop()
+            merged = np.concatenate((self.levels.pop(), last))
+            merged.sort(kind="stable")  # two sorted runs: merged in linear time
+            self.levels.append(merged)
+
+
+def _chunks(items: Iterable[Any], chunk_size: int) -> Iterator[tuple[int, list[Any]]]:
+    """``(offset, items)`` of each chunk, read from ``items`` only when it is asked for."""
+    iterator = iter(items)
+    offset = 0
+    while True:
+        chunk = list(itertools.islice(iterator, chunk_size))
+        if not chunk:
+            return
+        yield offset, chunk
+        offset += len(chunk)
+        del chunk  # before the next one is read: one chunk in memory, not two
+
 
 def submit_batch(
     task: BatchTask,
-    items: Sequence[Any],
+    items: Iterable[Any],
     chunk_size: int = 1000,
     *,
     batch_id: str | None = None,
     **options: Any,
 ) -> BatchSubmission:
-    """Split ``items`` into chunks of ``chunk_size``, send one ``task`` per chunk (a Celery
-    group, so they run on as many workers as there are), record the batch, and return a
-    ``BatchSubmission`` whose ``get()`` merges the chunks' summaries into one and whose
-    ``progress()`` reads the ledger.
+    """Send ``items`` (a list, or any iterable: a generator of a million rows) to ``task``
+    in chunks of ``chunk_size``, one message per chunk, so they run on as many workers as
+    there are; record the batch; return a ``BatchSubmission`` whose ``get()`` merges the
+    chunks' summaries into one and whose ``progress()`` reads the ledger.
 
-    ``options`` go to ``apply_async`` (``queue``, ``priority``...). Item keys are checked
-    for uniqueness across the whole batch before anything is sent.
+    Streamed: one chunk is read, its keys checked, sent, and dropped before the next is read,
+    so the submitting process never holds more than one chunk of items, and no message holds
+    more than one chunk. ``options`` go to each chunk's ``apply_async`` (``queue``,
+    ``priority``...).
+
+    Keys: unique across the whole batch (``ConfigurationError`` otherwise). A list (any
+    sized collection, which can be read twice) has every key checked before anything is sent,
+    as before; an iterator is read once, so a chunk's keys are checked before that chunk is
+    sent, and the chunks before a bad key have been sent (the error says how many; the
+    ``batches`` row records them). Decision: the check across chunks keeps each key's 64-bit
+    ``hash``, not the key, in sorted arrays (8 bytes per item: 8 MB for a million, against
+    the ~160 MB every item and key took before); two different keys share a hash with a
+    probability of about 3e-8 in a million-key batch, and would be refused as repeated. The
+    database cannot catch a repeat instead: the ledger keys a row per chunk, and a key in two
+    chunks would simply run twice.
+
+    The ``batches`` row (task, total, chunks, group id): for a sized collection it is written
+    before anything is sent, with the total it will have; for an iterator, whose length is
+    not known until it is read, it is written once the last chunk is sent (the database is
+    asked to answer first), so while it is being sent ``batch_progress`` and
+    ``taskkit batches show`` report the ledger with no total. Whatever stops the sending
+    partway (a broker outage, a bad key, the iterator's own error), the row is left saying
+    what was sent: those chunks, with their items as its total; with nothing sent, there is
+    no row.
 
     ``BrokerUnavailable`` within about two seconds when the broker or the result backend is
-    down, and no ``batches`` row is left: both are asked to answer before the row is written,
-    and a send that fails in an outage deletes it again. (Chunks a broker took before failing
-    partway still run under the batch id; the error says so.)
+    down: both are asked to answer before anything is written, and each chunk is published
+    with ``PUBLISH_RETRY_POLICY`` (unless ``retry_policy=`` is given). A chunk whose send
+    fails in an outage may still have reached the broker; its items then run under the batch
+    id too, beyond the recorded total; the error says so.
 
-    Decision: a group, not a chord. The summary is merged where you wait for it, so there is
-    no callback task to register and no chord counter to lose; progress is in the ledger.
+    Decision: chunks sent one by one and gathered as a Celery ``GroupResult`` (a group id of
+    their own, as a group's would be), not a chord. The summary is merged where you wait for
+    it, so there is no callback task to register and no chord counter to lose; progress is in
+    the ledger.
 
     Example::
 
         submission = submit_batch(score_items, rows, chunk_size=500, queue="batch")
         print(submission.progress())
         summary = submission.get(timeout=3600)
+
+        def rows_of(path):  # a file larger than memory, one chunk in memory at a time
+            with open(path) as lines:
+                yield from (json.loads(line) for line in lines)
+
+        submission = submit_batch(score_items, rows_of("rows.jsonl"), chunk_size=1000)
     """
     if not isinstance(task, BatchTask):
         raise ConfigurationError(f"submit_batch needs a BatchTask, not {task!r}")
     check_int("chunk_size", chunk_size, 1)
-    items = list(items)
     batch_id = batch_id or uuid.uuid4().hex
-    public = [task.key_of(item, i) for i, item in enumerate(items)]
-    _unique_keys(task.name, public)
-    starts = list(range(0, len(items), chunk_size))
+    seen = _SeenKeys(task)
+    sized = isinstance(items, Sized) and not isinstance(items, Iterator)
+    if sized:  # read twice: every key checked before anything is sent
+        for offset, chunk in _chunks(items, chunk_size):
+            seen.add(chunk, offset)
     engine = get_engine(task.app.conf.get("taskkit_database_url"))
     batches = cast(Table, Batch.__table__)
+    group_id = uuid.uuid4().hex
     check_reachable(task.app)
+    planned: dict[str, Any] | None = None
     with engine.begin() as connection:  # first: a database that is down sends nothing
-        connection.execute(
-            batches.insert(),
-            {"id": batch_id, "task_name": task.name, "total": len(items), "chunks": len(starts)},
-        )
-    signatures = [
-        task.signature(
-            (items[start : start + chunk_size],),
-            {"batch_id": batch_id, "offset": start},
-            **options,
-        )
-        for start in starts
-    ]
+        if sized:
+            total = len(cast(Sized, items))
+            planned = {"total": total, "chunks": -(-total // chunk_size), "group_id": group_id}
+            connection.execute(
+                batches.insert(), {"id": batch_id, "task_name": task.name, **planned}
+            )
+        else:
+            connection.execute(select(1))
     publish: dict[str, Any] = (
         {} if "retry_policy" in options else {"retry_policy": PUBLISH_RETRY_POLICY}
     )
-    partly = f"chunks sent before the failure, if any, still run under batch {batch_id!r}"
+    if "group_id" not in options:
+        publish["group_id"] = group_id
+    sent: list[AsyncResult[Any]] = []
+    count = 0
     try:
-        with sending(task.app, detail=f"the batch was not recorded; {partly}"):
-            result = cast(GroupResult, group(signatures).apply_async(**publish))
-    except BrokerUnavailable:
-        with engine.begin() as connection:
-            connection.execute(batches.delete().where(batches.c.id == batch_id))
+        for offset, chunk in _chunks(items, chunk_size):
+            if not sized:
+                seen.add(chunk, offset)
+            with sending(task.app, detail=_partly(batch_id, len(sent), count)):
+                sent.append(
+                    task.apply_async(
+                        (chunk,), {"batch_id": batch_id, "offset": offset}, **publish, **options
+                    )
+                )
+            count += len(chunk)
+            del chunk
+    except BaseException as error:
+        if sent and not isinstance(error, BrokerUnavailable):
+            error.add_note(
+                f"submit_batch: {len(sent)} chunk(s), {count} item(s), were sent before this "
+                f"error and run under batch {batch_id!r}; its batches row says so"
+            )
+        row = {"total": count, "chunks": len(sent), "group_id": group_id} if sent else None
+        if sized or sent:
+            with contextlib.suppress(Exception):  # the error that stopped the sending comes first
+                _record(engine, task, batch_id, row, exists=sized)
         raise
+    row = {"total": count, "chunks": len(sent), "group_id": group_id}
+    if row != planned:
+        _record(engine, task, batch_id, row, exists=sized)
+    return BatchSubmission(
+        batch_id, GroupResult(group_id, sent, app=task.app), count, chunk_size, task
+    )
+
+
+def _partly(batch_id: str, chunks: int, items: int) -> str:
+    """What a send that fails now leaves behind (``BrokerUnavailable``'s detail)."""
+    maybe = f"the chunk being sent, if the broker took it before failing, runs under {batch_id!r}"
+    if not chunks:
+        return f"the batch was not recorded; {maybe}"
+    return (
+        f"the {chunks} chunk(s) sent before the failure ({items} items) run under batch "
+        f"{batch_id!r}, recorded with that total; {maybe} too"
+    )
+
+
+def _record(
+    engine: Engine, task: BatchTask, batch_id: str, row: dict[str, Any] | None, *, exists: bool
+) -> None:
+    """Write the ``batches`` row (``row``: total, chunks, group id), or delete it (None)."""
+    batches = cast(Table, Batch.__table__)
     with engine.begin() as connection:
-        connection.execute(
-            batches.update().where(batches.c.id == batch_id).values(group_id=result.id)
-        )
-    return BatchSubmission(batch_id, result, len(items), chunk_size, task, public)
+        if row is None:
+            connection.execute(batches.delete().where(batches.c.id == batch_id))
+        elif exists:
+            connection.execute(batches.update().where(batches.c.id == batch_id).values(**row))
+        else:
+            connection.execute(batches.insert(), {"id": batch_id, "task_name": task.name, **row})

@@ -14,7 +14,7 @@ themselves); ``resume_orphaned_runs`` does that, at worker start, for runs whose
 timeout, when the redelivered old copy then drops itself).
 
 The final model is stored on ``ModelRun.model_object`` in taskkit's pickle frame, with a signed
-manifest (``CheckpointInfo``: size, sha256, HMAC-SHA256 under the signing key) in
+manifest (``CheckpointInfo``: size, digest, HMAC-SHA256 under the signing key) in
 ``ModelRun.model_state``; ``load_model`` verifies it with the same function as checkpoints
 (``taskkit.checkpoint.unseal``) before it unpickles, so a tampered or forged row is refused,
 never executed.
@@ -322,7 +322,7 @@ def _store_completed(
 def load_model(run_id: int, *, database_url: str | None = None) -> Any:
     """The final model of a completed run, verified before it is unpickled: its manifest's
     signature (``TASKKIT_SECRET_KEY``, the key file, or the key made under ``TASKKIT_HOME``;
-    old keys too), its run, size and sha256, by the same function that verifies checkpoints.
+    old keys too), its run, size and digest, by the same function that verifies checkpoints.
     ``CheckpointTampered`` otherwise (also for a model stored by taskkit before models were
     signed: train or ``mark_completed`` it again).
 

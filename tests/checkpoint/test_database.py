@@ -78,7 +78,7 @@ def test_the_record_keeps_the_manifest_text_it_was_signed_as(url):
     with session_scope(url) as db:
         record = db.scalars(select(CheckpointRecord).filter_by(run_id="rec")).one()
         assert (record.step, record.size) == (4, info.size)
-        assert json.loads(record.manifest)["sha256"] == info.sha256
+        assert json.loads(record.manifest)["blake3"] == info.blake3 == info.digest
     loaded = store.load(4)
     assert loaded.state == {"v": 1}
     assert np.isnan(loaded.info.metrics["loss"])

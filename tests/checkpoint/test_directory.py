@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 
@@ -36,12 +36,12 @@ def test_one_directory_per_run_with_a_data_file_and_a_json_manifest(root):
     manifest = json.loads((run_dir / "step-00000012.json").read_text())
     assert manifest == info.to_dict()
     assert manifest["size"] == len(data)
-    assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["blake3"] == blake3.blake3(data).hexdigest()
     assert set(manifest) == {
         "run_id",
         "step",
         "size",
-        "sha256",
+        "blake3",
         "format",
         "compression",
         "created_at",

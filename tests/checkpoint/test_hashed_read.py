@@ -3,15 +3,17 @@
 A load reads the data piece by piece into one buffer and a second thread hashes each piece
 while the next is read (``StreamDigest``); ``unseal`` compares that digest with the manifest's
 instead of hashing the bytes again. Verification is unchanged: signature first, then size and
-SHA-256, and only then unpickling.
+digest (BLAKE3, or the SHA-256 of an older manifest), and only then unpickling.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 from sqlalchemy import event
@@ -45,7 +47,7 @@ def _manifest(run_id: str, step: int, data: bytes) -> CheckpointInfo:
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_read_hashed_returns_the_bytes_read_and_their_sha256(storage, size):
+def test_read_hashed_returns_the_bytes_read_and_their_digest(storage, size):
     data = os.urandom(size)
     storage.write(
         "hashed", 3, [data[:5], memoryview(data)[5:]], lambda: _manifest("hashed", 3, data)
@@ -53,8 +55,13 @@ def test_read_hashed_returns_the_bytes_read_and_their_sha256(storage, size):
     result = read_hashed(storage, "hashed", 3)
     assert isinstance(result, Hashed)
     assert bytes(result.data) == data == bytes(storage.read("hashed", 3))
-    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert (result.algorithm, result.digest) == ("blake3", blake3.blake3(data).hexdigest())
     assert not memoryview(result.data).readonly  # arrays loaded over it stay writable
+    # the algorithm a manifest names (here SHA-256, as written before BLAKE3)
+    result = read_hashed(storage, "hashed", 3, "sha256")
+    assert isinstance(result, Hashed)
+    assert bytes(result.data) == data
+    assert (result.algorithm, result.digest) == ("sha256", hashlib.sha256(data).hexdigest())
 
 
 def test_read_hashed_of_a_missing_step_is_file_not_found(storage):
@@ -67,10 +74,10 @@ def test_load_latest_uses_the_digest_computed_while_reading(make_store, monkeypa
     weights = np.random.default_rng(1).random((_THREAD_MIN + _READ_STEP) // 8)
     store.save({"w": weights}, step=1)
 
-    def no_second_hash(data: Any) -> str:
+    def no_second_hash(data: Any, algorithm: str = "") -> str:
         raise AssertionError("load_latest hashed the data again after reading it")
 
-    monkeypatch.setattr(_seal, "sha256_of", no_second_hash)
+    monkeypatch.setattr(_seal, "digest_of", no_second_hash)
     checkpoint = store.load_latest()
     assert checkpoint is not None
     np.testing.assert_array_equal(checkpoint.state["w"], weights)
@@ -84,7 +91,7 @@ def test_a_byte_changed_on_disk_is_still_caught_by_the_digest_of_the_read(make_s
     data = bytearray(raw.data(store.run_id, 2))
     data[-1] ^= 1
     raw.put(store.run_id, 2, bytes(data), raw.manifest(store.run_id, 2))
-    with pytest.raises(CheckpointCorrupt, match="does not match the SHA-256"):
+    with pytest.raises(CheckpointCorrupt, match="does not match the BLAKE3"):
         store.load(2)
     with pytest.warns(UserWarning, match="step 2 is unusable"):
         checkpoint = store.load_latest()
@@ -126,17 +133,17 @@ def test_a_storage_without_read_hashed_is_hashed_after_reading():
     store.save({"v": 1}, step=1)
     assert store.load_latest().state == {"v": 1}
     storage.data[1] = storage.data[1][:-1] + bytes([storage.data[1][-1] ^ 1])
-    with pytest.raises(CheckpointCorrupt, match="does not match the SHA-256"):
+    with pytest.raises(CheckpointCorrupt, match="does not match the BLAKE3"):
         store.load(1)
 
 
 @pytest.mark.parametrize("threaded", [True, False])
-def test_stream_digest_is_the_sha256_of_the_pieces_in_order(threaded):
+def test_stream_digest_is_the_blake3_of_the_pieces_in_order(threaded):
     pieces = [os.urandom(n) for n in (0, 1, 4096, 1 << 20, 7)]
     digest = StreamDigest(threaded=threaded)
     for piece in pieces:
         digest.update(memoryview(piece))
-    assert digest.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert digest.hexdigest() == blake3.blake3(b"".join(pieces)).hexdigest()
     digest.close()  # idempotent
 
 
@@ -165,9 +172,7 @@ def test_a_failed_read_stops_the_hashing_thread(tmp_path, monkeypatch):
 
 
 def _threads() -> list[str]:
-    import threading
-
-    return [t.name for t in threading.enumerate() if t.name == "taskkit-checkpoint-sha256"]
+    return [t.name for t in threading.enumerate() if t.name == "taskkit-checkpoint-digest"]
 
 
 def test_on_postgresql_chunks_are_copied_in_not_inserted_one_by_one(pg_schema_url):
@@ -215,7 +220,7 @@ def test_a_database_read_that_fails_midway_leaves_the_storage_usable(url_storage
     monkeypatch.undo()
     result = storage.read_hashed("midway", 1)
     assert bytes(result.data) == data
-    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert result.digest == blake3.blake3(data).hexdigest()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,6 +7,7 @@ import hmac
 import json
 import pathlib
 
+import blake3
 import numpy as np
 import pytest
 
@@ -39,9 +40,9 @@ def evil_bytes(marker: pathlib.Path) -> bytes:
 
 
 def swap_in(raw, run_id: str, step: int, data: bytes) -> None:
-    """Replace a checkpoint's data and fix its size and checksum, keeping the old signature."""
+    """Replace a checkpoint's data and fix its size and digest, keeping the old signature."""
     manifest = raw.manifest(run_id, step)
-    manifest.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest.update(size=len(data), blake3=blake3.blake3(data).hexdigest())
     raw.put(run_id, step, data, manifest)
 
 
@@ -201,7 +202,7 @@ def test_a_verified_checkpoint_that_cannot_be_unpickled_names_the_versions(make_
     data = bytearray(raw.data("run-1", 1))
     data[:8] = b"NOTMAGIC"
     manifest = raw.manifest("run-1", 1)
-    manifest["sha256"] = hashlib.sha256(data).hexdigest()
+    manifest["blake3"] = blake3.blake3(data).hexdigest()
     info = CheckpointInfo.from_dict(manifest)
     manifest["signature"] = hmac.new(
         SECRET.encode(), info.signed_bytes(), hashlib.sha256

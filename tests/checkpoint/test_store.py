@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import textwrap
 import threading
 import time
 
+import blake3
 import numpy as np
 import pytest
 
@@ -78,7 +78,9 @@ def test_load_of_a_step_and_the_manifest_fields(make_store):
     assert (info.run_id, info.step, info.format, info.compression) == ("exp-7", 3, "pickle", None)
     assert info.is_best is True
     assert info.size == len(bytes(store.storage.read("exp-7", 3)))
-    assert info.sha256 == hashlib.sha256(bytes(store.storage.read("exp-7", 3))).hexdigest()
+    assert info.algorithm == "blake3"
+    assert info.sha256 is None
+    assert info.blake3 == info.digest == blake3.blake3(store.storage.read("exp-7", 3)).hexdigest()
     assert info.created_at.endswith("+00:00")
     assert info.python == ".".join(map(str, sys.version_info[:3]))
     assert info.numpy == np.__version__
@@ -298,7 +300,7 @@ def test_flipped_bytes_fail_the_checksum(make_store, raw):
     data = bytearray(raw.data("run-1", 2))
     data[-10] ^= 0xFF
     raw.put("run-1", 2, bytes(data), raw.manifest("run-1", 2))
-    with pytest.warns(CheckpointWarning, match="step 2 is unusable .*SHA-256"):
+    with pytest.warns(CheckpointWarning, match="step 2 is unusable .*BLAKE3"):
         assert np.array_equal(store.load_latest().state["a"], np.arange(100))
 
 

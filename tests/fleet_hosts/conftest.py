@@ -1,6 +1,9 @@
 """Two simulated hosts (``tests/_support/netns.py``) and the services they reach over their
 links: a Redis of the test's own and a forwarder to the shared PostgreSQL. Tests here fail
-under ``CI=true`` when namespaces cannot be made, and skip otherwise, with the reason."""
+under ``CI=true`` when namespaces cannot be made, and skip otherwise, with the reason.
+
+One fleet for the session: ``tests.fleet_hosts.apps`` reads its Redis address once, when it is
+first imported, so every module must find the same Redis there."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class Fleet:
         return url.render_as_string(hide_password=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fleet(redis_url: str, postgres_url: str) -> Iterator[Fleet]:
     reason = unavailable()
     if reason is not None:

@@ -5,20 +5,31 @@ tests/batch/test_batch_worker.py."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pytest
+from celery.app.task import Context
+from celery.result import GroupResult
 from sqlalchemy import Engine, func, select
 
 from taskkit.config import Settings
 from taskkit.db.models import Batch, BatchItem, DeadLetter
 from taskkit.deadletter import DeadLetterStore, ItemLedger, batch_progress
 from taskkit.errors import ConfigurationError
-from taskkit.tasks import BatchTask, ResilientTask, TaskFailure, create_app, submit_batch
+from taskkit.tasks import (
+    BatchSubmission,
+    BatchTask,
+    ResilientTask,
+    TaskFailure,
+    create_app,
+    submit_batch,
+)
+from taskkit.tasks._batch import _SeenKeys
 
 app = create_app(
     "tkbatchunit",
@@ -433,3 +444,148 @@ def test_chunk_context_outside_a_chunk_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="only set while a chunk runs"):
         scaled_task.run(1)
     assert items_task.setup_chunk([1]).__enter__() is None  # the default: nothing to set up
+
+
+# -- submit_batch streams its items (issue 18) ---------------------------------------------------
+
+#: How many items the generator under test has handed out so far.
+produced: list[int] = [0]
+#: For each item run: (item, items handed out by the generator when it ran).
+seen_at: list[tuple[int, int]] = []
+
+
+@app.task(base=BatchTask, bind=True, shared=False, name="tkbatchunit.streamed", item_delay=0)
+def streamed_task(self: BatchTask, item: int) -> None:
+    seen_at.append((item, produced[0]))  # eager: a chunk runs when it is sent
+
+
+def counted(items: Iterable[Any]) -> Iterator[Any]:
+    """``items`` as a generator that counts what it has handed out."""
+    produced[0] = 0
+    for item in items:
+        produced[0] += 1
+        yield item
+
+
+def batch_row(engine: Engine, batch_id: str) -> tuple[Any, ...] | None:
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(Batch.total, Batch.chunks, Batch.group_id).where(Batch.id == batch_id)
+        ).first()
+    return None if row is None else tuple(row)
+
+
+def test_submit_batch_reads_a_generator_one_chunk_ahead_of_what_it_sent(database: Engine) -> None:
+    seen_at.clear()
+
+    submission = submit_batch(streamed_task, counted(range(25)), chunk_size=10)
+
+    # The chunk at offset o (size s) was sent when the generator had handed out o + s items:
+    # it was read, sent, and only then was the next chunk read.
+    assert seen_at == [(i, min(25, (i // 10 + 1) * 10)) for i in range(25)]
+    assert produced[0] == 25
+    assert (submission.total, len(submission.result.results)) == (25, 3)
+    assert submission.get(timeout=30)["successful"] == 25
+    assert batch_row(database, submission.batch_id) == (25, 3, submission.result.id)
+
+
+def test_a_generator_and_a_list_give_the_same_batch(database: Engine) -> None:
+    items = list(range(25))  # 3, 5, 7, 13, 15: failing always, once, permanently
+
+    from_list = submit_batch(items_task, items, chunk_size=10).get(timeout=30)
+    calls.clear()
+    streamed = submit_batch(items_task, iter(items), chunk_size=10)
+    from_generator = streamed.get(timeout=30)
+
+    assert from_list["failed_ids"] == [3, 7, 13]
+    assert {k: v for k, v in from_generator.items() if k != "batch_id"} == {
+        k: v for k, v in from_list.items() if k != "batch_id"
+    }
+    assert batch_row(database, streamed.batch_id)[:2] == (25, 3)  # type: ignore[index]
+    progress = streamed.progress()
+    assert (progress.total, progress.done, progress.dead, progress.pending) == (25, 22, 3, 0)
+
+
+def test_a_repeated_key_in_a_later_chunk_stops_the_generator_there(database: Engine) -> None:
+    batch = uuid.uuid4().hex
+    with pytest.raises(ConfigurationError, match=r"unique in a batch; repeated: \['4'\]") as caught:
+        submit_batch(
+            items_task, counted([1, 2, 4, 6, 8, 10, 4, 11, 12, 13]), chunk_size=3, batch_id=batch
+        )
+
+    assert produced[0] == 9  # the chunk with the repeat was read, not sent, and nothing more
+    assert sorted(calls) == [1, 2, 4, 6, 8, 10]
+    assert "2 chunk(s), 6 item(s), were sent before this error" in "".join(caught.value.__notes__)
+    assert batch_row(database, batch)[:2] == (6, 2)  # type: ignore[index]
+    assert batch_progress(batch, str(database.url.render_as_string(False))).total == 6
+
+
+def test_an_empty_generator_records_an_empty_batch(database: Engine) -> None:
+    submission = submit_batch(items_task, iter(()), chunk_size=3)
+    assert submission.get(timeout=30)["total"] == 0
+    assert batch_row(database, submission.batch_id) == (0, 0, submission.result.id)
+
+
+def test_a_streamed_chunk_that_fails_as_a_whole_is_counted_from_its_dead_letters(
+    database: Engine,
+) -> None:
+    items = [*range(100, 110), -1, *range(111, 120)]
+
+    submission = submit_batch(scaled_task, counted(items), chunk_size=10)
+    summary = submission.get(timeout=30)  # eager results keep no arguments: letters it is
+
+    assert (summary["total"], summary["successful"], summary["failed"]) == (20, 10, 10)
+    assert summary["failed_ids"] == [-1, *range(111, 120)]  # as the items give them
+
+
+@pytest.mark.redis
+def test_a_chunk_that_failed_as_a_whole_is_counted_by_its_stored_arguments(
+    database: Engine, redis_url: str
+) -> None:
+    """A worker's chunk that failed for good leaves its arguments in the result backend
+    (``result_extended``): ``get()`` derives its keys from them and reads the ledger."""
+    stored = create_app(
+        "tkbatchargs", settings=Settings(broker_url="memory://", result_backend=redis_url)
+    )
+    batch, task_id = uuid.uuid4().hex, uuid.uuid4().hex
+    try:
+        ledger = ItemLedger(batch, database)
+        ledger.claim(["20", "21", "22"])
+        ledger.finish(done=["20"])  # one item finished before the chunk failed as a whole
+        request = Context(
+            id=task_id, task=items_task.name, args=[[20, 21, 22]],
+            kwargs={"batch_id": batch, "offset": 3}, hostname="w@h", retries=5,
+            delivery_info={}, ignore_result=False,
+        )  # fmt: skip
+        stored.backend.mark_as_failure(task_id, RuntimeError("worker lost"), request=request)
+        first = stored.AsyncResult(uuid.uuid4().hex)
+        stored.backend.mark_as_done(first.id, {"total": 3, "successful": 3, "failed": 0})
+        submission = BatchSubmission(
+            batch, GroupResult("g", [first, stored.AsyncResult(task_id)], app=stored), 6, 3,
+            items_task,
+        )  # fmt: skip
+
+        summary = submission.get(timeout=30)
+
+        assert (summary["total"], summary["successful"], summary["failed"]) == (6, 4, 2)
+        assert summary["failed_ids"] == [21, 22]
+    finally:
+        for forget in (task_id, first.id):
+            stored.backend.forget(forget)
+
+
+def test_the_batch_key_check_finds_a_repeat_of_any_earlier_chunk() -> None:
+    """Pure logic: the hashes of earlier chunks are merged into ever larger sorted arrays; a
+    repeat of a key from any of them is found, wherever it went."""
+    seen = _SeenKeys(items_task)
+    for offset in range(0, 100_000, 1000):
+        seen.add(range(offset, offset + 1000), offset)
+    sizes = [len(level) for level in seen.levels]
+    assert sum(sizes) == 100_000
+    assert all(a > b for a, b in itertools.pairwise(sizes))  # a few arrays, largest first
+    for repeated in (0, 31_999, 64_000, 99_999):
+        with pytest.raises(ConfigurationError, match=rf"repeated: \['{repeated}'\]"):
+            seen.add([-5, repeated], 100_000)
+    seen.add([-5, 100_000], 100_000)  # new keys pass, and are remembered
+    with pytest.raises(ConfigurationError, match=r"repeated: \['-5'\]"):
+        seen.add([-5], 100_002)

@@ -366,3 +366,43 @@ def test_a_send_refused_for_another_reason_records_the_run_failed_with_it(
         status, error = connection.execute(select(ModelRun.status, ModelRun.error_message)).one()
     assert status == "failed"
     assert error.startswith("could not be sent:")
+
+
+class KillsTheBrokerWhenRead:
+    """Items that take the broker away when item ``at`` is read (on the second reading for a
+    list: ``submit_batch`` reads a sized collection once for its keys, then to send it)."""
+
+    def __init__(self, server: OwnRedis, count: int, at: int, *, sized: bool) -> None:
+        self.server, self.count, self.at, self.sized = server, count, at, sized
+        self.readings = 0
+
+    def __len__(self) -> int:
+        if not self.sized:
+            raise TypeError("not sized")
+        return self.count
+
+    def __iter__(self) -> Iterator[dict[str, int]]:
+        self.readings += 1
+        for i in range(self.count):
+            if i == self.at and (self.readings == 2 or not self.sized):
+                self.server.kill()
+            yield {"id": i}
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("sized", [False, True], ids=["generator", "list"])
+def test_an_outage_partway_through_a_batch_leaves_the_batch_saying_what_was_sent(
+    sized: bool, own_redis: OwnRedis, db_url: str, engine: Engine, cleanup_queues: list[str]
+) -> None:
+    kit = OutageApp(db_url, broker=own_redis.url, backend=REDIS_URL)
+    items = KillsTheBrokerWhenRead(own_redis, 30, 20, sized=sized)
+    source = items if sized else iter(items)
+
+    with pytest.raises(BrokerUnavailable) as caught:
+        submit_batch(kit.score, source, chunk_size=10, batch_id="b-partway")
+
+    _assert_names_the_url(caught.value, "broker", own_redis.port)
+    assert "the 2 chunk(s) sent before the failure (20 items) run under batch" in str(caught.value)
+    with engine.connect() as connection:
+        row = connection.execute(select(Batch.total, Batch.chunks, Batch.task_name)).one()
+    assert tuple(row) == (20, 2, kit.score.name)

@@ -249,7 +249,7 @@ def test_a_stored_model_whose_bytes_were_changed_is_refused() -> None:
         assert run.model_object is not None
         run.model_object = run.model_object.replace(b"weights", b"weighty")
     # the same check as a checkpoint's: the data no longer matches its signed manifest
-    with pytest.raises(CheckpointCorrupt, match="final model of run .*does not match the SHA-256"):
+    with pytest.raises(CheckpointCorrupt, match="final model of run .*does not match the BLAKE3"):
         load_model(run_id)
 
 
