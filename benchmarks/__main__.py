@@ -9,6 +9,7 @@ from benchmarks import (
     bench_api,
     bench_batch,
     bench_broker,
+    bench_capacity,
     bench_checkpoint,
     bench_cli,
     bench_db,
@@ -38,6 +39,7 @@ SECTIONS = [
     bench_api,
     bench_scale,
     bench_fleet,
+    bench_capacity,
 ]
 OUTPUT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
