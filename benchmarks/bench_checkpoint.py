@@ -674,7 +674,7 @@ def report(
     db_raw_ms = median["database raw"] * 1000
     gain = median["load"] / median["load all cores"]
     if gain > 1.1:
-        note = f"{gain:.2f}x faster here; the other cores are the pool processes' in a worker"
+        note = f"{gain:.2f}x faster here"
     elif gain < 1 / 1.1:
         note = "slower: its threads compete with the reading thread for the cores"
     else:
@@ -682,7 +682,10 @@ def report(
     all_cores = (
         f"BLAKE3 on all cores while another thread reads: "
         f"{median['raw read'] / median['load all cores']:.2f}x of the raw read, against "
-        f"{load_ratio:.2f}x on one thread (its row), {note}; the store hashes on one thread."
+        f"{load_ratio:.2f}x on one thread (its row), {note}. The store hashes on one thread: "
+        "the all-core mode is a Rayon thread pool, and a process forked after using it "
+        "(Celery's prefork pool, `multiprocessing`) hangs the first time it hashes with it "
+        "(tried: the child never returned)."
     )
     wal_mb = f"{statistics.median(SERVER['wal']) / MB:,.0f}" if SERVER["wal"] else "?"
     cpu_ms = f"{statistics.median(SERVER['cpu']) * 1000:,.0f}" if SERVER["cpu"] else "?"

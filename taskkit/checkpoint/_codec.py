@@ -75,8 +75,10 @@ DIGEST = "blake3"
 #: manifests written before BLAKE3 (still verified, with SHA-256).
 DIGESTS = ("blake3", "sha256")
 #: Threads one BLAKE3 hash may use. One: the hash already runs beside the read or the write it
-#: overlaps, on a machine of few cores, and more threads were measured no faster there
-#: (benchmarks/bench_checkpoint.py, docs/benchmarks.md).
+#: overlaps, and the all-core mode (``blake3.AUTO``, a Rayon thread pool) is not fork-safe: a
+#: process forked after using it (Celery's prefork pool, ``multiprocessing``) hangs the first
+#: time it hashes with it (tested: tests/checkpoint/test_digest.py). On 2 shared cores it
+#: loaded a 100 MB checkpoint from 3% slower to 13% faster than one thread (docs/benchmarks.md).
 _BLAKE3_THREADS = 1
 
 

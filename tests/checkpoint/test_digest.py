@@ -8,7 +8,9 @@ changed without breaking the signature. Every storage hashes through ``_codec`` 
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
+import signal
 from typing import Any
 
 import blake3
@@ -195,3 +197,24 @@ def test_stream_digest_of_either_algorithm(algorithm):
 def test_an_unknown_algorithm_is_refused():
     with pytest.raises(CheckpointFormatError, match="unknown digest algorithm 'md5'"):
         _codec.new_hash("md5")
+
+
+def test_a_process_forked_after_a_load_can_still_load(make_store):
+    """BLAKE3's all-core mode (a Rayon pool) hangs a child forked after the parent used it;
+    the store hashes on one thread, so a prefork worker's child loads like its parent."""
+    store = make_store()
+    weights = np.random.default_rng(3).random((_codec._THREAD_MIN * 3) // 8)
+    store.save({"w": weights}, step=1)
+    assert store.load_latest() is not None  # the parent hashes (save and load) before forking
+    pid = os.fork()
+    if pid == 0:  # the child: killed by its own alarm if hashing hangs
+        code = 1
+        try:
+            signal.alarm(30)
+            checkpoint = store.load_latest()
+            code = 0 if checkpoint is not None and (checkpoint.state["w"] == weights).all() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"the forked child was killed by signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) == 0
