@@ -685,7 +685,7 @@ def report(
         f"{load_ratio:.2f}x on one thread (its row), {note}. The store hashes on one thread: "
         "the all-core mode is a Rayon thread pool, and a process forked after using it "
         "(Celery's prefork pool, `multiprocessing`) hangs the first time it hashes with it "
-        "(tried: the child never returned)."
+        "(tests/checkpoint/test_digest.py forks a child after a load: with that mode it hangs)."
     )
     wal_mb = f"{statistics.median(SERVER['wal']) / MB:,.0f}" if SERVER["wal"] else "?"
     cpu_ms = f"{statistics.median(SERVER['cpu']) * 1000:,.0f}" if SERVER["cpu"] else "?"
