@@ -10,6 +10,7 @@ moto itself would also lose, from memory, the earlier checkpoints this test must
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import threading
 import warnings
@@ -104,6 +105,78 @@ def test_a_large_checkpoint_goes_up_in_parts_and_comes_back_whole(server, bucket
     loaded = store.load_latest()
     assert np.array_equal(loaded.state["w"], state["w"])
     store.close()
+
+
+def test_a_save_sends_the_arrays_own_memory_and_a_load_lists_once(server, bucket):
+    """The requests of a save and a load: no HEAD before a GET, one LIST, and the data PUT's
+    body is the array's memory itself (not a joined copy of the checkpoint)."""
+    storage = storage_on(server, bucket)
+    calls: list[tuple[str, str]] = []
+    bodies: list[Any] = []
+    real = storage.fs._call_s3
+
+    async def spy(method: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append((method, kwargs.get("Key", "").rsplit("/", 1)[-1]))
+        if method == "put_object":
+            bodies.append(kwargs["Body"])
+        return await real(method, *args, **kwargs)
+
+    storage.fs._call_s3 = spy
+    store = CheckpointStore("calls", storage=storage, secret_key=SECRET, keep_last=1)
+    state = {"w": np.arange(MiB // 8, dtype=np.float64)}
+    calls.clear()
+    store.save(state, step=1)
+    assert calls == [
+        ("delete_object", "step-00000001.json"),  # a replaced step loses its manifest first
+        ("put_object", "step-00000001.ckpt"),
+        ("put_object", "step-00000001.json"),
+        ("list_objects_v2", ""),  # retention
+        ("get_object", "step-00000001.json"),
+    ]
+    assert not isinstance(bodies[0], bytes | bytearray)
+    assert any(np.shares_memory(np.asarray(view), state["w"]) for view in bodies[0]._views)
+    calls.clear()
+    loaded = store.load_latest()
+    assert np.array_equal(loaded.state["w"], state["w"])
+    # the data GET: one presigned GET on a plain-HTTP endpoint, not through aiobotocore
+    assert calls == [("list_objects_v2", ""), ("get_object", "step-00000001.json")]
+    store.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["presigned-get", "aiohttp"])
+def test_a_load_reads_the_data_whole_either_way(server, bucket, direct):
+    storage = storage_on(server, bucket)
+    store = CheckpointStore("paths", storage=storage, secret_key=SECRET)
+    state = big_state(5, mib=9)  # hashed on a thread, in several pieces
+    store.save(state, step=1)
+    storage._direct = direct
+    assert np.array_equal(store.load_latest().state["w"], state["w"])
+    with pytest.raises(FileNotFoundError):
+        storage.read_hashed("paths", 2)
+    store.close()
+
+
+def test_an_upload_body_reads_and_iterates_its_chunks_without_joining_them():
+    from taskkit.checkpoint._fsspec import _Body, _byte_view
+
+    chunks = [b"head", bytearray(b"-middle-"), memoryview(np.arange(5, dtype=np.int64))]
+    views = [_byte_view(chunk) for chunk in chunks]
+    whole = b"".join(bytes(view) for view in views)
+    body = _Body(views)
+    assert len(body) == len(whole) == 52
+    assert body.read(3) + body.read(10) + body.read() == whole
+    assert body.read(5) == b""
+    assert body.seek(-5, 2) == body.tell() == 47
+    assert body.read() == whole[-5:]
+    body.seek(0)
+
+    async def sent() -> list[Any]:
+        return [piece async for piece in body]
+
+    pieces = asyncio.run(sent())
+    assert all(isinstance(piece, memoryview) for piece in pieces)
+    assert b"".join(bytes(piece) for piece in pieces) == whole
+    assert np.shares_memory(np.asarray(pieces[-1]), np.asarray(views[-1]))
 
 
 def test_tampered_manifest_is_refused_and_changed_data_falls_back(server, bucket):
@@ -212,14 +285,14 @@ def test_a_crashed_writers_data_object_is_removed_as_an_orphan(server, bucket):
 def test_a_failed_manifest_put_deletes_its_data_object(server, bucket, monkeypatch):
     storage = storage_on(server, bucket, retry=fast_retry())
     store = CheckpointStore("half", storage=storage, secret_key=SECRET)
-    real = storage.fs.pipe_file
+    real = storage.fs._call_s3
 
-    def pipe_file(path: str, value: Any, **kwargs: Any) -> Any:
-        if path.endswith(".json"):
-            raise PermissionError(errno.EACCES, "AccessDenied")
-        return real(path, value, **kwargs)
+    async def call_s3(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "put_object" and kwargs["Key"].endswith(".json"):
+            raise PermissionError(errno.EACCES, "AccessDenied")  # as s3fs raises a 403
+        return await real(method, *args, **kwargs)
 
-    monkeypatch.setattr(storage.fs, "pipe_file", pipe_file)
+    monkeypatch.setattr(storage.fs, "_call_s3", call_s3)
     with pytest.raises(CheckpointError):
         store.save({"v": 1}, step=1)
     assert keys(server, bucket) == []

@@ -57,17 +57,19 @@ class RawObjects(Raw):
         # The bucket "fills up": an upload that would pass after_bytes in all is refused (S3
         # has no ENOSPC; a quota proxy or a full MinIO disk answers like this).
         fs = self.storage.fs
-        real = fs.pipe_file
+        real = fs._call_s3
         written = 0
 
-        def pipe_file(path: str, value: Any, **kwargs: Any) -> Any:
+        async def call_s3(method: str, *args: Any, **kwargs: Any) -> Any:
             nonlocal written
-            if written + len(value) > after_bytes:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            written += len(value)
-            return real(path, value, **kwargs)
+            if method in ("put_object", "upload_part"):
+                size = len(kwargs["Body"])
+                if written + size > after_bytes:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                written += size
+            return await real(method, *args, **kwargs)
 
-        monkeypatch.setattr(fs, "pipe_file", pipe_file)
+        monkeypatch.setattr(fs, "_call_s3", call_s3)
 
     def leftovers(self, run_id: str) -> list[str]:
         listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"prefix/{run_id}/")
