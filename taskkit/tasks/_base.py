@@ -115,6 +115,12 @@ MAX_LOGGED_ARGUMENTS = 2048
 #: transport's visibility timeout).
 FLEET_RESERVE = 30.0
 
+#: Longest lateness (seconds past its countdown) with which a delivery that booked its fleet rate
+#: slot still runs without asking again. Later, its slot has passed unused (its worker was cut
+#: off and the message came back to another worker, say); run at once it would bunch with the
+#: calls of later slots, so it asks the limit again. Late bookings bunch at most this much.
+FLEET_BOOKED_GRACE = 0.5
+
 #: Hooks a subclass may override; each override is wrapped so its errors are only logged.
 ISOLATED_HOOKS = ("on_failure", "on_retry", "on_success", "after_return", "on_progress")
 
@@ -736,8 +742,18 @@ class ResilientTask(Task[Any, Any]):
                 if callable(self.fleet_key)
                 else self._argument(args, kwargs, self.fleet_key)
             )
-        booked = request.get("taskkit_fleet_booked")
-        if rate is not None and booked != str(request.retries or 0):
+        booked = request.get("taskkit_fleet_booked") == str(request.retries or 0)
+        if booked and rate is not None:
+            late = _seconds_late(request.get("eta"))
+            if late > FLEET_BOOKED_GRACE:
+                logger.info(
+                    "taskkit: %s[%s] runs %.3fs after its booked fleet rate slot; asking again",
+                    self.name,
+                    request.id,
+                    late,
+                )
+                booked = False
+        if rate is not None and not booked:
             decision = rate.acquire(key, reserve=FLEET_RESERVE)
             if not decision.allowed:
                 self._throttled(request, decision.wait, "rate", decision.reserved)
@@ -964,6 +980,20 @@ def _inner_log_extra() -> dict[str, object]:
         "task_id": task.request.id,
         "run_id": stack[-1].run_id,
     }
+
+
+def _seconds_late(eta: Any) -> float:
+    """Seconds since a delivery's ``eta`` (an ISO 8601 string, as a message carries it, or a
+    datetime); 0 without one, or when it is still ahead."""
+    if isinstance(eta, str):
+        try:
+            eta = datetime.fromisoformat(eta)
+        except ValueError:
+            return 0.0
+    if not isinstance(eta, datetime):
+        return 0.0
+    moment = eta if eta.tzinfo is not None else eta.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - moment).total_seconds())
 
 
 def _seconds_until(when: Any) -> float | None:
