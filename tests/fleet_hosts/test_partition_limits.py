@@ -9,8 +9,11 @@ The limits' Redis (``RedisOnLinks``, a server of the test's own) listens on an a
 link of its own (a /32 on the root side, routed in A's namespace), and on B's link. A is cut
 off from it, and from it only, by a blackhole route to that address in A's namespace (the
 broker, on the link's other address, stays reachable): A's packets to it go nowhere, as in a
-partition. A whole-link partition would also cut A off from the broker, and A could neither
-take nor re-queue deliveries; ``test_partition_batch`` covers that case for batches."""
+partition.
+
+A whole-link partition also cuts A off from the broker: A takes no new deliveries, and what it
+holds comes back to B once its visibility lapses. The second test shows that the calls A had
+booked rate slots for then run spaced on B, not as one burst."""
 
 from __future__ import annotations
 
@@ -218,3 +221,70 @@ def test_a_host_cut_off_from_the_limits_redis_runs_no_limited_task(
         for task, _, host, start, _ in found
         if host == "a" and task != "rated_open"
     )
+
+
+#: Calls of the rate-limited task in the whole-link test (10 s of its slots).
+BOOKED = 40
+
+
+def start_on_shared_queue(
+    fleet: Fleet, host: Host, workers: dict[str, NamespacedWorker], tmp: pathlib.Path
+) -> NamespacedWorker:
+    """A worker of ``host`` on the queue both hosts share, with the limits on the broker."""
+    env = {
+        "TASKKIT_TEST_HOST": host.label,
+        "TASKKIT_TEST_HOSTS_REDIS": fleet.redis.url(host.root_ip),
+        "TASKKIT_TEST_HOSTS_DIR": str(fleet.directory),
+    }
+    worker = workers[host.label] = NamespacedWorker(
+        host,
+        f"booked-{host.label}",
+        tmp,
+        app="tests.fleet_hosts.apps",
+        queue="tk-hosts-q",
+        concurrency=2,
+        env=env,
+    )
+    worker.wait_ready()
+    return worker
+
+
+def test_what_a_cut_off_host_had_booked_runs_spaced_on_the_other(
+    fleet: Fleet,
+    apps: ModuleType,
+    workers: dict[str, NamespacedWorker],
+    tmp_path: pathlib.Path,
+) -> None:
+    """A whole-link partition, the limits on the broker's Redis. A delivery over the rate
+    limit books a later slot and is re-queued to run then; the worker that takes the re-queued
+    message holds it until then. Host A takes every call (B is started later), books their
+    slots and holds the messages; A is cut off, B starts, and what A held comes back to B once
+    its visibility lapses, past its slots. Those calls used to run at once on B, as one burst;
+    a booking later than ``FLEET_BOOKED_GRACE`` now asks the limit again, and they run spaced.
+    (The call A was re-queuing when it was cut off waits in its connection for the heal.)"""
+    from taskkit.tasks._base import FLEET_BOOKED_GRACE
+
+    a, b = fleet.hosts[0], fleet.hosts[1]
+    worker_a = start_on_shared_queue(fleet, a, workers, tmp_path)
+    nonce = uuid.uuid4().hex[:12]
+    results = [apps.rated.apply_async((nonce, i), queue="tk-hosts-q") for i in range(BOOKED)]
+
+    def booked() -> int:
+        return worker_a.log().count("over its fleet rate limit; re-queued in")
+
+    wait_for(lambda: booked() >= BOOKED - 1, 30, "host A to book a slot for every call")
+    a.partition()
+    try:
+        worker_b = start_on_shared_queue(fleet, b, workers, tmp_path)
+        wait_for(lambda: len(calls(apps, nonce)) >= BOOKED - 2, 60, "host B to run what A held")
+    finally:
+        a.heal()
+    for result in results:
+        assert result.get(timeout=60) is None
+
+    # Calls start at their slots, 1 / rate apart, or up to the grace late: in any second, at
+    # most rate * (1 + grace) calls, and one more for a body's own delay.
+    starts = sorted(start for task, _, _, start, _ in calls(apps, nonce) if task == "rated")
+    most = max(sum(1 for s in starts if first <= s < first + 1.0) for first in starts)
+    assert most <= apps.RATE * (1 + FLEET_BOOKED_GRACE) + 2, [s - starts[0] for s in starts]
+    assert "after its booked fleet rate slot; asking again" in worker_b.log()
