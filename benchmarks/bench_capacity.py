@@ -73,6 +73,7 @@ from taskkit.recovery import CircuitBreaker, FleetConcurrency, FleetRateLimit, R
 from taskkit.tasks import LeaseOwner, RedisLeaseStore
 from taskkit.tasks._progress import EpochLog, ProgressReport, write_training_progress
 from taskkit.tasks._training import write_heartbeat
+from tests._support.redis_server import start_redis_server
 
 CLIENTS = (1, 2, 4, 8)
 WARM = float(os.environ.get("TASKKIT_BENCH_CAPACITY_WARM", "1"))
@@ -412,24 +413,8 @@ def redis_server() -> Iterator[tuple[str, str]]:
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="tk-capacity-") as directory:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", directory],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        process = start_redis_server(port, directory)
         try:
-            client = redis.Redis(port=port, socket_connect_timeout=0.2)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.exceptions.ConnectionError:
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        raise
-                    time.sleep(0.05)
-            client.close()
             server = version.stdout.split(" sha=")[0].strip() or "redis-server"
             yield f"redis://127.0.0.1:{port}/0", f"{server}, a server of this run (no persistence)"
         finally:

@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +29,8 @@ import redis
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+
+from tests._support.redis_server import start_redis_server
 
 REDIS_URL = os.environ.get("TASKKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 RABBITMQ_URL = os.environ.get("TASKKIT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -153,37 +154,9 @@ class PrivateRedis:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+        if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed; the outage tests start their own", False)
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
+        self.process = start_redis_server(self.port, self.dir)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -407,6 +407,16 @@ def _write_flags(
     the flags alone are sent (an update); if nothing was updated (the row is gone: a server
     crash lost an undurable claim; or the fence refused it), the whole-row statement below
     decides, keys included."""
+    parameters = {
+        "batch_id": batch_id,
+        "chunk": chunk,
+        "keys": keys_json,
+        "size": len(done),
+        "done": done.decode(),
+        "dead": dead.decode(),
+        "now": now,
+        "fence": fence,
+    }
     if stored and connection.dialect.name == "postgresql":
         updated = connection.execute(
             _sql(
@@ -418,27 +428,10 @@ def _write_flags(
                 + ("" if fence is None else " AND c.claims = :fence")
                 + _asynchronous(connection, durable, "RETURNING")
             ),
-            {
-                "batch_id": batch_id,
-                "chunk": chunk,
-                "done": done.decode(),
-                "dead": dead.decode(),
-                "now": now,
-                "fence": fence,
-            },
+            parameters,
         )
         if updated.rowcount:
             return True
-    parameters = {
-        "batch_id": batch_id,
-        "chunk": chunk,
-        "keys": keys_json,
-        "size": len(done),
-        "done": done.decode(),
-        "dead": dead.decode(),
-        "now": now,
-        "fence": fence,
-    }
     if connection.dialect.name == "postgresql":
         written = connection.execute(
             _sql(

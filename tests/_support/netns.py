@@ -27,14 +27,11 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass, field
 
-import redis
-
-from tests._support.workers import REPO, WorkerProcess
+from tests._support.redis_server import start_redis_server
+from tests._support.workers import WorkerProcess
 
 NETWORK = ipaddress.ip_network("10.251.0.0/16")
 
@@ -191,42 +188,11 @@ class RedisOnLinks:
     """A redis-server of the test's own on 127.0.0.1 and the hosts' root-side addresses."""
 
     def __init__(self, addresses: list[str], directory: pathlib.Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed")
         self.addresses = ["127.0.0.1", *addresses]
         self.port = free_port(self.addresses)
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                " ".join(self.addresses),
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--dir",
-                str(directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.process = start_redis_server(
+            self.port, directory, bind=self.addresses, options=("--protected-mode", "no")
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.stop()
-                    raise
-                time.sleep(0.05)
-        client.close()
 
     def url(self, address: str = "127.0.0.1", db: int = 0) -> str:
         return f"redis://{address}:{self.port}/{db}"
@@ -312,36 +278,14 @@ class NamespacedWorker(WorkerProcess):
         pool: str = "prefork",
         env: dict[str, str] | None = None,
     ) -> None:
-        self.name = name
-        self.log_path = log_dir / f"worker-{name}.log"
-        command = [
-            *host.exec_prefix(),
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            app,
-            "worker",
-            "--pool",
-            pool,
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            f"{name}@{host.netns}",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "--queues",
-            queue,
-        ]
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        super().__init__(
+            name,
+            log_dir,
+            app=app,
+            queue=queue,
+            pool=pool,
+            concurrency=concurrency,
+            env=env,
+            prefix=host.exec_prefix(),
+            hostname=f"{name}@{host.netns}",
         )

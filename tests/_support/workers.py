@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,10 +58,15 @@ class WorkerProcess:
         pool: str = "prefork",
         concurrency: int = 1,
         env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        hostname: str | None = None,
     ) -> None:
+        """``prefix``: a command the worker runs under (``ip netns exec <ns>``, which execs, so
+        the PID is still the worker's); ``hostname``: Celery's ``--hostname`` (``<name>@%h``)."""
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         command = [
+            *prefix,
             sys.executable,
             "-m",
             "celery",
@@ -73,7 +78,7 @@ class WorkerProcess:
             "--concurrency",
             str(concurrency),
             "--hostname",
-            f"{name}@%h",
+            hostname or f"{name}@%h",
             "--loglevel",
             "INFO",
             "--without-gossip",

@@ -5,18 +5,16 @@ tests' own on ports 6401-6409."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import textwrap
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from taskkit.config import reset_settings
+from tests._support.redis_server import start_redis_server
 
 #: Ports of the Redis servers these tests start (others' tests use other ranges).
 PORTS = range(6401, 6410)
@@ -28,26 +26,10 @@ class OwnRedis:
     def __init__(self, port: int, folder: Path) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed", pytrace=False)
-        self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--dir", str(folder)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    pytest.fail(f"redis-server on port {port} did not start", pytrace=False)
-                time.sleep(0.05)
-        client.close()
+        try:
+            self.process: subprocess.Popen[bytes] | None = start_redis_server(port, folder)
+        except RuntimeError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     def stop(self) -> None:
         if self.process is not None:
