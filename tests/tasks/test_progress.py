@@ -47,8 +47,11 @@ def test_progress_state_meta_and_training_progress_row(worker, database):
     metas = []
     deadline = time.monotonic() + 30
     while not result.ready() and time.monotonic() < deadline:
-        if result.state == "PROGRESS":
-            metas.append(result.info)
+        # One read of the state and its meta together: reading .state then .info asks the
+        # backend twice, and the task may end in between (then .info is the return value).
+        task_meta = result.backend.get_task_meta(result.id)
+        if task_meta["status"] == "PROGRESS":
+            metas.append(task_meta["result"])
         time.sleep(0.05)
     assert result.get(timeout=30) == 5
     assert metas, "no PROGRESS state was seen"
