@@ -10,9 +10,18 @@ written by the pool processes and read by the test:
 - ``executions``: append-only, one row per event (``start``/``end`` of a ``work`` task or a
   batch chunk, ``start`` of a batch item, ``epoch`` of a training run), with the process and the
   wall-clock time, so the test can tell which executions a kill interrupted;
-- ``effects``: the side effect of a task or item, written under its key only if that key has
-  none yet (check and insert in one ``BEGIN IMMEDIATE`` transaction). The table has no unique
-  key on purpose: a second write would show as a second row, not as a constraint error.
+- ``effects``: the side effect of a task or item, under its key. taskkit runs a task at least
+  once, not exactly once: a task killed after it wrote its effect but before its result was
+  stored runs again and writes again (``work`` writes halfway through its run, so a kill often
+  lands after the write; a batch item runs again when its chunk dies before the ledger's next
+  flush). What keeps the second row out is the task's own idempotent write, as docs/batch.md
+  tells users to make it ("idempotent per key: an upsert, a unique key"): here, with no unique
+  key, an insert guarded by ``NOT EXISTS`` in one ``BEGIN IMMEDIATE`` transaction, so that a
+  check and an insert of two executions cannot interleave. The table has no unique key on
+  purpose: a write that got past the guard shows as a second row, not as a constraint error;
+- ``attempts``: append-only, one row per effect write a task attempted (committed with the
+  effect, in the same transaction), with ``landed`` 1 if it inserted the effect and 0 if the
+  guard found it there already, so the test sees how often a re-run tried to write it again.
 
 ``items``: every item whose id is a multiple of 100 raises ``ValueError`` (a permanent error, so
 the item is dead-lettered at once); the others sleep a few milliseconds and write their effect.
@@ -43,6 +52,9 @@ _SCHEMA = (
     "kind TEXT NOT NULL, key TEXT NOT NULL, event TEXT NOT NULL, pid INTEGER NOT NULL, "
     "at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS effects (kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "kind TEXT NOT NULL, key TEXT NOT NULL, landed INTEGER NOT NULL, pid INTEGER NOT NULL, "
+    "at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS executions_key ON executions (kind, key)",
     "CREATE INDEX IF NOT EXISTS effects_key ON effects (kind, key)",
 )
@@ -83,22 +95,26 @@ def note(kind: str, key: str, event: str) -> None:
 
 
 def record_effect(kind: str, key: str) -> bool:
-    """Write the side effect of ``key`` unless it is already there; True if written now."""
+    """Write the side effect of ``key`` unless it is already there, and note the attempt, in
+    one transaction; True if the effect was written now."""
     connection = connect()
+    now = time.time()
     connection.execute("BEGIN IMMEDIATE")
     try:
-        seen = connection.execute(
-            "SELECT 1 FROM effects WHERE kind = ? AND key = ?", (kind, key)
-        ).fetchone()
-        if seen is None:
-            connection.execute(
-                "INSERT INTO effects (kind, key, at) VALUES (?, ?, ?)", (kind, key, time.time())
-            )
+        landed = connection.execute(
+            "INSERT INTO effects (kind, key, at) SELECT ?, ?, ? "
+            "WHERE NOT EXISTS (SELECT 1 FROM effects WHERE kind = ? AND key = ?)",
+            (kind, key, now, kind, key),
+        ).rowcount
+        connection.execute(
+            "INSERT INTO attempts (kind, key, landed, pid, at) VALUES (?, ?, ?, ?, ?)",
+            (kind, key, landed, os.getpid(), now),
+        )
     except BaseException:
         connection.execute("ROLLBACK")
         raise
     connection.execute("COMMIT")
-    return seen is None
+    return landed == 1
 
 
 # -- the tasks --------------------------------------------------------------------------------
@@ -106,11 +122,12 @@ def record_effect(kind: str, key: str) -> bool:
 
 @app.task(base=ResilientTask, bind=True, name="chaos.work")
 def work(self: ResilientTask, number: int) -> int:
-    """A plain task: 20-200 ms of work, then its side effect under its task id."""
+    """A plain task: 10-100 ms of work, its side effect under its task id, 10-100 ms more."""
     key = str(self.request.id)
     note("task", key, "start")
-    time.sleep(random.uniform(0.02, 0.2))
+    time.sleep(random.uniform(0.01, 0.1))
     record_effect("task", key)
+    time.sleep(random.uniform(0.01, 0.1))
     note("task", key, "end")
     return number
 

@@ -8,11 +8,31 @@ is the minimum (5 s), so a dead worker's messages come back quickly; leases are 
 1. 200 ``ResilientTask``s and a 2,000-item batch on one prefork worker (concurrency 2), killed
    (main process and pool processes: the whole process group) three times at random moments
    while tasks run, and restarted each time. Promised: every task completes (SUCCESS, side
-   effect present) and wrote its side effect exactly once; a task or chunk runs again only if
-   an execution of it was interrupted by a kill, at most ``concurrency`` per kill; every batch
-   item is ``done`` or ``dead`` exactly once in the ledger, the dead ones are exactly the
-   failing items, each with one dead letter; the broker holds no message of the task queue
-   afterwards.
+   effect present); a task or chunk runs again only if an execution of it was interrupted by a
+   kill, at most ``concurrency`` per kill; every batch item is ``done`` or ``dead`` exactly once
+   in the ledger, the dead ones are exactly the failing items, each with one dead letter; the
+   broker holds no message of the task queue afterwards.
+
+   "Interrupted by a kill" is checked against what was running when the kill came: just before
+   each kill the test reads, in one snapshot of the execution log, the tasks and chunks running
+   in the worker's pool processes and the log's last row id. A task or chunk that runs again
+   after that kill must be in that list, or have started after the snapshot (its start row is
+   newer: the few milliseconds between the read and the SIGKILL), or have ended at most
+   ``ACK_WINDOW`` s before the kill: its body had returned but its result was not stored yet, so
+   the redelivered message finds no ``SUCCESS`` and runs (at-least-once; a result stored before
+   the kill makes the copy skip without running). A task that finished earlier and runs again
+   after a kill fails the test.
+
+   Side effects: taskkit does not write a task's side effect once, the task does. A task killed
+   after it wrote its effect runs again and tries again; the effect table has no unique key, and
+   what keeps the second row out is the task's own atomic check-then-insert (``record_effect``
+   in ``chaosapp``: the idempotent write docs/batch.md asks of an item function). So the test
+   counts every write attempt as well (``attempts``: landed or kept out by the check), makes the
+   first kill come while a task that has written its effect is still running (so it re-runs
+   and writes again; without the check its effect is in the table twice), and asserts: every
+   task's and item's effect is in the table exactly once (a write that got past the check would
+   be a second row), a task killed after its write that ran again tried a second write and was
+   kept out, no key was attempted more often than it ran, attempts >= landed writes.
 2. A training run whose message the worker holds but has not started (``queued``, waiting for
    its countdown) when the whole worker is killed: it completes after the restart.
 
@@ -31,6 +51,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +69,9 @@ from tests._support.workers import WorkerProcess, wait_for
 APP = "tests.tasks.chaosapp"
 CONCURRENCY = 2
 KILLS = 3
+#: Seconds before a kill within which an execution that ended may still run again: its result
+#: was not stored yet (see the module docstring).
+ACK_WINDOW = 1.0
 TASKS = 200
 ITEMS = 2000
 CHUNK = 250
@@ -126,27 +150,77 @@ def effect_counts(kind: str) -> Counter[str]:
     return Counter(dict(rows))
 
 
-def starts(kinds: tuple[str, ...]) -> dict[tuple[str, str], list[float]]:
-    """Start times of every execution, per (kind, key), in order."""
-    found: dict[tuple[str, str], list[float]] = defaultdict(list)
+def attempt_counts(kind: str) -> tuple[Counter[str], Counter[str]]:
+    """Effect writes attempted per key: those that landed, those the task's check kept out."""
+    landed: Counter[str] = Counter()
+    kept_out: Counter[str] = Counter()
+    for key, was_landed, n in chaos_log(
+        "SELECT key, landed, count(*) FROM attempts WHERE kind = ? GROUP BY key, landed", kind
+    ):
+        (landed if was_landed else kept_out)[key] += n
+    return landed, kept_out
+
+
+@dataclass
+class Execution:
+    start_id: int
+    started: float
+    ended: float | None = None
+
+
+def executions(kinds: tuple[str, ...]) -> dict[tuple[str, str], list[Execution]]:
+    """Every execution, per (kind, key), in order: its start row and when it ended, if it did."""
+    found: dict[tuple[str, str], list[Execution]] = defaultdict(list)
     marks = ",".join("?" * len(kinds))
-    for kind, key, at in chaos_log(
-        f"SELECT kind, key, at FROM executions WHERE event = 'start' AND kind IN ({marks}) "
-        "ORDER BY id",
+    for row_id, kind, key, event, at in chaos_log(
+        f"SELECT id, kind, key, event, at FROM executions WHERE event IN ('start', 'end') "
+        f"AND kind IN ({marks}) ORDER BY id",
         *kinds,
     ):
-        found[(kind, key)].append(at)
+        if event == "start":
+            found[(kind, key)].append(Execution(row_id, at))
+        elif found[(kind, key)]:
+            found[(kind, key)][-1].ended = at
     return found
 
 
-def in_flight(worker: WorkerProcess) -> list[tuple[str, str]]:
-    """Tasks and chunks running now in the worker's pool processes."""
-    pids = worker.children()
-    rows = chaos_log(
-        "SELECT kind, key, event, pid FROM executions e WHERE kind IN ('task', 'chunk') "
-        "AND id = (SELECT max(id) FROM executions WHERE kind = e.kind AND key = e.key)"
-    )
-    return [(kind, key) for kind, key, event, pid in rows if event == "start" and pid in pids]
+def starts(kinds: tuple[str, ...]) -> dict[tuple[str, str], list[float]]:
+    """Start times of every execution, per (kind, key), in order."""
+    return {name: [run.started for run in runs] for name, runs in executions(kinds).items()}
+
+
+@dataclass
+class Kill:
+    """What the test read just before a kill, and when the kill was done."""
+
+    running: list[tuple[str, str]]
+    last_id: int  # the execution log's last row in the same snapshot
+    written: list[str]  # the running tasks that had written their effect already
+    at: float = 0.0
+
+
+def in_flight(worker: WorkerProcess) -> Kill:
+    """Tasks and chunks running now in the worker's pool processes, and the execution log's
+    last row id, read in one snapshot."""
+    from tests.tasks import chaosapp
+
+    connection = chaosapp.connect()
+    connection.execute("BEGIN")
+    try:
+        rows = connection.execute(
+            "SELECT kind, key, event, pid FROM executions e WHERE kind IN ('task', 'chunk') "
+            "AND id = (SELECT max(id) FROM executions WHERE kind = e.kind AND key = e.key)"
+        ).fetchall()
+        (last_id,) = connection.execute("SELECT coalesce(max(id), 0) FROM executions").fetchone()
+        attempted = {
+            key for (key,) in connection.execute("SELECT key FROM attempts WHERE kind = 'task'")
+        }
+    finally:
+        connection.execute("COMMIT")
+    pids = worker.children()  # after the read: every process seen running in it is listed
+    running = [(kind, key) for kind, key, event, pid in rows if event == "start" and pid in pids]
+    written = [key for kind, key in running if kind == "task" and key in attempted]
+    return Kill(running, last_id, written)
 
 
 def broker_rows() -> dict[str, int]:
@@ -209,8 +283,9 @@ def wait_while_progressing(done: Any, progress: Any, what: str, limit: float = 1
 
 
 def kill_points(rng: random.Random) -> list[int]:
-    """Progress marks (tasks done + batch items done / 10; 398 in all) to kill at, spaced."""
-    first = rng.randint(20, 120)
+    """Progress marks (tasks done + batch items done / 10; 398 in all) to kill at, spaced. The
+    first falls among the 100 tasks sent before the batch (they run first)."""
+    first = rng.randint(20, 80)
     second = first + rng.randint(40, 120)
     return [first, second, second + rng.randint(40, 120)]
 
@@ -238,23 +313,34 @@ def test_nothing_is_lost_when_the_whole_worker_is_killed_three_times(
         chunk_ids = [result.id for result in submission.result.results]
         batch_id = submission.batch_id
 
-        kills: list[tuple[float, list[tuple[str, str]]]] = []
+        # The first kill waits for a task that has written its side effect and is still running,
+        # so that a re-run tries to write it again; the others for anything running.
+        kills: list[Kill] = []
         for number, mark in enumerate(kill_points(rng), 1):
+
+            def ready(kill: Kill, first: bool = number == 1) -> bool:
+                return bool(kill.written if first else kill.running)
+
             assert wait_while_progressing(
-                lambda m=mark, w=worker: progress() >= m and bool(in_flight(w)),
+                lambda m=mark, w=worker: progress() >= m and ready(in_flight(w)),
                 progress,
                 f"progress {mark} with work in flight, to kill the worker",
             ), f"no progress towards kill {number} (at {mark}) for {STALL:g} s"
             time.sleep(rng.uniform(0, 0.1))  # anywhere inside the running tasks
-            running: list[tuple[str, str]] = []
+            sampled: list[Kill] = []
             wait_for(
-                lambda w=worker, r=running: r.extend(in_flight(w)) or r,
+                lambda w=worker, s=sampled: s.append(in_flight(w)) or ready(s[-1]),
                 30,
                 f"work in flight for kill {number}",
             )
-            kills.append((time.time(), running))
+            kill = sampled[-1]
             worker.kill()
-            print(f"kill {number} at progress {progress()}: in flight {running}")
+            kill.at = time.time()  # after the whole group is gone: nothing of it starts later
+            kills.append(kill)
+            print(
+                f"kill {number} at progress {progress()}: in flight {kill.running}, "
+                f"effect written by {kill.written}"
+            )
             worker = start(workers, f"w{number}", home)
 
         def finished() -> bool:
@@ -277,22 +363,62 @@ def test_nothing_is_lost_when_the_whole_worker_is_killed_three_times(
         states = {task_id: chaosapp.app.AsyncResult(task_id).state for task_id in task_ids}
         failed = {task_id: s for task_id, s in states.items() if s != "SUCCESS"}
         assert not failed, f"tasks that did not end SUCCESS: {failed}"
+        # Once each in a table without a unique key: only the task's own check keeps a re-run's
+        # second write out, and every write is counted, landed or kept out.
         twice = {key: n for key, n in effects.items() if n != 1}
         assert not twice, f"side effects recorded more than once (task id: times): {twice}"
         assert set(effects) == set(task_ids), f"unknown task ids: {set(effects) - set(task_ids)}"
+        landed, kept_out = attempt_counts("task")
+        assert landed == effects, f"landed writes {landed} differ from the effect rows {effects}"
+        attempted = landed + kept_out
+        assert attempted.total() >= landed.total() == TASKS
+        task_runs = {key: len(times) for (_, key), times in starts(("task",)).items()}
+        over = {
+            k: (n, task_runs.get(k, 0)) for k, n in attempted.items() if n > task_runs.get(k, 0)
+        }
+        assert not over, f"more effect writes than executions (task id: writes, runs): {over}"
+        # A task killed after its write that ran again tried to write again, and was kept out:
+        # its first write (seen before the kill) and its last, completed, execution's.
+        retried = [key for kill in kills for key in kill.written if task_runs[key] > 1]
+        not_tried = {key: (attempted[key], kept_out[key]) for key in retried if kept_out[key] < 1}
+        assert not not_tried, f"re-runs of written tasks that wrote no second time: {not_tried}"
+        print(
+            f"task effect writes: {attempted.total()} attempted, {landed.total()} landed, "
+            f"{kept_out.total()} kept out by the task's own check; killed after their write and "
+            f"run again: {len(retried)}"
+        )
 
-        # A task or chunk ran again only when a kill interrupted its previous execution.
+        # A task or chunk ran again only when a kill interrupted its previous execution: it was
+        # running when the kill came (see the module docstring for the window).
         reruns: Counter[int] = Counter()
+        how: Counter[str] = Counter()
         unexplained = []
-        for (kind, key), times in starts(("task", "chunk")).items():
-            for before, after in itertools.pairwise(times):
-                between = [i for i, (at, _) in enumerate(kills) if before < at < after]
-                if between:
-                    reruns[between[0]] += 1
-                else:
+        not_running = []
+        for (kind, key), runs in executions(("task", "chunk")).items():
+            for before, after in itertools.pairwise(runs):
+                between = [
+                    i for i, kill in enumerate(kills) if before.started < kill.at < after.started
+                ]
+                if not between:
                     unexplained.append((kind, key))
+                    continue
+                kill = kills[between[0]]
+                reruns[between[0]] += 1
+                if (kind, key) in kill.running:
+                    how["in flight at the read"] += 1
+                elif before.start_id > kill.last_id:
+                    how["started after the read"] += 1
+                elif before.ended is not None and before.ended > kill.at - ACK_WINDOW:
+                    how[f"ended less than {ACK_WINDOW:g} s before the kill"] += 1
+                else:
+                    ended = "never" if before.ended is None else f"{kill.at - before.ended:.2f} s"
+                    not_running.append((kind, key, between[0] + 1, f"ended before it: {ended}"))
         assert not unexplained, f"ran again with no kill in between: {unexplained}"
-        print(f"re-runs per kill: {dict(reruns)} (at most {CONCURRENCY} each)")
+        print(f"re-runs per kill: {dict(reruns)} (at most {CONCURRENCY} each); {dict(how)}")
+        assert not not_running, (
+            "ran again after a kill that did not interrupt it (kind, key, kill, end): "
+            f"{not_running}"
+        )
         assert all(n <= CONCURRENCY for n in reruns.values()), reruns
         assert reruns.total() <= CONCURRENCY * KILLS
 
@@ -320,6 +446,10 @@ def test_nothing_is_lost_when_the_whole_worker_is_killed_three_times(
             f"item side effects not exactly once: missing {sorted(expected - item_effects)[:50]}, "
             f"extra {sorted(item_effects - expected)[:50]}"
         )
+        item_landed, item_kept_out = attempt_counts("item")
+        assert item_landed == item_effects
+        item_attempted = item_landed + item_kept_out
+        assert item_attempted.total() >= item_landed.total()
         # An item runs again only in a chunk that ran again. An interrupted delivery repeats at
         # most what it did since its last ledger write (done items are written every round of
         # batch_size once ledger_flush_every are waiting), and its dead items, which are written
@@ -332,6 +462,12 @@ def test_nothing_is_lost_when_the_whole_worker_is_killed_three_times(
         }
         interrupted = sum(len(chunk_starts[("chunk", chunk)]) - 1 for chunk in chunk_ids)
         item_runs = Counter({key: len(times) for (_, key), times in starts(("item",)).items()})
+        over = {k: (n, item_runs[k]) for k, n in item_attempted.items() if n > item_runs[k]}
+        assert not over, f"more item effect writes than executions (key: writes, runs): {over}"
+        print(
+            f"item effect writes: {item_attempted.total()} attempted, {item_landed.total()} "
+            f"landed, {item_kept_out.total()} kept out by the item's own check"
+        )
         again = {key: n for key, n in item_runs.items() if n > 1}
         stray = sorted(key for key in again if int(key) // CHUNK not in rerun_chunks)
         assert not stray, f"items that ran again outside a re-run chunk: {stray}"
