@@ -5,7 +5,8 @@ Three tables:
 - ``messages``: only unacknowledged messages. A row is free when ``receipt`` is NULL or its
   ``visible_at`` has passed (its taker died or gave up); acknowledging deletes it. Ready rows
   come out by ``priority`` (highest first, as in AMQP), then ``id``: a requeued row keeps its id
-  and so goes back to the front of its queue.
+  and so goes back to the front of its queue; a row put at the front (``PUT_FRONT``, a retry
+  after a lost pool process) gets an id below every other row's, down to negative ids.
 - ``bindings``: exchange -> queue bindings, shared by every process (fanout, topic).
 - ``queues``: the declared queues' ``x-message-ttl`` and ``x-expires`` arguments, so the
   short-lived reply and event queues of ``celery inspect`` and Flower expire instead of
@@ -67,6 +68,17 @@ _EXPIRES = "COALESCE(?, ? + (SELECT message_ttl FROM queues WHERE name = {queue}
 PUT = (
     "INSERT INTO messages (queue, priority, payload, expires_at) "
     f"VALUES (?, ?, ?, {_EXPIRES.format(queue='?')})"
+)
+# Ahead of every row of the table: ready rows come out by priority, then id.
+_FRONT_ID = "(SELECT COALESCE(min(id), 1) - 1 FROM messages)"
+PUT_FRONT = (
+    "INSERT INTO messages (id, queue, priority, payload, expires_at) "
+    f"VALUES ({_FRONT_ID}, ?, ?, ?, {_EXPIRES.format(queue='?')})"
+)
+# In place of a held row (its id and receipt): the copy keeps the row's expiry.
+REPLACE_FRONT = (
+    "INSERT INTO messages (id, queue, priority, payload, expires_at) "
+    f"SELECT {_FRONT_ID}, ?, ?, ?, expires_at FROM messages WHERE id = ? AND receipt = ?"
 )
 PUT_FANOUT = (
     "INSERT INTO messages (queue, priority, payload, expires_at) "

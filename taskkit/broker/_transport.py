@@ -121,6 +121,9 @@ class Channel(virtual.Channel):
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._no_ack_queues: set[str] = set()
+        #: Delivery tags whose row ``_put_front`` replaced: their acknowledgement has nothing left
+        #: to delete (and is no late acknowledgement to warn about).
+        self._replaced: set[str] = set()
         self._janitor_due = 0.0
         super().__init__(connection, **kwargs)
 
@@ -236,6 +239,10 @@ class Channel(virtual.Channel):
         return result
 
     def _ack(self, delivery_tag: str) -> None:
+        if delivery_tag in self._replaced:
+            self._replaced.discard(delivery_tag)  # deleted already, with its copy's insert
+            self._wake_poller()
+            return
         row_id, receipt = _split_tag(delivery_tag)
         if self._execute(schema.ACK, (row_id, receipt)).rowcount == 0:
             logger.warning(
@@ -247,7 +254,9 @@ class Channel(virtual.Channel):
 
     def _requeue(self, delivery_tags: Iterable[str]) -> int:
         """Free held messages at the front of their queues (they keep their ids)."""
-        rows = [_split_tag(tag) for tag in delivery_tags]
+        tags = list(delivery_tags)
+        self._replaced.difference_update(tags)  # their rows are gone: nothing to free
+        rows = [_split_tag(tag) for tag in tags]
         if not rows:
             return 0
         with self._write() as conn:
@@ -313,6 +322,42 @@ class Channel(virtual.Channel):
                 queue,
             ),
         )
+
+    def _put_front(self, queue: str, message: Any, replaces: str | None = None) -> bool:
+        """Put ``message`` at the front of ``queue``: the next message a consumer of the queue
+        takes (among messages of its priority), whatever was waiting.
+
+        ``replaces``: the delivery tag of a message this channel holds, deleted in the same
+        transaction (the copy keeps its expiry), so that exactly one of the two exists at any
+        moment; its acknowledgement afterwards deletes nothing and warns of nothing. False,
+        and nothing written, when that message is no longer held under this tag (acknowledged,
+        or taken by another worker after its visibility timeout passed).
+
+        Used by ``taskkit.tasks._requeue.requeue_at_front`` (a retry after a lost pool process).
+
+        Example::
+
+            channel._put_front("celery", payload, replaces=message.delivery_tag)
+        """
+        priority = self._get_message_priority(message)
+        body = json.dumps(message)
+        if replaces is None:
+            now = self.clock()
+            expires = self._expiration(message, now)
+            with self._write() as conn:
+                conn.execute(schema.PUT_FRONT, (queue, priority, body, expires, now, queue))
+            self._wake_poller()
+            return True
+        row_id, receipt = _split_tag(replaces)
+        with self._write() as conn:
+            copied = conn.execute(schema.REPLACE_FRONT, (queue, priority, body, row_id, receipt))
+            written = copied.rowcount > 0
+            if written:
+                conn.execute(schema.ACK, (row_id, receipt))
+        if written:  # committed
+            self._replaced.add(replaces)
+            self._wake_poller()
+        return written
 
     def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
         now = self.clock()

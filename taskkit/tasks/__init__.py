@@ -32,9 +32,9 @@ worker once they are ``TASKKIT_VISIBILITY_TIMEOUT`` (30 s) old, and the other wo
 sweep runs every 5 s, so a dead worker's task runs again within about 35 s. Live workers
 re-stamp the messages they hold every 10 s, so a long task, or a retry waiting for its
 countdown, is never handed out while its worker lives. A pool process that dies is noticed by
-its worker at once and the task runs again (``retry_on_worker_lost``; on Redis at once, ahead of
-the queue). A delivery whose lease another live task holds is a duplicate: dropped (state
-``IGNORED``), counted, never a failure or a dead letter.
+its worker at once and the task runs again (``retry_on_worker_lost``; on Redis and the embedded
+broker at once, ahead of the queue). A delivery whose lease another live task holds is a
+duplicate: dropped (state ``IGNORED``), counted, never a failure or a dead letter.
 
 Example::
 

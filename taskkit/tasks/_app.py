@@ -43,6 +43,12 @@ BACKEND_RETRY_POLICY: dict[str, float] = {
 
 #: Seconds between the Redis transport's sweeps for messages of dead workers.
 RESTORE_INTERVAL = 5
+#: Seconds a worker without an event loop (the embedded broker's: billiard's threaded pool)
+#: waits for the result of a task whose pool process died before it fails the task with
+#: ``WorkerLostError`` (``worker_lost_wait``; Celery's 10 s held a killed chunk's front-of-queue
+#: retry back that long). A result the process sent before it died is read within
+#: milliseconds; on Redis and RabbitMQ (event loop) the task fails at once whatever this says.
+LOST_WORKER_WAIT = 1.0
 
 
 def reliable_defaults(settings: Settings) -> dict[str, Any]:
@@ -64,6 +70,7 @@ def reliable_defaults(settings: Settings) -> dict[str, Any]:
         # Acknowledge after the task ran; a lost worker means redelivery, not loss.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        "worker_lost_wait": LOST_WORKER_WAIT,
         "worker_prefetch_multiplier": 1,
         "task_track_started": True,
         "broker_connection_retry": True,
