@@ -8,7 +8,9 @@ Celery app sends to the embedded broker there and nothing consumes it. Checked f
 - the answer conforms to the schema (body and content type, for the documented status codes);
 - every 4xx says why: ``detail`` is a non-empty string, or a non-empty list of validation errors
   each with a non-empty ``msg``;
-- a rejected request changes nothing: for a 4xx, every row of every table is as before;
+- a rejected request changes nothing: for a 4xx, every row of every table is as before, and
+  so are the embedded broker's queue (its SQLite file: messages, bindings, queues), the result
+  backend's SQLite file and the checkpoint folder (each file's path, size and time);
 - a mutating request without a token, or with a wrong one, is refused (401 for a well-formed
   one) and changes nothing, before the same request is sent with the valid token.
 
@@ -145,6 +147,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             upgrade(settings.database_url)
             celery_app = _celery_app(settings)
             known = _seed(settings, celery_app)
+            seeded = _snapshot(settings)
+            assert seeded["broker messages"], "no message waits in the embedded broker"
+            assert seeded["checkpoint folder"], "no checkpoint file to watch"
             api = create_api(settings, celery_app)
             schema = schemathesis.openapi.from_asgi("/openapi.json", api)
             yield Service(api=api, settings=settings, schema=schema, known=known)
@@ -248,6 +253,8 @@ def _seed(settings: Settings, celery_app: Any) -> dict[str, list[Any]]:
         with CheckpointStore(run_ids[0], run_uid=uids[0], keep_last=5) as store:
             store.save({"weights": [0.1 * step] * 4}, step=step, metrics={"loss": 1.0 / (step + 1)})
     mark_completed(run_ids[0], _model(), 0.91, database_url=settings.database_url)
+    # A message waiting in the embedded broker: a request that took or purged it would show.
+    celery_app.send_task("tkschema.work", args=["seeded"])
     return {"integer": sorted({*run_ids, *letter_ids}), "string": ["batch-1", "tkschema.work"]}
 
 
@@ -260,15 +267,18 @@ def _model() -> Any:
     return LinearRegression().fit(features, features.sum(axis=1))
 
 
-def _snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
+def _snapshot(settings: Settings) -> dict[str, Any]:
+    """Everything a request could write: every row of every table of the models, every row of
+    the embedded broker's queue file and of the result backend's file, and the checkpoint
+    folder (each file's path, size and modification time)."""
     from taskkit.db.models import Base
     from taskkit.db.session import get_engine
 
     # Every table of the models (a table added later is watched too): a rejected request must
     # leave each row as it was.
-    with get_engine(url).connect() as connection:
-        return {
-            table.name: sorted(
+    with get_engine(settings.database_url).connect() as connection:
+        state: dict[str, Any] = {
+            f"table {table.name}": sorted(
                 (
                     tuple(map(repr, row))
                     for row in connection.execute(text(f"SELECT * FROM {table.name}"))
@@ -276,10 +286,63 @@ def _snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
             )
             for table in Base.metadata.sorted_tables
         }
+    for what, path in _sqlite_files(settings):
+        state.update({f"{what} {name}": rows for name, rows in _sqlite_rows(path).items()})
+    state["checkpoint folder"] = _files(Path(settings.checkpoint_dir))
+    return state
+
+
+def _sqlite_files(settings: Settings) -> list[tuple[str, Path]]:
+    """The SQLite files of the embedded broker (``taskkit+sqlite:///…/queue.db``: messages,
+    bindings, queues) and of the result backend (``db+sqlite:///…/results.db``)."""
+    files = []
+    for what, url, scheme in (
+        ("broker", settings.broker_url, "taskkit+sqlite:///"),
+        ("results", settings.result_backend or "", "db+sqlite:///"),
+    ):
+        assert url.startswith(scheme), f"the schema test expects the embedded {what}, got {url}"
+        files.append((what, Path(url[len(scheme) :].split("?", 1)[0])))
+    return files
+
+
+def _sqlite_rows(path: Path) -> dict[str, list[tuple[str, ...]]]:
+    """Every row of every table of an SQLite file, read only (a missing file: no tables; one
+    made later shows as new tables)."""
+    import sqlite3
+
+    if not path.exists():
+        return {}
+    connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        names = [
+            name
+            for (name,) in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+            )
+        ]
+        return {
+            name: sorted(
+                tuple(map(repr, row)) for row in connection.execute(f'SELECT * FROM "{name}"')
+            )
+            for name in names
+        }
+    finally:
+        connection.close()
+
+
+def _files(folder: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file under ``folder``."""
+    if not folder.exists():
+        return []
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    )
 
 
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    return [table for table in before if before[table] != after.get(table)]
+    return [name for name in before.keys() | after.keys() if before.get(name) != after.get(name)]
 
 
 def _clear_message(response: Any) -> str | None:
@@ -352,23 +415,22 @@ def _call(case: Any, headers: dict[str, str], findings: Findings, label: str) ->
 def _exercise(
     case: Any, service: Service, findings: Findings, mode: GenerationMode, *, guarded: bool
 ) -> None:
-    url = service.settings.database_url
     if guarded:
         for label, headers in (
             ("no token", {}),
             ("wrong token", {"Authorization": "Bearer not-" + TOKEN}),
         ):
-            before = _snapshot(url)
+            before = _snapshot(service.settings)
             response = _call(case, headers, findings, label)
             if response is None:
                 continue
-            changed = _changed(before, _snapshot(url))
+            changed = _changed(before, _snapshot(service.settings))
             if changed:
                 findings.add(f"{label}: wrote {changed}", case, str(response.status_code))
             expected = {401} if mode is GenerationMode.POSITIVE else set(range(400, 500))
             if response.status_code not in expected and not _unrouted(response):
                 findings.add(f"{label}: answered {response.status_code}", case, response.text[:300])
-    before = _snapshot(url)
+    before = _snapshot(service.settings)
     response = _call(case, {"Authorization": f"Bearer {TOKEN}"}, findings, "token")
     if response is None:
         return
@@ -386,7 +448,7 @@ def _exercise(
         reason = _clear_message(response)
         if reason:
             findings.add(f"{status} without a message", case, reason)
-        changed = _changed(before, _snapshot(url))
+        changed = _changed(before, _snapshot(service.settings))
         if changed:
             findings.add(f"{status} but wrote {changed}", case, response.text[:300])
 
