@@ -61,7 +61,7 @@ TEST_TIME = "local now = tonumber(redis.call('GET', KEYS[1] .. ':clock'))\n"
 
 
 @pytest.fixture
-def test_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+def budget_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Budgets made from here on refill by the test's clock in Redis, not the server's."""
     script = _redis_budget._REFILL_AND_SPEND
     assert SERVER_TIME in script  # the script changed: this test must follow it
@@ -77,7 +77,7 @@ def tokens(redis_client: redis.Redis, key: str) -> float:
     return float(redis_client.hget(key, "tokens"))
 
 
-@pytest.mark.usefixtures("test_clock")
+@pytest.mark.usefixtures("budget_clock")
 def test_two_clients_share_one_retry_budget_in_redis(
     server: FlakyServer, redis_url: str, redis_client: redis.Redis, key_prefix: str
 ) -> None:
