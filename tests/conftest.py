@@ -26,6 +26,12 @@ from typing import Any
 
 import pytest
 import redis
+
+# pytest-xdist's workers run with COLUMNS/LINES set to their controller's terminal; the CLI's
+# consoles read COLUMNS once, when taskkit.cli is imported, and would keep that width for every
+# test. The tests give each command the width it needs (CliRunner's env).
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
