@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal, Protocol, cast
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from taskkit._utils import mask_password
@@ -126,8 +127,11 @@ class _NoLocalModel(Exception):
         503: {"description": "Neither the external predictor nor a local model answered"},
     },
 )
-async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
+async def predict(body: PredictRequest, request: Request) -> Response:
     """Predict with circuit breaker and fallback."""
+    # The answer is rendered here, validated once (``response_model`` documents it): FastAPI
+    # would validate the returned dict against PredictResponse again, and for the local model's
+    # answer, built here from known types, that was most of /predict's own cost (issue 16).
     app = request.app
     features = body.features
     client = _client(app)
@@ -142,7 +146,7 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
         if not isinstance(result, dict) or "prediction" not in result:
             raise ValueError("the external predictor's answer has no 'prediction'")
         answer = {**result, "source": "external", "circuit_status": breaker.state.value}
-        PredictResponse.model_validate(answer)
+        checked = PredictResponse.model_validate(answer)
     except ValidationError as exc:
         # Answering it would be a 500: it counts as a failed call (not against the breaker).
         problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -151,14 +155,14 @@ async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
     except Exception as exc:
         reason = mask_password(" ".join(str(exc).split()) or type(exc).__name__)
         return await _local(app, features, breaker.state.value, reason)
-    return answer
+    return _render(checked)
 
 
 #: A local model raising one of these refuses the features (422); anything else is a 503.
 _FEATURE_ERRORS = (ValueError, TypeError, LookupError)
 
 
-async def _local(app: Any, features: list[float], circuit: str, reason: str) -> dict[str, Any]:
+async def _local(app: Any, features: list[float], circuit: str, reason: str) -> Response:
     try:
         run_id, model = await _local_model(app)
     except _NoLocalModel as exc:
@@ -186,12 +190,27 @@ async def _local(app: Any, features: list[float], circuit: str, reason: str) -> 
         "source": "local_fallback",
         "circuit_status": circuit,
         "fallback_reason": reason,
-        "model": "local_fallback",
-        "model_run_id": run_id,
     }
     if confidence is not None:
         answer["confidence"] = confidence
-    return answer
+    answer["model"] = "local_fallback"
+    answer["model_run_id"] = run_id
+    if type(prediction) in _SCALARS or (type(prediction) is float and math.isfinite(prediction)):
+        # One number or string (a classifier's label, a regressor's value): nothing to
+        # validate, so JSON at once, as FastAPI writes it (compact, no NaN).
+        return JSONResponse(answer)
+    # Anything else as FastAPI did with the response model: a list or an object is checked as
+    # JSON (a value that is not is a 500), NaN and infinities become null, None is left out.
+    return _render(PredictResponse.model_validate(answer))
+
+
+#: Types of a prediction answered without validation (and a finite ``float``).
+_SCALARS = (int, str, bool)
+
+
+def _render(answer: PredictResponse) -> Response:
+    """``answer`` as JSON, ``None`` fields left out (``response_model_exclude_none``)."""
+    return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 def _predict_with(model: Any, features: list[float]) -> tuple[Any, float | None]:
