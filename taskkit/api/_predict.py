@@ -118,15 +118,6 @@ class _NoLocalModel(Exception):
     pass
 
 
-@router.post(
-    "/predict",
-    response_model=PredictResponse,
-    response_model_exclude_none=True,
-    responses={
-        422: {"description": "Bad features"},
-        503: {"description": "Neither the external predictor nor a local model answered"},
-    },
-)
 async def predict(body: PredictRequest, request: Request) -> Response:
     """Predict with circuit breaker and fallback."""
     # The answer is rendered here, validated once (``response_model`` documents it): FastAPI
@@ -156,6 +147,24 @@ async def predict(body: PredictRequest, request: Request) -> Response:
         reason = mask_password(" ".join(str(exc).split()) or type(exc).__name__)
         return await _local(app, features, breaker.state.value, reason)
     return _render(checked)
+
+
+#: ``POST /predict`` as ``router`` has it (for an app of the seed's) and ``create_api`` adds it:
+#: on the app's own router, ahead of the others (a route of an included router is matched
+#: through it, which costs /predict ~25 us a request).
+ROUTE: dict[str, Any] = {
+    "path": "/predict",
+    "endpoint": predict,
+    "methods": ["POST"],
+    "tags": ["predict"],
+    "response_model": PredictResponse,
+    "response_model_exclude_none": True,
+    "responses": {
+        422: {"description": "Bad features"},
+        503: {"description": "Neither the external predictor nor a local model answered"},
+    },
+}
+router.add_api_route(**ROUTE)
 
 
 #: A local model raising one of these refuses the features (422); anything else is a 503.
