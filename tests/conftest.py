@@ -32,6 +32,14 @@ import redis
 # test. The tests give each command the width it needs (CliRunner's env).
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
+# Each pytest-xdist worker is a session of its own, with its own nonce for the names it puts in
+# Redis (tests/_support/apps.py). The controller may have set one already (loading a folder's
+# conftest that imports the test apps), and its workers would all inherit it and share queues.
+# Worker subprocesses import this module too (through the test apps): they keep their parent's.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _XDIST_WORKER and os.environ.get("TASKKIT_TEST_RUN_WORKER") != _XDIST_WORKER:
+    os.environ["TASKKIT_TEST_RUN"] = uuid.uuid4().hex[:10]
+    os.environ["TASKKIT_TEST_RUN_WORKER"] = _XDIST_WORKER
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session

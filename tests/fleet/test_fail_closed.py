@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from celery.exceptions import TimeoutError as ResultTimeout
 
 from tests._support.apps import RedisTestApp
 from tests._support.workers import WorkerProcess, wait_for
@@ -73,7 +74,11 @@ def test_limited_task_waits_while_its_redis_is_down(
         assert kit.counter.llen(kit.key("retries", "rated")) == 0  # no body ran
         assert result.state != "SUCCESS"
         limits_redis.append(_start(PORT, tmp_path))
-        assert result.get(timeout=60) == 7
+        try:
+            assert result.get(timeout=60) == 7
+        except ResultTimeout:  # say what the worker did meanwhile
+            tail = worker.log()[-6000:]
+            pytest.fail(f"no result 60 s after the limits' Redis came back; worker log:\n{tail}")
         assert [int(r) for r in kit.counter.lrange(kit.key("retries", "rated"), 0, -1)] == [0]
     finally:
         worker.stop()

@@ -9,6 +9,7 @@ from celery.exceptions import Retry
 
 from taskkit.errors import ConfigurationError, PermanentError
 from taskkit.tasks import ResilientTask, TaskFailure, create_app
+from tests._support.workers import wait_for
 from tests.tasks import apps
 
 
@@ -57,6 +58,9 @@ def test_terminal_failures_are_recorded_with_name_args_error_traceback_and_attem
             result = apps.flaky.delay("recorded", 100, "KeyError")
             with pytest.raises(KeyError):
                 result.get(timeout=30)
+            # Celery stores the failure, then sends task_failure (which calls record_failure):
+            # the result can reach this thread before the worker thread records it.
+            wait_for(lambda: recorded, 10, "record_failure to be called")
     finally:
         apps.flaky.__class__.record_failure = original
     (failure,) = recorded
