@@ -282,7 +282,7 @@ class ItemLedger:
                     now.isoformat().encode(),
                 ],
             )
-        except DBAPIError:
+        except BaseException:  # interrupted too (a time limit): its answer may be in flight
             _drop_kept(raw.connection)  # the retry (db_retry) connects again
             raise
         value = result.get_value
@@ -318,7 +318,7 @@ class ItemLedger:
                     return True
                 if raw.run(self.engine, statement, name, parameters).command_tuples:
                     return True
-            except DBAPIError:
+            except BaseException:  # interrupted too (a time limit): its answer may be in flight
                 _drop_kept(raw.connection)  # the retry (db_retry) connects again
                 raise
         # The row is gone (a crash of the server lost the claim) or the fence refused the
@@ -684,20 +684,13 @@ def _kept_connection(engine: Engine) -> Connection:
     if kept.pid != pid:
         kept.pid, kept.engine, kept.connection, kept.raw = pid, None, None, None
     connection = kept.connection
-    if connection is not None and kept.engine is engine and not connection.invalidated:
-        raw = kept.raw
-        if raw is None or raw.pending is None:
-            return connection
-        try:
-            raw.collect()
-            return connection
-        except DBAPIError:
-            _drop_kept(connection)
-            connection = None
     if connection is not None:
-        _collect_kept()  # the connection goes back to its pool: with no answer left unread
-        if kept.connection is not None:
-            kept.connection.close()
+        _collect_kept()  # dropped if that failed
+        connection = kept.connection
+    if connection is not None and kept.engine is engine and not connection.invalidated:
+        return connection
+    if connection is not None:  # back to its pool, with no answer left unread
+        connection.close()
     connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     kept.engine, kept.connection, kept.raw = engine, connection, None
     return connection
@@ -834,12 +827,12 @@ class _Raw:
     parameters, their results read from libpq without SQLAlchemy's execute and result machinery
     or psycopg's cursor (the Python around a statement, not its round trip, was most of what
     separated a chunk's ledger time from its three round trips). A statement may be sent
-    without waiting for its answer (``send``): ``collect`` reads that answer, and ``_kept_connection`` calls it before
-    anything else uses the connection. Errors are raised as SQLAlchemy raises them
-    (``DBAPIError``, invalidated on a disconnect), so ``db_retry`` classifies them the same.
-    A connection whose psycopg ``prepare_threshold`` is None (a pooler that cannot keep
-    prepared statements) gets them unprepared; a ``DEALLOCATE ALL`` run on it is survived
-    (prepared again)."""
+    without waiting for its answer (``send``): ``collect`` reads that answer, and
+    ``_kept_connection`` calls it before anything else uses the connection. Errors are raised
+    as SQLAlchemy raises them (``DBAPIError``, invalidated on a disconnect), so ``db_retry``
+    classifies them the same. A connection whose psycopg ``prepare_threshold`` is None (a
+    pooler that cannot keep prepared statements) gets them unprepared; a ``DEALLOCATE ALL`` run
+    on it is survived (prepared again)."""
 
     def __init__(self, connection: Connection) -> None:
         # psycopg is the ``postgres`` extra: imported once the raw path is taken.
@@ -969,6 +962,9 @@ def _collect_kept() -> None:
             raw.collect()
         except DBAPIError:
             _drop_kept(raw.connection)
+        except BaseException:  # interrupted (a time limit): the answer may still be in flight
+            _drop_kept(raw.connection)
+            raise
 
 
 def _kept_raw(engine: Engine) -> _Raw:

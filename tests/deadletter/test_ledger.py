@@ -818,3 +818,35 @@ def test_the_held_path_takes_a_statement_already_prepared_on_its_session(
         "a": "done",
         "b": "done",
     }
+
+
+def test_a_statement_interrupted_while_waiting_drops_the_kept_connection(
+    engine: Engine, batch_id: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A time limit raised while the ledger waits for an answer: the answer may still come,
+    so the connection is not kept; the next write opens another."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL keeps a connection")
+    from taskkit.deadletter._ledger import _Raw
+
+    class TimeLimit(Exception):
+        pass
+
+    def interrupted(self: _Raw, statement: str) -> None:
+        raise TimeLimit("soft time limit exceeded")
+
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a", "b"], durable=False)
+        kept = _KEPT.connection
+        with monkeypatch.context() as patched:
+            patched.setattr(_Raw, "_answer", interrupted)
+            with pytest.raises(TimeLimit):
+                ledger.finish(done_at=[0], durable=False)
+        assert _KEPT.connection is None
+        assert kept is not None
+        assert kept.closed
+        ledger.finish(done_at=[1])
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+    }
