@@ -341,7 +341,12 @@ to 14.4 µs per item against 2.5 to 2.6 µs now (the claim's `INSERT` of 1,000 r
 commit before the kept connection and the flags-only updates (218e8d9, load average 0.9,
 2026-12-01 22:45 UTC), the same section gave 0.24x with no work, 0.74x at 20 µs and 0.91x at
 100 µs (a ledger cost of 9.8 µs per item), and 0.31x, 0.82x and 0.95x (6.1 µs) right after, in
-the same minutes.
+the same minutes. The raw psycopg path and the unanswered mid-chunk flush, against the commit
+before them (e7a3f62), four runs each taking turns, 30 chunks per row (2026-12-02 02:33 UTC,
+load average 1.0 to 1.3): with no work 0.31x to 0.41x before, 0.42x to 0.46x after; at 20 µs
+0.87x to 0.92x before, 0.91x to 0.92x after; at 100 µs 0.97x before, 0.98x after. At load 2.2
+to 3.2 (02:25 UTC) the same runs gave 0.30x to 0.37x before and 0.39x to 0.44x after with no
+work, 0.85x to 0.86x and 0.87x to 0.90x at 20 µs.
 
 Measured with `python -m benchmarks.bench_batch ledger` on {machine()}, {when}, commit
 {commit}, load average {load:.1f} (other jobs on the same 2 cores).
