@@ -26,8 +26,12 @@ Cost on PostgreSQL (issue 18): used as a context manager (``with ItemLedger(...)
 thread keeps between chunks, not a pool checkout (and its ping) per statement; only the claim
 sends the chunk's keys (stored lz4-compressed, migration 0012), the writes after it update the
 flags alone and write the row whole only if a crash of the server lost the claim. A chunk costs
-three round trips: the claim, a flush every ``ledger_flush_every`` items (no WAL flush awaited)
-and the durable end.
+three statements: the claim, a flush every ``ledger_flush_every`` items (no WAL flush awaited)
+and the durable end. With psycopg they skip SQLAlchemy's execute (``_Raw``: prepared once per
+connection, their results read from libpq; ``statement_hooks`` sees them), and ``BatchTask``
+sends its flushes without waiting for their answers (``finish(wait=False)``: the write is on
+its way to the server when ``finish`` returns, its answer is read before the next statement),
+so a chunk waits for two round trips, the claim and the durable end.
 
 Example::
 
@@ -45,11 +49,12 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     Connection,
@@ -135,12 +140,15 @@ class ItemLedger:
         self._stored = False
         #: PostgreSQL, inside ``with``: statements go to this thread's kept connection.
         self._holding = False
+        #: ... and with psycopg, the claim and the flag updates take its raw path (``_Raw``).
+        self._raw = False
 
     def __enter__(self) -> ItemLedger:
         """Inside the block, the ledger's one-statement writes use this thread's kept
         connection (PostgreSQL; elsewhere nothing changes): no pool checkout, ping and return
         per statement or per chunk. See ``_kept_connection``."""
         self._holding = self.engine.dialect.name == "postgresql"
+        self._raw = self._holding and self.engine.dialect.driver == "psycopg"
         return self
 
     def __exit__(
@@ -149,7 +157,9 @@ class ItemLedger:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        self._holding = False
+        if self._raw:
+            _collect_kept()  # a write sent without waiting: its answer
+        self._holding = self._raw = False
 
     @contextmanager
     def _statement(self, *, durable: bool = True) -> Iterator[Connection]:
@@ -193,39 +203,43 @@ class ItemLedger:
             finished = ledger.claim(keys, fenced=True)
             ledger.finish(done=keys)          # LeaseLost if another delivery claimed since
         """
-        keys = [str(key) for key in keys]
+        keys = list(map(str, keys))
         if len(set(keys)) != len(keys):
             raise ConfigurationError(f"repeated keys in a chunk of batch {self.batch_id!r}")
         keys_json = _keys_json(keys)
-        chunk = hashlib.sha256(keys_json.encode()).hexdigest()
+        encoded = keys_json.encode()
+        chunk = hashlib.sha256(encoded).hexdigest()
         now = datetime.now(UTC)
-        zeros = "0" * len(keys)
-        with self._statement(durable=durable) as connection:
-            row = connection.execute(
-                _sql(
-                    "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, "
-                    "claims, updated_at) VALUES (:batch_id, :chunk, :keys, :size, :zeros, "
-                    ":zeros, 1, :now) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
-                    "claims = c.claims + 1, updated_at = excluded.updated_at "
-                    "RETURNING done, dead, EXISTS (SELECT 1 FROM batch_item_rows r "
-                    f"WHERE r.batch_id = :batch_id), claims{_asynchronous(connection, durable)}"
-                ),
-                {
-                    "batch_id": self.batch_id,
-                    "chunk": chunk,
-                    "keys": keys_json,
-                    "size": len(keys),
-                    "zeros": zeros,
-                    "now": now,
-                },
-            ).one()
-        done, dead = bytearray(row[0].encode()), bytearray(row[1].encode())
-        if row[2]:  # rows of the old ledger (or of loose keys): move them into the chunk
+        if self._raw:
+            done, dead, moved, claims = self._claim_raw(chunk, encoded, len(keys), now, durable)
+        else:
+            with self._statement(durable=durable) as connection:
+                row = connection.execute(
+                    _sql(
+                        "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, "
+                        "claims, updated_at) VALUES (:batch_id, :chunk, :keys, :size, :zeros, "
+                        ":zeros, 1, :now) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
+                        "claims = c.claims + 1, updated_at = excluded.updated_at "
+                        "RETURNING done, dead, EXISTS (SELECT 1 FROM batch_item_rows r "
+                        f"WHERE r.batch_id = :batch_id), claims{_asynchronous(connection, durable)}"
+                    ),
+                    {
+                        "batch_id": self.batch_id,
+                        "chunk": chunk,
+                        "keys": keys_json,
+                        "size": len(keys),
+                        "zeros": "0" * len(keys),
+                        "now": now,
+                    },
+                ).one()
+            done, dead = bytearray(row[0].encode()), bytearray(row[1].encode())
+            moved, claims = bool(row[2]), int(row[3])
+        if moved:  # rows of the old ledger (or of loose keys): move them into the chunk
             with _transaction(self.engine) as connection:
-                moved = _take_rows(connection, self.batch_id, keys)
-                if moved:
+                moved_rows = _take_rows(connection, self.batch_id, keys)
+                if moved_rows:
                     for position, key in enumerate(keys):
-                        status = moved.get(key)
+                        status = moved_rows.get(key)
                         if status == "done":
                             done[position] = ord("1")
                         elif status == "dead":
@@ -234,7 +248,7 @@ class ItemLedger:
         self._chunk, self._keys_json, self._stored = chunk, keys_json, True
         self._keys, self._positions = keys, None  # positions: on the first finish by key
         self._done, self._dead = done, dead
-        self._fence = int(row[3]) if fenced else None
+        self._fence = claims if fenced else None
         finished: dict[str, str] = {}
         if b"1" in done or b"1" in dead:  # a first delivery finds nothing: skip the walk
             for position, key in enumerate(keys):
@@ -243,6 +257,98 @@ class ItemLedger:
                 elif done[position] == ord("1"):
                     finished[key] = "done"
         return finished
+
+    def _claim_raw(
+        self, chunk: str, keys: bytes, size: int, now: datetime, durable: bool
+    ) -> tuple[bytearray, bytearray, bool, int]:
+        """The claim's statement on the raw path: (done, dead, old rows exist, claims).
+        ``keys``: the keys' JSON in UTF-8."""
+        raw = _kept_raw(self.engine)
+        statement, name = _raw_statement("claim", durable, False)
+        text_of = raw.encoding
+        if text_of != "utf-8":
+            keys = keys.decode().encode(text_of)
+        try:
+            result = raw.run(
+                self.engine,
+                statement,
+                name,
+                [
+                    self.batch_id.encode(text_of),
+                    chunk.encode(),
+                    keys,
+                    str(size).encode(),
+                    b"0" * size,
+                    now.isoformat().encode(),
+                ],
+            )
+        except BaseException:  # interrupted too (a time limit): its answer may be in flight
+            _drop_kept(raw.connection)  # the retry (db_retry) connects again
+            raise
+        value = result.get_value
+        return (
+            bytearray(value(0, 0)),
+            bytearray(value(0, 1)),
+            value(0, 2) == b"t",
+            int(value(0, 3)),
+        )
+
+    def _write_raw(
+        self, done: bytearray, dead: bytearray, now: datetime, durable: bool, wait: bool
+    ) -> bool:
+        """``_write_flags`` for the claimed chunk, its flags-only update on the raw path; not
+        ``wait``: sent without waiting for its answer (``_flushed`` takes it later)."""
+        assert self._chunk is not None
+        if self._stored:
+            raw = _kept_raw(self.engine)
+            fenced = self._fence is not None
+            statement, name = _raw_statement("flags", durable, fenced)
+            parameters = [
+                bytes(dead),
+                bytes(done),
+                now.isoformat().encode(),
+                self.batch_id.encode(raw.encoding),
+                self._chunk.encode(),
+            ]
+            if fenced:
+                parameters.append(str(self._fence).encode())
+            try:
+                if not wait:
+                    raw.send(self.engine, statement, name, parameters, self._flushed)
+                    return True
+                if raw.run(self.engine, statement, name, parameters).command_tuples:
+                    return True
+            except BaseException:  # interrupted too (a time limit): its answer may be in flight
+                _drop_kept(raw.connection)  # the retry (db_retry) connects again
+                raise
+        # The row is gone (a crash of the server lost the claim) or the fence refused the
+        # update: the whole-row statement decides, keys included.
+        with self._statement(durable=durable) as connection:
+            return _write_flags(
+                connection,
+                self.batch_id,
+                self._chunk,
+                self._keys_json,
+                done,
+                dead,
+                now,
+                durable=durable,
+                fence=self._fence,
+            )
+
+    def _flushed(self, result: Any, error: DBAPIError | None) -> None:
+        """The answer of a flag update sent without waiting (``finish(wait=False)``), read
+        before this thread's next ledger statement. Its flags are this object's already, so
+        the next write sends them again whatever happened to this one."""
+        if error is not None:
+            logger.warning(
+                "taskkit: batch %s: a ledger write of done items failed (%s); the next write "
+                "carries its flags",
+                self.batch_id,
+                error,
+            )
+        elif not result.command_tuples:  # the row is gone, or the fence refused the update
+            self._stored = False  # the next write decides: the whole row, or LeaseLost
 
     @db_retry(max_attempts=5)
     def finish(
@@ -254,6 +360,7 @@ class ItemLedger:
         record: bool = True,
         durable: bool = True,
         done_at: Sequence[int] = (),
+        wait: bool = True,
     ) -> None:
         """In one transaction: mark ``done`` keys (and the keys at positions ``done_at`` of the
         claimed chunk: cheaper than naming them) done, mark the keys of the ``dead`` entries
@@ -273,9 +380,21 @@ class ItemLedger:
 
             ledger.finish(done=keys[:500], durable=False)   # mid-chunk flush
             ledger.finish(done=keys[500:])                  # the chunk's end: durable
+
+        ``wait=False`` (with ``durable=False``; PostgreSQL with psycopg, inside ``with``, flags
+        of the claimed chunk only): the write is sent (it is in the socket, on its way to the
+        server, when ``finish`` returns: a worker that dies then keeps it) and its answer is
+        read by this thread's next ledger statement, or at the end of the ``with`` block, so
+        the round trip overlaps the caller's next items. What the answer says is handled there:
+        a failed write is logged and its flags go again with the next write (they are this
+        object's already); a write the fence refused wrote nothing, and the next write of this
+        object is refused too, in its own statement, and raises ``LeaseLost``. Elsewhere it
+        waits as usual. ``BatchTask`` sends its mid-chunk flushes this way.
         """
         if not durable and dead:
             raise ConfigurationError("dead items are always written durably (durable=True)")
+        if not wait and durable:
+            raise ConfigurationError("only a write that skips the WAL flush may skip its answer")
         keyless = [entry.task_name for entry in dead if entry.item_key is None]
         if keyless:  # str(None) would mark an item named "None" dead
             raise ConfigurationError(
@@ -309,6 +428,13 @@ class ItemLedger:
                 dead_flags[position] = ord("1")
                 done_flags[position] = ord("0")
         alone = not (loose_done or loose_dead or rows)  # one statement: no transaction needed
+        if self._raw:
+            _collect_kept()  # what a write sent without waiting said comes first
+            if alone and self._chunk is not None:
+                if not self._write_raw(done_flags, dead_flags, now, durable, wait):
+                    raise self._refused(len(done) + len(done_at), len(dead))
+                self._done, self._dead = done_flags, dead_flags
+                return
         scope = (
             self._statement(durable=durable)
             if alone
@@ -528,12 +654,13 @@ def _statement(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
 
 
 class _Kept(threading.local):
-    """This thread's kept ledger connection, the engine it is of, and the process it was
-    opened in."""
+    """This thread's kept ledger connection, the engine it is of, the process it was opened
+    in, and its raw handle (``_Raw``, made on first use)."""
 
     pid = 0
     engine: Engine | None = None
     connection: Connection | None = None
+    raw: _Raw | None = None
 
 
 _KEPT = _Kept()
@@ -548,25 +675,31 @@ def _kept_connection(engine: Engine) -> Connection:
     first), so at most one idle connection per worker thread. It is never pinged: a connection
     the server dropped fails its next statement, is dropped (``_drop_kept``) and the ledger's
     retry opens another. After a fork the child forgets the parent's without closing it.
+    A statement sent on it without waiting (``_Raw.send``) has its answer read first; if that
+    fails, the connection is dropped and another opened (the failure went to the statement's
+    own handler).
     """
     kept = _KEPT
     pid = os.getpid()
     if kept.pid != pid:
-        kept.pid, kept.engine, kept.connection = pid, None, None
+        kept.pid, kept.engine, kept.connection, kept.raw = pid, None, None, None
     connection = kept.connection
+    if connection is not None:
+        _collect_kept()  # dropped if that failed
+        connection = kept.connection
     if connection is not None and kept.engine is engine and not connection.invalidated:
         return connection
-    if connection is not None:
+    if connection is not None:  # back to its pool, with no answer left unread
         connection.close()
     connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-    kept.engine, kept.connection = engine, connection
+    kept.engine, kept.connection, kept.raw = engine, connection, None
     return connection
 
 
 def _drop_kept(connection: Connection) -> None:
     """Forget (and invalidate) a kept connection whose statement failed."""
     if _KEPT.connection is connection:
-        _KEPT.engine, _KEPT.connection = None, None
+        _KEPT.engine, _KEPT.connection, _KEPT.raw = None, None, None
     connection.invalidate()
     connection.close()
 
@@ -642,6 +775,205 @@ def _insert_missing(
     ]
     statement = sqlite.insert(_TABLE).on_conflict_do_nothing().returning(_TABLE.c.item_key)
     return set(connection.scalars(statement, rows))
+
+
+# -- the raw PostgreSQL path of the hot statements (issue 18) ------------------------------------
+
+#: Called with ``(engine, statement)`` for each statement the ledger sends on its raw PostgreSQL
+#: path (the claim and the flag updates of a ``with`` block), which skips SQLAlchemy's execute
+#: and so its ``before_cursor_execute`` events. Empty unless someone listens (tests count the
+#: chunk's statements here).
+statement_hooks: list[Callable[[Engine, str], None]] = []
+
+_CLAIM_SQL = (
+    "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, claims, updated_at) "
+    "VALUES ($1, $2, $3, $4, $5, $5, 1, $6) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
+    "claims = c.claims + 1, updated_at = excluded.updated_at "
+    "RETURNING done, dead, EXISTS (SELECT 1 FROM batch_item_rows r WHERE r.batch_id = $1), claims"
+)
+_FLAGS_SQL = (
+    "UPDATE batch_chunks AS c SET "
+    "dead = CAST(CAST(c.dead AS VARBIT) | CAST($1 AS VARBIT) AS TEXT), "
+    "done = CAST((CAST(c.done AS VARBIT) | CAST($2 AS VARBIT)) "
+    "& ~(CAST(c.dead AS VARBIT) | CAST($1 AS VARBIT)) AS TEXT), "
+    "updated_at = $3 WHERE c.batch_id = $4 AND c.chunk = $5"
+)
+_SYNC_OFF = "set_config('synchronous_commit', 'off', true)"
+
+
+@functools.lru_cache(maxsize=16)
+def _raw_statement(kind: str, durable: bool, fenced: bool) -> tuple[str, bytes]:
+    """The text of a raw-path statement and the name it is prepared under on a connection."""
+    if kind == "claim":
+        statement = _CLAIM_SQL + ("" if durable else f", {_SYNC_OFF}")
+    else:
+        statement = (
+            _FLAGS_SQL
+            + (" AND c.claims = $6" if fenced else "")
+            + ("" if durable else f" RETURNING {_SYNC_OFF}")
+        )
+    name = f"taskkit_ledger_{kind}_{int(durable)}{int(fenced)}"
+    return statement, name.encode()
+
+
+#: The ledger's statements prepared on each psycopg connection (by the connection).
+_PREPARED: weakref.WeakKeyDictionary[Any, set[bytes]] = weakref.WeakKeyDictionary()
+
+
+class _Raw:
+    """The libpq handle of this thread's kept connection (psycopg's ``PGconn``), for the
+    ledger's hot one-row statements: prepared once per connection under names of their own
+    (one-row primary-key statements: the generic plan is the right one), sent with text
+    parameters, their results read from libpq without SQLAlchemy's execute and result machinery
+    or psycopg's cursor (the Python around a statement, not its round trip, was most of what
+    separated a chunk's ledger time from its three round trips). A statement may be sent
+    without waiting for its answer (``send``): ``collect`` reads that answer, and
+    ``_kept_connection`` calls it before anything else uses the connection. Errors are raised
+    as SQLAlchemy raises them (``DBAPIError``, invalidated on a disconnect), so ``db_retry``
+    classifies them the same. A connection whose psycopg ``prepare_threshold`` is None (a
+    pooler that cannot keep prepared statements) gets them unprepared; a ``DEALLOCATE ALL`` run
+    on it is survived (prepared again)."""
+
+    def __init__(self, connection: Connection) -> None:
+        # psycopg is the ``postgres`` extra: imported once the raw path is taken.
+        import psycopg  # noqa: PLC0415
+        import psycopg.errors  # noqa: PLC0415
+        from psycopg import generators  # noqa: PLC0415
+        from psycopg.pq import ExecStatus  # noqa: PLC0415
+
+        self._psycopg, self._generators = psycopg, generators
+        self._fatal = ExecStatus.FATAL_ERROR
+        self.connection = connection
+        self.driver: Any = cast(Any, connection.connection).driver_connection  # psycopg's
+        self.pgconn: Any = self.driver.pgconn
+        self.encoding: str = self.driver.info.encoding
+        self.prepare = self.driver.prepare_threshold is not None
+        #: The names prepared on the server's session: the connection may have been kept
+        #: before (a kept connection closed goes back to its pool, and out again).
+        self.prepared: set[bytes] = _PREPARED.setdefault(self.driver, set())
+        #: A statement sent without waiting: its text, and what to do with its result (or
+        #: with the ``DBAPIError`` it failed with).
+        self.pending: tuple[str, Callable[[Any, DBAPIError | None], None]] | None = None
+
+    def run(self, engine: Engine, statement: str, name: bytes, parameters: list[bytes]) -> Any:
+        """Run the statement prepared as ``name``; its result (a ``PGresult``)."""
+        self._send(engine, statement, name, parameters)
+        try:
+            return self._answer(statement)
+        except DBAPIError as error:
+            if getattr(error.orig, "sqlstate", None) != "26000":
+                raise
+        # "prepared statement ... does not exist": a DEALLOCATE ALL ran on this connection.
+        self._send(engine, statement, name, parameters)
+        return self._answer(statement)
+
+    def send(
+        self,
+        engine: Engine,
+        statement: str,
+        name: bytes,
+        parameters: list[bytes],
+        then: Callable[[Any, DBAPIError | None], None],
+    ) -> None:
+        """Send the statement prepared as ``name`` (all of it is in the socket, on its way to
+        the server, when this returns) and leave its answer to ``collect``, which calls
+        ``then(result, None)``, or ``then(None, error)`` before raising ``error``."""
+        self._send(engine, statement, name, parameters)
+        self.pending = (statement, then)
+
+    def collect(self) -> None:
+        """Read the answer of the statement sent without waiting, if any, and hand it on."""
+        if self.pending is None:
+            return
+        statement, then = self.pending
+        self.pending = None
+        try:
+            result = self._answer(statement)
+        except DBAPIError as error:
+            then(None, error)
+            raise
+        then(result, None)
+
+    def _send(self, engine: Engine, statement: str, name: bytes, parameters: list[bytes]) -> None:
+        assert self.pending is None, "collect() the statement sent before"
+        for hook in statement_hooks:
+            hook(engine, statement)
+        try:
+            if not self.prepare:
+                self.pgconn.send_query_params(statement.encode(), parameters)
+            else:
+                if name not in self.prepared:
+                    self._prepare(statement, name)
+                self.pgconn.send_query_prepared(name, parameters)
+            self.driver.wait(self._generators.send(self.pgconn))
+        except self._psycopg.Error as error:
+            raise self._wrapped(statement, error) from error
+
+    def _prepare(self, statement: str, name: bytes) -> None:
+        self.pgconn.send_prepare(name, statement.encode())
+        try:
+            self._check(statement, self.driver.wait(self._generators.execute(self.pgconn)))
+        except DBAPIError as error:
+            # "already exists": prepared by this code on this session, and not known here (the
+            # names are this module's own; each one's text fixed by it).
+            if getattr(error.orig, "sqlstate", None) != "42P05":
+                raise
+        self.prepared.add(name)
+
+    def _answer(self, statement: str) -> Any:
+        try:
+            results = self.driver.wait(self._generators.fetch_many(self.pgconn))
+        except self._psycopg.Error as error:
+            raise self._wrapped(statement, error) from error
+        return self._check(statement, results)
+
+    def _check(self, statement: str, results: list[Any]) -> Any:
+        for result in results:
+            if result.status == self._fatal:
+                error = self._psycopg.errors.error_from_result(result, encoding=self.encoding)
+                if error.sqlstate == "26000":  # our prepared statements are gone
+                    self.prepared.clear()
+                raise self._wrapped(statement, error) from error
+        return results[-1]
+
+    def _wrapped(self, statement: str, error: Any) -> DBAPIError:
+        """``error`` as SQLAlchemy raises it (classified the same way by ``db_retry``)."""
+        dialect = self.connection.dialect
+        return cast(
+            DBAPIError,
+            DBAPIError.instance(
+                statement,
+                None,
+                error,
+                self._psycopg.Error,
+                connection_invalidated=dialect.is_disconnect(error, self.driver, None),
+                dialect=dialect,
+            ),
+        )
+
+
+def _collect_kept() -> None:
+    """Read the answer of a statement sent without waiting on this thread's kept connection,
+    if any: it goes to its handler; a failure drops the connection (the next statement opens
+    another)."""
+    raw = _KEPT.raw
+    if raw is not None and raw.pending is not None:
+        try:
+            raw.collect()
+        except DBAPIError:
+            _drop_kept(raw.connection)
+        except BaseException:  # interrupted (a time limit): the answer may still be in flight
+            _drop_kept(raw.connection)
+            raise
+
+
+def _kept_raw(engine: Engine) -> _Raw:
+    """The raw handle of this thread's kept connection to ``engine`` (``_kept_connection``)."""
+    connection = _kept_connection(engine)
+    raw = _KEPT.raw
+    if raw is None or raw.connection is not connection:
+        raw = _KEPT.raw = _Raw(connection)
+    return raw
 
 
 def batch_progress(batch_id: str, database_url: str | None = None) -> BatchProgress:

@@ -386,7 +386,9 @@ class BatchTask(ResilientTask):
                 try:
                     self.flush_items()
                     if ledger is not None:
-                        ledger.finish(done_at=flushed, durable=False)
+                        # Sent without waiting for its answer (read before the next ledger
+                        # statement): the round trip overlaps the next items.
+                        ledger.finish(done_at=flushed, durable=False, wait=False)
                 except LeaseLost as lost:  # refused: another delivery claimed the chunk
                     chunk.stop = self._lease_lost(lost)
                     return

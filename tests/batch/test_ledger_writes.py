@@ -15,6 +15,7 @@ from sqlalchemy import Engine, event
 
 from taskkit.config import Settings
 from taskkit.deadletter import DeadLetterStore, ItemLedger
+from taskkit.deadletter._ledger import statement_hooks
 from taskkit.tasks import BatchTask, create_app
 
 app = create_app(
@@ -50,8 +51,14 @@ def transactions(db_url: str, engine: Engine) -> Iterator[list[str]]:
         if statement.startswith(("INSERT INTO batch_chunks", "UPDATE batch_chunks")):
             sent.append(statement)
 
+    def raw(sent_on: Engine, statement: str) -> None:  # the ledger's raw psycopg path
+        if sent_on is engine:
+            note(None, None, statement)
+
     event.listen(engine, "before_cursor_execute", note)
+    statement_hooks.append(raw)
     yield sent
+    statement_hooks.remove(raw)
     event.remove(engine, "before_cursor_execute", note)
 
 

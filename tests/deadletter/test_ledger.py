@@ -22,7 +22,7 @@ from taskkit.deadletter import (
     ItemLedger,
     batch_progress,
 )
-from taskkit.deadletter._ledger import _CHUNK, _KEPT, _drop_kept, _keys_json
+from taskkit.deadletter._ledger import _CHUNK, _KEPT, _drop_kept, _keys_json, statement_hooks
 from taskkit.errors import ConfigurationError
 
 TASK = "tkledger.score_items"
@@ -347,8 +347,14 @@ def sent(engine: Engine) -> Iterator[list[str]]:
         if statement.startswith(("INSERT INTO batch_chunks", "UPDATE batch_chunks")):
             settings.append(statement)
 
+    def raw(sent_on: Engine, statement: str) -> None:  # the ledger's raw psycopg path
+        if sent_on is engine:
+            note(None, None, statement)
+
     event.listen(engine, "before_cursor_execute", note)
+    statement_hooks.append(raw)
     yield settings
+    statement_hooks.remove(raw)
     event.remove(engine, "before_cursor_execute", note)
 
 
@@ -594,3 +600,253 @@ def test_another_engine_closes_the_kept_connection_first(
 def test_the_chunks_keys_are_stored_as_json_dumps_writes_them(keys: list[str]):
     # The chunk's id is the hash of this text: a redelivery after an upgrade must find its row.
     assert _keys_json(keys) == json.dumps(keys, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- inside ``with`` on PostgreSQL: the raw path and a flush sent without waiting (issue 18) -------
+
+
+def test_a_held_chunk_is_three_statements_the_flush_answered_later(
+    engine: Engine, batch_id: str, sent: list[str]
+):
+    keys = [f"key-{i}" for i in range(50)]
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(keys, durable=False, fenced=True)
+        ledger.finish(done_at=range(10), durable=False, wait=False)
+        if engine.dialect.name == "postgresql":
+            assert _KEPT.raw is not None
+            assert _KEPT.raw.pending is not None  # not read yet
+        ledger.finish(done=keys[10:40])
+    if engine.dialect.name == "postgresql":
+        assert _KEPT.raw is not None
+        assert _KEPT.raw.pending is None
+        kinds = [statement.split(" batch_chunks")[0] for statement in sent]
+        assert kinds == ["INSERT INTO", "UPDATE", "UPDATE"]
+        asynchronous = ["'synchronous_commit', 'off'" in statement for statement in sent]
+        assert asynchronous == [True, True, False]
+    assert ledger.statuses(keys) == {
+        **dict.fromkeys(keys[:40], "done"),
+        **dict.fromkeys(keys[40:], "claimed"),
+    }
+
+
+def test_the_answer_of_a_flush_sent_without_waiting_is_read_when_the_block_ends(
+    engine: Engine, batch_id: str
+):
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a", "b"], durable=False)
+        ledger.finish(done_at=[0], durable=False, wait=False)
+    if engine.dialect.name == "postgresql":
+        assert _KEPT.raw is not None
+        assert _KEPT.raw.pending is None
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "claimed",
+    }
+
+
+def test_a_write_skipping_its_answer_must_skip_the_wal_flush(engine: Engine, batch_id: str):
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a"], durable=False)
+        with pytest.raises(ConfigurationError, match="WAL flush"):
+            ledger.finish(done_at=[0], wait=False)
+
+
+def test_a_flush_the_fence_refused_unanswered_makes_the_next_write_raise(
+    engine: Engine, batch_id: str
+):
+    from taskkit.errors import LeaseLost
+
+    with ItemLedger(batch_id, engine) as stale:
+        stale.claim(["a", "b", "c"], durable=False, fenced=True)
+        newer = ItemLedger(batch_id, engine)
+        newer.claim(["a", "b", "c"], fenced=True)
+        newer.finish(done=["a"])
+        if engine.dialect.name == "postgresql":  # refused where it lands, answered later
+            stale.finish(done_at=[1], durable=False, wait=False)
+        else:  # elsewhere it waits for its answer
+            with pytest.raises(LeaseLost):
+                stale.finish(done_at=[1], durable=False, wait=False)
+        with pytest.raises(LeaseLost):
+            stale.finish(done_at=[2])
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "claimed",
+        "c": "claimed",
+    }
+
+
+def test_a_flush_unanswered_on_a_lost_row_is_written_whole_by_the_next_write(
+    engine: Engine, batch_id: str
+):
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a", "b", "c"], durable=False, fenced=True)
+        with engine.begin() as connection:  # what a crash of the server within its WAL delay does
+            connection.execute(delete(BatchChunk).where(BatchChunk.batch_id == batch_id))
+        ledger.finish(done_at=[0], durable=False, wait=False)
+        ledger.finish(done_at=[1])
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+        "c": "claimed",
+    }
+
+
+def test_a_flush_that_failed_unanswered_goes_again_with_the_next_write(
+    engine: Engine, batch_id: str, caplog: pytest.LogCaptureFixture
+):
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL sends a write without waiting")
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a", "b", "c"], durable=False)
+        kept = _KEPT.connection
+        assert kept is not None
+        backend = kept.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with engine.connect() as locker:  # the flush waits for this row lock...
+            locker.exec_driver_sql(
+                "SELECT 1 FROM batch_chunks WHERE batch_id = %(b)s FOR UPDATE", {"b": batch_id}
+            )
+            ledger.finish(done_at=[0], durable=False, wait=False)
+            with engine.connect() as other:  # ...and its connection is dropped meanwhile
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})")
+            locker.rollback()
+        ledger.finish(done_at=[1])  # on a new connection, with the failed flush's flags
+        assert _KEPT.connection is not kept
+    assert "a ledger write of done items failed" in caplog.text
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+        "c": "claimed",
+    }
+
+
+def test_the_held_path_survives_a_deallocate_all_on_its_connection(engine: Engine, batch_id: str):
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL keeps a connection")
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a", "b"], durable=False)
+        ledger.finish(done_at=[0], durable=False)
+        kept = _KEPT.connection
+        assert kept is not None
+        kept.exec_driver_sql("DEALLOCATE ALL")  # the ledger's prepared statements are gone
+        ledger.finish(done_at=[1], durable=False)  # the same statement as before
+        assert _KEPT.connection is kept  # prepared again, no reconnect
+        ledger.finish()
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+    }
+
+
+def test_the_held_path_sends_unprepared_statements_when_psycopg_prepares_none(
+    db_url: str, batch_id: str
+):
+    if not db_url.startswith("postgresql"):
+        pytest.skip("only PostgreSQL keeps a connection")
+    unprepared = create_engine(db_url, connect_args={"prepare_threshold": None})
+    try:
+        with ItemLedger(batch_id, unprepared) as ledger:
+            ledger.claim(["a", "b"], durable=False)
+            ledger.finish(done_at=[0], durable=False, wait=False)
+            ledger.finish(done_at=[1])
+            kept = _KEPT.connection
+            assert kept is not None
+            names = kept.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar()
+            assert names == 0
+        assert {key: status for key, (status, _) in rows(unprepared, batch_id).items()} == {
+            "a": "done",
+            "b": "done",
+        }
+    finally:
+        _drop_kept(_KEPT.connection)  # type: ignore[arg-type]
+        unprepared.dispose()
+
+
+def test_a_kept_connection_back_from_its_pool_is_kept_again(
+    engine: Engine, batch_id: str, db_url: str
+):
+    """Another engine closes the kept connection (back to its pool, an answer unread on it:
+    read first, so the pool gets it clean); the next chunk takes the same session out again,
+    its statements already prepared there."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL keeps a connection")
+    solo = create_engine(db_url, pool_size=1, max_overflow=0)
+    other = create_engine(db_url)
+
+    def backend() -> int:
+        assert _KEPT.connection is not None
+        return int(_KEPT.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+    try:
+        with ItemLedger(batch_id, solo) as first:
+            first.claim(["a", "b"], durable=False)
+            session = backend()
+            first.finish(done_at=[0], durable=False, wait=False)
+            with ItemLedger(batch_id + "-o", other) as second:  # closes the first's connection
+                second.claim(["a"], durable=False)
+            first.finish(done_at=[1])
+            assert backend() == session  # the same session, back from the pool
+        with ItemLedger(batch_id + "-2", solo) as third:
+            third.claim(["a", "b"], durable=False)  # its statement prepared there already
+            third.finish(done_at=[0, 1], durable=False, wait=False)
+            third.finish()
+            assert backend() == session
+    finally:
+        if _KEPT.connection is not None:
+            _drop_kept(_KEPT.connection)
+        solo.dispose()
+        other.dispose()
+    for batch in (batch_id, batch_id + "-2"):
+        assert {key: status for key, (status, _) in rows(engine, batch).items()} == {
+            "a": "done",
+            "b": "done",
+        }
+
+
+def test_the_held_path_takes_a_statement_already_prepared_on_its_session(
+    engine: Engine, batch_id: str
+):
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL keeps a connection")
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a", "b"], durable=False)
+        ledger.finish(done_at=[0], durable=False)
+        assert _KEPT.raw is not None
+        _KEPT.raw.prepared.clear()  # prepared on the session, not known here any more
+        ledger.finish(done_at=[1], durable=False)
+        ledger.finish()
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+    }
+
+
+def test_a_statement_interrupted_while_waiting_drops_the_kept_connection(
+    engine: Engine, batch_id: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A time limit raised while the ledger waits for an answer: the answer may still come,
+    so the connection is not kept; the next write opens another."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL keeps a connection")
+    from taskkit.deadletter._ledger import _Raw
+
+    class TimeLimit(Exception):
+        pass
+
+    def interrupted(self: _Raw, statement: str) -> None:
+        raise TimeLimit("soft time limit exceeded")
+
+    with ItemLedger(batch_id, engine) as ledger:
+        ledger.claim(["a", "b"], durable=False)
+        kept = _KEPT.connection
+        with monkeypatch.context() as patched:
+            patched.setattr(_Raw, "_answer", interrupted)
+            with pytest.raises(TimeLimit):
+                ledger.finish(done_at=[0], durable=False)
+        assert _KEPT.connection is None
+        assert kept is not None
+        assert kept.closed
+        ledger.finish(done_at=[1])
+    assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
+        "a": "done",
+        "b": "done",
+    }
