@@ -26,6 +26,11 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from tests._support.redis_server import start_redis_server
 
 # pytest-xdist's workers run with COLUMNS/LINES set to their controller's terminal; the CLI's
 # consoles read COLUMNS once, when taskkit.cli is imported, and would keep that width for every
@@ -40,11 +45,6 @@ _XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _XDIST_WORKER and os.environ.get("TASKKIT_TEST_RUN_WORKER") != _XDIST_WORKER:
     os.environ["TASKKIT_TEST_RUN"] = uuid.uuid4().hex[:10]
     os.environ["TASKKIT_TEST_RUN_WORKER"] = _XDIST_WORKER
-from sqlalchemy import Engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
-
-from tests._support.redis_server import start_redis_server
 
 REDIS_URL = os.environ.get("TASKKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 RABBITMQ_URL = os.environ.get("TASKKIT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
