@@ -37,14 +37,16 @@ from tests._support.redis_server import start_redis_server
 # test. The tests give each command the width it needs (CliRunner's env).
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
-# Each pytest-xdist worker is a session of its own, with its own nonce for the names it puts in
-# Redis (tests/_support/apps.py). The controller may have set one already (loading a folder's
-# conftest that imports the test apps), and its workers would all inherit it and share queues.
-# Worker subprocesses import this module too (through the test apps): they keep their parent's.
-_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if _XDIST_WORKER and os.environ.get("TASKKIT_TEST_RUN_WORKER") != _XDIST_WORKER:
-    os.environ["TASKKIT_TEST_RUN"] = uuid.uuid4().hex[:10]
-    os.environ["TASKKIT_TEST_RUN_WORKER"] = _XDIST_WORKER
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist worker is a session of its own, with its own nonce for the names it
+    puts in Redis (``TASKKIT_TEST_RUN``, tests/_support/apps.py). The controller may have set
+    one already (loading a folder's conftest that imports the test apps): forget it before the
+    workers start, or they would all inherit it and share queues and counters."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        os.environ.pop("TASKKIT_TEST_RUN", None)
+
 
 REDIS_URL = os.environ.get("TASKKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 RABBITMQ_URL = os.environ.get("TASKKIT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")

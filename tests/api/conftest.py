@@ -104,3 +104,11 @@ def api(api_settings: Settings, api_celery: Celery) -> Any:
 def client(api: Any) -> Iterator[TestClient]:
     with TestClient(api) as test_client:
         yield test_client
+
+
+@pytest.fixture(autouse=True)
+def no_http_breakers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/health``, ``/breakers`` and the breakers page list this process's per-host HTTP
+    breakers too: each API test starts with none, whatever tests ran before in this process
+    (tests/http makes many, some left open)."""
+    monkeypatch.setattr("taskkit.http._core._registry", {})

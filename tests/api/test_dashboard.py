@@ -287,14 +287,6 @@ def test_dead_letters_page_filters_and_offers_replay_and_discard(
     assert json.loads(str(button["data-body"])) == {"ids": ids[1:]}
 
 
-@pytest.fixture
-def no_http_breakers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The page lists this process's per-host HTTP breakers too: start with none, whatever
-    tests ran before in this process (tests/http makes many)."""
-    monkeypatch.setattr("taskkit.http._core._registry", {})
-
-
-@pytest.mark.usefixtures("no_http_breakers")
 def test_breakers_page_shows_state_failures_and_a_reset_button(client: TestClient) -> None:
     flaky = CircuitBreaker(name="predictor", failure_threshold=2, recovery_timeout=30)
     calm = CircuitBreaker(name="http:db.internal", failure_threshold=5, recovery_timeout=10)
@@ -384,7 +376,6 @@ def test_a_metric_named_epoch_does_not_move_its_point() -> None:
     assert points == [CurvePoint(1, {"loss": 0.9})]
 
 
-@pytest.mark.usefixtures("no_http_breakers")
 def test_a_breaker_name_with_a_slash_is_one_path_segment_of_its_reset_url(
     client: TestClient,
 ) -> None:

@@ -70,7 +70,10 @@ def test_limited_task_waits_while_its_redis_is_down(
         server.kill()  # the limits' Redis goes away; the broker stays
         server.wait(timeout=10)
         result = rated.delay(7)
-        wait_for(lambda: worker.log().count("over its fleet rate limit") >= 2, 60, "re-queues")
+        try:
+            wait_for(lambda: worker.log().count("over its fleet rate limit") >= 2, 60, "re-queues")
+        except AssertionError as error:
+            pytest.fail(f"{error}; worker log:\n{worker.log()[-6000:]}")
         assert kit.counter.llen(kit.key("retries", "rated")) == 0  # no body ran
         assert result.state != "SUCCESS"
         limits_redis.append(_start(PORT, tmp_path))
