@@ -76,17 +76,20 @@ def test_a_killed_holders_slot_is_freed_by_expiry(
     from tests.fleet.apps import hog
 
     kit = fleet_app
+    # A queue of its own: the killed worker's 600 s task comes back after the visibility
+    # timeout, and must not reach a later test's worker on the shared queue.
+    queue = f"{kit.queue}-hog"
     worker = WorkerProcess(
         "hog",
         tmp_path,
         app="tests.fleet.apps",
-        queue=kit.queue,
+        queue=queue,
         concurrency=1,
         env={"TASKKIT_TEST_LEASE_TTL": "2"},
     )
     try:
         worker.wait_ready()
-        hog.delay("acme", 600)
+        hog.apply_async(("acme", 600), queue=queue)
         wait_for(lambda: kit.counter.get(kit.key("hog_started", "acme")), 60, "hog to start")
     finally:
         worker.kill()
