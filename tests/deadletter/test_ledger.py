@@ -850,3 +850,17 @@ def test_a_statement_interrupted_while_waiting_drops_the_kept_connection(
         "a": "done",
         "b": "done",
     }
+
+
+def test_keys_that_are_not_strings_are_claimed_as_their_strings(
+    ledger: ItemLedger, batch_id: str, engine: Engine
+):
+    """``claim`` skips converting ``str`` keys; any other key is stored as its ``str()``, so
+    ``[1, 2, 3]`` and ``["1", "2", "3"]`` are one chunk, and a redelivery of either skips."""
+    assert ledger.claim([1, 2, 3]) == {}
+    ledger.finish(done=["2"])
+    with ItemLedger(batch_id, engine) as again:
+        assert again.claim(["1", "2", "3"]) == {"2": "done"}
+    assert rows(engine, batch_id) == {"1": ("claimed", 2), "2": ("done", 2), "3": ("claimed", 2)}
+    with pytest.raises(ConfigurationError, match="repeated keys"):
+        ItemLedger(batch_id, engine).claim([1, "1"])
