@@ -48,7 +48,11 @@ def commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, check=False
+            # docs/ is what the run itself rewrites (this file, the plots)
+            ["git", "status", "--porcelain", "--", ".", ":!docs"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         return out.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
