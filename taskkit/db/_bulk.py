@@ -88,8 +88,11 @@ def safe_bulk_insert(
     send (JSON, the column types' conversions, Python-side defaults; server defaults left to
     the server). When a COPY fails on a record, PostgreSQL names its line: the rows before it
     are copied again, the record is sent alone as an ``INSERT`` (so its message is the one an
-    ``INSERT`` gets), and the rest goes on by COPY. When the row is not named (a foreign key,
-    checked at the end of the COPY), the chunk is bisected as above. SQLite, instances and
+    ``INSERT`` gets), and the rest goes on by COPY. A row that gives None to a NOT NULL column
+    is known to fail before it is sent: it is split off the chunk's COPY and sent alone the
+    same way, in its place in the input order, so the rows before it are not copied twice.
+    When the row is not named (a foreign key, checked at the end of the COPY), the chunk is
+    bisected as above. SQLite, instances and
     models whose defaults only SQL can compute take the ``INSERT`` path.
 
     Speed: on 100,000 rows with 10 bad ones, the COPY path runs at about 1.5x the speed of a
@@ -154,6 +157,8 @@ def safe_bulk_insert(
         for start in range(0, len(records), batch_size):
             insert_batch(records[start : start + batch_size])
 
+    not_null = [column.key for column in mapper.local_table.columns if not column.nullable]
+
     def copy_chunk(chunk: list[Any]) -> None:
         connection = db.connection()
         copier = copier_for(connection, mapper.local_table)
@@ -162,8 +167,11 @@ def safe_bulk_insert(
             bisect(chunk)
             return
         # Segments [start, end) of the chunk, or ``(row, None)`` for one row, in input order
-        # (a stack: the next one is last).
-        work: list[tuple[int, int | None]] = [(0, len(chunk))]
+        # (a stack: the next one is last). A row that holds None for a NOT NULL column would
+        # fail its COPY (COPY sends None as NULL), and the rows before it would be copied
+        # again: it is split off before the first COPY, and decided alone by the same INSERT
+        # that decides a row a COPY failed on, in the same place in the input order.
+        work = _segments(len(chunk), _null_in_not_null(rows, not_null))[::-1]
         while work:
             start, end = work.pop()
             if end is None:
@@ -210,6 +218,30 @@ def safe_bulk_insert(
     if commit:
         db.commit()
     return result
+
+
+def _null_in_not_null(rows: list[Mapping[str, Any]], not_null: list[str]) -> list[int]:
+    """Positions of the rows that give None to one of the ``not_null`` columns, in order."""
+    return [
+        index
+        for index, row in enumerate(rows)
+        if any(key in row and row[key] is None for key in not_null)
+    ]
+
+
+def _segments(size: int, alone: list[int]) -> list[tuple[int, int | None]]:
+    """``[0, size)`` as segments ``(start, end)`` in order, with each position of ``alone``
+    (ascending) as a segment of its own, ``(position, None)``."""
+    segments: list[tuple[int, int | None]] = []
+    start = 0
+    for position in alone:
+        if position > start:
+            segments.append((start, position))
+        segments.append((position, None))
+        start = position + 1
+    if start < size:
+        segments.append((start, size))
+    return segments
 
 
 def _insert_all(

@@ -302,3 +302,34 @@ def test_sqlite_keeps_the_insert_path(sqlite_url: str):
         assert "NOT NULL constraint failed: predictions.prediction" in failed[0][1]
     finally:
         empty_tables(engine)
+
+
+def test_a_null_in_a_not_null_column_is_sent_alone_without_a_failed_copy(
+    pg_db: Session, monkeypatch: pytest.MonkeyPatch
+):
+    """A row that gives None to a NOT NULL column is split off before the chunk's COPY: the
+    rows around it are copied once each (no COPY fails on it, none is copied again), and it
+    fails alone with PostgreSQL's message, in its place in the input order."""
+    from taskkit.db import _copy
+
+    copied: list[int] = []
+    real_copy = _copy.Copier.copy
+
+    def counting(self: Any, rows: Any) -> None:
+        copied.append(len(rows))
+        real_copy(self, rows)
+
+    monkeypatch.setattr(_copy.Copier, "copy", counting)
+    records = rows(new_run(pg_db), 1000)
+    for i in (0, 500, 501, 999):
+        records[i]["prediction"] = None
+
+    successful, failed = safe_bulk_insert(pg_db, Prediction, records)
+
+    assert copied == [499, 497]  # rows 1-499 and 502-998; nothing copied twice
+    assert [id(record) for record, _ in failed] == [id(records[i]) for i in (0, 500, 501, 999)]
+    assert all(
+        error.startswith('null value in column "prediction" of relation "predictions"')
+        for _, error in failed
+    )
+    assert len(successful) == 996
