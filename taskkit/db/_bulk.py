@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
 from typing import Any, NamedTuple
 
-from sqlalchemy import inspect
+from sqlalchemy import Column, PrimaryKeyConstraint, Table, UniqueConstraint, inspect
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
@@ -88,8 +89,9 @@ def safe_bulk_insert(
     send (JSON, the column types' conversions, Python-side defaults; server defaults left to
     the server). When a COPY fails on a record, PostgreSQL names its line: the rows before it
     are copied again, the record is sent alone as an ``INSERT`` (so its message is the one an
-    ``INSERT`` gets), and the rest goes on by COPY. A row that gives None to a NOT NULL column
-    is known to fail before it is sent: it is split off the chunk's COPY and sent alone the
+    ``INSERT`` gets), and the rest goes on by COPY. A row known to fail before it is sent
+    (None for a NOT NULL column, or the values of an earlier row of its chunk for a primary
+    key, unique constraint or unique index) is split off the chunk's COPY and sent alone the
     same way, in its place in the input order, so the rows before it are not copied twice.
     When the row is not named (a foreign key, checked at the end of the COPY), the chunk is
     bisected as above. SQLite, instances and
@@ -158,6 +160,7 @@ def safe_bulk_insert(
             insert_batch(records[start : start + batch_size])
 
     not_null = [column.key for column in mapper.local_table.columns if not column.nullable]
+    unique = _unique_keys(mapper.local_table)
 
     def copy_chunk(chunk: list[Any]) -> None:
         connection = db.connection()
@@ -167,11 +170,14 @@ def safe_bulk_insert(
             bisect(chunk)
             return
         # Segments [start, end) of the chunk, or ``(row, None)`` for one row, in input order
-        # (a stack: the next one is last). A row that holds None for a NOT NULL column would
-        # fail its COPY (COPY sends None as NULL), and the rows before it would be copied
-        # again: it is split off before the first COPY, and decided alone by the same INSERT
-        # that decides a row a COPY failed on, in the same place in the input order.
-        work = _segments(len(chunk), _null_in_not_null(rows, not_null))[::-1]
+        # (a stack: the next one is last). A row known to fail its COPY (None for a NOT NULL
+        # column: COPY sends None as NULL; or the same values as an earlier row of the chunk
+        # for a unique key) would make the rows before it be copied again: it is split off
+        # before the first COPY, and decided alone by the same INSERT that decides a row a
+        # COPY failed on, in the same place in the input order. A guess that is wrong only
+        # costs that row an INSERT of its own.
+        alone = _null_in_not_null(rows, not_null) + _repeated_in_unique(rows, unique)
+        work = _segments(len(chunk), sorted(set(alone)))[::-1]
         while work:
             start, end = work.pop()
             if end is None:
@@ -227,6 +233,47 @@ def _null_in_not_null(rows: list[Mapping[str, Any]], not_null: list[str]) -> lis
         for index, row in enumerate(rows)
         if any(key in row and row[key] is None for key in not_null)
     ]
+
+
+def _unique_keys(table: Table) -> list[list[str]]:
+    """The column keys of each primary key, unique constraint and unique index (of plain
+    columns) of ``table``."""
+    found = [
+        [column.key for column in constraint.columns]
+        for constraint in table.constraints
+        if isinstance(constraint, PrimaryKeyConstraint | UniqueConstraint)
+    ]
+    for index in table.indexes:
+        if index.unique and all(isinstance(e, Column) for e in index.expressions):
+            found.append([column.key for column in index.columns])
+    found += [[column.key] for column in table.columns if column.unique]
+    return [keys for keys in found if keys]
+
+
+def _repeated_in_unique(rows: list[Mapping[str, Any]], unique: list[list[str]]) -> list[int]:
+    """Positions of the rows whose values for one of the ``unique`` keys an earlier row of
+    ``rows`` has already given (NULLs never repeat; a row without all of a key's columns, or
+    with a value Python cannot hash, is left to the database)."""
+    repeated: list[int] = []
+    for keys in unique:
+        values_of, needed = itemgetter(*keys), frozenset(keys)
+        seen: set[Any] = set()
+        for index, row in enumerate(rows):
+            if not needed <= row.keys():
+                continue
+            values = values_of(row)
+            if len(keys) == 1:
+                values = (values,)
+            try:
+                if None in values:
+                    continue
+                if values in seen:
+                    repeated.append(index)
+                else:
+                    seen.add(values)
+            except (TypeError, ValueError):  # unhashable, or an == that is not a bool
+                continue
+    return repeated
 
 
 def _segments(size: int, alone: list[int]) -> list[tuple[int, int | None]]:

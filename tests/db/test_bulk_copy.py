@@ -304,12 +304,13 @@ def test_sqlite_keeps_the_insert_path(sqlite_url: str):
         empty_tables(engine)
 
 
-def test_a_null_in_a_not_null_column_is_sent_alone_without_a_failed_copy(
+def test_rows_known_to_fail_are_sent_alone_without_a_failed_copy(
     pg_db: Session, monkeypatch: pytest.MonkeyPatch
 ):
-    """A row that gives None to a NOT NULL column is split off before the chunk's COPY: the
-    rows around it are copied once each (no COPY fails on it, none is copied again), and it
-    fails alone with PostgreSQL's message, in its place in the input order."""
+    """A row that gives None to a NOT NULL column, or repeats an earlier row's unique key in
+    its chunk, is split off before the chunk's COPY: the rows around it are copied once each
+    (no COPY fails on it, none is copied again), and it fails alone with PostgreSQL's message,
+    in its place in the input order."""
     from taskkit.db import _copy
 
     copied: list[int] = []
@@ -320,16 +321,26 @@ def test_a_null_in_a_not_null_column_is_sent_alone_without_a_failed_copy(
         real_copy(self, rows)
 
     monkeypatch.setattr(_copy.Copier, "copy", counting)
-    records = rows(new_run(pg_db), 1000)
-    for i in (0, 500, 501, 999):
+    run_id = new_run(pg_db)
+    records = rows(run_id, 1000)
+    nulls, repeated = (0, 500, 501, 999), 250
+    for i in nulls:
         records[i]["prediction"] = None
+    records[repeated]["item_key"] = records[repeated - 1]["item_key"]
+    # NULLs never repeat a unique key: both of these land.
+    records[600]["item_key"] = records[601]["item_key"] = None
 
     successful, failed = safe_bulk_insert(pg_db, Prediction, records)
 
-    assert copied == [499, 497]  # rows 1-499 and 502-998; nothing copied twice
-    assert [id(record) for record, _ in failed] == [id(records[i]) for i in (0, 500, 501, 999)]
-    assert all(
-        error.startswith('null value in column "prediction" of relation "predictions"')
-        for _, error in failed
+    assert copied == [249, 249, 497]  # 1-249, 251-499 and 502-998: nothing copied twice
+    bad = sorted((*nulls, repeated))
+    assert [id(record) for record, _ in failed] == [id(records[i]) for i in bad]
+    errors = {id(record): error for record, error in failed}
+    for i in nulls:
+        assert errors[id(records[i])].startswith(
+            'null value in column "prediction" of relation "predictions"'
+        )
+    assert errors[id(records[repeated])].startswith(
+        'duplicate key value violates unique constraint "uq_predictions_model_run_id_item_key"'
     )
-    assert len(successful) == 996
+    assert [id(r) for r in successful] == [id(r) for i, r in enumerate(records) if i not in bad]
