@@ -30,12 +30,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-import psycopg
 import redis
 from celery import signals
 from psycopg import generators
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from benchmarks._harness import per_call_ns, say, table
 from benchmarks.bench_checkpoint import postgres_schema
@@ -206,23 +204,17 @@ class _Floor:
     END = "UPDATE bench_batch_floor SET done = true WHERE chunk = $1"
 
     def __init__(self) -> None:
-        self.connection: Any = None
+        self.raw: Any = None  # the pool's DBAPI connection, held while the section runs
+        self.connection: Any = None  # its psycopg connection
         self.chunk = b""
         #: Items of the running chunk, and how many of them ran.
         self.size = self.ran = 0
         self.pending = False
 
     def open(self, url: str) -> None:
-        parsed = make_url(url)
-        self.connection = psycopg.connect(
-            host=parsed.host,
-            port=parsed.port,
-            dbname=parsed.database,
-            user=parsed.username,
-            password=parsed.password,
-            options=parsed.query.get("options"),
-            autocommit=True,
-        )
+        self.raw = get_engine(url).raw_connection()  # the ledger's engine, so its settings
+        self.connection = self.raw.driver_connection
+        self.connection.autocommit = True
         with self.connection.cursor() as cursor:
             cursor.execute(
                 "CREATE TABLE bench_batch_floor (chunk text PRIMARY KEY, "
@@ -239,9 +231,10 @@ class _Floor:
             self._answer()
 
     def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
+        if self.raw is not None:
+            self.connection.autocommit = False
+            self.raw.close()  # back to its pool
+            self.raw = self.connection = None
 
     def send(self, name: bytes) -> None:
         if self.pending:

@@ -94,8 +94,8 @@ def safe_bulk_insert(
     key, unique constraint or unique index) is split off the chunk's COPY and sent alone the
     same way, in its place in the input order, so the rows before it are not copied twice.
     When the row is not named (a foreign key, checked at the end of the COPY), the chunk is
-    bisected as above. SQLite, instances and
-    models whose defaults only SQL can compute take the ``INSERT`` path.
+    bisected as above. SQLite, instances and models whose defaults only SQL can compute take
+    the ``INSERT`` path.
 
     Speed: on 100,000 rows with 10 bad ones, the COPY path runs at about 1.5x the speed of a
     plain ORM insert (the ``INSERT`` path, with a savepoint per batch, at 0.64x to 1x);
@@ -245,8 +245,7 @@ def _unique_keys(table: Table) -> list[list[str]]:
     for index in table.indexes:
         if index.unique and all(isinstance(e, Column) for e in index.expressions):
             found.append([column.key for column in index.columns])
-    found += [[column.key] for column in table.columns if column.unique]
-    return [keys for keys in found if keys]
+    return [keys for keys in found if keys]  # a column's unique=True is one of these
 
 
 def _repeated_in_unique(rows: list[Mapping[str, Any]], unique: list[list[str]]) -> list[int]:
