@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from benchmarks._harness import commit, machine, replace_section, say, table
 from taskkit.db import safe_bulk_insert
-from taskkit.db._bulk import COPY_ROWS
+from taskkit.db._bulk import COPY_ROWS, COPY_ROWS_MAX
 from taskkit.db.migrate import upgrade
 from taskkit.db.models import ModelRun, Prediction
 from taskkit.db.session import create_engine_for
@@ -383,8 +383,9 @@ and leave {GOOD_ROWS:,} rows in the table. Each time is the best of {ROUNDS} rou
 Round trips are the cursor calls through SQLAlchemy (`execute`/`executemany`: psycopg
 pipelines the rows of an `executemany` into one round trip), savepoints included; a COPY is
 not one of them (it is a statement on psycopg's cursor, one per chunk). On PostgreSQL
-`safe_bulk_insert` sends dicts by COPY in chunks of {COPY_ROWS:,} (at least batch_size), so
-(b) and (b') differ only in the batches bisection would use. Targets (issue 18): (b) at least
+`safe_bulk_insert` sends dicts by COPY, each COPY a quarter of the rows copied since the last
+COPY that failed (at least {COPY_ROWS:,} or batch_size, at most {COPY_ROWS_MAX:,}), so (b) and
+(b') differ only in the batches bisection would use. Targets (issue 18): (b) at least
 1.5x as fast as (a); (e), a bare COPY with no savepoint, no defaults and no safety, is the
 ceiling. Measured with `.venv/bin/python -m benchmarks.bench_db` on {machine()}, commit
 {commit()}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, with other work sharing the 2 cores (times
@@ -394,16 +395,19 @@ vary by up to 1.5x between runs; the ratios are from one run).
 
 {ratio_table}
 
-What the numbers show: (b) pays for what (e) skips: a savepoint and a release per chunk of
-{COPY_ROWS:,}, the column types' conversions and the defaults per row, a scan of each chunk
-for rows known to fail, and for each bad row one single-row INSERT in a savepoint of its own,
-which gives it the database's message exactly as an INSERT does, with the chunk's COPY split
-around it. The bad rows here are all known before they are sent (a NULL for a NOT NULL
-column, a key repeated within its chunk), so no COPY fails; a row only the database can
-reject (a key already in the table) fails its COPY, and the rows before it in its chunk
-(about {COPY_ROWS // 2:,} on average) are copied again: before that scan (commit df914b3),
-(b) ran at 1.22x to 1.28x of (a) in two whole `make bench` runs. Chunks of 1,000 and 4,000
-measured slower (more savepoints, or more rows copied twice).
+What the numbers show: (b) pays for what (e) skips: a savepoint and a release per COPY, the
+end of each COPY (the client waits there while the server inserts the rows it still holds),
+the column types' conversions and the defaults per row, a scan of each batch for rows known
+to fail, and for each bad row one single-row INSERT in a savepoint of its own, which gives it
+the database's message exactly as an INSERT does, with the COPY split around it. The bad rows
+here are all known before they are sent (a NULL for a NOT NULL column, a key repeated within
+its batch), so no COPY fails, and COPYs grow with the clean run (26 COPYs here, against 50 of
+{COPY_ROWS:,} before). A row only the database can reject (a key already in the table) fails
+its COPY, and the rows before it in that COPY are copied again; sizing COPYs by the clean run
+bounds that at a quarter of the rows copied since the last failure (docs/db.md has the
+measurement with 10 such rows). Before the scan (commit df914b3), (b) ran at 1.22x to 1.28x of
+(a) in two whole `make bench` runs; with it and COPYs of {COPY_ROWS:,}, at 1.12x to 1.58x in
+single runs (the last on this machine, whose (a) takes 1.9 to 2.2 s).
 The naive fallbacks (c) and (d) keep INSERT batches in savepoints and re-insert a failed batch
 row by row, so they cost little more than the plain insert (a); the 10x target against them
 is out of reach by construction: (b) / (c) is bounded by what a bare COPY does against (c),

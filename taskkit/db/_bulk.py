@@ -23,11 +23,17 @@ __all__ = ["BulkInsertResult", "safe_bulk_insert"]
 _RECORD_ERRORS = (IntegrityError, DataError)
 
 
-#: Dicts per COPY on PostgreSQL (at least ``batch_size``). A bad record costs a second COPY of
-#: the rows before it in its chunk (half a chunk on average): smaller chunks make bad records
-#: cheaper, larger ones make fewer statements; the benchmark measured this size as the best of
-#: both at 100,000 rows with 10 bad ones (docs/benchmarks.md).
+#: Dicts per COPY on PostgreSQL (at least ``batch_size``): a quarter of the rows copied since the
+#: last COPY that failed, at least ``COPY_ROWS`` and at most ``COPY_ROWS_MAX``. Why: each COPY
+#: ends with the client waiting for the server to insert the rows it still holds (~3 ms here,
+#: ~0.15 s of 50 COPYs of 2,000 per 100,000 rows, which one long COPY overlaps with sending),
+#: so clean input wants long COPYs; but a bad record that no scan saw (a key already in the
+#: table) fails its COPY, and the rows before it in that COPY are copied again. Sized by the
+#: clean run before it, that second copy is at most a quarter of the rows copied cleanly since
+#: the last failure (an eighth on average); doubling after each clean COPY instead made 10
+#: such records in 100,000 rows cost 1.4x. Measured in docs/benchmarks.md ("Bulk insert").
 COPY_ROWS = 2000
+COPY_ROWS_MAX = 16000
 
 _INSERTING = contextvars.ContextVar("taskkit_safe_bulk_insert", default=False)
 
@@ -84,20 +90,22 @@ def safe_bulk_insert(
     With ``commit=True`` (the default: the seed's caller never commits) the session is
     committed at the end; with ``commit=False`` the inserted rows stay in your transaction.
 
-    On PostgreSQL through psycopg 3, dicts are sent with ``COPY`` instead, in chunks of
-    ``max(batch_size, 2000)`` rows, each in a savepoint, with the values an ``INSERT`` would
-    send (JSON, the column types' conversions, Python-side defaults; server defaults left to
-    the server). When a COPY fails on a record, PostgreSQL names its line: the rows before it
-    are copied again, the record is sent alone as an ``INSERT`` (so its message is the one an
-    ``INSERT`` gets), and the rest goes on by COPY. A row known to fail before it is sent
-    (None for a NOT NULL column, or the values of an earlier row of its chunk for a primary
-    key, unique constraint or unique index) is split off the chunk's COPY and sent alone the
-    same way, in its place in the input order, so the rows before it are not copied twice.
-    When the row is not named (a foreign key, checked at the end of the COPY), the chunk is
-    bisected as above. SQLite, instances and models whose defaults only SQL can compute take
-    the ``INSERT`` path.
+    On PostgreSQL through psycopg 3, dicts are sent with ``COPY`` instead, each COPY in a
+    savepoint, with the values an ``INSERT`` would send (JSON, the column types' conversions,
+    Python-side defaults; server defaults left to the server). A COPY holds a quarter of the
+    rows copied since the last COPY that failed, at least ``max(batch_size, 2000)`` rows and at
+    most ``max(batch_size, 16000)`` (``COPY_ROWS`` says why). When a COPY fails on a record,
+    PostgreSQL names its line: the rows before it are copied again, the record is sent alone
+    as an ``INSERT`` (so its message is the one an ``INSERT`` gets), and the rest goes on by
+    COPY. A row known to fail before it is sent (None for a NOT NULL column, or the values of
+    an earlier row of its batch of 16,000 for a primary key, unique constraint or unique index)
+    is split off the COPY and sent alone the same way, in its place in the input order, so the
+    rows before it are not copied twice. When the row is not named (a foreign key, checked at
+    the end of the COPY), the COPY's rows are sent again in the smallest COPYs and the one that
+    fails is bisected as above. SQLite, instances and models whose defaults only SQL can
+    compute take the ``INSERT`` path.
 
-    Speed: on 100,000 rows with 10 bad ones, the COPY path runs at about 1.5x the speed of a
+    Speed: on 100,000 rows with 10 bad ones, the COPY path runs at about 1.6x the speed of a
     plain ORM insert (the ``INSERT`` path, with a savepoint per batch, at 0.64x to 1x);
     ``docs/benchmarks.md`` has the numbers.
 
@@ -162,7 +170,11 @@ def safe_bulk_insert(
     not_null = [column.key for column in mapper.local_table.columns if not column.nullable]
     unique = _unique_keys(mapper.local_table)
 
+    smallest_copy, largest_copy = max(batch_size, COPY_ROWS), max(batch_size, COPY_ROWS_MAX)
+    clean_rows = 0  # rows copied since the last COPY that failed
+
     def copy_chunk(chunk: list[Any]) -> None:
+        nonlocal clean_rows
         connection = db.connection()
         copier = copier_for(connection, mapper.local_table)
         rows = [{renamed.get(k, k): v for k, v in r.items()} for r in chunk] if renamed else chunk
@@ -184,13 +196,21 @@ def safe_bulk_insert(
                 # The row a COPY failed on, alone, as an INSERT: its error is an INSERT's.
                 insert_batch([chunk[start]])
                 continue
+            rows_per_copy = min(max(clean_rows // 4, smallest_copy), largest_copy)
+            if end - start > rows_per_copy:  # the rest of the segment: the next COPYs
+                work.append((start + rows_per_copy, end))
+                end = start + rows_per_copy
             try:
                 with connection.begin_nested():
                     copier.copy(rows[start:end])
             except CopyFailed as failed:
+                clean_rows = 0
                 bad = failed.index
                 if bad is None or not 0 <= bad < end - start:
-                    bisect(chunk[start:end])  # the row is not known: bisect the segment
+                    if end - start > smallest_copy:  # the row is not known: smaller COPYs
+                        work.append((start, end))
+                    else:  # ... and then, in the one that fails, bisection
+                        bisect(chunk[start:end])
                     continue
                 bad += start
                 # The rows before it are COPYed again: they may hold a bad row too (a unique
@@ -203,10 +223,11 @@ def safe_bulk_insert(
                     work.append((start, bad))
             else:
                 result.successful.extend(chunk[start:end])
+                clean_rows += end - start
 
     bind = db.get_bind(mapper)
     copies = bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
-    dict_batch = max(batch_size, COPY_ROWS) if copies else batch_size
+    dict_batch = max(batch_size, COPY_ROWS_MAX) if copies else batch_size
 
     token = _INSERTING.set(True)
     try:
@@ -255,6 +276,12 @@ def _repeated_in_unique(rows: list[Mapping[str, Any]], unique: list[list[str]]) 
     repeated: list[int] = []
     for keys in unique:
         values_of, needed = itemgetter(*keys), frozenset(keys)
+        try:  # the usual chunk: every row has the key's columns and no two rows repeat it
+            every = list(map(values_of, rows))
+            if len(set(every)) == len(every):
+                continue
+        except (KeyError, TypeError, ValueError):  # a missing column; an unhashable value
+            pass
         seen: set[Any] = set()
         for index, row in enumerate(rows):
             if not needed <= row.keys():
@@ -304,12 +331,12 @@ def _insert_all(
     kind: type | None = None
     size = sizes[0]
     for record in records:
-        is_mapping = isinstance(record, Mapping)
+        is_mapping = type(record) is dict or isinstance(record, Mapping)  # dict: no ABC check
         if is_mapping:
-            unknown = record.keys() - columns
-            if unknown:
+            if not columns.issuperset(record):  # no set built for a good record
+                unknown = sorted(record.keys() - columns)
                 result.failed.append(
-                    (record, f"{model_class.__name__} has no column {', '.join(sorted(unknown))}")
+                    (record, f"{model_class.__name__} has no column {', '.join(unknown)}")
                 )
                 continue
         elif not isinstance(record, model_class):

@@ -53,8 +53,11 @@ class _Context:
         return dict(self._row)
 
 
-# A column plan: (key in the row dict, default or None, bind processor or None).
-_Plan = tuple[list[str], list[tuple[str, Any, Callable[[Any], Any] | None]]]
+# A plan for one set of row keys: the columns COPY sends, and the function that makes a row
+# dict into their values (``_row_function``).
+_Plan = tuple[list[str], Callable[[Mapping[str, Any]], tuple[Any, ...]]]
+# A column of a plan: (key in the row dict, default or None, bind processor or None).
+_Column = tuple[str, Any, Callable[[Any], Any] | None]
 
 
 class Copier:
@@ -98,7 +101,7 @@ class Copier:
                     keys = frozenset(rows[index])
                     plan = self._plan(keys)
                     assert plan is not None
-                    names, columns = plan
+                    names, values = plan
                     started = index
                     statement = self._sql.SQL("COPY {} ({}) FROM STDIN").format(
                         self._sql.Identifier(*filter(None, (self._table.schema, self._table.name))),
@@ -110,7 +113,7 @@ class Copier:
                             row = rows[index]
                             if row.keys() != keys:
                                 break  # another set of columns: another COPY
-                            write(self._values(row, columns))
+                            write(values(row))
                             index += 1
         except (psycopg.IntegrityError, psycopg.DataError) as error:
             line = _failed_line(error)
@@ -122,28 +125,12 @@ class Copier:
             # has already ended the COPY with an error, so nothing of it stays.
             raise CopyFailed(index, error) from error
 
-    def _values(
-        self,
-        row: Mapping[str, Any],
-        columns: list[tuple[str, Any, Callable[[Any], Any] | None]],
-    ) -> tuple[Any, ...]:
-        values = []
-        for key, default, process in columns:
-            if default is None:
-                value = row[key]
-            elif default.is_callable:
-                value = default.arg(_Context(row))
-            else:
-                value = default.arg
-            values.append(value if process is None or value is None else process(value))
-        return tuple(values)
-
     def _plan(self, keys: frozenset[str]) -> _Plan | None:
         if keys in self._plans:
             return self._plans[keys]
         names: list[str] = []
-        columns: list[tuple[str, Any, Callable[[Any], Any] | None]] = []
-        plan: _Plan | None = (names, columns)
+        columns: list[_Column] = []
+        plan: _Plan | None = None
         for column in self._table.columns:
             default = None
             if column.key not in keys:
@@ -151,10 +138,11 @@ class Copier:
                 if default is None:
                     continue  # NULL, the server default, an identity or serial key
                 if not (default.is_scalar or default.is_callable):
-                    plan = None  # a SQL expression or a Sequence: COPY cannot send it
-                    break
+                    break  # a SQL expression or a Sequence: COPY cannot send it
             names.append(column.name)
             columns.append((column.key, default, self._processor(column)))
+        else:
+            plan = (names, _row_function(columns))
         self._plans[keys] = plan
         return plan
 
@@ -163,6 +151,42 @@ class Copier:
             implementation = column.type.dialect_impl(self._dialect)
             self._processors[column.key] = implementation.bind_processor(self._dialect)
         return self._processors[column.key]
+
+
+def _row_function(columns: list[_Column]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """The values of ``columns`` for one row dict, as a function compiled for this plan: each
+    column's value from the row or its default (a callable one called per row with the row as
+    its context, as SQLAlchemy does), through its bind processor unless it is None.
+
+    Decision: generated source rather than a loop over the columns, its tuple unpacking and its
+    branches per column: for ``Prediction``'s six columns (two JSON, a timestamp default) the
+    loop took 1.4 to 1.7 µs a row here, this function 1.1 to 1.3 (a tuple written by hand, with
+    no conversions or defaults, 0.3 to 0.5), about 30 ms of 100,000 rows. Only generated names
+    are interpolated into the source; keys, defaults and processors are bound as variables.
+    """
+    namespace: dict[str, Any] = {"_Context": _Context}
+    parts: list[str] = []
+    contextual = False
+    for n, (key, default, process) in enumerate(columns):
+        namespace[f"k{n}"], namespace[f"p{n}"] = key, process
+        if default is None:
+            value = f"row[k{n}]"
+        elif default.is_callable:
+            namespace[f"d{n}"] = default.arg
+            value, contextual = f"d{n}(context)", True
+        else:
+            namespace[f"d{n}"] = default.arg
+            value = f"d{n}"
+        if process is not None:
+            value = f"(None if (v{n} := {value}) is None else p{n}(v{n}))"
+        parts.append(value)
+    source = "def values(row):\n"
+    if contextual:
+        source += "    context = _Context(row)\n"
+    source += f"    return ({', '.join(parts)}{',' if parts else ''})\n"
+    exec(source, namespace)  # our own source: generated names only
+    function: Callable[[Mapping[str, Any]], tuple[Any, ...]] = namespace["values"]
+    return function
 
 
 def copier_for(connection: Connection, table: Table) -> Copier | None:

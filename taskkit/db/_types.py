@@ -38,6 +38,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 def _as_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
+    if value.tzinfo is UTC:  # utcnow's, the usual case: astimezone would copy it unchanged
+        return value
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)

@@ -344,3 +344,109 @@ def test_rows_known_to_fail_are_sent_alone_without_a_failed_copy(
         'duplicate key value violates unique constraint "uq_predictions_model_run_id_item_key"'
     )
     assert [id(r) for r in successful] == [id(r) for i, r in enumerate(records) if i not in bad]
+
+
+def test_copies_grow_with_the_clean_run_and_shrink_after_a_failure(
+    pg_db: Session, monkeypatch: pytest.MonkeyPatch
+):
+    """A COPY holds a quarter of the rows copied since the last COPY that failed (at least
+    COPY_ROWS, at most COPY_ROWS_MAX, and what is left of the records batched with it); a COPY
+    that fails on a row no scan could see (a key already in the table) starts the count again,
+    so the rows before that row are copied again in COPYs of COPY_ROWS."""
+    from taskkit.db import _copy
+    from taskkit.db._bulk import COPY_ROWS_MAX
+
+    assert (COPY_ROWS, COPY_ROWS_MAX) == (2000, 16000)  # the numbers below
+    copied: list[int] = []
+    real_copy = _copy.Copier.copy
+
+    def counting(self: Any, rows: Any) -> None:
+        copied.append(len(rows))
+        real_copy(self, rows)
+
+    monkeypatch.setattr(_copy.Copier, "copy", counting)
+    run_id = new_run(pg_db)
+    clean = rows(run_id, 2 * COPY_ROWS_MAX)
+    successful, failed = safe_bulk_insert(pg_db, Prediction, clean)
+    assert (len(successful), failed) == (len(clean), [])
+    # Records go to the COPYs 16,000 at a time: 10,000 in five COPYs of 2,000, then a quarter
+    # of the rows copied so far (2,500 and 3,125), the 375 left; 4,000, 5,000, 6,250, 750.
+    assert copied == [*[2000] * 5, 2500, 3125, 375, 4000, 5000, 6250, 750]
+
+    copied.clear()
+    records = rows(run_id, 10 * COPY_ROWS)
+    for record in records:
+        record["item_key"] = "new-" + record["item_key"]
+    bad = 11_000  # in the sixth COPY (rows 10,000 to 12,499)
+    records[bad]["item_key"] = clean[0]["item_key"]  # stored by the first call
+    successful, failed = safe_bulk_insert(pg_db, Prediction, records)
+    assert [id(record) for record, _ in failed] == [id(records[bad])]
+    assert failed[0][1].startswith("duplicate key value violates unique constraint")
+    assert len(successful) == len(records) - 1
+    assert copied == [
+        *[2000] * 5,  # rows 0 to 9,999
+        2500,  # 10,000 to 12,499: fails on row 11,000
+        1000,  # 10,000 to 10,999 again (the bad row then goes alone, as an INSERT)
+        1499,  # 11,001 to 12,499
+        2000,  # 12,500 to 14,499: a quarter of the 2,499 copied since the failure is less
+        1500,  # 14,500 to 15,999, the rest of the first 16,000 records
+        2000,  # the last 4,000
+        2000,
+    ]
+
+
+def test_a_foreign_key_violation_in_a_grown_copy_is_bisected_in_a_small_one(
+    pg_db: Session, pg_engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    """A failure that names no row, in a COPY grown past COPY_ROWS, sends that COPY's rows
+    again as COPYs of COPY_ROWS; only the one that fails is bisected by INSERTs."""
+    from taskkit.db import _copy
+
+    copied: list[int] = []
+    real_copy = _copy.Copier.copy
+
+    def counting(self: Any, rows: Any) -> None:
+        copied.append(len(rows))
+        real_copy(self, rows)
+
+    monkeypatch.setattr(_copy.Copier, "copy", counting)
+    run_id = new_run(pg_db)
+    records = rows(run_id, 7 * COPY_ROWS)
+    bad = 11_000  # in the sixth COPY (rows 10,000 to 12,499)
+    records[bad]["model_run_id"] = run_id + 1000  # checked at the end of the COPY
+    with Inserts(pg_engine) as inserts:
+        successful, failed = safe_bulk_insert(pg_db, Prediction, records, batch_size=100)
+    assert [id(record) for record, _ in failed] == [id(records[bad])]
+    assert "foreign key constraint" in failed[0][1]
+    assert len(successful) == len(records) - 1
+    assert copied == [
+        *[2000] * 5,  # rows 0 to 9,999
+        2500,  # 10,000 to 12,499: fails, naming no row
+        2000,  # 10,000 to 11,999: fails again, and is bisected by INSERTs
+        500,  # 12,000 to 12,499
+        1500,  # 12,500 to 13,999
+    ]
+    assert COPY_ROWS // 100 < inserts.count <= COPY_ROWS // 100 + 2 * 7
+
+
+def test_rows_repeating_a_unique_key_in_their_chunk_are_found():
+    """The scan that splits rows off a COPY: a later row repeating an earlier one's values for
+    a unique key (NULLs never repeat; a row without the key's columns, or with a value Python
+    cannot hash, is left to the database), whether or not the chunk has any repeat."""
+    from taskkit.db._bulk import _repeated_in_unique
+
+    unique = [["id"], ["run", "key"]]
+    clean = [{"run": 1, "key": f"k{i}"} for i in range(5)]
+    assert _repeated_in_unique(clean, unique) == []
+    chunk = [
+        {"run": 1, "key": "a"},
+        {"run": 1, "key": "b", "id": 7},
+        {"run": 1, "key": "a"},  # repeats row 0
+        {"run": None, "key": "a"},
+        {"run": None, "key": "a"},  # a NULL: not a repeat
+        {"run": 2, "key": ["a"]},  # cannot be hashed: the database decides
+        {"run": 2, "key": ["a"]},
+        {"key": "b"},  # no "run": the database decides
+        {"run": 3, "key": "c", "id": 7},  # repeats row 1's id
+    ]
+    assert sorted(_repeated_in_unique(chunk, unique)) == [2, 8]
