@@ -304,23 +304,27 @@ def test_sqlite_keeps_the_insert_path(sqlite_url: str):
         empty_tables(engine)
 
 
-def test_rows_known_to_fail_are_sent_alone_without_a_failed_copy(
-    pg_db: Session, monkeypatch: pytest.MonkeyPatch
-):
+@pytest.fixture
+def copied(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of rows of each COPY that ``safe_bulk_insert`` sends, in order."""
+    from taskkit.db import _copy
+
+    sizes: list[int] = []
+    real_copy = _copy.Copier.copy
+
+    def counting(self: Any, rows: Any) -> None:
+        sizes.append(len(rows))
+        real_copy(self, rows)
+
+    monkeypatch.setattr(_copy.Copier, "copy", counting)
+    return sizes
+
+
+def test_rows_known_to_fail_are_sent_alone_without_a_failed_copy(pg_db: Session, copied: list[int]):
     """A row that gives None to a NOT NULL column, or repeats an earlier row's unique key in
     its chunk, is split off before the chunk's COPY: the rows around it are copied once each
     (no COPY fails on it, none is copied again), and it fails alone with PostgreSQL's message,
     in its place in the input order."""
-    from taskkit.db import _copy
-
-    copied: list[int] = []
-    real_copy = _copy.Copier.copy
-
-    def counting(self: Any, rows: Any) -> None:
-        copied.append(len(rows))
-        real_copy(self, rows)
-
-    monkeypatch.setattr(_copy.Copier, "copy", counting)
     run_id = new_run(pg_db)
     records = rows(run_id, 1000)
     nulls, repeated = (0, 500, 501, 999), 250
@@ -347,24 +351,15 @@ def test_rows_known_to_fail_are_sent_alone_without_a_failed_copy(
 
 
 def test_copies_grow_with_the_clean_run_and_shrink_after_a_failure(
-    pg_db: Session, monkeypatch: pytest.MonkeyPatch
+    pg_db: Session, copied: list[int]
 ):
     """A COPY holds a quarter of the rows copied since the last COPY that failed (at least
     COPY_ROWS, at most COPY_ROWS_MAX, and what is left of the records batched with it); a COPY
     that fails on a row no scan could see (a key already in the table) starts the count again,
     so the rows before that row are copied again in COPYs of COPY_ROWS."""
-    from taskkit.db import _copy
     from taskkit.db._bulk import COPY_ROWS_MAX
 
     assert (COPY_ROWS, COPY_ROWS_MAX) == (2000, 16000)  # the numbers below
-    copied: list[int] = []
-    real_copy = _copy.Copier.copy
-
-    def counting(self: Any, rows: Any) -> None:
-        copied.append(len(rows))
-        real_copy(self, rows)
-
-    monkeypatch.setattr(_copy.Copier, "copy", counting)
     run_id = new_run(pg_db)
     clean = rows(run_id, 2 * COPY_ROWS_MAX)
     successful, failed = safe_bulk_insert(pg_db, Prediction, clean)
@@ -396,20 +391,10 @@ def test_copies_grow_with_the_clean_run_and_shrink_after_a_failure(
 
 
 def test_a_foreign_key_violation_in_a_grown_copy_is_bisected_in_a_small_one(
-    pg_db: Session, pg_engine: Engine, monkeypatch: pytest.MonkeyPatch
+    pg_db: Session, pg_engine: Engine, copied: list[int]
 ):
     """A failure that names no row, in a COPY grown past COPY_ROWS, sends that COPY's rows
     again as COPYs of COPY_ROWS; only the one that fails is bisected by INSERTs."""
-    from taskkit.db import _copy
-
-    copied: list[int] = []
-    real_copy = _copy.Copier.copy
-
-    def counting(self: Any, rows: Any) -> None:
-        copied.append(len(rows))
-        real_copy(self, rows)
-
-    monkeypatch.setattr(_copy.Copier, "copy", counting)
     run_id = new_run(pg_db)
     records = rows(run_id, 7 * COPY_ROWS)
     bad = 11_000  # in the sixth COPY (rows 10,000 to 12,499)
