@@ -1,5 +1,6 @@
 """Small helpers that several taskkit packages share: keeping a wrapped function recognisable,
-checking option values, the process-wide test switch, and recognising a framework's control flow.
+checking option values, the process-wide test switch, recognising a framework's control flow,
+and switching a SQLite file to WAL.
 
 They live here, at the root, so that no package reaches into another's private modules.
 """
@@ -13,6 +14,8 @@ import inspect
 import logging
 import os
 import re
+import sqlite3
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ __all__ = [
     "mask_password",
     "qualified_name",
     "reject_unknown",
+    "sqlite_wal",
 ]
 
 
@@ -224,3 +228,35 @@ def is_control_flow(error: BaseException) -> bool:
         verdict = any((c.__module__, c.__qualname__) in CONTROL_FLOW for c in kind.__mro__)
         _verdicts[kind] = verdict
     return verdict
+
+
+def sqlite_wal(
+    cursor: Any,
+    timeout: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """``PRAGMA journal_mode=WAL`` on a new SQLite connection (or its cursor), tried again for
+    up to ``timeout`` seconds while the database is locked.
+
+    Why: switching a database file to WAL needs its exclusive lock, and SQLite answers "database
+    is locked" at once when another connection holds a lock then, without waiting its busy
+    timeout. Processes or threads that open a new database file at the same moment hit it: one
+    of four concurrent ``upgrade`` calls on a fresh file failed to connect about once in four
+    runs. The mode is stored in the file, so once one connection switched it the others find
+    it switched. Example::
+
+        sqlite_wal(sqlite3.connect("taskkit.db", timeout=30), 30.0)
+    """
+    deadline = clock() + timeout
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or clock() >= deadline:
+                raise
+        sleep(delay)
+        delay = min(2 * delay, 0.1)

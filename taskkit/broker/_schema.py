@@ -18,6 +18,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from taskkit._utils import sqlite_wal
+
 #: Milliseconds a statement waits for another process's write lock before failing.
 BUSY_TIMEOUT_MS = 30_000
 
@@ -121,7 +123,7 @@ def connect(path: Path, timeout: float = BUSY_TIMEOUT_MS / 1000) -> sqlite3.Conn
         check_same_thread=False,  # the channel serialises its use with a lock
     )
     conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-    conn.execute("PRAGMA journal_mode = WAL")
+    sqlite_wal(conn, timeout)
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.executescript(SCHEMA)
     return conn

@@ -56,6 +56,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from taskkit._utils import sqlite_wal
 from taskkit.config import Settings, get_settings
 from taskkit.errors import ConfigurationError
 
@@ -138,7 +139,7 @@ def _sqlite_engine(url: URL, settings: Settings, engine_options: dict[str, Any])
         cursor = dbapi_connection.cursor()
         try:
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
+                sqlite_wal(cursor, settings.sqlite_busy_timeout)
                 cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.execute("PRAGMA foreign_keys=ON")

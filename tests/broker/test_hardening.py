@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from kombu.transport.virtual.exchange import TopicExchange
 
 from taskkit.broker import SCHEME
 from taskkit.broker import _transport as transport
+from taskkit.broker._schema import connect as open_broker_file
 from taskkit.errors import BrokerUnavailable
 from taskkit.tasks import check_reachable
 from tests.broker.consumer import EXCHANGE, QUEUE
@@ -154,3 +156,32 @@ def test_topic_patterns_are_computed_from_the_routing_key_not_read_from_the_file
             raw.execute("UPDATE bindings SET pattern = '(a+)+$' WHERE queue = 'watch'")
         expected = TopicExchange(None).key_to_pattern("task.*")
         assert conn.default_channel.get_table("events") == [("task.*", expected, "watch")]
+
+
+def test_processes_opening_a_new_broker_file_at_once_all_connect(tmp_path: Path):
+    """Workers started together on a broker file that does not exist yet all switch it to WAL:
+    SQLite refuses the switch at once ("database is locked", no busy wait) while another
+    connection holds a lock, and ``connect`` tries again instead of failing. Before, about
+    one trial in six of these failed."""
+    for trial in range(20):
+        path = tmp_path / f"broker-{trial}.db"
+        start = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def open_it(
+            path: Path = path,
+            start: threading.Barrier = start,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            start.wait(timeout=10)
+            try:
+                open_broker_file(path).close()
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == [], f"trial {trial}"

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import OperationalError
 
+from taskkit._utils import sqlite_wal
 from taskkit.config import reset_settings
 from taskkit.db.migrate import upgrade
 from taskkit.db.models import Dataset, ModelRun
@@ -251,3 +252,44 @@ def test_a_write_session_ended_on_another_thread_leaves_this_thread_taking_the_l
     assert outcome["other"] == "database is locked"
     with session_scope(sqlite_file, readonly=True) as db:
         assert list(db.scalars(select(Dataset.name))) == ["across"]
+
+
+class _LockedCursor:
+    """Answers ``PRAGMA journal_mode=WAL`` with ``errors`` in turn, then succeeds."""
+
+    def __init__(self, *errors: str) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def execute(self, statement: str) -> None:
+        assert statement == "PRAGMA journal_mode=WAL"
+        self.calls += 1
+        if self.errors:
+            raise sqlite3.OperationalError(self.errors.pop(0))
+
+
+def test_switching_to_wal_waits_while_another_connection_holds_the_lock():
+    """SQLite answers "database is locked" at once, without its busy wait, when a connection
+    switches the file to WAL while another holds a lock: the switch is tried again, with
+    growing waits, until it succeeds or the busy timeout has passed."""
+    now = [0.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    cursor = _LockedCursor(*["database is locked"] * 6)
+    sqlite_wal(cursor, 30.0, clock=lambda: now[0], sleep=sleep)
+    assert cursor.calls == 7
+    assert waits == [0.005, 0.01, 0.02, 0.04, 0.08, 0.1]
+
+    stuck = _LockedCursor(*["database is locked"] * 1000)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        sqlite_wal(stuck, 1.0, clock=lambda: now[0], sleep=sleep)
+    assert 10 < stuck.calls < 20  # about 1 s of waits of at most 0.1 s
+
+    other = _LockedCursor("disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        sqlite_wal(other, 30.0, clock=lambda: now[0], sleep=sleep)
+    assert other.calls == 1
