@@ -432,12 +432,16 @@ class ItemLedger:
                 dead_flags[position] = ord("1")
                 done_flags[position] = ord("0")
         alone = not (loose_done or loose_dead or rows)  # one statement: no transaction needed
+        if alone and self._chunk is not None:
+            # These items are finished whatever becomes of this write (no letter depends on
+            # it): one interrupted or failed after it was sent may or may not land, one before
+            # did not, so every later write of this object carries them again (flags merge).
+            self._done, self._dead = done_flags, dead_flags
         if self._raw:
             _collect_kept()  # what a write sent without waiting said comes first
             if alone and self._chunk is not None:
                 if not self._write_raw(done_flags, dead_flags, now, durable, wait):
                     raise self._refused(len(done) + len(done_at), len(dead))
-                self._done, self._dead = done_flags, dead_flags
                 return
         scope = (
             self._statement(durable=durable)
