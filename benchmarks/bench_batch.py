@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import redis
 from celery import signals
@@ -40,6 +40,7 @@ from benchmarks.bench_checkpoint import postgres_schema
 from taskkit.config import Settings, load_settings
 from taskkit.db.session import get_engine
 from taskkit.deadletter import ItemLedger
+from taskkit.deadletter._ledger import _keys_json
 from taskkit.recovery import batch_with_retry, parallel_batch_process
 from taskkit.tasks import BatchTask, create_app, submit_batch
 
@@ -126,7 +127,7 @@ per item, target {verdict}.
 
 #: Items per chunk (submit_batch's default chunk size).
 CHUNK = 1000
-#: Timed chunks per contestant and item cost; the three tasks take turns and each keeps its median.
+#: Timed chunks per contestant and item cost; the four tasks take turns and each keeps its median.
 LEDGER_ROUNDS = 15
 #: ... and for the rows whose chunks take a few milliseconds (no work, 20 µs), where one chunk's
 #: wake-ups move the median most: more chunks, for the same few seconds.
@@ -144,6 +145,7 @@ LEDGER_HEADERS = [
     "item function",
     "items/s without ledger",
     "items/s, floor (the promises' statements only)",
+    "items/s, floor + keys (its claim stores the chunk's keys)",
     "items/s with ledger",
     "ledger cost, µs per item",
     "with / without",
@@ -189,27 +191,35 @@ class _Floor:
     answer read before the next statement (items re-run after a kill stay within
     ``ledger_flush_every + batch_size``); and one durable one-row write read before the task
     returns (the chunk's end must be on disk before its message is acked). Prepared on one
-    psycopg connection and sent through libpq as the ledger's raw path sends its own; no keys,
-    no flags."""
+    psycopg connection and sent through libpq as the ledger's raw path sends its own; no flags,
+    and no keys unless ``keys``: then the claim also stores the chunk's keys, as the ledger's
+    JSON in a column compressed with lz4 as ``batch_chunks.keys`` is (the record that lets
+    ``batch_items`` and ``statuses`` answer for each item from the moment it is claimed)."""
 
-    CLAIM = (
-        "INSERT INTO bench_batch_floor AS f (chunk) VALUES ($1) ON CONFLICT (chunk) DO UPDATE "
-        "SET claims = f.claims + 1 RETURNING claims, "
-        "set_config('synchronous_commit', 'off', true)"
-    )
-    FLUSH = (
-        "UPDATE bench_batch_floor SET flushes = flushes + 1 WHERE chunk = $1 "
-        "RETURNING set_config('synchronous_commit', 'off', true)"
-    )
-    END = "UPDATE bench_batch_floor SET done = true WHERE chunk = $1"
-
-    def __init__(self) -> None:
+    def __init__(self, table: str, keys: bool = False) -> None:
+        self.table, self.keys = table, keys
         self.raw: Any = None  # the pool's DBAPI connection, held while the section runs
         self.connection: Any = None  # its psycopg connection
         self.chunk = b""
+        self.keys_json = b""
         #: Items of the running chunk, and how many of them ran.
         self.size = self.ran = 0
         self.pending = False
+
+    def statements(self) -> dict[bytes, str]:
+        table, keyed = self.table, self.keys
+        sync_off = "set_config('synchronous_commit', 'off', true)"
+        claim = (
+            f"INSERT INTO {table} AS f (chunk{', keys' if keyed else ''}) "
+            f"VALUES ($1{', $2' if keyed else ''}) ON CONFLICT (chunk) DO UPDATE "
+            f"SET claims = f.claims + 1 RETURNING claims, {sync_off}"
+        )
+        return {
+            b"claim": claim,
+            b"flush": f"UPDATE {table} SET flushes = flushes + 1 WHERE chunk = $1 "
+            f"RETURNING {sync_off}",
+            b"end": f"UPDATE {table} SET done = true WHERE chunk = $1",
+        }
 
     def open(self, url: str) -> None:
         self.raw = get_engine(url).raw_connection()  # the ledger's engine, so its settings
@@ -217,17 +227,16 @@ class _Floor:
         self.connection.autocommit = True
         with self.connection.cursor() as cursor:
             cursor.execute(
-                "CREATE TABLE bench_batch_floor (chunk text PRIMARY KEY, "
-                "claims integer NOT NULL DEFAULT 1, flushes integer NOT NULL DEFAULT 0, "
+                f"CREATE TABLE {self.table} (chunk text PRIMARY KEY, "
+                + ("keys text NOT NULL, " if self.keys else "")
+                + "claims integer NOT NULL DEFAULT 1, flushes integer NOT NULL DEFAULT 0, "
                 "done boolean NOT NULL DEFAULT false)"
             )
+            if self.keys:
+                cursor.execute(f"ALTER TABLE {self.table} ALTER COLUMN keys SET COMPRESSION lz4")
         pgconn = self.connection.pgconn
-        for name, statement in (
-            (b"floor_claim", self.CLAIM),
-            (b"floor_flush", self.FLUSH),
-            (b"floor_end", self.END),
-        ):
-            pgconn.send_prepare(name, statement.encode())
+        for name, statement in self.statements().items():
+            pgconn.send_prepare(b"floor_" + name, statement.encode())
             self._answer()
 
     def close(self) -> None:
@@ -236,16 +245,16 @@ class _Floor:
             self.raw.close()  # back to its pool
             self.raw = self.connection = None
 
-    def send(self, name: bytes) -> None:
+    def send(self, name: bytes, *more: bytes) -> None:
         if self.pending:
             self._answer()
         pgconn = self.connection.pgconn
-        pgconn.send_query_prepared(name, [self.chunk])
+        pgconn.send_query_prepared(b"floor_" + name, [self.chunk, *more])
         self.connection.wait(generators.send(pgconn))
         self.pending = True
 
-    def run(self, name: bytes) -> None:
-        self.send(name)
+    def run(self, name: bytes, *more: bytes) -> None:
+        self.send(name, *more)
         self._answer()
 
     def _answer(self) -> None:
@@ -255,21 +264,26 @@ class _Floor:
                 raise RuntimeError(result.error_message.decode())
 
     @contextmanager
-    def around(self, size: int) -> Iterator[None]:
+    def around(self, size: int, keys: list[str] | None = None) -> Iterator[None]:
         self.chunk = uuid.uuid4().hex.encode()  # a new row, as a first delivery's claim inserts
         self.size, self.ran = size, 0
-        self.run(b"floor_claim")
+        if self.keys:
+            assert keys is not None
+            self.run(b"claim", _keys_json(keys).encode())
+        else:
+            self.run(b"claim")
         yield
-        self.run(b"floor_end")
+        self.run(b"end")
 
     def flushed(self) -> None:
         """``flush_items``: called where the ledger writes done items, and at the chunk's end
         (whose durable write carries them)."""
         if self.ran < self.size:
-            self.send(b"floor_flush")
+            self.send(b"flush")
 
 
-_floor = _Floor()
+_floor = _Floor("bench_batch_floor")
+_keyed_floor = _Floor("bench_batch_floor_keys", keys=True)
 
 
 class _FloorTask(BatchTask):
@@ -282,21 +296,55 @@ class _FloorTask(BatchTask):
         _floor.flushed()
 
 
+class _KeyedFloorTask(BatchTask):
+    """``_FloorTask`` whose claim also stores the chunk's keys (``_Floor(keys=True)``)."""
+
+    def _run_chunk(self, chunk: Any) -> dict[str, Any]:
+        with _keyed_floor.around(len(chunk.items), chunk.keys):
+            return super()._run_chunk(chunk)
+
+    def flush_items(self) -> None:
+        _keyed_floor.flushed()
+
+
 @ledger_app.task(base=_FloorTask, bind=True, name="benchbatch.floor", ledger=False)
 def floor_only(self: BatchTask, item: int) -> None:
     _work(item)
     _floor.ran += 1
 
 
-def ledger_measure(url: str) -> list[tuple[str, float, float, float]]:
-    """(label, items/s without the ledger, items/s with it, items/s of the floor: ``ledger=False``
-    plus only the statements a ledger's promises need, ``_Floor``) per item cost: median of the
-    rounds, the three tasks taking turns; every chunk is a new batch."""
+@ledger_app.task(base=_KeyedFloorTask, bind=True, name="benchbatch.floor_keys", ledger=False)
+def floor_with_keys(self: BatchTask, item: int) -> None:
+    _work(item)
+    _keyed_floor.ran += 1
+
+
+class LedgerRow(NamedTuple):
+    """Items/s of one item cost, each the median of its rounds."""
+
+    label: str
+    without: float
+    with_: float
+    #: ``ledger=False`` plus only the statements a ledger's promises need (``_Floor``).
+    floor: float
+    #: ... whose claim also stores the chunk's keys (``_Floor(keys=True)``).
+    keyed: float
+
+
+def ledger_measure(url: str) -> list[LedgerRow]:
+    """A ``LedgerRow`` per item cost: the four tasks take turns, round by round; every chunk
+    is a new batch."""
     ledger_app.conf.taskkit_database_url = url
     with get_engine(url).begin() as connection:
         connection.exec_driver_sql("CREATE TABLE bench_batch_effects (item bigint PRIMARY KEY)")
     _floor.open(url)
-    contestants = (("without", without_ledger), ("floor", floor_only), ("with", with_ledger))
+    _keyed_floor.open(url)
+    contestants = (
+        ("without", without_ledger),
+        ("floor", floor_only),
+        ("keyed", floor_with_keys),
+        ("with", with_ledger),
+    )
     measured = []
     try:
         for label, cost in ITEM_COSTS:
@@ -315,12 +363,13 @@ def ledger_measure(url: str) -> list[tuple[str, float, float, float]]:
                     assert summary["successful"] == CHUNK, summary
                     if round_:  # round 0 warms connections and caches
                         times[name].append(elapsed)
-            without, floor, with_ = (
-                CHUNK / statistics.median(times[name]) for name in ("without", "floor", "with")
+            rate = {name: CHUNK / statistics.median(times[name]) for name, _ in contestants}
+            measured.append(
+                LedgerRow(label, rate["without"], rate["with"], rate["floor"], rate["keyed"])
             )
-            measured.append((label, without, with_, floor))
     finally:
         _floor.close()
+        _keyed_floor.close()
     return measured
 
 
@@ -374,33 +423,42 @@ def _shown(ratio: float, target: float) -> str:
     return f"{ratio:.3f}x" if ratio < target and float(shown[:-1]) >= target else shown
 
 
-def _ledger_verdict(
-    measured: list[tuple[str, float, float, float]], pieces: dict[str, float]
-) -> str:
+def _ledger_verdict(measured: list[LedgerRow], pieces: dict[str, float]) -> str:
     """What the ratios say against their targets: for a missed row, whether the floor (the
-    promises' statements alone) misses too, and where a chunk's ledger cost goes."""
+    promises' statements alone) and the floor with the chunk's keys miss too, and where a
+    chunk's ledger cost goes."""
     missed = []
-    for (label, without, with_, floor), target in zip(measured, LEDGER_TARGETS, strict=True):
-        if with_ / without >= target:
+    for row, target in zip(measured, LEDGER_TARGETS, strict=True):
+        if row.with_ / row.without >= target:
             continue
+        floor, keyed = row.floor / row.without, row.keyed / row.without
         head = (
-            f"{label.split(' (')[0]}: {_shown(with_ / without, target)} against {target}x, "
-            f"where the promises' statements alone reach {floor / without:.2f}x"
+            f"{row.label.split(' (')[0]}: {_shown(row.with_ / row.without, target)} against "
+            f"{target}x, where the promises' statements alone reach {floor:.2f}x and with the "
+            f"chunk's keys stored by the claim {keyed:.2f}x"
         )
-        if floor / without < target:
+        if floor < target:
             missed.append(f"{head}: no ledger that keeps them reaches the target on this machine")
-        else:
-            share = (1 / with_ - 1 / without) / (1 / floor - 1 / without)
+        elif keyed < target:
             missed.append(
-                f"{head}: the ledger costs {share:.1f} times its floor, the rest is its own work "
-                "(the keys and flags it stores, the Python around them)"
+                f"{head}: no ledger that keeps them and records each claimed item in its claim "
+                "(as `batch_items` and `statuses` promise) reaches the target on this machine"
             )
-    chunk_ms = CHUNK / measured[0][1] * 1e3
-    floor_ms = (CHUNK / measured[0][3] - CHUNK / measured[0][1]) * 1e3
+        else:
+            share = (1 / row.with_ - 1 / row.without) / (1 / row.keyed - 1 / row.without)
+            missed.append(
+                f"{head}: the ledger costs {share:.1f} times that, the rest is its own work "
+                "(the flags it stores, the Python around them)"
+            )
+    first = measured[0]
+    chunk_ms = CHUNK / first.without * 1e3
+    floor_ms = (CHUNK / first.floor - CHUNK / first.without) * 1e3
+    keyed_ms = (CHUNK / first.keyed - CHUNK / first.without) * 1e3
     ledger_ms = pieces["claim"] + pieces["flush sent"] + pieces["end"]
     where = (
         f"With no item work the floor's three statements add {floor_ms:.2f} ms to a chunk "
-        f"that takes {chunk_ms:.2f} ms without the ledger. Timed alone on the same connection "
+        f"that takes {chunk_ms:.2f} ms without the ledger, {keyed_ms:.2f} ms with the keys. "
+        f"Timed alone on the same connection "
         f"(median of {PIECE_ROUNDS} chunks, a 1 ms sleep between statements): the claim "
         f"{pieces['claim']:.2f} ms, a mid-chunk flush {pieces['flush']:.2f} ms waited for but "
         f"{pieces['flush sent']:.2f} ms sent as `BatchTask` sends it, the durable end "
@@ -420,7 +478,7 @@ def ledger_section() -> str:
         measured = ledger_measure(url)
         pieces = ledger_pieces(url)
     rows = []
-    for (label, without, with_, floor), target in zip(measured, LEDGER_TARGETS, strict=True):
+    for (label, without, with_, floor, keyed), target in zip(measured, LEDGER_TARGETS, strict=True):
         ratio = with_ / without
         cost_us = (1 / with_ - 1 / without) * 1e6
         rows.append(
@@ -428,6 +486,7 @@ def ledger_section() -> str:
                 label,
                 f"{without:,.0f}",
                 f"{floor:,.0f} ({floor / without:.2f}x)",
+                f"{keyed:,.0f} ({keyed / without:.2f}x)",
                 f"{with_:,.0f}",
                 f"{cost_us:,.1f}",
                 _shown(ratio, target) + (f" (target {target}x)" if ratio < target else ""),
@@ -461,10 +520,14 @@ know what to skip before it runs anything); an update every `ledger_flush_every`
 without waiting and without a WAL flush (items re-run after a kill stay within
 `ledger_flush_every + batch_size`); and one durable update read before the task returns (the
 chunk's end must be on disk before its message is acked). Prepared and sent through libpq as
-the ledger sends its own, with no keys and no flags. Median of {LEDGER_ROUNDS_CHEAP} chunks per
-row (no work, 20 µs) or {LEDGER_ROUNDS} (the others) and task, the three tasks taking turns;
-each chunk is a new batch. Run in process because the broker and the worker add the same
-cost to all three and would only move the ratios towards 1.
+the ledger sends its own, with no keys and no flags. The floor + keys column is the same with
+the chunk's keys stored by its claim, as the ledger's JSON in a column compressed with lz4 as
+`batch_chunks.keys` is: what lets `batch_items` and `ItemLedger.statuses` answer for each item
+from the moment its chunk is claimed (leaving the keys to a later statement would leave a
+claimed chunk's items unlisted until then). Median of {LEDGER_ROUNDS_CHEAP} chunks per row (no
+work, 20 µs) or {LEDGER_ROUNDS} (the others) and task, the four tasks taking turns; each chunk
+is a new batch. Run in process because the broker and the worker add the same cost to all
+four and would only move the ratios towards 1.
 
 {table(LEDGER_HEADERS, rows)}
 
