@@ -31,7 +31,8 @@ _RECORD_ERRORS = (IntegrityError, DataError)
 #: table) fails its COPY, and the rows before it in that COPY are copied again. Sized by the
 #: clean run before it, that second copy is at most a quarter of the rows copied cleanly since
 #: the last failure (an eighth on average); doubling after each clean COPY instead made 10
-#: such records in 100,000 rows cost 1.4x. Measured in docs/benchmarks.md ("Bulk insert").
+#: such records in 100,000 rows cost 1.4x (docs/db.md has the measurement; docs/benchmarks.md,
+#: "Bulk insert", the speed without them).
 COPY_ROWS = 2000
 COPY_ROWS_MAX = 16000
 
