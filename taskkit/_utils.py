@@ -245,7 +245,9 @@ def sqlite_wal(
     timeout. Processes or threads that open a new database file at the same moment hit it: one
     of four concurrent ``upgrade`` calls on a fresh file failed to connect about once in four
     runs. The mode is stored in the file, so once one connection switched it the others find
-    it switched. Example::
+    it switched. A loop of its own, not ``taskkit.recovery.retry``: this module sits below
+    that layer (the engine and the SQLite broker both call it), and waiting for a lock while
+    connecting is not a retry worth its events and log lines. Example::
 
         sqlite_wal(sqlite3.connect("taskkit.db", timeout=30), 30.0)
     """

@@ -853,14 +853,13 @@ def test_a_statement_interrupted_while_waiting_drops_the_kept_connection(
 
 
 def test_a_write_interrupted_before_it_was_sent_is_carried_by_the_next_one(
-    engine: Engine, batch_id: str, monkeypatch: pytest.MonkeyPatch
+    pg_engine: Engine, batch_id: str, monkeypatch: pytest.MonkeyPatch
 ):
     """A time limit raised before a flush reached the server: nothing of it landed, and the
     object's next write carries its items (they were finished all the same). Before, the
     next write carried only its own, and the first item stayed claimed (CI caught the race
-    in the test above, where the interrupted write may land or not)."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("only PostgreSQL keeps a connection")
+    in the test above, where the interrupted write may land or not). PostgreSQL only: the
+    kept connection and its raw path are PostgreSQL's."""
     from taskkit.deadletter._ledger import _Raw
 
     class TimeLimit(Exception):
@@ -869,15 +868,15 @@ def test_a_write_interrupted_before_it_was_sent_is_carried_by_the_next_one(
     def interrupted(self: _Raw, *args: object) -> None:
         raise TimeLimit("soft time limit exceeded")
 
-    with ItemLedger(batch_id, engine) as ledger:
+    with ItemLedger(batch_id, pg_engine) as ledger:
         ledger.claim(["a", "b"], durable=False)
         with monkeypatch.context() as patched:
             patched.setattr(_Raw, "_send", interrupted)
             with pytest.raises(TimeLimit):
                 ledger.finish(done_at=[0], durable=False)
-        assert rows(engine, batch_id) == {"a": ("claimed", 1), "b": ("claimed", 1)}
+        assert rows(pg_engine, batch_id) == {"a": ("claimed", 1), "b": ("claimed", 1)}
         ledger.finish(done_at=[1])
-    assert rows(engine, batch_id) == {"a": ("done", 1), "b": ("done", 1)}
+    assert rows(pg_engine, batch_id) == {"a": ("done", 1), "b": ("done", 1)}
 
 
 def test_keys_that_are_not_strings_are_claimed_as_their_strings(
