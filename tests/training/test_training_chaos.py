@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import Engine
 
 from taskkit.config import reset_settings
 from taskkit.db.models import ModelRun
@@ -34,9 +35,15 @@ CONFIG = {"epochs": EPOCHS, "seed": 9, "batch_size": 200, "epoch_pause": 0.25}
 
 @pytest.fixture
 def env(
-    redis_url: str, pg_schema_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_url: str,
+    pg_schema_url: str,
+    pg_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[dict[str, str]]:
-    """PostgreSQL, a shared checkpoint directory and a short visibility timeout, for this
+    """PostgreSQL (taskkit's tables emptied after the test, by ``pg_engine``: the schema is
+    this test process's, and a later test counting every dead letter in it must not find these
+    runs' letters), a shared checkpoint directory and a short visibility timeout, for this
     process and its workers."""
     values = {
         "TASKKIT_DATABASE_URL": pg_schema_url,
