@@ -127,11 +127,14 @@ per item, target {verdict}.
 
 #: Items per chunk (submit_batch's default chunk size).
 CHUNK = 1000
-#: Timed chunks per contestant and item cost; the four tasks take turns and each keeps its median.
+#: Timed chunks per contestant and item cost; the four tasks take turns (each round in another
+#: order: the same one would always run after the same task) and each keeps its median.
 LEDGER_ROUNDS = 15
-#: ... and for the rows whose chunks take a few milliseconds (no work, 20 µs), where one chunk's
-#: wake-ups move the median most: more chunks, for the same few seconds.
+#: ... for the 20 µs row, whose chunks take 20 ms, where one chunk's wake-ups move the median
+#: most: more chunks, for the same few seconds.
 LEDGER_ROUNDS_CHEAP = 41
+#: ... and with no work (1 ms chunks): a second of chunks per task.
+LEDGER_ROUNDS_NO_WORK = 801
 #: (label, seconds of CPU work per item; None: one PostgreSQL upsert per item).
 ITEM_COSTS: list[tuple[str, float | None]] = [
     ("no work (`return item`): the ledger's whole cost", 0.0),
@@ -185,23 +188,29 @@ def without_ledger(self: BatchTask, item: int) -> None:
 
 class _Floor:
     """The statements any ledger that keeps the ledger's three promises makes per chunk, and
-    nothing else: a one-row claim whose answer is read before the first item (a redelivered
-    chunk must know what to skip before it runs anything); a one-row write every
-    ``ledger_flush_every`` items, sent without waiting and committed without a WAL flush, its
-    answer read before the next statement (items re-run after a kill stay within
-    ``ledger_flush_every + batch_size``); and one durable one-row write read before the task
-    returns (the chunk's end must be on disk before its message is acked). Prepared on one
-    psycopg connection and sent through libpq as the ledger's raw path sends its own; no flags,
-    and no keys unless ``keys``: then the claim also stores the chunk's keys, as the ledger's
-    JSON in a column compressed with lz4 as ``batch_chunks.keys`` is (the record that lets
-    ``batch_items`` and ``statuses`` answer for each item from the moment it is claimed)."""
+    nothing else, sent as the ledger sends its own (prepared on one psycopg connection, through
+    libpq, each statement's answer read before the next is sent):
+
+    - a one-row lookup, sent when the chunk starts (before its keys are computed), its answer
+      read before the first item: a redelivered chunk must know what to skip before it runs
+      anything (the ledger's ``probe``);
+    - a one-row claim, sent without waiting (a first delivery finds nothing to skip);
+    - a one-row write every ``ledger_flush_every`` items, sent without waiting and committed
+      without a WAL flush (items re-run after a kill stay within ``ledger_flush_every +
+      batch_size``);
+    - one durable one-row write, sent when the items are done and read before the task
+      returns: the chunk's end must be on disk before its message is acked.
+
+    No flags, and no keys unless ``keys``: then the claim also stores the chunk's keys, as the
+    ledger's JSON in a column compressed with lz4 as ``batch_chunks.keys`` is (the record that
+    lets ``batch_items`` and ``statuses`` answer for each item from the moment it is
+    claimed)."""
 
     def __init__(self, table: str, keys: bool = False) -> None:
         self.table, self.keys = table, keys
         self.raw: Any = None  # the pool's DBAPI connection, held while the section runs
         self.connection: Any = None  # its psycopg connection
         self.chunk = b""
-        self.keys_json = b""
         #: Items of the running chunk, and how many of them ran.
         self.size = self.ran = 0
         self.pending = False
@@ -215,6 +224,7 @@ class _Floor:
             f"SET claims = f.claims + 1 RETURNING claims, {sync_off}"
         )
         return {
+            b"probe": f"SELECT claims FROM {table} WHERE chunk = $1",
             b"claim": claim,
             b"flush": f"UPDATE {table} SET flushes = flushes + 1 WHERE chunk = $1 "
             f"RETURNING {sync_off}",
@@ -246,6 +256,7 @@ class _Floor:
             self.raw = self.connection = None
 
     def send(self, name: bytes, *more: bytes) -> None:
+        """Send a statement, the answer of the one before read first."""
         if self.pending:
             self._answer()
         pgconn = self.connection.pgconn
@@ -253,27 +264,24 @@ class _Floor:
         self.connection.wait(generators.send(pgconn))
         self.pending = True
 
-    def run(self, name: bytes, *more: bytes) -> None:
-        self.send(name, *more)
-        self._answer()
-
     def _answer(self) -> None:
         self.pending = False
         for result in self.connection.wait(generators.fetch_many(self.connection.pgconn)):
             if result.error_message:
                 raise RuntimeError(result.error_message.decode())
 
-    @contextmanager
-    def around(self, size: int, keys: list[str] | None = None) -> Iterator[None]:
+    def start(self) -> None:
+        """The chunk starts: its lookup sent."""
         self.chunk = uuid.uuid4().hex.encode()  # a new row, as a first delivery's claim inserts
+        self.send(b"probe")
+
+    def claim(self, size: int, keys: list[str]) -> None:
+        """Before the first item: the lookup's answer read, the claim sent."""
         self.size, self.ran = size, 0
         if self.keys:
-            assert keys is not None
-            self.run(b"claim", _keys_json(keys).encode())
+            self.send(b"claim", _keys_json(keys).encode())
         else:
-            self.run(b"claim")
-        yield
-        self.run(b"end")
+            self.send(b"claim")
 
     def flushed(self) -> None:
         """``flush_items``: called where the ledger writes done items, and at the chunk's end
@@ -281,30 +289,49 @@ class _Floor:
         if self.ran < self.size:
             self.send(b"flush")
 
+    def end(self) -> None:
+        self.send(b"end")
+
+    def settle(self) -> None:
+        if self.pending:
+            self._answer()
+
 
 _floor = _Floor("bench_batch_floor")
 _keyed_floor = _Floor("bench_batch_floor_keys", keys=True)
 
 
 class _FloorTask(BatchTask):
-    """``ledger=False`` plus the floor's statements (``_Floor``) around and within the chunk."""
+    """``ledger=False`` plus the floor's statements (``_Floor``), sent where the ledger sends
+    its own: the lookup when the chunk starts, the claim once its keys are known, the flushes,
+    and the end once its items are done, settled after the chunk's summary is built."""
 
-    def setup_chunk(self, items: Any) -> Any:
-        return _floor.around(len(items))
+    floor = _floor
+
+    def run_batch(
+        self, items: Any, batch_id: Any = None, keys: Any = None, offset: int = 0
+    ) -> dict[str, Any]:
+        self.floor.start()
+        return super().run_batch(items, batch_id, keys, offset)
+
+    def _run_chunk(self, chunk: Any, ledger: Any, offset: int) -> dict[str, Any]:
+        self.floor.claim(len(chunk.items), chunk.keys)
+        summary = super()._run_chunk(chunk, ledger, offset)
+        self.floor.settle()
+        return summary
+
+    def _finish(self, chunk: Any, ledger: Any, dead: Any) -> None:
+        super()._finish(chunk, ledger, dead)
+        self.floor.end()
 
     def flush_items(self) -> None:
-        _floor.flushed()
+        self.floor.flushed()
 
 
-class _KeyedFloorTask(BatchTask):
+class _KeyedFloorTask(_FloorTask):
     """``_FloorTask`` whose claim also stores the chunk's keys (``_Floor(keys=True)``)."""
 
-    def _run_chunk(self, chunk: Any) -> dict[str, Any]:
-        with _keyed_floor.around(len(chunk.items), chunk.keys):
-            return super()._run_chunk(chunk)
-
-    def flush_items(self) -> None:
-        _keyed_floor.flushed()
+    floor = _keyed_floor
 
 
 @ledger_app.task(base=_FloorTask, bind=True, name="benchbatch.floor", ledger=False)
@@ -350,9 +377,16 @@ def ledger_measure(url: str) -> list[LedgerRow]:
         for label, cost in ITEM_COSTS:
             _cost[0] = cost
             times: dict[str, list[float]] = {name: [] for name, _ in contestants}
-            rounds = LEDGER_ROUNDS_CHEAP if cost is not None and cost <= 20e-6 else LEDGER_ROUNDS
+            rounds = (
+                LEDGER_ROUNDS_NO_WORK
+                if cost == 0
+                else LEDGER_ROUNDS_CHEAP
+                if cost is not None and cost <= 20e-6
+                else LEDGER_ROUNDS
+            )
             for round_ in range(rounds + 1):
-                for name, task in contestants:
+                turn = round_ % len(contestants)
+                for name, task in contestants[turn:] + contestants[:turn]:
                     items = list(range(round_ * CHUNK, (round_ + 1) * CHUNK))
                     if cost is None:  # the upserts' table starts empty for every chunk
                         with get_engine(url).begin() as connection:
@@ -377,43 +411,70 @@ def ledger_measure(url: str) -> list[LedgerRow]:
 PIECE_ROUNDS = 30
 
 
+class _Stopwatch:
+    """Appends the seconds since its start (or last lap) to ``times[name]``."""
+
+    def __init__(self, times: dict[str, list[float]]) -> None:
+        self.times = times
+        self.restart()
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.started = now - self.started, now
+        return elapsed
+
+    def __call__(self, name: str, before: float = 0.0) -> None:
+        self.times[name].append(before + self.lap())
+
+
 def ledger_pieces(url: str) -> dict[str, float]:
     """Milliseconds (medians) of the ledger's statements of a 1,000-key chunk, timed alone on
-    the connection ``BatchTask`` uses (``with ItemLedger(...)``): the claim, a mid-chunk flush
-    waited for, the same flush sent as ``BatchTask`` sends it (``wait=False``; its answer read
-    during the next millisecond, as the next items would run), the durable end; and a bare
+    the connection ``BatchTask`` uses (``with ItemLedger(...)``), each as ``BatchTask`` makes
+    it and waited for: the claim a redelivery waits for; a first delivery's probe and claim
+    (the probe answered during a 1 ms pause, as while the chunk's keys are computed; the claim
+    sent without waiting); a mid-chunk flush waited for and as sent (``wait=False``, its answer
+    read during the next millisecond, as the next items would run); the durable end waited
+    for, and sent then settled after a 1 ms pause (as the summary is built); and a bare
     ``SELECT 1`` on a pooled connection: where a chunk's ledger cost goes."""
     keys = [str(i) for i in range(CHUNK)]
     engine = get_engine(url)
-    times: dict[str, list[float]] = {
-        "claim": [],
-        "flush": [],
-        "flush sent": [],
-        "end": [],
-        "SELECT 1": [],
-    }
+    names = ("claim", "probe", "claim sent", "flush", "flush sent", "end", "end sent", "SELECT 1")
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(PIECE_ROUNDS):
-        with ItemLedger(uuid.uuid4().hex, engine) as ledger:
-            start = time.perf_counter()
-            ledger.claim(keys, durable=False, fenced=True)
-            claimed = time.perf_counter()
-            ledger.finish(done_at=range(CHUNK // 4), durable=False)
-            flushed = time.perf_counter()
-            ledger.finish(done_at=range(CHUNK // 2), durable=False, wait=False)
-            sent = time.perf_counter()
-            time.sleep(0.001)
-            before_end = time.perf_counter()
-            ledger.finish(done_at=range(CHUNK // 2, CHUNK))
-            ended = time.perf_counter()
-            with get_engine(url).connect() as connection:
-                ping = time.perf_counter()
-                connection.exec_driver_sql("SELECT 1").all()
-                pinged = time.perf_counter()
-        times["claim"].append(claimed - start)
-        times["flush"].append(flushed - claimed)
-        times["flush sent"].append(sent - flushed)
-        times["end"].append(ended - before_end)
-        times["SELECT 1"].append(pinged - ping)
+        batch = uuid.uuid4().hex
+        with ItemLedger(batch, engine) as first:
+            timed = _Stopwatch(times)
+            first.probe(0)
+            timed("probe")
+            time.sleep(0.001)  # the keys' computation
+            timed.restart()
+            first.claim(keys, durable=False, fenced=True, position=0)
+            timed("claim sent")
+            first.finish(done_at=range(CHUNK // 4), durable=False)
+            timed("flush")
+            first.finish(done_at=range(CHUNK // 2), durable=False, wait=False)
+            timed("flush sent")
+            time.sleep(0.001)  # the next items
+            timed.restart()
+            first.finish(done_at=range(CHUNK // 2, CHUNK), wait=False)
+            sent = timed.lap()
+            time.sleep(0.001)  # the summary
+            timed.restart()
+            first.settle()
+            timed("end sent", sent)
+        with ItemLedger(batch, engine) as again:  # a redelivery: its claim waited for
+            timed = _Stopwatch(times)
+            again.claim(keys, durable=False, fenced=True)
+            timed("claim")
+            again.finish(done_at=[0])
+            timed("end")
+        with get_engine(url).connect() as connection:
+            timed = _Stopwatch(times)
+            connection.exec_driver_sql("SELECT 1").all()
+            timed("SELECT 1")
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
@@ -454,16 +515,20 @@ def _ledger_verdict(measured: list[LedgerRow], pieces: dict[str, float]) -> str:
     chunk_ms = CHUNK / first.without * 1e3
     floor_ms = (CHUNK / first.floor - CHUNK / first.without) * 1e3
     keyed_ms = (CHUNK / first.keyed - CHUNK / first.without) * 1e3
-    ledger_ms = pieces["claim"] + pieces["flush sent"] + pieces["end"]
+    ledger_ms = (CHUNK / first.with_ - CHUNK / first.without) * 1e3
+    sent_ms = pieces["probe"] + pieces["claim sent"] + pieces["flush sent"] + pieces["end sent"]
     where = (
-        f"With no item work the floor's three statements add {floor_ms:.2f} ms to a chunk "
-        f"that takes {chunk_ms:.2f} ms without the ledger, {keyed_ms:.2f} ms with the keys. "
-        f"Timed alone on the same connection "
-        f"(median of {PIECE_ROUNDS} chunks, a 1 ms sleep between statements): the claim "
-        f"{pieces['claim']:.2f} ms, a mid-chunk flush {pieces['flush']:.2f} ms waited for but "
-        f"{pieces['flush sent']:.2f} ms sent as `BatchTask` sends it, the durable end "
-        f"{pieces['end']:.2f} ms ({ledger_ms:.2f} ms in all); a bare `SELECT 1` on a pooled "
-        f"connection (checkout, ping, return) takes {pieces['SELECT 1']:.2f} ms here."
+        f"With no item work the floor's four statements add {floor_ms:.2f} ms to a chunk "
+        f"that takes {chunk_ms:.2f} ms without the ledger, {keyed_ms:.2f} ms with the keys, "
+        f"the ledger {ledger_ms:.2f} ms. Timed alone on the same connection (median of "
+        f"{PIECE_ROUNDS} chunks, a 1 ms sleep where the chunk would run its items or build its "
+        f"summary): a first delivery's probe {pieces['probe']:.2f} ms and claim "
+        f"{pieces['claim sent']:.2f} ms, a mid-chunk flush {pieces['flush sent']:.2f} ms "
+        f"({pieces['flush']:.2f} ms if waited for), its durable end {pieces['end sent']:.2f} ms "
+        f"sent and settled ({sent_ms:.2f} ms in all); waited for, as a redelivery's are, the "
+        f"claim takes {pieces['claim']:.2f} ms and the end {pieces['end']:.2f} ms; a bare "
+        f"`SELECT 1` on a pooled connection (checkout, ping, return) takes "
+        f"{pieces['SELECT 1']:.2f} ms here."
     )
     if not missed:
         return f"Every target met. {where}"
@@ -501,33 +566,39 @@ One chunk of {CHUNK:,} items (submit_batch's default chunk size) run by a `Batch
 process, with the ledger on PostgreSQL (`ledger=True`, the default) and without it
 (`ledger=False`); the same item function, no failures, so the difference is the ledger: one
 row per chunk in `batch_chunks` (the keys once, a done and a dead flag per position), so a
-chunk costs three one-row statements whatever its size, each its own transaction in
-autocommit on a connection the worker thread keeps between chunks: the claim (an upsert of
-the keys, lz4-compressed, returning the flags), one update of the done flags per
-`ledger_flush_every` (500) items (not the last report's: the end writes the same flags), and
-the chunk's last update at its end. The claim and the mid-chunk flushes commit without
-waiting for the WAL flush (`synchronous_commit = off`: a killed worker loses nothing); the
-last write is durable and carries every flag of the delivery, so it stores again what a crash
-of PostgreSQL itself could lose. With psycopg the three skip SQLAlchemy's execute (prepared
-once per connection, read from libpq), and the mid-chunk flush is sent without waiting for
-its answer (read before the chunk's next statement): the chunk waits for two round trips,
-the claim and the end.
+chunk costs four one-row statements whatever its size, each its own transaction in autocommit
+on a connection the worker thread keeps between chunks. When the chunk starts, before its keys
+are computed, a lookup of the chunks of its batch at its position (`ItemLedger.probe`); once
+the keys are known, the claim (an upsert of the keys, lz4-compressed, returning the flags),
+sent without waiting for its answer when the lookup found no row of these keys (a first
+delivery: nothing to skip), waited for otherwise (a redelivery skips what it finished); one
+update of the done flags per `ledger_flush_every` (500) items (not the last report's: the end
+writes the same flags), sent without waiting; and the chunk's last update, sent when its items
+are done and settled (its answer read, or the write made again) once the chunk's summary is
+built. The claim and the mid-chunk flushes commit without waiting for the WAL flush
+(`synchronous_commit = off`: a killed worker loses nothing); the last write is durable and
+carries every flag of the delivery, so it stores again what a crash of PostgreSQL itself could
+lose. With psycopg the four skip SQLAlchemy's execute (prepared once per connection, read from
+libpq): a first delivery's chunk waits for its end's WAL flush and little else, the other
+round trips overlapping the keys' computation, the items and the summary.
 
 The floor column is what no ledger keeping the same three promises can go under:
 `ledger=False` plus the statements they need and nothing else, each one row of a table of its
-own: a claim of a new row, its answer read before the first item (a redelivered chunk must
-know what to skip before it runs anything); an update every `ledger_flush_every` items, sent
-without waiting and without a WAL flush (items re-run after a kill stay within
-`ledger_flush_every + batch_size`); and one durable update read before the task returns (the
-chunk's end must be on disk before its message is acked). Prepared and sent through libpq as
-the ledger sends its own, with no keys and no flags. The floor + keys column is the same with
-the chunk's keys stored by its claim, as the ledger's JSON in a column compressed with lz4 as
-`batch_chunks.keys` is: what lets `batch_items` and `ItemLedger.statuses` answer for each item
-from the moment its chunk is claimed (leaving the keys to a later statement would leave a
-claimed chunk's items unlisted until then). Median of {LEDGER_ROUNDS_CHEAP} chunks per row (no
-work, 20 µs) or {LEDGER_ROUNDS} (the others) and task, the four tasks taking turns; each chunk
-is a new batch. Run in process because the broker and the worker add the same cost to all
-four and would only move the ratios towards 1.
+own, sent where the ledger sends its own: a one-row lookup when the chunk starts, its answer
+read before the first item (a redelivered chunk must know what to skip before it runs
+anything); a claim of a new row, sent without waiting; an update every `ledger_flush_every`
+items, sent without waiting and without a WAL flush (items re-run after a kill stay within
+`ledger_flush_every + batch_size`); and one durable update sent when the items are done and
+read before the task returns (the chunk's end must be on disk before its message is acked).
+Prepared and sent through libpq as the ledger sends its own, with no keys and no flags. The
+floor + keys column is the same with the chunk's keys stored by its claim, as the ledger's
+JSON in a column compressed with lz4 as `batch_chunks.keys` is: what lets `batch_items` and
+`ItemLedger.statuses` answer for each item from the moment its chunk is claimed (leaving the
+keys to a later statement would leave a claimed chunk's items unlisted until then). Median of
+{LEDGER_ROUNDS_NO_WORK} chunks per task with no work, {LEDGER_ROUNDS_CHEAP} at 20 µs,
+{LEDGER_ROUNDS} for the others, the four tasks taking turns (each round in another order);
+each chunk is a new batch. Run in process because the broker and the worker add the same cost
+to all four and would only move the ratios towards 1.
 
 {table(LEDGER_HEADERS, rows)}
 

@@ -279,6 +279,7 @@ class BatchChunk(Base):
     chunk."""
 
     __tablename__ = "batch_chunks"
+    __table_args__ = (Index("ix_batch_chunks_batch_id_position", "batch_id", "position"),)
 
     batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     chunk: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -292,6 +293,9 @@ class BatchChunk(Base):
     #: How many deliveries claimed the chunk.
     claims: Mapped[int] = mapped_column(Integer, default=1)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The position of the chunk's first item in its batch (its message's ``offset``), for
+    #: ``ItemLedger.probe``; None when its claim named none (or came before migration 0013).
+    position: Mapped[int | None] = mapped_column(Integer, default=None)
 
     def __repr__(self) -> str:
         return f"<BatchChunk {self.batch_id!r}/{self.chunk[:12]} of {self.size}>"

@@ -25,13 +25,16 @@ Cost on PostgreSQL (issue 18): used as a context manager (``with ItemLedger(...)
 ``BatchTask`` does for each chunk), the ledger's one-statement writes go to a connection the
 thread keeps between chunks, not a pool checkout (and its ping) per statement; only the claim
 sends the chunk's keys (stored lz4-compressed, migration 0012), the writes after it update the
-flags alone and write the row whole only if a crash of the server lost the claim. A chunk costs
-three statements: the claim, a flush every ``ledger_flush_every`` items (no WAL flush awaited)
-and the durable end. With psycopg they skip SQLAlchemy's execute (``_Raw``: prepared once per
-connection, their results read from libpq; ``statement_hooks`` sees them), and ``BatchTask``
-sends its flushes without waiting for their answers (``finish(wait=False)``: the write is on
-its way to the server when ``finish`` returns, its answer is read before the next statement),
-so a chunk waits for two round trips, the claim and the durable end.
+flags alone and write the row whole only if a crash of the server lost the claim. A chunk
+costs four statements: a lookup of its position (``probe``), the claim, a flush every
+``ledger_flush_every`` items (no WAL flush awaited) and the durable end. With psycopg they skip
+SQLAlchemy's execute (``_Raw``: prepared once per connection, their results read from libpq;
+``statement_hooks`` sees them), and ``BatchTask`` waits for few of their answers: the probe is
+sent before the chunk's keys are computed, a claim the probe found nothing for (a first
+delivery) is sent without waiting, the flushes too (``finish(wait=False)``: the write is on its
+way to the server when ``finish`` returns, its answer read before the next statement), and the
+durable end is settled (``settle``) after the chunk's summary is built. A first delivery's
+chunk waits for its end's WAL flush and little else.
 
 Example::
 
@@ -142,6 +145,18 @@ class ItemLedger:
         self._holding = False
         #: ... and with psycopg, the claim and the flag updates take its raw path (``_Raw``).
         self._raw = False
+        #: A durable write was sent without waiting and its answer has not said it landed
+        #: (``settle``).
+        self._unsettled = False
+        #: The chunk's position in its batch (``claim(position=...)``), and the lookup
+        #: ``probe`` sent for a position, until ``claim`` reads it.
+        self._position: int | None = None
+        self._probe: _Probe | None = None
+        #: The claim was ``fenced`` (its count, ``_fence``, may come with a later answer).
+        self._fenced = False
+        #: A claim sent without waiting failed, or found per-item rows to move: the next write
+        #: claims again, waited for (``_answer_claim``).
+        self._unclaimed = False
 
     def __enter__(self) -> ItemLedger:
         """Inside the block, the ledger's one-statement writes use this thread's kept
@@ -157,9 +172,33 @@ class ItemLedger:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if self._raw:
-            _collect_kept()  # a write sent without waiting: its answer
-        self._holding = self._raw = False
+        try:
+            if kind is None:
+                self.settle()
+            elif self._raw:
+                _collect_kept()  # a write sent without waiting: its answer, read and dropped
+        finally:
+            self._holding = self._raw = False
+
+    def settle(self) -> None:
+        """Read the answer of a write sent without waiting (``finish(wait=False)``), and make
+        sure a durable one landed: one that failed, or found nothing to update, is written
+        again now, waited for (retried on transient errors; ``LeaseLost`` if a newer delivery
+        claimed the chunk). The end of the ``with`` block calls it when the block raised
+        nothing; call it yourself where its errors must be handled inside the block.
+
+        Example::
+
+            with ItemLedger("batch-42") as ledger:
+                ledger.claim(keys)
+                ledger.finish(done=keys, wait=False)   # durable, its round trip not waited for
+                summary = summarise(keys)              # runs while the write is on its way
+                ledger.settle()                        # the write has landed, or this raised
+        """
+        self._answer_claim()  # and any other answer goes to its handler (``_landed``...)
+        if self._unsettled:
+            self._unsettled = False
+            self.finish()  # the flags are this object's: the general path writes them whole
 
     @contextmanager
     def _statement(self, *, durable: bool = True) -> Iterator[Connection]:
@@ -181,9 +220,54 @@ class ItemLedger:
             self._positions = {key: position for position, key in enumerate(self._keys)}
         return self._positions
 
+    def probe(self, position: int) -> None:
+        """Look up the chunks of this batch at ``position`` (the position of a chunk's first
+        item in its batch: its message's ``offset``) before the chunk's keys are known: sent
+        now, its answer read by ``claim``. A ``claim(keys, durable=False, position=position)``
+        whose keys it did not find there (a chunk's first delivery) is then sent without
+        waiting for its answer, so the chunk's first items run during the claim's round trip;
+        a chunk found there (a redelivery), or a batch with per-item rows, is claimed as usual
+        and skips what it finished. On PostgreSQL with psycopg, inside ``with``; elsewhere this
+        does nothing and the claim waits as usual. A probe that fails is forgotten (the claim
+        waits). ``BatchTask`` probes before it computes its chunk's keys.
+
+        Decision (issue 18): a chunk of cheap items waited for two round trips, its claim and
+        its durable end; the claim's now overlaps the keys' computation. The lookup reads rows
+        of no position too (claimed before migration 0013, or by a caller that named none), so
+        a chunk claimed by either is still found. Not found: the same keys claimed at another
+        position (a message that sends a finished chunk's keys again under another offset);
+        its items run again (item functions are idempotent per key) and the claim's answer
+        merges the flags already stored, so nothing is lost. Example::
+
+            with ItemLedger("batch-42") as ledger:
+                ledger.probe(0)                          # on its way during the next line
+                keys = [key_of(item) for item in items]
+                skip = ledger.claim(keys, durable=False, position=0)
+        """
+        if not self._raw:
+            return
+        raw = _kept_raw(self.engine)
+        probe = _Probe(position)
+        statement, name = _raw_statement("probe", True, False)
+        parameters = [self.batch_id.encode(raw.encoding), str(position).encode()]
+        try:
+            raw.send(self.engine, statement, name, parameters, probe.answered)
+        except DBAPIError:  # the claim waits for its answer, and retries what failed here
+            _drop_kept(raw.connection)
+            return
+        except BaseException:  # interrupted (a time limit): its answer may be in flight
+            _drop_kept(raw.connection)
+            raise
+        self._probe = probe
+
     @db_retry(max_attempts=5)
     def claim(
-        self, keys: Sequence[str], *, durable: bool = True, fenced: bool = False
+        self,
+        keys: Sequence[str],
+        *,
+        durable: bool = True,
+        fenced: bool = False,
+        position: int | None = None,
     ) -> dict[str, str]:
         """Claim the chunk of ``keys`` (in this order) for this delivery; returns
         ``{key: "done" | "dead"}`` for the keys already finished (skip them).
@@ -191,7 +275,11 @@ class ItemLedger:
         One statement: the chunk's row is inserted, or its claims counted. ``durable=False``:
         on PostgreSQL the claim commits without waiting for its WAL flush; a crash of the
         server itself may lose it, and every ``finish`` of this object writes the whole row
-        again if it is missing.
+        again if it is missing. ``position``: where the chunk starts in its batch, stored with
+        it for ``probe``; a claim that a ``probe`` of its position found nothing for is sent
+        without waiting (returns ``{}``: nothing of a chunk no delivery claimed is finished),
+        its answer read by this object's next statement, which claims again, waited for, if
+        that answer was an error.
 
         ``fenced``: this claim is the chunk's only live one (its caller holds the chunk's
         lease), and a later claim means another delivery took the chunk over. Every ``finish``
@@ -213,17 +301,86 @@ class ItemLedger:
             raise ConfigurationError(f"repeated keys in a chunk of batch {self.batch_id!r}")
         encoded = keys_json.encode()
         chunk = hashlib.sha256(encoded).hexdigest()
+        self._position, self._fenced = position, fenced
+        if not durable and self._probed(chunk, position):
+            self._claim_unanswered(keys, keys_json, encoded, chunk)
+            return {}
+        return self._claim_answered(keys, keys_json, encoded, chunk, durable)
+
+    def _probed(self, chunk: str, position: int | None) -> bool:
+        """A ``probe`` of ``position`` was answered, and found neither the chunk nor per-item
+        rows of the batch: the claim need not be waited for. Reads (and forgets) the probe."""
+        probe, self._probe = self._probe, None
+        if probe is None or position is None or probe.position != position:
+            return False
+        _collect_kept()  # the probe's answer, if no statement read it yet
+        found = probe.found
+        return found is not None and chunk not in found and "" not in found
+
+    def _claim_unanswered(
+        self, keys: list[str], keys_json: str, encoded: bytes, chunk: str
+    ) -> None:
+        """The claim's statement sent without waiting (see ``probe``); ``_claimed`` takes its
+        answer. Until then this object knows the flags of a chunk no delivery claimed."""
+        raw = _kept_raw(self.engine)
+        statement, name = _raw_statement("claim", False, False)
+        parameters = self._claim_parameters(raw, chunk, encoded, len(keys))
+        try:
+            raw.send(self.engine, statement, name, parameters, self._claimed)
+        except BaseException:  # interrupted too (a time limit): its answer may be in flight
+            _drop_kept(raw.connection)  # the retry (db_retry) connects again
+            raise
+        self._chunk, self._keys_json, self._stored = chunk, keys_json, True
+        self._keys, self._positions = keys, None
+        self._done, self._dead = bytearray(b"0" * len(keys)), bytearray(b"0" * len(keys))
+        self._fence = None  # the answer brings it
+
+    def _claimed(self, result: Any, error: DBAPIError | None) -> None:
+        """The answer of a claim sent without waiting: the claim count (the fence), and the
+        flags of a delivery that claimed the chunk since the probe (merged: flags only add).
+        An error, or per-item rows to move, leave the claim to be made again, waited for."""
+        if error is not None:
+            self._unclaimed = True
+            return
+        value = result.get_value
+        if self._fenced:
+            self._fence = int(value(0, 3))
+        if value(0, 2) == b"t":  # per-item rows came since the probe: the waited claim moves them
+            self._unclaimed = True
+        _merge_flags(self._done, value(0, 0))
+        _merge_flags(self._dead, value(0, 1))
+
+    def _answer_claim(self) -> None:
+        """Before a write: whatever waits on the kept connection read (a claim sent without
+        waiting among it), and the claim made again, waited for, if its answer asks for it."""
+        if self._raw:
+            _collect_kept()
+        if self._unclaimed:
+            self._unclaimed = False
+            assert self._chunk is not None
+            done, dead = self._done, self._dead
+            self._claim_answered(
+                self._keys, self._keys_json, self._keys_json.encode(), self._chunk, False
+            )
+            _merge_flags(self._done, done)  # this delivery's own flags, not written yet
+            _merge_flags(self._dead, dead)
+
+    def _claim_answered(
+        self, keys: list[str], keys_json: str, encoded: bytes, chunk: str, durable: bool
+    ) -> dict[str, str]:
+        """The claim, its answer waited for: see ``claim``."""
         now = datetime.now(UTC)
         if self._raw:
-            done, dead, moved, claims = self._claim_raw(chunk, encoded, len(keys), now, durable)
+            done, dead, moved, claims = self._claim_raw(chunk, encoded, len(keys), durable)
         else:
             with self._statement(durable=durable) as connection:
                 row = connection.execute(
                     _sql(
                         "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, "
-                        "claims, updated_at) VALUES (:batch_id, :chunk, :keys, :size, :zeros, "
-                        ":zeros, 1, :now) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
-                        "claims = c.claims + 1, updated_at = excluded.updated_at "
+                        "claims, updated_at, position) VALUES (:batch_id, :chunk, :keys, :size, "
+                        ":zeros, :zeros, 1, :now, :position) ON CONFLICT (batch_id, chunk) DO "
+                        "UPDATE SET claims = c.claims + 1, updated_at = excluded.updated_at, "
+                        "position = coalesce(c.position, excluded.position) "
                         "RETURNING done, dead, EXISTS (SELECT 1 FROM batch_item_rows r "
                         f"WHERE r.batch_id = :batch_id), claims{_asynchronous(connection, durable)}"
                     ),
@@ -234,6 +391,7 @@ class ItemLedger:
                         "size": len(keys),
                         "zeros": "0" * len(keys),
                         "now": now,
+                        "position": self._position,
                     },
                 ).one()
             done, dead = bytearray(row[0].encode()), bytearray(row[1].encode())
@@ -248,11 +406,20 @@ class ItemLedger:
                             done[position] = ord("1")
                         elif status == "dead":
                             dead[position] = ord("1")
-                    _write_flags(connection, self.batch_id, chunk, keys_json, done, dead, now)
+                    _write_flags(
+                        connection,
+                        self.batch_id,
+                        chunk,
+                        keys_json,
+                        done,
+                        dead,
+                        now,
+                        position=self._position,
+                    )
         self._chunk, self._keys_json, self._stored = chunk, keys_json, True
         self._keys, self._positions = keys, None  # positions: on the first finish by key
         self._done, self._dead = done, dead
-        self._fence = claims if fenced else None
+        self._fence = claims if self._fenced else None
         finished: dict[str, str] = {}
         if b"1" in done or b"1" in dead:  # a first delivery finds nothing: skip the walk
             for position, key in enumerate(keys):
@@ -262,29 +429,33 @@ class ItemLedger:
                     finished[key] = "done"
         return finished
 
+    def _claim_parameters(
+        self, raw: _Raw, chunk: str, keys: bytes, size: int
+    ) -> list[bytes | None]:
+        """The claim statement's parameters on the raw path; ``keys``: their JSON in UTF-8."""
+        text_of = raw.encoding
+        if text_of != "utf-8":
+            keys = keys.decode().encode(text_of)
+        return [
+            self.batch_id.encode(text_of),
+            chunk.encode(),
+            keys,
+            str(size).encode(),
+            b"0" * size,
+            datetime.now(UTC).isoformat().encode(),
+            None if self._position is None else str(self._position).encode(),
+        ]
+
     def _claim_raw(
-        self, chunk: str, keys: bytes, size: int, now: datetime, durable: bool
+        self, chunk: str, keys: bytes, size: int, durable: bool
     ) -> tuple[bytearray, bytearray, bool, int]:
         """The claim's statement on the raw path: (done, dead, old rows exist, claims).
         ``keys``: the keys' JSON in UTF-8."""
         raw = _kept_raw(self.engine)
         statement, name = _raw_statement("claim", durable, False)
-        text_of = raw.encoding
-        if text_of != "utf-8":
-            keys = keys.decode().encode(text_of)
         try:
             result = raw.run(
-                self.engine,
-                statement,
-                name,
-                [
-                    self.batch_id.encode(text_of),
-                    chunk.encode(),
-                    keys,
-                    str(size).encode(),
-                    b"0" * size,
-                    now.isoformat().encode(),
-                ],
+                self.engine, statement, name, self._claim_parameters(raw, chunk, keys, size)
             )
         except BaseException:  # interrupted too (a time limit): its answer may be in flight
             _drop_kept(raw.connection)  # the retry (db_retry) connects again
@@ -303,10 +474,10 @@ class ItemLedger:
         """``_write_flags`` for the claimed chunk, its flags-only update on the raw path; not
         ``wait``: sent without waiting for its answer (``_flushed`` takes it later)."""
         assert self._chunk is not None
+        raw = _kept_raw(self.engine)  # first: a write sent before may have found the row gone
         if self._stored:
-            raw = _kept_raw(self.engine)
-            fenced = self._fence is not None
-            statement, name = _raw_statement("flags", durable, fenced)
+            fence = self._fence
+            statement, name = _raw_statement("flags", durable, fence is not None)
             parameters = [
                 bytes(dead),
                 bytes(done),
@@ -314,13 +485,21 @@ class ItemLedger:
                 self.batch_id.encode(raw.encoding),
                 self._chunk.encode(),
             ]
-            if fenced:
-                parameters.append(str(self._fence).encode())
+            if fence is not None:
+                parameters.append(str(fence).encode())
             try:
                 if not wait:
-                    raw.send(self.engine, statement, name, parameters, self._flushed)
+                    raw.send(
+                        self.engine,
+                        statement,
+                        name,
+                        parameters,
+                        self._landed if durable else self._flushed,
+                    )
+                    self._unsettled = self._unsettled or durable
                     return True
                 if raw.run(self.engine, statement, name, parameters).command_tuples:
+                    self._unsettled = self._unsettled and not durable
                     return True
             except BaseException:  # interrupted too (a time limit): its answer may be in flight
                 _drop_kept(raw.connection)  # the retry (db_retry) connects again
@@ -338,7 +517,22 @@ class ItemLedger:
                 now,
                 durable=durable,
                 fence=self._fence,
+                position=self._position,
             )
+
+    def _finish_at(self, done_at: Sequence[int], durable: bool, wait: bool) -> None:
+        """``finish(done_at=...)`` alone on the raw path (``BatchTask``'s every write without
+        dead items): the flags-only update and nothing around it. A chunk of cheap items spends
+        as long in the ledger's Python as in its statements' round trips, so this path skips
+        the general one's per-key bookkeeping (issue 18)."""
+        self._answer_claim()
+        flags = self._done  # finished whatever becomes of this write: see ``finish``
+        if done_at:
+            _set_flags(flags, done_at)
+        elif not (durable and b"1" in flags):
+            return
+        if not self._write_raw(flags, self._dead, datetime.now(UTC), durable, wait):
+            raise self._refused(len(done_at), 0)
 
     def _flushed(self, result: Any, error: DBAPIError | None) -> None:
         """The answer of a flag update sent without waiting (``finish(wait=False)``), read
@@ -353,6 +547,14 @@ class ItemLedger:
             )
         elif not result.command_tuples:  # the row is gone, or the fence refused the update
             self._stored = False  # the next write decides: the whole row, or LeaseLost
+
+    def _landed(self, result: Any, error: DBAPIError | None) -> None:
+        """The answer of a durable write sent without waiting: landed, or left for ``settle``
+        to write again (no log: ``settle`` raises if that fails too)."""
+        if error is None and result.command_tuples:
+            self._unsettled = False
+        elif error is None:  # the row is gone, or the fence refused the update
+            self._stored = False
 
     @db_retry(max_attempts=5)
     def finish(
@@ -385,20 +587,24 @@ class ItemLedger:
             ledger.finish(done=keys[:500], durable=False)   # mid-chunk flush
             ledger.finish(done=keys[500:])                  # the chunk's end: durable
 
-        ``wait=False`` (with ``durable=False``; PostgreSQL with psycopg, inside ``with``, flags
-        of the claimed chunk only): the write is sent (it is in the socket, on its way to the
-        server, when ``finish`` returns: a worker that dies then keeps it) and its answer is
-        read by this thread's next ledger statement, or at the end of the ``with`` block, so
-        the round trip overlaps the caller's next items. What the answer says is handled there:
-        a failed write is logged and its flags go again with the next write (they are this
-        object's already); a write the fence refused wrote nothing, and the next write of this
-        object is refused too, in its own statement, and raises ``LeaseLost``. Elsewhere it
-        waits as usual. ``BatchTask`` sends its mid-chunk flushes this way.
+        ``wait=False`` (PostgreSQL with psycopg, inside ``with``, flags of the claimed chunk
+        only; elsewhere it waits as usual): the write is sent (it is in the socket, on its way
+        to the server, when ``finish`` returns: a worker that dies then keeps it) and its answer
+        is read by this thread's next ledger statement, by ``settle``, or at the end of the
+        ``with`` block, so the round trip overlaps the caller's next work. Not ``durable``, what
+        the answer says is handled there: a failed write is logged and its flags go again with
+        the next write (they are this object's already); a write the fence refused wrote
+        nothing, and the next write of this object is refused too, in its own statement, and
+        raises ``LeaseLost``. A ``durable`` one is not finished until ``settle`` (or the end of
+        the block) has read that it landed, or written it again, raising what a waited write
+        would have raised. ``BatchTask`` sends its mid-chunk flushes this way, and its chunk's
+        end, which it settles after building its summary.
         """
         if not durable and dead:
             raise ConfigurationError("dead items are always written durably (durable=True)")
-        if not wait and durable:
-            raise ConfigurationError("only a write that skips the WAL flush may skip its answer")
+        if self._raw and not (done or dead) and self._chunk is not None:
+            self._finish_at(done_at, durable, wait)
+            return
         keyless = [entry.task_name for entry in dead if entry.item_key is None]
         if keyless:  # str(None) would mark an item named "None" dead
             raise ConfigurationError(
@@ -409,11 +615,12 @@ class ItemLedger:
             raise ConfigurationError("done_at names positions of a claimed chunk: claim it first")
         if not (done or dead or done_at) and not (durable and in_chunk and b"1" in self._done):
             return
+        self._answer_claim()  # what a write sent without waiting said comes first
         now = datetime.now(UTC)
         rows = [entry.row() for entry in dead] if record else []
         done_flags, dead_flags = bytearray(self._done), bytearray(self._dead)
-        for at in done_at:
-            done_flags[at] = 49  # ord("1")
+        if done_at:
+            _set_flags(done_flags, done_at)
         positions = self._key_positions() if done or dead else {}
         loose_done: list[str] = []
         loose_dead: list[str] = []
@@ -437,12 +644,10 @@ class ItemLedger:
             # it): one interrupted or failed after it was sent may or may not land, one before
             # did not, so every later write of this object carries them again (flags merge).
             self._done, self._dead = done_flags, dead_flags
-        if self._raw:
-            _collect_kept()  # what a write sent without waiting said comes first
-            if alone and self._chunk is not None:
-                if not self._write_raw(done_flags, dead_flags, now, durable, wait):
-                    raise self._refused(len(done) + len(done_at), len(dead))
-                return
+        if self._raw and alone and self._chunk is not None:
+            if not self._write_raw(done_flags, dead_flags, now, durable, wait):
+                raise self._refused(len(done) + len(done_at), len(dead))
+            return
         scope = (
             self._statement(durable=durable)
             if alone
@@ -460,6 +665,7 @@ class ItemLedger:
                 durable=durable,
                 fence=self._fence,
                 stored=self._stored,
+                position=self._position,
             ):
                 raise self._refused(len(done) + len(done_at), len(dead))
             if loose_done:
@@ -471,6 +677,7 @@ class ItemLedger:
             if rows:
                 write_rows(connection, rows)
         self._done, self._dead = done_flags, dead_flags
+        self._unsettled = self._unsettled and not durable  # every flag written, and durably
         if store is not None and rows:
             store.publish(rows)
 
@@ -505,6 +712,50 @@ class ItemLedger:
         return found
 
 
+def _set_flags(flags: bytearray, positions: Sequence[int]) -> None:
+    """Set ``flags`` at ``positions`` to ``1``: as one slice when they are a run of adjacent
+    positions in order (``BatchTask``'s items finish in order unless one is retried), which
+    costs a third of the loop's time. The run is recognised by comparing with a slice of
+    ``_RUN`` (the integers in order), not a new ``list(range(...))``, whose integers above 256
+    are each allocated: that made the check cost as much as the loop."""
+    count = len(positions)
+    first = positions[0]
+    if positions[-1] - first + 1 == count and first >= 0 and first + count <= len(flags):
+        run = _RUN[0]
+        if len(run) < first + count:  # replaced, never grown in place: threads share it
+            run = _RUN[0] = list(range(max(len(flags), 2 * len(run))))
+        if type(positions) is range or positions == run[first : first + count]:
+            flags[first : first + count] = b"1" * count
+            return
+    for position in positions:
+        flags[position] = 49  # ord("1")
+
+
+def _merge_flags(flags: bytearray, more: bytes | bytearray) -> None:
+    """Set ``flags`` where ``more`` (as long, or empty) has a ``1``."""
+    if b"1" in more:
+        for position, flag in enumerate(more):
+            if flag == 49:  # ord("1")
+                flags[position] = 49
+
+
+class _Probe:
+    """A lookup sent by ``ItemLedger.probe``: its position, and once answered, the chunk ids
+    found there (``""``: the batch has per-item rows). None: not answered, or failed."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self.found: set[str] | None = None
+
+    def answered(self, result: Any, error: DBAPIError | None) -> None:
+        if error is None:
+            self.found = {result.get_value(row, 0).decode() for row in range(result.ntuples)}
+
+
+#: ``[0, 1, 2, ...]`` as long as the longest chunk flagged so far (``_set_flags``).
+_RUN: list[list[int]] = [list(range(1024))]
+
+
 def _keys_json(keys: list[str]) -> str:
     """``json.dumps(keys, separators=(",", ":"), ensure_ascii=False)``, the same text (the
     chunk's id is its hash), joined directly when no key needs escaping: 3x cheaper. A key
@@ -533,6 +784,7 @@ def _write_flags(
     durable: bool = True,
     fence: int | None = None,
     stored: bool = False,
+    position: int | None = None,
 ) -> bool:
     """The chunk's flags merged with the stored ones (a flag once set stays set; a dead item
     is not done), its row written whole if it is missing: one statement on PostgreSQL.
@@ -551,6 +803,7 @@ def _write_flags(
         "dead": dead.decode(),
         "now": now,
         "fence": fence,
+        "position": position,
     }
     if stored and connection.dialect.name == "postgresql":
         updated = connection.execute(
@@ -571,8 +824,8 @@ def _write_flags(
         written = connection.execute(
             _sql(
                 "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, claims, "
-                "updated_at) VALUES (:batch_id, :chunk, :keys, :size, :done, :dead, 1, :now) "
-                "ON CONFLICT (batch_id, chunk) DO UPDATE SET "
+                "updated_at, position) VALUES (:batch_id, :chunk, :keys, :size, :done, :dead, 1, "
+                ":now, :position) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
                 "dead = CAST(CAST(c.dead AS VARBIT) | CAST(excluded.dead AS VARBIT) AS TEXT), "
                 "done = CAST((CAST(c.done AS VARBIT) | CAST(excluded.done AS VARBIT)) "
                 "& ~(CAST(c.dead AS VARBIT) | CAST(excluded.dead AS VARBIT)) AS TEXT), "
@@ -596,6 +849,7 @@ def _write_flags(
             dead=parameters["dead"],
             claims=1,
             updated_at=now,
+            position=position,
         )
         .on_conflict_do_nothing()
     ).rowcount
@@ -795,10 +1049,16 @@ def _insert_missing(
 statement_hooks: list[Callable[[Engine, str], None]] = []
 
 _CLAIM_SQL = (
-    "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, claims, updated_at) "
-    "VALUES ($1, $2, $3, $4, $5, $5, 1, $6) ON CONFLICT (batch_id, chunk) DO UPDATE SET "
-    "claims = c.claims + 1, updated_at = excluded.updated_at "
+    "INSERT INTO batch_chunks AS c (batch_id, chunk, keys, size, done, dead, claims, updated_at, "
+    "position) VALUES ($1, $2, $3, $4, $5, $5, 1, $6, $7) ON CONFLICT (batch_id, chunk) DO UPDATE "
+    "SET claims = c.claims + 1, updated_at = excluded.updated_at, "
+    "position = coalesce(c.position, excluded.position) "
     "RETURNING done, dead, EXISTS (SELECT 1 FROM batch_item_rows r WHERE r.batch_id = $1), claims"
+)
+#: The chunks of a batch at a position (or of none), and ``''`` if per-item rows exist.
+_PROBE_SQL = (
+    "SELECT chunk FROM batch_chunks WHERE batch_id = $1 AND (position = $2 OR position IS NULL) "
+    "UNION ALL SELECT '' WHERE EXISTS (SELECT 1 FROM batch_item_rows r WHERE r.batch_id = $1)"
 )
 _FLAGS_SQL = (
     "UPDATE batch_chunks AS c SET "
@@ -815,6 +1075,8 @@ def _raw_statement(kind: str, durable: bool, fenced: bool) -> tuple[str, bytes]:
     """The text of a raw-path statement and the name it is prepared under on a connection."""
     if kind == "claim":
         statement = _CLAIM_SQL + ("" if durable else f", {_SYNC_OFF}")
+    elif kind == "probe":
+        statement = _PROBE_SQL
     else:
         statement = (
             _FLAGS_SQL
@@ -864,7 +1126,9 @@ class _Raw:
         #: with the ``DBAPIError`` it failed with).
         self.pending: tuple[str, Callable[[Any, DBAPIError | None], None]] | None = None
 
-    def run(self, engine: Engine, statement: str, name: bytes, parameters: list[bytes]) -> Any:
+    def run(
+        self, engine: Engine, statement: str, name: bytes, parameters: Sequence[bytes | None]
+    ) -> Any:
         """Run the statement prepared as ``name``; its result (a ``PGresult``)."""
         self._send(engine, statement, name, parameters)
         try:
@@ -881,7 +1145,7 @@ class _Raw:
         engine: Engine,
         statement: str,
         name: bytes,
-        parameters: list[bytes],
+        parameters: Sequence[bytes | None],
         then: Callable[[Any, DBAPIError | None], None],
     ) -> None:
         """Send the statement prepared as ``name`` (all of it is in the socket, on its way to
@@ -903,7 +1167,9 @@ class _Raw:
             raise
         then(result, None)
 
-    def _send(self, engine: Engine, statement: str, name: bytes, parameters: list[bytes]) -> None:
+    def _send(
+        self, engine: Engine, statement: str, name: bytes, parameters: Sequence[bytes | None]
+    ) -> None:
         assert self.pending is None, "collect() the statement sent before"
         for hook in statement_hooks:
             hook(engine, statement)
@@ -977,7 +1243,19 @@ def _collect_kept() -> None:
 
 
 def _kept_raw(engine: Engine) -> _Raw:
-    """The raw handle of this thread's kept connection to ``engine`` (``_kept_connection``)."""
+    """The raw handle of this thread's kept connection to ``engine`` (``_kept_connection``),
+    with the answer of a statement sent on it without waiting read first."""
+    kept = _KEPT
+    raw = kept.raw
+    if (  # the common case, checked without a call: nothing to read, nothing to reopen
+        raw is not None
+        and raw.pending is None
+        and kept.engine is engine
+        and raw.connection is kept.connection
+        and not raw.connection.invalidated
+        and kept.pid == os.getpid()
+    ):
+        return raw
     connection = _kept_connection(engine)
     raw = _KEPT.raw
     if raw is None or raw.connection is not connection:

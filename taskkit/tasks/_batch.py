@@ -255,28 +255,36 @@ class BatchTask(ResilientTask):
         offset: int = 0,
     ) -> dict[str, Any]:
         """Run ``process_item`` over ``items``; the summary dict (see the module docs)."""
-        chunk = self._chunk(items, batch_id, keys, offset)
-        stack = _context_stack()
-        with self.setup_chunk(chunk.items) as context:
-            stack.append(context)
-            try:
-                return self._run_chunk(chunk)
-            finally:
-                stack.pop()
+        batch = str(batch_id or self.request.id or uuid.uuid4().hex)
+        with self._chunk_ledger(batch, offset) as ledger:
+            chunk = self._chunk(items, batch, keys, offset)  # while the ledger's probe travels
+            stack = _context_stack()
+            with self.setup_chunk(chunk.items) as context:
+                stack.append(context)
+                try:
+                    return self._run_chunk(chunk, ledger, offset)
+                finally:
+                    stack.pop()
 
-    def _run_chunk(self, chunk: _Chunk) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def _chunk_ledger(self, batch_id: str, offset: int) -> Iterator[ItemLedger | None]:
+        """The chunk's ledger (None with ``ledger=False``): one kept connection for the chunk,
+        and the lookup of the chunk's position sent before its keys are computed, so a first
+        delivery's claim need not wait for its answer (``ItemLedger.probe``)."""
         if not self.ledger:
-            return self._run_ledgered(chunk, None)
-        with ItemLedger(chunk.batch_id, self._engine()) as ledger:  # one connection a chunk
-            return self._run_ledgered(chunk, ledger)
+            yield None
+            return
+        with ItemLedger(batch_id, self._engine()) as ledger:
+            ledger.probe(offset)
+            yield ledger
 
-    def _run_ledgered(self, chunk: _Chunk, ledger: ItemLedger | None) -> dict[str, Any]:
+    def _run_chunk(self, chunk: _Chunk, ledger: ItemLedger | None, offset: int) -> dict[str, Any]:
         # Not durable: a worker that dies keeps the claim, and the chunk's last finish (durable)
         # stores what a crash of PostgreSQL itself could have lost. Fenced under a lease: once
         # another delivery claimed the chunk (it took the lease over), this one's writes are
         # refused where they land (LeaseLost), a write stalled in a cut-off host's connection too.
         finished = (
-            ledger.claim(chunk.keys, durable=False, fenced=self.lease is not None)
+            ledger.claim(chunk.keys, durable=False, fenced=self.lease is not None, position=offset)
             if ledger is not None
             else {}
         )
@@ -309,17 +317,13 @@ class BatchTask(ResilientTask):
             )
             for index, error in outcome.failed
         ]
-        self._finish(chunk, ledger, dead)
-        if events.active():
-            self._chunk_finished(
-                chunk, done=len(todo) - len(outcome.failed), dead=len(dead), skipped=len(finished)
-            )
+        self._finish(chunk, ledger, dead)  # the chunk's end: on its way, not yet answered
         failed = sorted(
             {index for index, _ in outcome.failed}
             | {i for i, key in enumerate(chunk.keys) if finished.get(key) == "dead"}
         )
         total = len(chunk.items)
-        return {
+        summary = {
             "total": total,
             "successful": total - len(failed),
             "failed": len(failed),
@@ -327,6 +331,16 @@ class BatchTask(ResilientTask):
             "batch_id": chunk.batch_id,
             "skipped": len(finished),
         }
+        if ledger is not None:  # the summary was built during the end's round trip
+            try:
+                ledger.settle()
+            except LeaseLost as lost:  # refused: another delivery claimed the chunk
+                raise self._lease_lost(lost) from None
+        if events.active():
+            self._chunk_finished(
+                chunk, done=len(todo) - len(outcome.failed), dead=len(dead), skipped=len(finished)
+            )
+        return summary
 
     def _chunk_finished(
         self, chunk: _Chunk, *, done: int, dead: int, skipped: int, task_id: str | None = None
@@ -420,7 +434,8 @@ class BatchTask(ResilientTask):
                 # with their own errors, and leave the done items unmarked (they run again).
                 self._store_dead(ledger, [], dead, store)
                 raise
-            self._store_dead(ledger, chunk.done, dead, store)
+            # Sent without waiting where the ledger can (its caller settles it): see finish.
+            self._store_dead(ledger, chunk.done, dead, store, wait=False)
         except LeaseLost as lost:  # refused: another delivery claimed the chunk
             raise self._lease_lost(lost) from None
 
@@ -439,9 +454,11 @@ class BatchTask(ResilientTask):
         done: list[int],
         dead: list[DeadLetterEntry],
         store: DeadLetterStore,
+        *,
+        wait: bool = True,
     ) -> None:
         if ledger is not None:
-            ledger.finish(done_at=done, dead=dead, store=store, record=self.dead_letter)
+            ledger.finish(done_at=done, dead=dead, store=store, record=self.dead_letter, wait=wait)
         elif self.dead_letter and dead:
             store.record(dead)
 
@@ -469,7 +486,7 @@ class BatchTask(ResilientTask):
             return
         ledger = ItemLedger(chunk.batch_id, self._engine()) if self.ledger else None
         # Claimed (its chunk row), so the dead flags land in the chunk's own row.
-        statuses = ledger.claim(chunk.keys) if ledger is not None else {}
+        statuses = ledger.claim(chunk.keys, position=offset) if ledger is not None else {}
         dead = [
             DeadLetterEntry(
                 task_name=self.name,

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, event
 
 from taskkit.config import Settings
 from taskkit.deadletter import DeadLetterStore, ItemLedger
-from taskkit.deadletter._ledger import statement_hooks
+from taskkit.deadletter._ledger import _KEPT, statement_hooks
 from taskkit.tasks import BatchTask, create_app
 
 app = create_app(
@@ -85,3 +85,56 @@ def test_a_chunk_waits_for_the_wal_flush_once_at_its_end(
     again = items_task(items, batch_id=batch)  # a redelivery skips every finished item
     assert (again["skipped"], again["failed_ids"]) == (30, [7, 23])
     assert len(DeadLetterStore(engine=engine).list(batch_id=batch)) == 2  # dead-lettered once
+
+
+#: Whether the chunk's claim was still unanswered when its first item ran (``observed_task``).
+claim_unanswered: list[bool] = []
+
+
+@app.task(
+    base=BatchTask,
+    bind=True,
+    shared=False,
+    name="tkledgerwrites.observed",
+    item_delay=0,
+    batch_size=10,
+    ledger_flush_every=10,
+)
+def observed_task(self: BatchTask, item: int) -> None:
+    if item == 0:
+        raw = _KEPT.raw
+        claim_unanswered.append(raw is not None and raw.pending is not None)
+
+
+def test_a_first_delivery_runs_its_first_item_during_its_claims_round_trip(
+    pg_schema_url: str, pg_engine: Engine
+) -> None:
+    """The chunk's position is looked up before its keys are computed, found empty, and the
+    claim is sent without waiting (``ItemLedger.probe``); a redelivery waits and skips."""
+    app.conf.taskkit_database_url = pg_schema_url
+    sent: list[str] = []
+
+    def note(sent_on: Engine, statement: str) -> None:
+        if sent_on is pg_engine:
+            sent.append(" ".join(statement.split()[:2]))
+
+    statement_hooks.append(note)
+    try:
+        batch = uuid.uuid4().hex
+        claim_unanswered.clear()
+        summary = observed_task(list(range(25)), batch_id=batch, offset=50)
+        first = list(sent)
+        again = observed_task(list(range(25)), batch_id=batch, offset=50)
+    finally:
+        statement_hooks.remove(note)
+    assert summary["successful"] == 25
+    assert claim_unanswered == [True]  # and the redelivery ran no item
+    assert first == [
+        "SELECT chunk",  # the probe, sent before the keys were computed
+        "INSERT INTO",  # the claim, its answer read by the first flush
+        "UPDATE batch_chunks",  # flushes after 10 and 20 items, sent without waiting
+        "UPDATE batch_chunks",
+        "UPDATE batch_chunks",  # the durable end, settled after the summary was built
+    ]
+    assert again["skipped"] == 25
+    assert ItemLedger(batch, pg_engine).statuses(["0", "24"]) == {"0": "done", "24": "done"}

@@ -644,13 +644,6 @@ def test_the_answer_of_a_flush_sent_without_waiting_is_read_when_the_block_ends(
     }
 
 
-def test_a_write_skipping_its_answer_must_skip_the_wal_flush(engine: Engine, batch_id: str):
-    with ItemLedger(batch_id, engine) as ledger:
-        ledger.claim(["a"], durable=False)
-        with pytest.raises(ConfigurationError, match="WAL flush"):
-            ledger.finish(done_at=[0], wait=False)
-
-
 def test_a_flush_the_fence_refused_unanswered_makes_the_next_write_raise(
     engine: Engine, batch_id: str
 ):
