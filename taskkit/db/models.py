@@ -295,7 +295,7 @@ class BatchChunk(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: The position of the chunk's first item in its batch (its message's ``offset``), for
     #: ``ItemLedger.probe``; None when its claim named none (or came before migration 0013).
-    position: Mapped[int | None] = mapped_column(Integer, default=None)
+    position: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
     def __repr__(self) -> str:
         return f"<BatchChunk {self.batch_id!r}/{self.chunk[:12]} of {self.size}>"

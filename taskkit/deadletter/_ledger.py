@@ -154,8 +154,10 @@ class ItemLedger:
         self._probe: _Probe | None = None
         #: The claim was ``fenced`` (its count, ``_fence``, may come with a later answer).
         self._fenced = False
-        #: A claim sent without waiting failed, or found per-item rows to move: the next write
+        #: A claim sent without waiting whose answer has not been read (``_claimed``), and one
+        #: whose answer was an error or found per-item rows to move: either way the next write
         #: claims again, waited for (``_answer_claim``).
+        self._claim_unread = False
         self._unclaimed = False
 
     def __enter__(self) -> ItemLedger:
@@ -185,7 +187,8 @@ class ItemLedger:
         sure a durable one landed: one that failed, or found nothing to update, is written
         again now, waited for (retried on transient errors; ``LeaseLost`` if a newer delivery
         claimed the chunk). The end of the ``with`` block calls it when the block raised
-        nothing; call it yourself where its errors must be handled inside the block.
+        nothing; call it yourself where its errors must be handled inside the block (a write
+        that did not land is tried again by every later ``settle``, the block's end included).
 
         Example::
 
@@ -196,9 +199,8 @@ class ItemLedger:
                 ledger.settle()                        # the write has landed, or this raised
         """
         self._answer_claim()  # and any other answer goes to its handler (``_landed``...)
-        if self._unsettled:
-            self._unsettled = False
-            self.finish()  # the flags are this object's: the general path writes them whole
+        if self._unsettled:  # until a durable write of every flag lands: raised, tried again
+            self.finish()  # the flags are this object's: written whole, waited for
 
     @contextmanager
     def _statement(self, *, durable: bool = True) -> Iterator[Connection]:
@@ -244,20 +246,22 @@ class ItemLedger:
                 keys = [key_of(item) for item in items]
                 skip = ledger.claim(keys, durable=False, position=0)
         """
+        self._probe = None
         if not self._raw:
             return
-        raw = _kept_raw(self.engine)
         probe = _Probe(position)
         statement, name = _raw_statement("probe", True, False)
-        parameters = [self.batch_id.encode(raw.encoding), str(position).encode()]
+        raw = None
         try:
+            raw = _kept_raw(self.engine)  # may connect: a failure here is the claim's to retry
+            parameters = [self.batch_id.encode(raw.encoding), str(position).encode()]
             raw.send(self.engine, statement, name, parameters, probe.answered)
-        except DBAPIError:  # the claim waits for its answer, and retries what failed here
-            _drop_kept(raw.connection)
-            return
-        except BaseException:  # interrupted (a time limit): its answer may be in flight
-            _drop_kept(raw.connection)
-            raise
+        except BaseException as error:
+            if raw is not None:  # its answer may be in flight
+                _drop_kept(raw.connection)
+            if isinstance(error, DBAPIError):  # forgotten: the claim waits, and retries
+                return
+            raise  # interrupted (a time limit)
         self._probe = probe
 
     @db_retry(max_attempts=5)
@@ -302,7 +306,7 @@ class ItemLedger:
         encoded = keys_json.encode()
         chunk = hashlib.sha256(encoded).hexdigest()
         self._position, self._fenced = position, fenced
-        if not durable and self._probed(chunk, position):
+        if self._probed(chunk, position) and not durable:
             self._claim_unanswered(keys, keys_json, encoded, chunk)
             return {}
         return self._claim_answered(keys, keys_json, encoded, chunk, durable)
@@ -334,11 +338,13 @@ class ItemLedger:
         self._keys, self._positions = keys, None
         self._done, self._dead = bytearray(b"0" * len(keys)), bytearray(b"0" * len(keys))
         self._fence = None  # the answer brings it
+        self._claim_unread, self._unclaimed = True, False
 
     def _claimed(self, result: Any, error: DBAPIError | None) -> None:
         """The answer of a claim sent without waiting: the claim count (the fence), and the
         flags of a delivery that claimed the chunk since the probe (merged: flags only add).
         An error, or per-item rows to move, leave the claim to be made again, waited for."""
+        self._claim_unread = False
         if error is not None:
             self._unclaimed = True
             return
@@ -352,18 +358,24 @@ class ItemLedger:
 
     def _answer_claim(self) -> None:
         """Before a write: whatever waits on the kept connection read (a claim sent without
-        waiting among it), and the claim made again, waited for, if its answer asks for it."""
+        waiting among it), and the claim made again, waited for, if its answer was an error,
+        asks for it, or was never read (dropped with its connection by an interruption): no
+        write of a fenced delivery goes out without its claim's count. The flags stay
+        ``_claim_unread`` or ``_unclaimed`` until that claim succeeds, so a claim that fails
+        again is tried again by the next write (a flush's failure is logged by ``BatchTask``,
+        which goes on)."""
         if self._raw:
             _collect_kept()
-        if self._unclaimed:
-            self._unclaimed = False
-            assert self._chunk is not None
-            done, dead = self._done, self._dead
-            self._claim_answered(
-                self._keys, self._keys_json, self._keys_json.encode(), self._chunk, False
-            )
-            _merge_flags(self._done, done)  # this delivery's own flags, not written yet
-            _merge_flags(self._dead, dead)
+        if not (self._claim_unread or self._unclaimed):
+            return
+        assert self._chunk is not None
+        done, dead = self._done, self._dead
+        self._claim_answered(
+            self._keys, self._keys_json, self._keys_json.encode(), self._chunk, False
+        )
+        self._claim_unread = self._unclaimed = False
+        _merge_flags(self._done, done)  # this delivery's own flags, not written yet
+        _merge_flags(self._dead, dead)
 
     def _claim_answered(
         self, keys: list[str], keys_json: str, encoded: bytes, chunk: str, durable: bool
@@ -499,7 +511,7 @@ class ItemLedger:
                     self._unsettled = self._unsettled or durable
                     return True
                 if raw.run(self.engine, statement, name, parameters).command_tuples:
-                    self._unsettled = self._unsettled and not durable
+                    self._unsettled = self._unsettled and not durable  # every flag, durably
                     return True
             except BaseException:  # interrupted too (a time limit): its answer may be in flight
                 _drop_kept(raw.connection)  # the retry (db_retry) connects again
@@ -507,7 +519,7 @@ class ItemLedger:
         # The row is gone (a crash of the server lost the claim) or the fence refused the
         # update: the whole-row statement decides, keys included.
         with self._statement(durable=durable) as connection:
-            return _write_flags(
+            written = _write_flags(
                 connection,
                 self.batch_id,
                 self._chunk,
@@ -519,6 +531,8 @@ class ItemLedger:
                 fence=self._fence,
                 position=self._position,
             )
+        self._unsettled = self._unsettled and not (written and durable)
+        return written
 
     def _finish_at(self, done_at: Sequence[int], durable: bool, wait: bool) -> None:
         """``finish(done_at=...)`` alone on the raw path (``BatchTask``'s every write without
@@ -529,8 +543,8 @@ class ItemLedger:
         flags = self._done  # finished whatever becomes of this write: see ``finish``
         if done_at:
             _set_flags(flags, done_at)
-        elif not (durable and b"1" in flags):
-            return
+        elif not (durable and (b"1" in flags or b"1" in self._dead)):
+            return  # nothing finished: nothing to make durable
         if not self._write_raw(flags, self._dead, datetime.now(UTC), durable, wait):
             raise self._refused(len(done_at), 0)
 
@@ -613,9 +627,10 @@ class ItemLedger:
         in_chunk = self._chunk is not None
         if done_at and not in_chunk:
             raise ConfigurationError("done_at names positions of a claimed chunk: claim it first")
-        if not (done or dead or done_at) and not (durable and in_chunk and b"1" in self._done):
-            return
         self._answer_claim()  # what a write sent without waiting said comes first
+        finished = in_chunk and (b"1" in self._done or b"1" in self._dead)
+        if not (done or dead or done_at) and not (durable and finished):
+            return
         now = datetime.now(UTC)
         rows = [entry.row() for entry in dead] if record else []
         done_flags, dead_flags = bytearray(self._done), bytearray(self._dead)
@@ -720,10 +735,14 @@ def _set_flags(flags: bytearray, positions: Sequence[int]) -> None:
     are each allocated: that made the check cost as much as the loop."""
     count = len(positions)
     first = positions[0]
-    if positions[-1] - first + 1 == count and first >= 0 and first + count <= len(flags):
+    if (
+        positions[-1] - first + 1 == count
+        and first >= 0
+        and first + count <= min(len(flags), _RUN_LIMIT)
+    ):
         run = _RUN[0]
         if len(run) < first + count:  # replaced, never grown in place: threads share it
-            run = _RUN[0] = list(range(max(len(flags), 2 * len(run))))
+            run = _RUN[0] = list(range(min(max(len(flags), 2 * len(run)), _RUN_LIMIT)))
         if type(positions) is range or positions == run[first : first + count]:
             flags[first : first + count] = b"1" * count
             return
@@ -732,8 +751,8 @@ def _set_flags(flags: bytearray, positions: Sequence[int]) -> None:
 
 
 def _merge_flags(flags: bytearray, more: bytes | bytearray) -> None:
-    """Set ``flags`` where ``more`` (as long, or empty) has a ``1``."""
-    if b"1" in more:
+    """Set ``flags`` where ``more`` (the same chunk's flags) has a ``1``."""
+    if len(more) == len(flags) and b"1" in more:
         for position, flag in enumerate(more):
             if flag == 49:  # ord("1")
                 flags[position] = 49
@@ -748,11 +767,13 @@ class _Probe:
         self.found: set[str] | None = None
 
     def answered(self, result: Any, error: DBAPIError | None) -> None:
-        if error is None:
+        if error is None and result.ntuples < _PROBE_LIMIT:  # all of them, or not known
             self.found = {result.get_value(row, 0).decode() for row in range(result.ntuples)}
 
 
-#: ``[0, 1, 2, ...]`` as long as the longest chunk flagged so far (``_set_flags``).
+#: ``[0, 1, 2, ...]`` as long as the longest chunk flagged so far (``_set_flags``), up to
+#: ``_RUN_LIMIT`` positions (2.4 MB); beyond, the loop.
+_RUN_LIMIT = 1 << 16
 _RUN: list[list[int]] = [list(range(1024))]
 
 
@@ -1055,9 +1076,13 @@ _CLAIM_SQL = (
     "position = coalesce(c.position, excluded.position) "
     "RETURNING done, dead, EXISTS (SELECT 1 FROM batch_item_rows r WHERE r.batch_id = $1), claims"
 )
+#: Chunks a probe reads at most: more (a batch of many chunks claimed with no position)
+#: and the claim waits, as if there had been no probe.
+_PROBE_LIMIT = 256
 #: The chunks of a batch at a position (or of none), and ``''`` if per-item rows exist.
 _PROBE_SQL = (
-    "SELECT chunk FROM batch_chunks WHERE batch_id = $1 AND (position = $2 OR position IS NULL) "
+    "SELECT chunk FROM (SELECT chunk FROM batch_chunks WHERE batch_id = $1 "
+    f"AND (position = $2 OR position IS NULL) LIMIT {_PROBE_LIMIT}) AS here "
     "UNION ALL SELECT '' WHERE EXISTS (SELECT 1 FROM batch_item_rows r WHERE r.batch_id = $1)"
 )
 _FLAGS_SQL = (

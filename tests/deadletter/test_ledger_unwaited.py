@@ -16,15 +16,27 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, exc, select, text
 
 from taskkit.db.models import BatchChunk
-from taskkit.deadletter import ItemLedger
-from taskkit.deadletter._ledger import _KEPT, _PROBE_SQL, _keys_json, statement_hooks
+from taskkit.deadletter import ItemLedger, _ledger
+from taskkit.deadletter._ledger import (
+    _KEPT,
+    _PROBE_LIMIT,
+    _PROBE_SQL,
+    _RUN,
+    _RUN_LIMIT,
+    _keys_json,
+    _Raw,
+    _set_flags,
+    statement_hooks,
+)
 from taskkit.errors import LeaseLost
-from tests.deadletter.test_ledger import rows
+from tests.deadletter.test_ledger import dead, rows
 
 KEYS = [f"key-{i}" for i in range(20)]
 
@@ -169,25 +181,12 @@ def test_a_probe_does_nothing_outside_with_or_on_sqlite(engine: Engine, batch_id
 def test_a_claim_whose_answer_failed_is_made_again_by_the_next_write(
     pg_engine: Engine, batch_id: str, sent: list[str]
 ):
-    with ItemLedger(batch_id + "-o", pg_engine) as opener:
-        opener.claim(["other"], durable=False)  # the thread's kept connection, opened
+    backend = _kept_backend(pg_engine, batch_id)
     kept = _KEPT.connection
-    assert kept is not None
-    backend = kept.exec_driver_sql("SELECT pg_backend_pid()").scalar()
     with ItemLedger(batch_id, pg_engine) as ledger:
         ledger.probe(0)
-        with pg_engine.connect() as locker:  # the claim's insert waits for this one's...
-            locker.execute(
-                text(
-                    "INSERT INTO batch_chunks (batch_id, chunk, keys, size, done, dead, claims, "
-                    "updated_at) VALUES (:b, :c, '[]', 0, '', '', 1, now())"
-                ),
-                {"b": batch_id, "c": hashlib.sha256(_keys_json(KEYS).encode()).hexdigest()},
-            )
+        with _claim_lost(pg_engine, batch_id, backend):
             assert ledger.claim(KEYS, durable=False, position=0) == {}
-            with pg_engine.connect() as other:  # ...and its connection is dropped meanwhile
-                other.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})")
-            locker.rollback()  # the row never existed
         ledger.finish(done_at=[0, 1])  # claims again, on a new connection, then writes
         assert _KEPT.connection is not kept
     # The opener's claim, the probe, the claim that failed, the claim again, the write.
@@ -203,6 +202,148 @@ def test_a_claim_whose_answer_failed_is_made_again_by_the_next_write(
         **dict.fromkeys(KEYS[2:], "claimed"),
     }
     assert chunk_row(pg_engine, batch_id) == (0, 1)
+
+
+def _kept_backend(engine: Engine, batch_id: str) -> int:
+    """The server process of the thread's kept connection (opened by a chunk of its own)."""
+    with ItemLedger(batch_id + "-o", engine) as opener:
+        opener.claim(["other"], durable=False)
+    assert _KEPT.connection is not None
+    return int(_KEPT.connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
+@contextmanager
+def _claim_lost(engine: Engine, batch_id: str, backend: int) -> Iterator[None]:
+    """The claim sent in the block fails: its insert waits for a row this holds, uncommitted,
+    while its connection is terminated; then the row is rolled back (it never existed)."""
+    with engine.connect() as locker:
+        locker.execute(
+            text(
+                "INSERT INTO batch_chunks (batch_id, chunk, keys, size, done, dead, claims, "
+                "updated_at) VALUES (:b, :c, '[]', 0, '', '', 1, now())"
+            ),
+            {"b": batch_id, "c": hashlib.sha256(_keys_json(KEYS).encode()).hexdigest()},
+        )
+        yield
+        with engine.connect() as other:
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({backend})")
+        locker.rollback()
+
+
+class TimeLimit(Exception):
+    """What Celery's soft time limit raises inside the task, wherever it is."""
+
+
+def test_a_fenced_claim_made_again_stays_fenced_when_the_first_attempt_fails(
+    pg_engine: Engine, batch_id: str, monkeypatch: pytest.MonkeyPatch
+):
+    """The claim's answer is an error, and claiming again fails too (the server still down):
+    no write goes out without the claim's count; the next one claims first."""
+    backend = _kept_backend(pg_engine, batch_id)
+    with ItemLedger(batch_id, pg_engine) as ledger:
+        ledger.probe(0)
+        with _claim_lost(pg_engine, batch_id, backend):
+            assert ledger.claim(KEYS, durable=False, fenced=True, position=0) == {}
+        with monkeypatch.context() as patched:
+            patched.setattr(ItemLedger, "_claim_raw", _fails_once(ItemLedger._claim_raw))
+            with pytest.raises(RuntimeError, match="still down"):
+                ledger.finish(done_at=[0], durable=False)
+        # What raised is sent again (BatchTask keeps a failed flush's items for the next one).
+        ledger.finish(done_at=[0, 1], durable=False)  # claims first, then writes, fenced
+        ItemLedger(batch_id, pg_engine).claim(KEYS, fenced=True)  # another takes it over
+        with pytest.raises(LeaseLost):
+            ledger.finish(done_at=[2])
+    assert statuses(pg_engine, batch_id) == {
+        **dict.fromkeys(KEYS[:2], "done"),
+        **dict.fromkeys(KEYS[2:], "claimed"),
+    }
+
+
+def test_a_claim_whose_answer_was_never_read_is_made_again_by_the_next_write(
+    pg_engine: Engine, batch_id: str, sent: list[str], monkeypatch: pytest.MonkeyPatch
+):
+    """A time limit while reading the claim's answer: the connection is dropped unread, and the
+    delivery's next write claims again (fenced) before it writes."""
+    with ItemLedger(batch_id, pg_engine) as ledger:
+        ledger.probe(0)
+        ledger.claim(KEYS, durable=False, fenced=True, position=0)
+        with monkeypatch.context() as patched:
+            patched.setattr(_Raw, "_answer", _raises(TimeLimit("soft time limit exceeded")))
+            with pytest.raises(TimeLimit):
+                ledger.finish(done_at=[0], durable=False)
+        assert _KEPT.connection is None  # dropped with the answer in flight
+        ledger.finish(done_at=[0, 1], durable=False)
+        ItemLedger(batch_id, pg_engine).claim(KEYS, fenced=True)
+        with pytest.raises(LeaseLost):
+            ledger.finish(done_at=[2])
+    assert sent[:4] == ["SELECT chunk", "INSERT INTO", "INSERT INTO", "UPDATE batch_chunks"]
+    assert statuses(pg_engine, batch_id) == {
+        **dict.fromkeys(KEYS[:2], "done"),
+        **dict.fromkeys(KEYS[2:], "claimed"),
+    }
+
+
+def test_a_probe_that_cannot_connect_is_forgotten_and_the_claim_waits(
+    pg_engine: Engine, batch_id: str, monkeypatch: pytest.MonkeyPatch
+):
+    with ItemLedger(batch_id, pg_engine) as ledger:
+        with monkeypatch.context() as patched:
+            patched.setattr(_ledger, "_kept_raw", _raises(_error()))
+            ledger.probe(0)
+        assert ledger.claim(KEYS, durable=False, position=0) == {}
+        assert not claim_pending()
+        ledger.finish(done=KEYS[:1])
+    assert statuses(pg_engine, batch_id)[KEYS[0]] == "done"
+
+
+def test_a_probe_of_a_batch_with_too_many_unplaced_chunks_leaves_the_claim_to_wait(
+    pg_engine: Engine, batch_id: str
+):
+    with pg_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO batch_chunks (batch_id, chunk, keys, size, done, dead, claims, "
+                "updated_at) SELECT :b, md5(i::text), '[]', 0, '', '', 1, now() "
+                "FROM generate_series(1, :n) AS i"
+            ),
+            {"b": batch_id, "n": _PROBE_LIMIT},
+        )
+    with ItemLedger(batch_id, pg_engine) as ledger:
+        ledger.probe(0)
+        ledger.claim(KEYS, durable=False, position=0)
+        assert not claim_pending()
+
+
+def test_runs_of_positions_beyond_the_cached_run_are_set_one_by_one():
+    flags = bytearray(b"0" * (_RUN_LIMIT + 10))
+    _set_flags(flags, list(range(_RUN_LIMIT - 5, _RUN_LIMIT + 5)))
+    _set_flags(flags, [0, 5, 2])
+    assert flags.count(b"1") == 13
+    assert flags[_RUN_LIMIT - 5 : _RUN_LIMIT + 5] == b"1" * 10
+    assert len(_RUN[0]) <= _RUN_LIMIT
+
+
+def _error() -> exc.OperationalError:
+    return exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
+
+
+def _raises(error: BaseException) -> Any:
+    def raising(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    return raising
+
+
+def _fails_once(method: Any) -> Any:
+    calls = []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the server is still down")
+        return method(*args, **kwargs)
+
+    return failing
 
 
 def test_a_delivery_that_claimed_between_probe_and_claim_is_fenced_out_and_its_flags_kept(
@@ -283,13 +424,33 @@ def test_the_end_of_the_block_settles(pg_engine: Engine, batch_id: str):
 
 
 def test_a_durable_write_the_fence_refused_raises_at_settle(pg_engine: Engine, batch_id: str):
-    with ItemLedger(batch_id, pg_engine) as stale:
+    with pytest.raises(LeaseLost), ItemLedger(batch_id, pg_engine) as stale:
         stale.claim(KEYS, durable=False, fenced=True)
         ItemLedger(batch_id, pg_engine).claim(KEYS, fenced=True)  # a newer delivery
         stale.finish(done_at=[0], wait=False)  # refused where it lands; answered later
+        stale.settle()
+    assert statuses(pg_engine, batch_id) == dict.fromkeys(KEYS, "claimed")
+
+
+def test_a_refused_end_of_dead_items_alone_raises_at_settle(pg_engine: Engine, batch_id: str):
+    """A chunk whose items all failed, its letters not recorded (``dead_letter=False``): the
+    end carries dead flags only, and is still settled."""
+    with pytest.raises(LeaseLost), ItemLedger(batch_id, pg_engine) as stale:
+        stale.claim(KEYS, durable=False, fenced=True)
+        ItemLedger(batch_id, pg_engine).claim(KEYS, fenced=True)
+        stale.finish(dead=dead(batch_id, *KEYS), record=False, wait=False)
+    assert statuses(pg_engine, batch_id) == dict.fromkeys(KEYS, "claimed")
+
+
+def test_an_end_that_did_not_land_is_tried_again_by_the_block_end(pg_engine: Engine, batch_id: str):
+    """``settle`` raised inside the block and the caller went on: the end of the block tries
+    again, and raises again, rather than take the write for landed."""
+    with pytest.raises(LeaseLost), ItemLedger(batch_id, pg_engine) as stale:
+        stale.claim(KEYS, durable=False, fenced=True)
+        ItemLedger(batch_id, pg_engine).claim(KEYS, fenced=True)
+        stale.finish(done_at=[0], wait=False)
         with pytest.raises(LeaseLost):
             stale.settle()
-    assert statuses(pg_engine, batch_id) == dict.fromkeys(KEYS, "claimed")
 
 
 def test_a_block_that_raised_does_not_settle_over_its_error(pg_engine: Engine, batch_id: str):

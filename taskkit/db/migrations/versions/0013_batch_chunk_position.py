@@ -27,7 +27,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("batch_chunks", sa.Column("position", sa.Integer(), nullable=True))
+    op.add_column("batch_chunks", sa.Column("position", sa.BigInteger(), nullable=True))
     op.create_index("ix_batch_chunks_batch_id_position", "batch_chunks", ["batch_id", "position"])
 
 
