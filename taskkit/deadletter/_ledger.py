@@ -1064,9 +1064,10 @@ def _insert_missing(
 # -- the raw PostgreSQL path of the hot statements (issue 18) ------------------------------------
 
 #: Called with ``(engine, statement)`` for each statement the ledger sends on its raw PostgreSQL
-#: path (the claim and the flag updates of a ``with`` block), which skips SQLAlchemy's execute
-#: and so its ``before_cursor_execute`` events. Empty unless someone listens (tests count the
-#: chunk's statements here).
+#: path (the probe, the claim and the flag updates of a ``with`` block), which skips
+#: SQLAlchemy's execute and so its ``before_cursor_execute`` events; once per statement, also
+#: when it is sent again because its connection lost it prepared. Empty unless someone listens
+#: (tests count the chunk's statements here).
 statement_hooks: list[Callable[[Engine, str], None]] = []
 
 _CLAIM_SQL = (
@@ -1162,7 +1163,7 @@ class _Raw:
             if getattr(error.orig, "sqlstate", None) != "26000":
                 raise
         # "prepared statement ... does not exist": a DEALLOCATE ALL ran on this connection.
-        self._send(engine, statement, name, parameters)
+        self._send(engine, statement, name, parameters, again=True)
         return self._answer(statement)
 
     def send(
@@ -1193,11 +1194,18 @@ class _Raw:
         then(result, None)
 
     def _send(
-        self, engine: Engine, statement: str, name: bytes, parameters: Sequence[bytes | None]
+        self,
+        engine: Engine,
+        statement: str,
+        name: bytes,
+        parameters: Sequence[bytes | None],
+        *,
+        again: bool = False,
     ) -> None:
         assert self.pending is None, "collect() the statement sent before"
-        for hook in statement_hooks:
-            hook(engine, statement)
+        if not again:  # the hooks count statements, not their sends
+            for hook in statement_hooks:
+                hook(engine, statement)
         try:
             if not self.prepare:
                 self.pgconn.send_query_params(statement.encode(), parameters)

@@ -712,7 +712,9 @@ def test_a_flush_that_failed_unanswered_goes_again_with_the_next_write(
     }
 
 
-def test_the_held_path_survives_a_deallocate_all_on_its_connection(engine: Engine, batch_id: str):
+def test_the_held_path_survives_a_deallocate_all_on_its_connection(
+    engine: Engine, batch_id: str, sent: list[str]
+):
     if engine.dialect.name != "postgresql":
         pytest.skip("only PostgreSQL keeps a connection")
     with ItemLedger(batch_id, engine) as ledger:
@@ -724,6 +726,13 @@ def test_the_held_path_survives_a_deallocate_all_on_its_connection(engine: Engin
         ledger.finish(done_at=[1], durable=False)  # the same statement as before
         assert _KEPT.connection is kept  # prepared again, no reconnect
         ledger.finish()
+    # Sent again after "prepared statement does not exist", but one statement to the hooks.
+    assert [statement.split(" batch_chunks")[0] for statement in sent] == [
+        "INSERT INTO",
+        "UPDATE",
+        "UPDATE",
+        "UPDATE",
+    ]
     assert {key: status for key, (status, _) in rows(engine, batch_id).items()} == {
         "a": "done",
         "b": "done",
