@@ -619,6 +619,12 @@ load average 1.0 to 1.3): with no work 0.31x to 0.41x before, 0.42x to 0.46x aft
 0.87x to 0.92x before, 0.91x to 0.92x after; at 100 µs 0.97x before, 0.98x after. At load 2.2
 to 3.2 (02:25 UTC) the same runs gave 0.30x to 0.37x before and 0.39x to 0.44x after with no
 work, 0.85x to 0.86x and 0.87x to 0.90x at 20 µs.
+The probe, the claim and the end not waited for (b753f5a), on this machine on 2026-12-02
+between 10:58 and 11:45 UTC: with no work 0.51x at the commit before (fde93a5), 0.45x to 0.52x
+in seven runs of this round's earlier steps (a lean path for the writes, the end settled after
+the summary, 801 chunks in a rotating order; the floor of that time, whose claim was waited
+for: 0.53x to 0.61x), then 0.56x, 0.57x and 0.60x with the probe, and 0.56x in a whole
+`make bench`.
 
 Measured with `python -m benchmarks.bench_batch ledger` on {machine()}, {when}, commit
 {commit}, load average {load:.1f} (other jobs on the same 2 cores).
